@@ -1,0 +1,258 @@
+//! Review in, response out: parsing an AdmissionReview, deciding whether a
+//! request is in scope, and building the response. Pure: no I/O, no clock.
+
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde_json::Value;
+
+use crate::patch::{self, Change};
+use crate::vmop::{self, Kind};
+
+pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Why a body could not be reviewed. The message is sent back to the caller.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReviewError {
+    #[error("request body is not JSON: {0}")]
+    NotJson(String),
+    #[error(
+        "expected an AdmissionReview of apiVersion {REVIEW_API_VERSION}, got apiVersion {api_version:?} kind {kind:?}; set admissionReviewVersions: [v1]"
+    )]
+    WrongType { api_version: String, kind: String },
+    #[error("the AdmissionReview has no request")]
+    MissingRequest,
+    #[error("the AdmissionReview request is malformed: {0}")]
+    Malformed(String),
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("request body was not received in time")]
+    ReadTimeout,
+    #[error("request body could not be read: {0}")]
+    Body(String),
+    #[error("too many reviews in flight; try again")]
+    Overloaded,
+}
+
+/// A parsed request, with the object as raw JSON so that fields this crate
+/// does not model stay exactly as the API server sent them.
+pub struct ReviewInput {
+    pub request: AdmissionRequest<DynamicObject>,
+    pub object: Option<Value>,
+}
+
+pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
+    let mut value: Value =
+        serde_json::from_slice(body).map_err(|err| ReviewError::NotJson(err.to_string()))?;
+    let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+    let (api_version, kind) = (text("apiVersion"), text("kind"));
+    if api_version != REVIEW_API_VERSION || kind != "AdmissionReview" {
+        return Err(ReviewError::WrongType { api_version, kind });
+    }
+    let request = match value.get_mut("request") {
+        None | Some(Value::Null) => return Err(ReviewError::MissingRequest),
+        Some(request) => request,
+    };
+    if !request.is_object() {
+        return Err(ReviewError::Malformed("request must be an object".into()));
+    }
+    let object = request.get("object").filter(|o| !o.is_null()).cloned();
+    if let Some(object) = &object
+        && !object.is_object()
+    {
+        return Err(ReviewError::Malformed("request.object must be an object".into()));
+    }
+    // The typed request only needs the envelope; the object is checked by the
+    // rules with field-level messages, so keep serde from rejecting it first.
+    for key in ["object", "oldObject"] {
+        if let Some(slot) = request.get_mut(key) {
+            *slot = Value::Null;
+        }
+    }
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_value(value).map_err(|err| ReviewError::Malformed(err.to_string()))?;
+    let request: AdmissionRequest<DynamicObject> =
+        review.try_into().map_err(|_| ReviewError::MissingRequest)?;
+    Ok(ReviewInput { request, object })
+}
+
+/// Whether a request is one the webhook changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Allowed unchanged; the reason is logged at debug level.
+    Out(&'static str),
+    In { kind: Kind, restore: String },
+}
+
+/// The `velero.io/restore-name` label, if the object carries a non-empty one.
+pub fn restore_label(object: &Value) -> Option<&str> {
+    object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .and_then(|labels| labels.get(vmop::RESTORE_NAME_LABEL))
+        .and_then(Value::as_str)
+        .filter(|value| !value.is_empty())
+}
+
+pub fn scope(request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) -> Scope {
+    if request.operation != Operation::Create {
+        return Scope::Out("not a CREATE");
+    }
+    if request.sub_resource.is_some() {
+        return Scope::Out("a subresource");
+    }
+    let gvk = &request.kind;
+    let Some(kind) = Kind::classify(&gvk.group, &gvk.version, &gvk.kind) else {
+        return Scope::Out("a kind this webhook does not handle");
+    };
+    let Some(object) = object else {
+        return Scope::Out("no object");
+    };
+    // Checked here too, not only by the configuration's objectSelector.
+    match restore_label(object) {
+        Some(restore) => Scope::In {
+            kind,
+            restore: restore.to_string(),
+        },
+        None => Scope::Out("not restored by Velero (no velero.io/restore-name label)"),
+    }
+}
+
+/// What the review decided, before it becomes a response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verdict {
+    pub changes: Vec<Change>,
+    pub denial: Option<String>,
+    /// Warnings that are not changes (e.g. a missing parent group).
+    pub notes: Vec<String>,
+}
+
+/// `Kind ns/name`, for messages.
+pub fn object_label(kind: &str, request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) -> String {
+    let name = object
+        .and_then(|o| o.pointer("/metadata/name"))
+        .and_then(Value::as_str)
+        .filter(|name| !name.is_empty())
+        .unwrap_or(&request.name);
+    let name = if name.is_empty() {
+        object
+            .and_then(|o| o.pointer("/metadata/generateName"))
+            .and_then(Value::as_str)
+            .map(|prefix| format!("{prefix}*"))
+            .unwrap_or_else(|| "(unnamed)".into())
+    } else {
+        name.to_string()
+    };
+    match request.namespace.as_deref() {
+        Some(namespace) if !namespace.is_empty() => format!("{kind} {namespace}/{name}"),
+        _ => format!("{kind} {name}"),
+    }
+}
+
+/// Builds the response: a denial, or an allow with the patch (if any) and
+/// one warning per change.
+pub fn respond(request: &AdmissionRequest<DynamicObject>, verdict: &Verdict) -> AdmissionResponse {
+    let mut response = AdmissionResponse::from(request);
+    let mut warnings: Vec<String> = verdict.notes.iter().map(|n| patch::bounded_warning(n)).collect();
+    if let Some(denial) = &verdict.denial {
+        response = response.deny(denial);
+        response.result.code = 403;
+        response.result.reason = "Forbidden".into();
+    } else {
+        warnings.extend(verdict.changes.iter().map(|c| patch::bounded_warning(&c.describe())));
+        let patch = patch::to_json_patch(&verdict.changes);
+        if !patch.0.is_empty() {
+            response = match response.with_patch(patch) {
+                Ok(patched) => patched,
+                // Never a partial patch: a patch that cannot be encoded denies.
+                Err(err) => {
+                    let mut denied = AdmissionResponse::from(request)
+                        .deny(format!("velero-vm-restore-webhook could not encode its patch: {err}"));
+                    denied.result.code = 500;
+                    return denied;
+                }
+            };
+        }
+    }
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
+    response
+}
+
+/// The response to a body that could not be reviewed at all.
+pub fn invalid(err: &ReviewError) -> AdmissionReview<DynamicObject> {
+    let mut response = AdmissionResponse::invalid(format!("velero-vm-restore-webhook: {err}"));
+    response.result.code = 400;
+    response.into_review()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn review(object: Value, operation: &str, kind: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": kind},
+                "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+                "name": "vm1", "namespace": "ns", "operation": operation,
+                "userInfo": {"username": "velero"}, "object": object, "dryRun": false
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn parse_errors_are_clear() {
+        assert!(matches!(parse_review(b"{"), Err(ReviewError::NotJson(_))));
+        let err = parse_review(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("admission.k8s.io/v1beta1"));
+        assert_eq!(
+            parse_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#).err(),
+            Some(ReviewError::MissingRequest)
+        );
+        let err = parse_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":5}}"#)
+            .err()
+            .unwrap();
+        assert!(matches!(err, ReviewError::Malformed(_)), "{err}");
+        let err = parse_review(&review(json!("not an object"), "CREATE", "VirtualMachine"))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("request.object must be an object"));
+    }
+
+    #[test]
+    fn scope_needs_create_known_kind_and_label() {
+        let labelled = json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
+        let input = parse_review(&review(labelled.clone(), "CREATE", "VirtualMachine")).unwrap();
+        assert!(matches!(scope(&input.request, input.object.as_ref()), Scope::In { restore, .. } if restore == "r1"));
+        let input = parse_review(&review(labelled.clone(), "UPDATE", "VirtualMachine")).unwrap();
+        assert_eq!(scope(&input.request, input.object.as_ref()), Scope::Out("not a CREATE"));
+        let input = parse_review(&review(labelled, "CREATE", "VirtualMachineClass")).unwrap();
+        assert!(matches!(scope(&input.request, input.object.as_ref()), Scope::Out(_)));
+        let unlabelled = json!({"metadata": {"name": "vm1", "labels": {"app": "x"}}});
+        let input = parse_review(&review(unlabelled, "CREATE", "VirtualMachine")).unwrap();
+        assert!(matches!(scope(&input.request, input.object.as_ref()), Scope::Out(_)));
+    }
+
+    #[test]
+    fn denial_has_no_patch() {
+        let object = json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
+        let input = parse_review(&review(object, "CREATE", "VirtualMachine")).unwrap();
+        let verdict = Verdict {
+            changes: vec![Change::remove(vec!["spec".into(), "x".into()], "r", "why")],
+            denial: Some("no".into()),
+            notes: vec![],
+        };
+        let response = respond(&input.request, &verdict);
+        assert!(!response.allowed);
+        assert!(response.patch.is_none());
+        assert_eq!(response.result.message, "no");
+        assert_eq!(response.uid, "u-1");
+    }
+}

@@ -1,0 +1,14 @@
+//! velero-vm-restore-webhook: a mutating admission webhook that cleans
+//! VM Operator objects restored by Velero and orders groups before VMs.
+
+pub mod admission;
+pub mod groups;
+pub mod metrics;
+pub mod patch;
+pub mod restores;
+pub mod review;
+pub mod server;
+pub mod settings;
+pub mod telemetry;
+pub mod tls;
+pub mod vmop;

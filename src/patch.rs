@@ -1,0 +1,208 @@
+//! The changes the rules decide on, and how they become one minimal JSON Patch.
+//!
+//! A [`Change`] names one exact location in the object. Rules only produce a
+//! change for a location that exists, because the API server fails the whole
+//! request on a `remove` of an absent path (and `failurePolicy` does not apply).
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{Patch, PatchOperation, RemoveOperation, ReplaceOperation};
+use serde_json::Value;
+
+/// What happens at a location.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Edit {
+    Remove,
+    Replace(Value),
+}
+
+/// One change to a restored object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// JSON Pointer tokens from the object's root, unescaped.
+    pub tokens: Vec<String>,
+    pub edit: Edit,
+    /// Stable rule id, used as a metric label and in the README table.
+    pub rule: &'static str,
+    /// Short reason a platform admin can act on.
+    pub reason: &'static str,
+    /// Set when the change is inside the hidden copy in the conversion annotation.
+    pub in_conversion_copy: bool,
+}
+
+impl Change {
+    pub fn remove(tokens: Vec<String>, rule: &'static str, reason: &'static str) -> Self {
+        Change {
+            tokens,
+            edit: Edit::Remove,
+            rule,
+            reason,
+            in_conversion_copy: false,
+        }
+    }
+
+    pub fn replace(
+        tokens: Vec<String>,
+        value: Value,
+        rule: &'static str,
+        reason: &'static str,
+    ) -> Self {
+        Change {
+            tokens,
+            edit: Edit::Replace(value),
+            rule,
+            reason,
+            in_conversion_copy: false,
+        }
+    }
+
+    pub fn pointer(&self) -> PointerBuf {
+        PointerBuf::from_tokens(self.tokens.iter().map(String::as_str))
+    }
+
+    /// A readable field path: `spec.network.interfaces[0].macAddr`,
+    /// `metadata.annotations[vmoperator.vmware.com/backup-version]`.
+    pub fn field(&self) -> String {
+        let mut out = String::new();
+        let mut in_map_keys = false;
+        for (i, token) in self.tokens.iter().enumerate() {
+            if in_map_keys {
+                out.push('[');
+                out.push_str(token);
+                out.push(']');
+                in_map_keys = false;
+                continue;
+            }
+            if token.parse::<usize>().is_ok() && i > 0 {
+                out.push('[');
+                out.push_str(token);
+                out.push(']');
+            } else {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(token);
+            }
+            // Map keys with dots and slashes read better in brackets.
+            in_map_keys = i == 1
+                && self.tokens[0] == "metadata"
+                && (token == "annotations" || token == "labels");
+        }
+        out
+    }
+
+    /// One line for logs and for the AdmissionResponse `warnings`.
+    pub fn describe(&self) -> String {
+        let copy = if self.in_conversion_copy {
+            "in conversion copy: "
+        } else {
+            ""
+        };
+        match &self.edit {
+            Edit::Remove => format!("{copy}removed {} ({})", self.field(), self.reason),
+            // A long value (the conversion copy) would drown the line.
+            Edit::Replace(Value::String(text)) if text.len() > 40 => {
+                format!("{copy}rewrote {} ({})", self.field(), self.reason)
+            }
+            Edit::Replace(value) => {
+                format!("{copy}set {} to {} ({})", self.field(), value, self.reason)
+            }
+        }
+    }
+}
+
+/// Turns the changes into a JSON Patch: one op per change, in order. Changes
+/// inside the conversion copy are reported only: the copy is patched as a
+/// whole, by the `replace` of its annotation.
+pub fn to_json_patch(changes: &[Change]) -> Patch {
+    Patch(
+        changes
+            .iter()
+            .filter(|change| !change.in_conversion_copy)
+            .map(|change| match &change.edit {
+                Edit::Remove => PatchOperation::Remove(RemoveOperation {
+                    path: change.pointer(),
+                }),
+                Edit::Replace(value) => PatchOperation::Replace(ReplaceOperation {
+                    path: change.pointer(),
+                    value: value.clone(),
+                }),
+            })
+            .collect(),
+    )
+}
+
+/// Applies changes to a copy of `object`, the way the API server would.
+pub fn apply(object: &Value, changes: &[Change]) -> Result<Value, json_patch::PatchError> {
+    let mut patched = object.clone();
+    json_patch::patch(&mut patched, &to_json_patch(changes))?;
+    Ok(patched)
+}
+
+/// Warnings longer than this may be cut by clients; kubectl prints them whole.
+pub const MAX_WARNING_CHARS: usize = 119;
+
+/// Bounds a warning to [`MAX_WARNING_CHARS`] characters, on a char boundary.
+pub fn bounded_warning(text: &str) -> String {
+    if text.chars().count() <= MAX_WARNING_CHARS {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(MAX_WARNING_CHARS - 1).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pointer_escapes_slash_and_tilde() {
+        let change = Change::remove(
+            vec![
+                "metadata".into(),
+                "annotations".into(),
+                "a.b/c~d".into(),
+            ],
+            "r",
+            "why",
+        );
+        assert_eq!(change.pointer().as_str(), "/metadata/annotations/a.b~1c~0d");
+        assert_eq!(change.field(), "metadata.annotations[a.b/c~d]");
+    }
+
+    #[test]
+    fn field_renders_array_indices() {
+        let change = Change::remove(
+            vec![
+                "spec".into(),
+                "network".into(),
+                "interfaces".into(),
+                "0".into(),
+                "macAddr".into(),
+            ],
+            "r",
+            "why",
+        );
+        assert_eq!(change.field(), "spec.network.interfaces[0].macAddr");
+    }
+
+    #[test]
+    fn apply_removes_and_replaces() {
+        let object = json!({"spec": {"a": 1, "b": "x"}});
+        let changes = vec![
+            Change::remove(vec!["spec".into(), "a".into()], "r", "why"),
+            Change::replace(vec!["spec".into(), "b".into()], json!("y"), "r", "why"),
+        ];
+        assert_eq!(apply(&object, &changes).unwrap(), json!({"spec": {"b": "y"}}));
+    }
+
+    #[test]
+    fn warnings_are_bounded() {
+        let long = "x".repeat(300);
+        let bounded = bounded_warning(&long);
+        assert_eq!(bounded.chars().count(), MAX_WARNING_CHARS);
+        assert!(bounded.ends_with('…'));
+        assert_eq!(bounded_warning("short"), "short");
+    }
+}

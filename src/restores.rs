@@ -1,0 +1,298 @@
+//! What the webhook reads from the Velero Restore a create belongs to: its
+//! namespace mapping (is this VM a copy beside the original?) and the
+//! per-restore override annotations.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::settings::GroupPolicy;
+
+/// Restore annotation: `"true"` clears guest identity even without a
+/// namespace mapping; `"false"` keeps it even with one.
+pub const NEW_IDENTITY_ANNOTATION: &str = "velero-vm-restore-webhook/new-identity";
+/// Restore annotation: the group policy for this restore's VMs.
+pub const GROUP_POLICY_ANNOTATION: &str = "velero-vm-restore-webhook/group-policy";
+
+/// What the webhook needs from a Velero Restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreInfo {
+    pub name: String,
+    /// Source namespace → target namespace.
+    pub namespace_mapping: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The identity decision for one VM, with the reason a log line can give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityChoice {
+    pub new_identity: bool,
+    pub because: String,
+}
+
+impl RestoreInfo {
+    pub fn from_object(object: &Value) -> RestoreInfo {
+        let strings = |value: Option<&Value>| -> BTreeMap<String, String> {
+            value
+                .and_then(Value::as_object)
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        RestoreInfo {
+            name: object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            namespace_mapping: strings(object.pointer("/spec/namespaceMapping")),
+            annotations: strings(object.pointer("/metadata/annotations")),
+        }
+    }
+
+    /// Whether a VM created in `namespace` by this restore is a copy.
+    pub fn identity_for(&self, namespace: &str) -> IdentityChoice {
+        match self.annotations.get(NEW_IDENTITY_ANNOTATION).map(String::as_str) {
+            Some("true") => IdentityChoice {
+                new_identity: true,
+                because: format!("Restore annotation {NEW_IDENTITY_ANNOTATION}=true"),
+            },
+            Some("false") => IdentityChoice {
+                new_identity: false,
+                because: format!("Restore annotation {NEW_IDENTITY_ANNOTATION}=false"),
+            },
+            _ => {
+                let source = self
+                    .namespace_mapping
+                    .iter()
+                    .find(|(_, target)| target.as_str() == namespace)
+                    .map(|(source, _)| source.clone());
+                match source {
+                    Some(source) => IdentityChoice {
+                        new_identity: true,
+                        because: format!("namespace mapping {source}->{namespace}"),
+                            },
+                    None => IdentityChoice {
+                        new_identity: false,
+                        because: "no namespace mapping to this namespace".into(),
+                            },
+                }
+            }
+        }
+    }
+
+    pub fn group_policy(&self) -> Option<Result<GroupPolicy, String>> {
+        self.annotations
+            .get(GROUP_POLICY_ANNOTATION)
+            .map(|value| GroupPolicy::parse(value))
+    }
+}
+
+/// Velero's `label.GetValidName`: names over 63 characters are cut to 57 and
+/// suffixed with 6 hex characters of their SHA-256, so the label on a
+/// restored object may not be the Restore's name.
+pub fn label_value_for(name: &str) -> String {
+    const MAX: usize = 63;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    let keep = MAX - 6;
+    let prefix = name.get(..keep).unwrap_or(name);
+    format!("{prefix}{}", &hex[..6])
+}
+
+fn restore_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", "Restore"), "restores")
+}
+
+/// The Restore objects of one Velero namespace.
+pub struct RestoreCache {
+    namespace: String,
+    store: Store<DynamicObject>,
+    synced: AtomicBool,
+    client: Option<Client>,
+    /// Static mode: the answer for every label (the `review` command).
+    fixed: Option<RestoreInfo>,
+}
+
+/// How a lookup ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreLookup {
+    Found(RestoreInfo),
+    NotFound,
+    Failed(String),
+}
+
+impl RestoreCache {
+    /// Answers every lookup with `fixed` (or not found), without a cluster.
+    pub fn new_static(fixed: Option<RestoreInfo>) -> Arc<RestoreCache> {
+        let writer: Writer<DynamicObject> = Writer::new(restore_resource());
+        Arc::new(RestoreCache {
+            namespace: String::new(),
+            store: writer.as_reader(),
+            synced: AtomicBool::new(true),
+            client: None,
+            fixed,
+        })
+    }
+
+    /// A reflector over `restores.velero.io` in `namespace`.
+    pub fn live(
+        client: Client,
+        namespace: &str,
+    ) -> (Arc<RestoreCache>, impl Future<Output = ()> + Send + 'static) {
+        let writer: Writer<DynamicObject> = Writer::new(restore_resource());
+        let cache = Arc::new(RestoreCache {
+            namespace: namespace.to_string(),
+            store: writer.as_reader(),
+            synced: AtomicBool::new(false),
+            client: Some(client.clone()),
+            fixed: None,
+        });
+        let runner = {
+            let cache = cache.clone();
+            async move {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client, &cache.namespace, &restore_resource());
+                let stream = reflector::reflector(
+                    writer,
+                    watcher::watcher(api, watcher::Config::default()).default_backoff(),
+                );
+                futures::pin_mut!(stream);
+                while let Some(event) = stream.next().await {
+                    match event {
+                        Ok(Event::InitDone) => {
+                            cache.synced.store(true, Ordering::SeqCst);
+                            info!(restores = cache.store.len(), namespace = %cache.namespace, "Velero Restore cache synced");
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            warn!(error = %err, namespace = %cache.namespace, "Velero Restore watch failed; retrying");
+                            // Without Velero's CRDs the webhook still cleans
+                            // objects; it just cannot see namespace mappings.
+                            if is_not_found(&err) {
+                                cache.synced.store(true, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        (cache, runner)
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Finds the Restore whose `velero.io/restore-name` label value is `label`:
+    /// the cache first, then one live GET (the cache can lag behind a
+    /// just-created Restore).
+    pub async fn lookup(&self, label: &str) -> RestoreLookup {
+        if let Some(fixed) = &self.fixed {
+            return RestoreLookup::Found(fixed.clone());
+        }
+        let Some(client) = &self.client else {
+            return RestoreLookup::NotFound;
+        };
+        let key = ObjectRef::new_with(label, restore_resource()).within(&self.namespace);
+        if let Some(object) = self.store.get(&key) {
+            return RestoreLookup::Found(restore_info(&object));
+        }
+        if let Some(object) = self
+            .store
+            .state()
+            .into_iter()
+            .find(|object| object.metadata.name.as_deref().map(label_value_for).as_deref() == Some(label))
+        {
+            return RestoreLookup::Found(restore_info(&object));
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &self.namespace, &restore_resource());
+        match api.get_opt(label).await {
+            Ok(Some(object)) => RestoreLookup::Found(restore_info(&object)),
+            Ok(None) => RestoreLookup::NotFound,
+            Err(err) => RestoreLookup::Failed(err.to_string()),
+        }
+    }
+}
+
+fn restore_info(object: &DynamicObject) -> RestoreInfo {
+    serde_json::to_value(object)
+        .map(|value| RestoreInfo::from_object(&value))
+        .unwrap_or_default()
+}
+
+fn is_not_found(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn long_names_match_velero() {
+        assert_eq!(label_value_for("short"), "short");
+        let name = "a".repeat(70);
+        let value = label_value_for(&name);
+        assert_eq!(value.len(), 63);
+        assert!(value.starts_with(&"a".repeat(57)));
+        // sha256("a" * 70), first 6 hex characters, computed independently.
+        let digest = Sha256::digest(name.as_bytes());
+        assert_eq!(&value[57..], &format!("{:02x}{:02x}{:02x}", digest[0], digest[1], digest[2])[..6]);
+    }
+
+    #[test]
+    fn identity_follows_mapping_and_annotation() {
+        let restore = RestoreInfo::from_object(&json!({
+            "metadata": {"name": "r1"},
+            "spec": {"namespaceMapping": {"prod": "prod-copy"}}}));
+        assert!(restore.identity_for("prod-copy").new_identity);
+        assert!(!restore.identity_for("prod").new_identity);
+
+        let forced = RestoreInfo::from_object(&json!({
+            "metadata": {"name": "r2", "annotations": {NEW_IDENTITY_ANNOTATION: "true"}}}));
+        assert!(forced.identity_for("prod").new_identity);
+        let kept = RestoreInfo::from_object(&json!({
+            "metadata": {"name": "r3", "annotations": {NEW_IDENTITY_ANNOTATION: "false"}},
+            "spec": {"namespaceMapping": {"prod": "prod-copy"}}}));
+        assert!(!kept.identity_for("prod-copy").new_identity);
+    }
+}

@@ -1,0 +1,314 @@
+//! Routes, TLS, limits and graceful shutdown.
+//!
+//! The HTTPS port serves `POST /mutate`, `GET /healthz` and `GET /readyz`; the
+//! plain-HTTP metrics port serves `/metrics` and the same probes. Each TLS
+//! connection is driven by hyper directly (not `axum::serve`) so that the
+//! handshake and header-read timeouts apply and shutdown can drain it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::admission::{self, ReviewError};
+use crate::metrics::{Metrics, ReviewLabels};
+use crate::review::Reviewer;
+use crate::settings::{self, ServeArgs};
+use crate::tls::{ReloadingCert, TlsError};
+
+/// The limits the server enforces, from [`ServeArgs`].
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub request_read_timeout: Duration,
+    pub max_concurrent_reviews: usize,
+    pub shutdown_timeout: Duration,
+    pub bench_noop_route: bool,
+}
+
+impl From<&ServeArgs> for Limits {
+    fn from(args: &ServeArgs) -> Limits {
+        Limits {
+            max_body_bytes: args.max_body_bytes,
+            header_read_timeout: args.header_read_timeout,
+            request_read_timeout: args.request_read_timeout,
+            max_concurrent_reviews: args.max_concurrent_reviews.max(1),
+            shutdown_timeout: args.shutdown_timeout,
+            bench_noop_route: args.bench_noop_route,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    reviewer: Arc<Reviewer>,
+    metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
+    limits: Limits,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl AppState {
+    fn ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::SeqCst)
+            && self.reviewer.groups.is_synced()
+            && self.reviewer.restores.is_synced()
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+fn error_response(state: &AppState, status: StatusCode, err: ReviewError) -> Response {
+    warn!(status = status.as_u16(), error = %err, "request rejected");
+    state
+        .metrics
+        .reviews
+        .get_or_create(&ReviewLabels {
+            kind: "unknown".into(),
+            operation: "unknown".into(),
+            outcome: "error".into(),
+            patched: "false".into(),
+        })
+        .inc();
+    json_response(status, &admission::invalid(&err))
+}
+
+/// The `?timeout=10s` the API server appends to the webhook URL.
+fn api_timeout(uri: &Uri) -> Option<Duration> {
+    uri.query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("timeout="))
+        .and_then(|value| settings::humantime_duration(value).ok())
+}
+
+async fn mutate(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let limit = state.limits.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return error_response(&state, StatusCode::PAYLOAD_TOO_LARGE, ReviewError::TooLarge { limit });
+    }
+    let read = tokio::time::timeout(state.limits.request_read_timeout, Limited::new(body, limit).collect()).await;
+    let bytes = match read {
+        Err(_) => return error_response(&state, StatusCode::REQUEST_TIMEOUT, ReviewError::ReadTimeout),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+            return error_response(&state, StatusCode::PAYLOAD_TOO_LARGE, ReviewError::TooLarge { limit });
+        }
+        Ok(Err(err)) => return error_response(&state, StatusCode::BAD_REQUEST, ReviewError::Body(err.to_string())),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let api_timeout = api_timeout(&uri);
+    let slot_wait = api_timeout.unwrap_or(Duration::from_secs(10));
+    let Ok(Ok(_slot)) = tokio::time::timeout(slot_wait, state.slots.clone().acquire_owned()).await else {
+        return error_response(&state, StatusCode::SERVICE_UNAVAILABLE, ReviewError::Overloaded);
+    };
+    match state.reviewer.review(&bytes, api_timeout).await {
+        Ok(reviewed) => json_response(StatusCode::OK, &reviewed.review),
+        Err(err) => json_response(StatusCode::BAD_REQUEST, &admission::invalid(&err)),
+    }
+}
+
+async fn noop(State(state): State<AppState>, body: Body) -> Response {
+    match Limited::new(body, state.limits.max_body_bytes).collect().await {
+        Ok(_) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        Err(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready() {
+        (StatusCode::OK, "ok").into_response()
+    } else if state.shutting_down.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the VirtualMachineGroup and Restore caches to sync").into_response()
+    }
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let reviewer = &state.reviewer;
+    state.metrics.group_cache_objects.set(reviewer.groups.len() as i64);
+    state.metrics.restore_cache_objects.set(reviewer.restores.len() as i64);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Listeners bound up front, so callers (and tests) know the ports.
+pub struct Bound {
+    tls_listener: TcpListener,
+    metrics_listener: TcpListener,
+    pub tls_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+pub async fn bind(listen: SocketAddr, metrics_listen: SocketAddr) -> std::io::Result<Bound> {
+    let tls_listener = TcpListener::bind(listen).await?;
+    let metrics_listener = TcpListener::bind(metrics_listen).await?;
+    Ok(Bound {
+        tls_addr: tls_listener.local_addr()?,
+        metrics_addr: metrics_listener.local_addr()?,
+        tls_listener,
+        metrics_listener,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("metrics server: {0}")]
+    Metrics(std::io::Error),
+}
+
+impl Bound {
+    /// Serves until `shutdown` resolves; then stops accepting, lets in-flight
+    /// reviews finish (up to the shutdown timeout) and returns.
+    pub async fn run(
+        self,
+        reviewer: Arc<Reviewer>,
+        metrics: Arc<Metrics>,
+        certificate: Arc<ReloadingCert>,
+        limits: Limits,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let state = AppState {
+            reviewer,
+            metrics,
+            slots: Arc::new(Semaphore::new(limits.max_concurrent_reviews)),
+            limits: limits.clone(),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        };
+        let mut app = Router::new()
+            .route("/mutate", post(mutate))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz));
+        if limits.bench_noop_route {
+            app = app.route("/noop", post(noop));
+        }
+        let app = app.with_state(state.clone());
+        let metrics_app = Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(state.clone());
+
+        let acceptor = TlsAcceptor::from(Arc::new(certificate.server_config()?));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+
+        let mut metrics_stop = stop_rx.clone();
+        let metrics_server = tokio::spawn(
+            axum::serve(self.metrics_listener, metrics_app)
+                .with_graceful_shutdown(async move {
+                    let _ = metrics_stop.wait_for(|stop| *stop).await;
+                })
+                .into_future(),
+        );
+
+        info!(https = %self.tls_addr, metrics = %self.metrics_addr, "serving");
+        let graceful = GracefulShutdown::new();
+        let mut stop = stop_rx.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => break,
+                accepted = self.tls_listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(connection) => connection,
+                        Err(err) => {
+                            // E.g. out of file descriptors: back off, keep serving.
+                            warn!(error = %err, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let acceptor = acceptor.clone();
+                    let service = TowerToHyperService::new(app.clone());
+                    let watcher = graceful.watcher();
+                    let limits = limits.clone();
+                    tokio::spawn(async move {
+                        let tls = match tokio::time::timeout(limits.request_read_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(err)) => {
+                                debug!(%peer, error = %err, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let mut builder = hyper::server::conn::http1::Builder::new();
+                        builder
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(limits.header_read_timeout);
+                        let connection = builder.serve_connection(TokioIo::new(tls), service);
+                        if let Err(err) = watcher.watch(connection).await {
+                            debug!(%peer, error = %err, "connection ended with an error");
+                        }
+                    });
+                }
+            }
+        }
+
+        state.shutting_down.store(true, Ordering::SeqCst);
+        drop(self.tls_listener);
+        info!(connections = graceful.count(), "shutting down: draining in-flight reviews");
+        if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await.is_err() {
+            warn!("shutdown timeout reached with reviews still in flight");
+        }
+        match metrics_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(ServeError::Metrics(err)),
+            Err(err) => warn!(error = %err, "metrics server task failed"),
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_api_server_timeout() {
+        let uri: Uri = "/mutate?timeout=10s".parse().unwrap();
+        assert_eq!(api_timeout(&uri), Some(Duration::from_secs(10)));
+        let uri: Uri = "/mutate".parse().unwrap();
+        assert_eq!(api_timeout(&uri), None);
+    }
+}

@@ -1,0 +1,197 @@
+//! The `serve` settings: every flag has an environment variable (`VMRW_…`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// What to do with a VM whose VirtualMachineGroup does not exist yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum GroupPolicy {
+    /// Hold the create until the group appears, up to the wait bound; then deny.
+    #[default]
+    WaitThenDeny,
+    /// Deny at once.
+    Deny,
+    /// Admit the VM with a warning.
+    AllowWithWarning,
+}
+
+impl GroupPolicy {
+    pub fn parse(value: &str) -> Result<GroupPolicy, String> {
+        <GroupPolicy as ValueEnum>::from_str(value, true).map_err(|_| {
+            format!("unknown group policy {value:?} (use wait-then-deny, deny or allow-with-warning)")
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GroupPolicy::WaitThenDeny => "wait-then-deny",
+            GroupPolicy::Deny => "deny",
+            GroupPolicy::AllowWithWarning => "allow-with-warning",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// Settings of the review itself, shared by `serve` and `review`.
+#[derive(Debug, Clone, Args)]
+pub struct RuleArgs {
+    /// What to do with a VM whose group does not exist.
+    #[arg(long, env = "VMRW_GROUP_POLICY", value_enum, default_value_t = GroupPolicy::WaitThenDeny)]
+    pub group_policy: GroupPolicy,
+
+    /// How long a VM's create may wait for its group (e.g. 20s). Kept under
+    /// the `?timeout=` the API server sends, minus --timeout-margin.
+    #[arg(long, env = "VMRW_GROUP_WAIT_TIMEOUT", value_parser = humantime_duration, default_value = "20s")]
+    pub group_wait_timeout: Duration,
+
+    /// Time kept free before the API server's deadline to answer in.
+    #[arg(long, env = "VMRW_TIMEOUT_MARGIN", value_parser = humantime_duration, default_value = "2s")]
+    pub timeout_margin: Duration,
+
+    /// Rule ids to turn off (repeat, or comma-separate in the variable).
+    #[arg(long = "disable-rule", env = "VMRW_DISABLE_RULES", value_delimiter = ',')]
+    pub disabled_rules: Vec<String>,
+}
+
+impl RuleArgs {
+    pub fn disabled_rule_set(&self) -> Result<BTreeSet<String>, String> {
+        let known: BTreeSet<&str> = crate::vmop::rule_docs().iter().map(|doc| doc.id).collect();
+        let mut set = BTreeSet::new();
+        for rule in self.disabled_rules.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            if !known.contains(rule) {
+                return Err(format!(
+                    "unknown rule {rule:?} in --disable-rule; known rules: {}",
+                    known.into_iter().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            set.insert(rule.to_string());
+        }
+        Ok(set)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// PEM certificate chain served on --listen. Reloaded when it changes.
+    #[arg(long, env = "VMRW_TLS_CERT_FILE")]
+    pub tls_cert_file: PathBuf,
+
+    /// PEM private key for --tls-cert-file.
+    #[arg(long, env = "VMRW_TLS_KEY_FILE")]
+    pub tls_key_file: PathBuf,
+
+    /// HTTPS address for /mutate, /healthz and /readyz.
+    #[arg(long, env = "VMRW_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+
+    /// Plain-HTTP address for /metrics (and /healthz, /readyz).
+    #[arg(long, env = "VMRW_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// How often the certificate files are read and compared.
+    #[arg(long, env = "VMRW_TLS_RELOAD_INTERVAL", value_parser = humantime_duration, default_value = "5s")]
+    pub tls_reload_interval: Duration,
+
+    /// Namespace of Velero's Restore objects.
+    #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
+    pub velero_namespace: String,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "VMRW_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Time allowed for a client to send the request headers.
+    #[arg(long, env = "VMRW_HEADER_READ_TIMEOUT", value_parser = humantime_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+
+    /// Time allowed for the TLS handshake and for reading a request body.
+    #[arg(long, env = "VMRW_REQUEST_READ_TIMEOUT", value_parser = humantime_duration, default_value = "10s")]
+    pub request_read_timeout: Duration,
+
+    /// Reviews evaluated at once; more wait for a slot until their deadline.
+    #[arg(long, env = "VMRW_MAX_CONCURRENT_REVIEWS", default_value_t = 256)]
+    pub max_concurrent_reviews: usize,
+
+    /// On SIGTERM, how long in-flight reviews may take to finish.
+    #[arg(long, env = "VMRW_SHUTDOWN_TIMEOUT", value_parser = humantime_duration, default_value = "30s")]
+    pub shutdown_timeout: Duration,
+
+    /// Serve POST /noop (reads the body, answers 200): the baseline route of
+    /// the load benchmark. Off in production.
+    #[arg(long, env = "VMRW_BENCH_NOOP_ROUTE", default_value_t = false)]
+    pub bench_noop_route: bool,
+
+    /// Run without a cluster: empty group cache, no Restore lookups. For
+    /// benchmarks and local trials only.
+    #[arg(long, env = "VMRW_NO_KUBE", default_value_t = false)]
+    pub no_kube: bool,
+
+    #[command(flatten)]
+    pub rules: RuleArgs,
+}
+
+/// Parses `250ms`, `20s`, `1m`.
+pub fn humantime_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|at| text.split_at(at))
+        .unwrap_or((text, "s"));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 250ms, 20s or 1m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(humantime_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(humantime_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(humantime_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(humantime_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(humantime_duration("soon").is_err());
+        assert!(humantime_duration("5d").is_err());
+    }
+
+    #[test]
+    fn group_policy_parses() {
+        assert_eq!(GroupPolicy::parse("deny").unwrap(), GroupPolicy::Deny);
+        assert_eq!(GroupPolicy::parse("allow-with-warning").unwrap(), GroupPolicy::AllowWithWarning);
+        assert!(GroupPolicy::parse("maybe").is_err());
+    }
+
+    #[test]
+    fn unknown_disabled_rule_is_rejected() {
+        let args = RuleArgs {
+            group_policy: GroupPolicy::WaitThenDeny,
+            group_wait_timeout: Duration::from_secs(1),
+            timeout_margin: Duration::from_secs(1),
+            disabled_rules: vec!["vm-instance-uuid".into(), "nope".into()],
+        };
+        assert!(args.disabled_rule_set().unwrap_err().contains("nope"));
+    }
+}

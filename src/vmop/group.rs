@@ -1,0 +1,136 @@
+//! Rules for a restored VirtualMachineGroup (v1alpha2+).
+
+use serde_json::{Map, Value};
+
+use super::shape::{self, ShapeError};
+use super::vm::clean_conversion_copy;
+use super::{CONVERSION_ANNOTATION, CleanupOptions, Plan, RuleDoc};
+use crate::patch::Change;
+
+pub const R_FORCE_SYNC: &str = "group-next-force-power-state-sync-time";
+pub const R_POWER_TIME: &str = "group-power-time-annotations";
+pub const R_CONVERSION_COPY: &str = "group-conversion-copy";
+
+/// The group's power-push bookkeeping. VM Operator's mutating webhook sets a
+/// fresh apply time when a group is created with a power state, so the
+/// restored group pushes its power state to members it now has.
+const POWER_TIME_ANNOTATIONS: &[&str] = &[
+    "vmoperator.vmware.com.protected/apply-power-state-time",
+    "vmoperator.vmware.com.protected/last-updated-power-state-time",
+];
+
+pub const RULES: &[RuleDoc] = &[
+    RuleDoc {
+        id: R_FORCE_SYNC,
+        kind: "VirtualMachineGroup",
+        what: "remove `spec.nextForcePowerStateSyncTime` unless it is empty or `now`",
+        why: "any other value is denied on create",
+    },
+    RuleDoc {
+        id: R_POWER_TIME,
+        kind: "VirtualMachineGroup",
+        what: "remove annotations `vmoperator.vmware.com.protected/{apply,last-updated}-power-state-time`",
+        why: "the original group's power push times; VM Operator sets new ones",
+    },
+    RuleDoc {
+        id: R_CONVERSION_COPY,
+        kind: "VirtualMachineGroup",
+        what: "clean the copy in annotation `vmoperator.vmware.com/conversion` by the same rules, and drop its `status`",
+        why: "VM Operator's conversion copies fields and status back from it",
+    },
+];
+
+fn object_changes(
+    object: &Map<String, Value>,
+    options: &CleanupOptions,
+) -> Result<Vec<Change>, ShapeError> {
+    let mut changes = Vec::new();
+    let meta = shape::meta(object)?;
+    if let Some(annotations) = meta.annotations
+        && options.enabled(R_POWER_TIME)
+    {
+        for key in annotations.keys() {
+            if POWER_TIME_ANNOTATIONS.contains(&key.as_str()) {
+                changes.push(Change::remove(
+                    vec!["metadata".into(), "annotations".into(), key.clone()],
+                    R_POWER_TIME,
+                    "power push time of the original group",
+                ));
+            }
+        }
+    }
+    if let Some(spec) = shape::map(object, "", "spec")?
+        && let Some(value) = shape::string(spec, "spec", "nextForcePowerStateSyncTime")?
+        && !value.is_empty()
+        && value != "now"
+        && options.enabled(R_FORCE_SYNC)
+    {
+        changes.push(Change::remove(
+            vec!["spec".into(), "nextForcePowerStateSyncTime".into()],
+            R_FORCE_SYNC,
+            "denied on create unless \"now\"",
+        ));
+    }
+    Ok(changes)
+}
+
+pub fn plan(object: &Value, options: &CleanupOptions) -> Result<Plan, ShapeError> {
+    let root = shape::root(object)?;
+    let mut changes = object_changes(root, options)?;
+    let meta = shape::meta(root)?;
+    if let Some(text) = meta
+        .annotations
+        .and_then(|annotations| annotations.get(CONVERSION_ANNOTATION))
+        .and_then(Value::as_str)
+        && options.enabled(R_CONVERSION_COPY)
+    {
+        let copy: Value =
+            serde_json::from_str(text).map_err(|err| ShapeError::BadConversionCopy {
+                annotation: CONVERSION_ANNOTATION,
+                detail: err.to_string(),
+            })?;
+        clean_conversion_copy(
+            &copy,
+            R_CONVERSION_COPY,
+            |inner| object_changes(inner, options),
+            &mut changes,
+        )?;
+    }
+    let group_name = match shape::map(root, "", "spec")? {
+        Some(spec) => shape::string(spec, "spec", "groupName")?
+            .filter(|name| !name.is_empty())
+            .map(str::to_string),
+        None => None,
+    };
+    Ok(Plan {
+        changes,
+        group_name,
+        denial: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn force_sync_kept_when_now_or_empty() {
+        for keep in ["now", ""] {
+            let group = json!({"spec": {"nextForcePowerStateSyncTime": keep}});
+            assert!(plan(&group, &CleanupOptions::default()).unwrap().changes.is_empty());
+        }
+        let group = json!({"spec": {"nextForcePowerStateSyncTime": "2026-01-01T00:00:00Z",
+            "groupName": "parent"},
+            "metadata": {"annotations": {
+                "vmoperator.vmware.com.protected/apply-power-state-time": "2026-01-01T00:00:00Z",
+                "other": "x"}}});
+        let plan = plan(&group, &CleanupOptions::default()).unwrap();
+        let paths: Vec<String> = plan.changes.iter().map(|c| c.pointer().to_string()).collect();
+        assert_eq!(paths, vec![
+            "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
+            "/spec/nextForcePowerStateSyncTime",
+        ]);
+        assert_eq!(plan.group_name.as_deref(), Some("parent"));
+    }
+}

@@ -1,0 +1,185 @@
+//! VM Operator knowledge: which fields of a restored object are bound to the
+//! cluster (or to the original vSphere VM), where they live in each API
+//! version, and what to do with them. Pure functions over `serde_json::Value`,
+//! so that fields this crate does not model pass through untouched.
+
+pub mod group;
+pub mod pvc;
+pub mod shape;
+pub mod vm;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::patch::Change;
+pub use shape::ShapeError;
+
+pub const GROUP: &str = "vmoperator.vmware.com";
+
+/// The label Velero puts on every object it restores.
+pub const RESTORE_NAME_LABEL: &str = "velero.io/restore-name";
+
+/// VM Operator keeps the whole hub-version object here when an object is read
+/// at an older API version; its conversion copies fields (and status) back.
+pub const CONVERSION_ANNOTATION: &str = "vmoperator.vmware.com/conversion";
+
+/// The kinds this webhook knows how to clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    VirtualMachine(ApiVersion),
+    VirtualMachineGroup(ApiVersion),
+    PersistentVolumeClaim,
+}
+
+impl Kind {
+    /// Classifies a request's group, version and kind.
+    pub fn classify(group: &str, version: &str, kind: &str) -> Option<Kind> {
+        match (group, kind) {
+            (GROUP, "VirtualMachine") => Some(Kind::VirtualMachine(ApiVersion::parse(version)?)),
+            (GROUP, "VirtualMachineGroup") => {
+                Some(Kind::VirtualMachineGroup(ApiVersion::parse(version)?))
+            }
+            ("", "PersistentVolumeClaim") if version == "v1" => Some(Kind::PersistentVolumeClaim),
+            _ => None,
+        }
+    }
+
+    /// Short label for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::VirtualMachine(_) => "VirtualMachine",
+            Kind::VirtualMachineGroup(_) => "VirtualMachineGroup",
+            Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
+        }
+    }
+}
+
+/// A `vmoperator.vmware.com` API version. Versions newer than this crate
+/// knows are treated as the newest known one: every rule acts only on fields
+/// that are present, so an unknown field is never touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiVersion(pub u8);
+
+impl ApiVersion {
+    pub const V1ALPHA1: ApiVersion = ApiVersion(1);
+    pub const V1ALPHA2: ApiVersion = ApiVersion(2);
+    pub const V1ALPHA3: ApiVersion = ApiVersion(3);
+    pub const NEWEST_KNOWN: ApiVersion = ApiVersion(6);
+
+    /// `v1alpha3` → 3. `v1beta1`/`v1` and later alphas map to the newest known.
+    pub fn parse(version: &str) -> Option<ApiVersion> {
+        if let Some(n) = version.strip_prefix("v1alpha") {
+            let n: u8 = n.parse().ok()?;
+            return (n >= 1).then_some(ApiVersion(n.min(Self::NEWEST_KNOWN.0)));
+        }
+        if version.starts_with("v1beta") || version == "v1" || version.starts_with("v2") {
+            return Some(Self::NEWEST_KNOWN);
+        }
+        None
+    }
+
+    /// Parses the version from an object's `apiVersion` (`group/version`).
+    pub fn from_api_version(api_version: &str) -> Option<ApiVersion> {
+        let (group, version) = api_version.split_once('/')?;
+        (group == GROUP).then(|| ApiVersion::parse(version)).flatten()
+    }
+}
+
+/// Choices that depend on the restore and the operator, not on the object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupOptions {
+    /// The restore makes a copy beside the original (a namespace mapping, or
+    /// the Restore's override annotation): also clear guest-visible identity.
+    pub new_identity: bool,
+    /// Rule ids the operator turned off (`--disable-rule`).
+    pub disabled_rules: Arc<BTreeSet<String>>,
+}
+
+impl CleanupOptions {
+    pub fn enabled(&self, rule: &str) -> bool {
+        !self.disabled_rules.contains(rule)
+    }
+}
+
+/// What the rules decided for one object.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+    /// The group a VM or child group names (`spec.groupName`).
+    pub group_name: Option<String>,
+    /// Set when the object must not be created; the message says what to do.
+    pub denial: Option<String>,
+}
+
+/// Runs the rules for `kind` over `object`.
+pub fn plan(
+    kind: Kind,
+    object: &serde_json::Value,
+    options: &CleanupOptions,
+) -> Result<Plan, ShapeError> {
+    match kind {
+        Kind::VirtualMachine(version) => vm::plan(object, version, options),
+        Kind::VirtualMachineGroup(_) => group::plan(object, options),
+        Kind::PersistentVolumeClaim => pvc::plan(object, options),
+    }
+}
+
+/// One documented rule: what the README's table and `--disable-rule` name.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleDoc {
+    pub id: &'static str,
+    pub kind: &'static str,
+    pub what: &'static str,
+    pub why: &'static str,
+}
+
+/// Every rule, in the order the README lists them.
+pub fn rule_docs() -> Vec<RuleDoc> {
+    let mut docs = vm::RULES.to_vec();
+    docs.extend_from_slice(group::RULES);
+    docs.extend_from_slice(pvc::RULES);
+    docs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(ApiVersion::parse("v1alpha1"), Some(ApiVersion(1)));
+        assert_eq!(ApiVersion::parse("v1alpha6"), Some(ApiVersion(6)));
+        assert_eq!(ApiVersion::parse("v1alpha9"), Some(ApiVersion::NEWEST_KNOWN));
+        assert_eq!(ApiVersion::parse("v1beta1"), Some(ApiVersion::NEWEST_KNOWN));
+        assert_eq!(ApiVersion::parse("v1alpha0"), None);
+        assert_eq!(ApiVersion::parse("banana"), None);
+        assert_eq!(
+            ApiVersion::from_api_version("vmoperator.vmware.com/v1alpha3"),
+            Some(ApiVersion(3))
+        );
+        assert_eq!(ApiVersion::from_api_version("other.io/v1alpha3"), None);
+    }
+
+    #[test]
+    fn classify_kinds() {
+        assert_eq!(
+            Kind::classify(GROUP, "v1alpha2", "VirtualMachine"),
+            Some(Kind::VirtualMachine(ApiVersion(2)))
+        );
+        assert_eq!(
+            Kind::classify("", "v1", "PersistentVolumeClaim"),
+            Some(Kind::PersistentVolumeClaim)
+        );
+        assert_eq!(Kind::classify("", "v1", "Secret"), None);
+        assert_eq!(Kind::classify(GROUP, "v1alpha2", "VirtualMachineClass"), None);
+    }
+
+    #[test]
+    fn rule_ids_are_unique() {
+        let docs = rule_docs();
+        let mut ids: Vec<_> = docs.iter().map(|d| d.id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), docs.len());
+    }
+}

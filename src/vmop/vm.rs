@@ -1,0 +1,493 @@
+//! Rules for a restored VirtualMachine, at every API version (v1alpha1–v1alpha6).
+//!
+//! Field locations (from VM Operator's CRDs):
+//! - `spec.instanceUUID`, `spec.biosUUID`, `spec.bootstrap.cloudInit.instanceID`: v1alpha3+;
+//!   at v1alpha1/2 they exist only in the conversion copy.
+//! - `spec.groupName`, `spec.network.interfaces[]`: v1alpha2+; v1alpha1 keeps the group
+//!   name in the conversion copy only.
+//! - `spec.currentSnapshotName`: the hub version (v1alpha5 in VM Operator 1.10, v1alpha6 later).
+//! - `spec.powerState`: every version; v1alpha1 spells the values `poweredOn`/`suspended`.
+//!
+//! Every rule acts on a field only when it is present, so the same code serves
+//! every version, including the hub-version copy in the conversion annotation.
+
+use serde_json::{Map, Value};
+
+use super::shape::{self, ShapeError};
+use super::{ApiVersion, CONVERSION_ANNOTATION, CleanupOptions, Plan, RuleDoc};
+use crate::patch::{self, Change};
+
+pub const R_INSTANCE_UUID: &str = "vm-instance-uuid";
+pub const R_FIRST_BOOT_DONE: &str = "vm-first-boot-done";
+pub const R_NEXT_RESTART_TIME: &str = "vm-next-restart-time";
+pub const R_CURRENT_SNAPSHOT: &str = "vm-current-snapshot-name";
+pub const R_SUSPENDED: &str = "vm-suspended-power-state";
+pub const R_CONTROLLER_ANNOTATIONS: &str = "vm-controller-annotations";
+pub const R_PROTECTED_ANNOTATIONS: &str = "vm-protected-annotations";
+pub const R_PAUSED_LABEL: &str = "vm-paused-label";
+pub const R_ORIGIN_MARKERS: &str = "vm-origin-markers";
+pub const R_CONVERSION_COPY: &str = "vm-conversion-copy";
+pub const R_COPY_BIOS_UUID: &str = "vm-copy-bios-uuid";
+pub const R_COPY_INSTANCE_ID: &str = "vm-copy-cloud-init-instance-id";
+pub const R_COPY_NETWORK: &str = "vm-copy-network-identity";
+
+pub const FIRST_BOOT_DONE: &str = "virtualmachine.vmoperator.vmware.com/first-boot-done";
+pub const PAUSED_LABEL: &str = "vmoperator.vmware.com/paused";
+const PROTECTED_PREFIX: &str = "vmoperator.vmware.com.protected/";
+const UPGRADED_TO_PREFIX: &str = "vmoperator.vmware.com/upgraded-to-";
+
+/// Controller-owned annotations that silently change a new VM's behaviour.
+const CONTROLLER_ANNOTATIONS: &[&str] = &[
+    "vmoperator.vmware.com/bootstrap-hash-configspec",
+    "vmoperator.vmware.com/bootstrap-hash-customspec",
+    "vmoperator.vmware.com/backup-version",
+    "vsphere-cluster-module-group-uuid",
+    "vmoperator.vmware.com/instance-storage-pvcs-bound",
+    "vmoperator.vmware.com/instance-storage-selected-node",
+    "vmoperator.vmware.com/instance-storage-selected-node-moid",
+];
+
+/// Markers of how the original VM came to be; VM Operator rejects them on a
+/// create by anyone but itself.
+const ORIGIN_MARKERS: &[&str] = &[
+    "vmoperator.vmware.com/restored-vm",
+    "vmoperator.vmware.com/failed-over-vm",
+    "vmoperator.vmware.com/imported-vm",
+    "vmoperator.vmware.com/cloud-init-instance-id",
+];
+
+pub const RULES: &[RuleDoc] = &[
+    RuleDoc {
+        id: R_INSTANCE_UUID,
+        kind: "VirtualMachine",
+        what: "remove `spec.instanceUUID` (v1alpha3+; v1alpha1/2: in the conversion copy)",
+        why: "VM Operator finds its vSphere VM by this UUID across the datacenter: the restored VM would adopt the original",
+    },
+    RuleDoc {
+        id: R_FIRST_BOOT_DONE,
+        kind: "VirtualMachine",
+        what: "remove annotation `virtualmachine.vmoperator.vmware.com/first-boot-done`",
+        why: "describes the original VM's first boot; rejected on create for non-privileged users",
+    },
+    RuleDoc {
+        id: R_NEXT_RESTART_TIME,
+        kind: "VirtualMachine",
+        what: "remove a non-empty `spec.nextRestartTime`",
+        why: "VM Operator rejects it on create for every user",
+    },
+    RuleDoc {
+        id: R_CURRENT_SNAPSHOT,
+        kind: "VirtualMachine",
+        what: "remove a non-empty `spec.currentSnapshotName`",
+        why: "VM Operator rejects it on create for every user; the snapshot belongs to the original VM",
+    },
+    RuleDoc {
+        id: R_SUSPENDED,
+        kind: "VirtualMachine",
+        what: "`spec.powerState: Suspended` becomes `PoweredOff` (v1alpha1: `suspended` → `poweredOff`)",
+        why: "VM Operator rejects creating a suspended VM",
+    },
+    RuleDoc {
+        id: R_CONTROLLER_ANNOTATIONS,
+        kind: "VirtualMachine",
+        what: "remove annotations `vmoperator.vmware.com/bootstrap-hash-{configspec,customspec}`, `backup-version`, `vsphere-cluster-module-group-uuid`, `instance-storage-{pvcs-bound,selected-node,selected-node-moid}`, `vmoperator.vmware.com/upgraded-to-*`",
+        why: "controller state of the original VM: skipped guest customization, paused backups, stale cluster module and host, skipped backfill",
+    },
+    RuleDoc {
+        id: R_PROTECTED_ANNOTATIONS,
+        kind: "VirtualMachine",
+        what: "remove annotations `vmoperator.vmware.com.protected/*`",
+        why: "owned by VM Operator (skip-validation, apply-power-state-time, …)",
+    },
+    RuleDoc {
+        id: R_PAUSED_LABEL,
+        kind: "VirtualMachine",
+        what: "remove label `vmoperator.vmware.com/paused`",
+        why: "a paused VM is never reconciled; rejected on create for non-privileged users",
+    },
+    RuleDoc {
+        id: R_ORIGIN_MARKERS,
+        kind: "VirtualMachine",
+        what: "remove annotations `vmoperator.vmware.com/{restored-vm,failed-over-vm,imported-vm,cloud-init-instance-id}`",
+        why: "rejected on create for non-privileged users",
+    },
+    RuleDoc {
+        id: R_CONVERSION_COPY,
+        kind: "VirtualMachine",
+        what: "clean the hub-version copy in annotation `vmoperator.vmware.com/conversion` by the same rules, and drop its `status`",
+        why: "VM Operator's conversion copies fields and the whole status (`status.uniqueID`, the vSphere MoID) back from it on create",
+    },
+    RuleDoc {
+        id: R_COPY_BIOS_UUID,
+        kind: "VirtualMachine (copy)",
+        what: "remove `spec.biosUUID` when restoring a copy beside the original",
+        why: "a duplicate BIOS UUID breaks CNS volume attachment",
+    },
+    RuleDoc {
+        id: R_COPY_INSTANCE_ID,
+        kind: "VirtualMachine (copy)",
+        what: "remove `spec.bootstrap.cloudInit.instanceID` when restoring a copy",
+        why: "cloud-init must see a new instance, not the original's",
+    },
+    RuleDoc {
+        id: R_COPY_NETWORK,
+        kind: "VirtualMachine (copy)",
+        what: "remove `spec.network.interfaces[].{macAddr,addresses,gateway4,gateway6}` when restoring a copy",
+        why: "MAC and static addresses collide with the original VM",
+    },
+];
+
+fn tokens(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|part| part.to_string()).collect()
+}
+
+/// Which rule, if any, removes this annotation.
+fn annotation_rule(key: &str) -> Option<(&'static str, &'static str)> {
+    if key == FIRST_BOOT_DONE {
+        Some((R_FIRST_BOOT_DONE, "original VM's first boot"))
+    } else if CONTROLLER_ANNOTATIONS.contains(&key) || key.starts_with(UPGRADED_TO_PREFIX) {
+        Some((R_CONTROLLER_ANNOTATIONS, "controller state of the original VM"))
+    } else if key.starts_with(PROTECTED_PREFIX) {
+        Some((R_PROTECTED_ANNOTATIONS, "owned by VM Operator"))
+    } else if ORIGIN_MARKERS.contains(&key) {
+        Some((R_ORIGIN_MARKERS, "rejected on create"))
+    } else {
+        None
+    }
+}
+
+/// Rules on metadata and spec, shared by the object and its conversion copy.
+fn object_changes(
+    object: &Map<String, Value>,
+    options: &CleanupOptions,
+) -> Result<Vec<Change>, ShapeError> {
+    let mut changes = Vec::new();
+    let meta = shape::meta(object)?;
+    if let Some(annotations) = meta.annotations {
+        for key in annotations.keys() {
+            if let Some((rule, reason)) = annotation_rule(key)
+                && options.enabled(rule)
+            {
+                changes.push(Change::remove(
+                    tokens(&["metadata", "annotations", key]),
+                    rule,
+                    reason,
+                ));
+            }
+        }
+    }
+    if let Some(labels) = meta.labels
+        && labels.contains_key(PAUSED_LABEL)
+        && options.enabled(R_PAUSED_LABEL)
+    {
+        changes.push(Change::remove(
+            tokens(&["metadata", "labels", PAUSED_LABEL]),
+            R_PAUSED_LABEL,
+            "a paused VM is never reconciled",
+        ));
+    }
+
+    let Some(spec) = shape::map(object, "", "spec")? else {
+        return Ok(changes);
+    };
+    let mut remove_if_set = |key: &str, rule: &'static str, reason: &'static str| {
+        let value = shape::string(spec, "spec", key)?;
+        if shape::is_set(value) && options.enabled(rule) {
+            changes.push(Change::remove(tokens(&["spec", key]), rule, reason));
+        }
+        Ok::<(), ShapeError>(())
+    };
+    remove_if_set(R_INSTANCE_UUID_KEY, R_INSTANCE_UUID, "identity of the original vSphere VM")?;
+    remove_if_set("nextRestartTime", R_NEXT_RESTART_TIME, "rejected on create")?;
+    remove_if_set("currentSnapshotName", R_CURRENT_SNAPSHOT, "rejected on create")?;
+    if options.new_identity {
+        remove_if_set("biosUUID", R_COPY_BIOS_UUID, "copy beside the original")?;
+    }
+
+    let suspended_to = match shape::string(spec, "spec", "powerState")? {
+        Some("Suspended") => Some("PoweredOff"),
+        Some("suspended") => Some("poweredOff"),
+        _ => None,
+    };
+    if let Some(powered_off) = suspended_to
+        && options.enabled(R_SUSPENDED)
+    {
+        changes.push(Change::replace(
+            tokens(&["spec", "powerState"]),
+            Value::String(powered_off.to_string()),
+            R_SUSPENDED,
+            "a suspended VM is rejected on create",
+        ));
+    }
+
+    if options.new_identity {
+        copy_identity_changes(spec, options, &mut changes)?;
+    }
+    Ok(changes)
+}
+
+const R_INSTANCE_UUID_KEY: &str = "instanceUUID";
+
+/// Guest-visible identity a copy beside the original must not duplicate.
+fn copy_identity_changes(
+    spec: &Map<String, Value>,
+    options: &CleanupOptions,
+    changes: &mut Vec<Change>,
+) -> Result<(), ShapeError> {
+    if options.enabled(R_COPY_INSTANCE_ID)
+        && let Some(bootstrap) = shape::map(spec, "spec", "bootstrap")?
+        && let Some(cloud_init) = shape::map(bootstrap, "spec.bootstrap", "cloudInit")?
+        && shape::is_set(shape::string(cloud_init, "spec.bootstrap.cloudInit", "instanceID")?)
+    {
+        changes.push(Change::remove(
+            tokens(&["spec", "bootstrap", "cloudInit", "instanceID"]),
+            R_COPY_INSTANCE_ID,
+            "copy beside the original",
+        ));
+    }
+    if !options.enabled(R_COPY_NETWORK) {
+        return Ok(());
+    }
+    let Some(network) = shape::map(spec, "spec", "network")? else {
+        return Ok(());
+    };
+    let Some(interfaces) = shape::array(network, "spec.network", "interfaces")? else {
+        return Ok(());
+    };
+    for (index, interface) in interfaces.iter().enumerate() {
+        let field = format!("spec.network.interfaces[{index}]");
+        let interface = interface.as_object().ok_or_else(|| ShapeError::WrongType {
+            field: field.clone(),
+            expected: "an object",
+            found: shape::type_name(interface),
+        })?;
+        let index = index.to_string();
+        for key in ["macAddr", "gateway4", "gateway6"] {
+            if shape::is_set(shape::string(interface, &field, key)?) {
+                changes.push(Change::remove(
+                    tokens(&["spec", "network", "interfaces", &index, key]),
+                    R_COPY_NETWORK,
+                    "would collide with the original VM",
+                ));
+            }
+        }
+        if shape::array(interface, &field, "addresses")?.is_some_and(|list| !list.is_empty()) {
+            changes.push(Change::remove(
+                tokens(&["spec", "network", "interfaces", &index, "addresses"]),
+                R_COPY_NETWORK,
+                "would collide with the original VM",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The conversion copy, parsed; `None` when the annotation is absent.
+fn conversion_copy(object: &Map<String, Value>) -> Result<Option<Value>, ShapeError> {
+    let meta = shape::meta(object)?;
+    let Some(text) = meta
+        .annotations
+        .and_then(|annotations| annotations.get(CONVERSION_ANNOTATION))
+        .and_then(Value::as_str)
+    else {
+        return Ok(None);
+    };
+    let copy: Value = serde_json::from_str(text).map_err(|err| ShapeError::BadConversionCopy {
+        annotation: CONVERSION_ANNOTATION,
+        detail: err.to_string(),
+    })?;
+    if !copy.is_object() {
+        return Err(ShapeError::BadConversionCopy {
+            annotation: CONVERSION_ANNOTATION,
+            detail: format!("found {}", shape::type_name(&copy)),
+        });
+    }
+    Ok(Some(copy))
+}
+
+/// Cleans the conversion copy with `clean` and adds one `replace` of the
+/// annotation, plus a report-only change per field cleaned inside the copy.
+pub(crate) fn clean_conversion_copy(
+    copy: &Value,
+    rule: &'static str,
+    clean: impl Fn(&Map<String, Value>) -> Result<Vec<Change>, ShapeError>,
+    changes: &mut Vec<Change>,
+) -> Result<(), ShapeError> {
+    let copy_object = shape::root(copy)?;
+    let mut inner = clean(copy_object)?;
+    if copy_object.contains_key("status") {
+        inner.push(Change::remove(
+            tokens(&["status"]),
+            rule,
+            "status of the original object",
+        ));
+    }
+    if inner.is_empty() {
+        return Ok(());
+    }
+    let cleaned = patch::apply(copy, &inner).map_err(|err| ShapeError::BadConversionCopy {
+        annotation: CONVERSION_ANNOTATION,
+        detail: err.to_string(),
+    })?;
+    let text = serde_json::to_string(&cleaned).map_err(|err| ShapeError::BadConversionCopy {
+        annotation: CONVERSION_ANNOTATION,
+        detail: err.to_string(),
+    })?;
+    changes.push(Change::replace(
+        tokens(&["metadata", "annotations", CONVERSION_ANNOTATION]),
+        Value::String(text),
+        rule,
+        "hub copy cleaned by the same rules",
+    ));
+    changes.extend(inner.into_iter().map(|mut change| {
+        change.in_conversion_copy = true;
+        change
+    }));
+    Ok(())
+}
+
+pub fn plan(
+    object: &Value,
+    version: ApiVersion,
+    options: &CleanupOptions,
+) -> Result<Plan, ShapeError> {
+    let root = shape::root(object)?;
+    let mut changes = object_changes(root, options)?;
+    let copy = conversion_copy(root)?;
+
+    let mut group_name = match shape::map(root, "", "spec")? {
+        Some(spec) => shape::string(spec, "spec", "groupName")?.map(str::to_string),
+        None => None,
+    };
+    if let Some(copy) = &copy {
+        if version == ApiVersion::V1ALPHA1 && group_name.is_none() {
+            group_name = shape::map(shape::root(copy)?, "", "spec")?
+                .map(|spec| shape::string(spec, "conversion copy spec", "groupName"))
+                .transpose()?
+                .flatten()
+                .map(str::to_string);
+        }
+        if options.enabled(R_CONVERSION_COPY) {
+            clean_conversion_copy(
+                copy,
+                R_CONVERSION_COPY,
+                |inner| object_changes(inner, options),
+                &mut changes,
+            )?;
+        }
+    }
+    Ok(Plan {
+        changes,
+        group_name: group_name.filter(|name| !name.is_empty()),
+        denial: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patch::Edit;
+    use serde_json::json;
+
+    fn opts(new_identity: bool) -> CleanupOptions {
+        CleanupOptions {
+            new_identity,
+            ..Default::default()
+        }
+    }
+
+    fn fields(plan: &Plan) -> Vec<String> {
+        plan.changes.iter().map(|c| c.describe()).collect()
+    }
+
+    #[test]
+    fn no_changes_for_a_clean_vm() {
+        let vm = json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+            "metadata": {"name": "a", "annotations": {"keep": "me"}},
+            "spec": {"className": "small", "powerState": "PoweredOn"}});
+        let plan = plan(&vm, ApiVersion(5), &opts(true)).unwrap();
+        assert!(plan.changes.is_empty(), "{:?}", fields(&plan));
+        assert_eq!(plan.group_name, None);
+    }
+
+    #[test]
+    fn empty_strings_are_not_touched() {
+        let vm = json!({"spec": {"instanceUUID": "", "nextRestartTime": ""}});
+        assert!(plan(&vm, ApiVersion(5), &opts(false)).unwrap().changes.is_empty());
+    }
+
+    #[test]
+    fn v1alpha1_group_name_comes_from_the_conversion_copy() {
+        let copy = json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+            "spec": {"groupName": "g1", "instanceUUID": "u-1"}, "status": {"uniqueID": "vm-42"}});
+        let vm = json!({"apiVersion": "vmoperator.vmware.com/v1alpha1",
+            "metadata": {"annotations": {CONVERSION_ANNOTATION: copy.to_string()}},
+            "spec": {"powerState": "suspended"}});
+        let plan = plan(&vm, ApiVersion::V1ALPHA1, &opts(false)).unwrap();
+        assert_eq!(plan.group_name.as_deref(), Some("g1"));
+        let described = fields(&plan);
+        assert!(described.iter().any(|d| d.starts_with("set spec.powerState to \"poweredOff\"")));
+        assert!(described.iter().any(|d| d == "in conversion copy: removed spec.instanceUUID (identity of the original vSphere VM)"));
+        assert!(described.iter().any(|d| d.starts_with("in conversion copy: removed status")));
+        let replace = plan
+            .changes
+            .iter()
+            .find(|c| !c.in_conversion_copy && c.rule == R_CONVERSION_COPY)
+            .unwrap();
+        let Edit::Replace(Value::String(text)) = &replace.edit else {
+            panic!("conversion annotation must be replaced by a string")
+        };
+        let cleaned: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(cleaned, json!({"apiVersion": "vmoperator.vmware.com/v1alpha5",
+            "kind": "VirtualMachine", "spec": {"groupName": "g1"}}));
+    }
+
+    #[test]
+    fn copy_identity_only_for_copies() {
+        let vm = json!({"spec": {"biosUUID": "b", "bootstrap": {"cloudInit": {"instanceID": "i"}},
+            "network": {"interfaces": [{"name": "eth0", "macAddr": "00:50:56:00:00:01",
+                "addresses": ["10.0.0.5/24"], "gateway4": "10.0.0.1"}, {"name": "eth1"}]}}});
+        assert!(plan(&vm, ApiVersion(5), &opts(false)).unwrap().changes.is_empty());
+        let copy_plan = plan(&vm, ApiVersion(5), &opts(true)).unwrap();
+        let paths: Vec<String> = copy_plan.changes.iter().map(|c| c.pointer().to_string()).collect();
+        assert_eq!(paths, vec![
+            "/spec/biosUUID",
+            "/spec/bootstrap/cloudInit/instanceID",
+            "/spec/network/interfaces/0/macAddr",
+            "/spec/network/interfaces/0/gateway4",
+            "/spec/network/interfaces/0/addresses",
+        ]);
+    }
+
+    #[test]
+    fn disabled_rules_are_skipped() {
+        let vm = json!({"metadata": {"annotations": {FIRST_BOOT_DONE: "true"}},
+            "spec": {"instanceUUID": "u"}});
+        let options = CleanupOptions {
+            new_identity: false,
+            disabled_rules: std::sync::Arc::new([R_INSTANCE_UUID.to_string()].into()),
+        };
+        let plan = plan(&vm, ApiVersion(5), &options).unwrap();
+        assert_eq!(plan.changes.len(), 1);
+        assert_eq!(plan.changes[0].rule, R_FIRST_BOOT_DONE);
+    }
+
+    #[test]
+    fn malformed_fields_are_errors() {
+        let vm = json!({"spec": {"instanceUUID": 7}});
+        assert_eq!(
+            plan(&vm, ApiVersion(5), &opts(false)).unwrap_err().to_string(),
+            "spec.instanceUUID must be a string, but is a number"
+        );
+        let vm = json!({"metadata": {"annotations": {CONVERSION_ANNOTATION: "{not json"}}});
+        assert!(matches!(
+            plan(&vm, ApiVersion(2), &opts(false)).unwrap_err(),
+            ShapeError::BadConversionCopy { .. }
+        ));
+        let vm = json!({"spec": {"network": {"interfaces": ["eth0"]}}});
+        assert_eq!(
+            plan(&vm, ApiVersion(5), &opts(true)).unwrap_err().to_string(),
+            "spec.network.interfaces[0] must be an object, but is a string"
+        );
+    }
+}
