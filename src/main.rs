@@ -20,9 +20,10 @@ use velero_vm_restore_webhook::{admission, server, telemetry, tls, vmop};
 #[derive(Parser)]
 #[command(version, about = "Cleans VM Operator objects restored by Velero, and admits VMs only after their group")]
 struct Cli {
-    /// Log filter: a level (info, debug) or EnvFilter directives. RUST_LOG wins.
-    #[arg(long, global = true, env = "VMRW_LOG_LEVEL", default_value = "info")]
-    log_level: String,
+    /// Log filter: a level (info, debug) or EnvFilter directives. RUST_LOG
+    /// wins. Default: info for `serve`, error for `review`.
+    #[arg(long, global = true, env = "VMRW_LOG_LEVEL")]
+    log_level: Option<String>,
 
     /// Log format.
     #[arg(long, global = true, env = "VMRW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -67,7 +68,11 @@ struct ReviewArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(&cli.log_level, cli.log_format);
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "error",
+    };
+    telemetry::init(cli.log_level.as_deref().unwrap_or(default_level), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -267,7 +267,7 @@ impl Reviewer {
                 .get_or_create(&ResultLabels { result: result.into() })
                 .observe(waited.as_secs_f64());
         }
-        if !waited.is_zero() {
+        if waited >= Duration::from_millis(1) {
             info!(group, waited_ms = waited.as_millis() as u64, found = (presence == GroupPresence::Present), "waited for VirtualMachineGroup");
         }
         let missing_detail = match presence {
@@ -275,7 +275,7 @@ impl Reviewer {
             GroupPresence::Missing => String::new(),
             GroupPresence::Unknown(err) => format!(" (and the live check failed: {err})"),
         };
-        let waited_text = if waited.is_zero() {
+        let waited_text = if bound.is_zero() {
             String::new()
         } else {
             format!(" after waiting {:.1}s", waited.as_secs_f64())

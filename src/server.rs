@@ -164,6 +164,11 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn until_stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
+}
+
 /// Listeners bound up front, so callers (and tests) know the ports.
 pub struct Bound {
     tls_listener: TcpListener,
@@ -230,21 +235,19 @@ impl Bound {
             let _ = stop_tx.send(true);
         });
 
-        let mut metrics_stop = stop_rx.clone();
         let metrics_server = tokio::spawn(
             axum::serve(self.metrics_listener, metrics_app)
-                .with_graceful_shutdown(async move {
-                    let _ = metrics_stop.wait_for(|stop| *stop).await;
-                })
+                .with_graceful_shutdown(until_stopped(stop_rx.clone()))
                 .into_future(),
         );
 
         info!(https = %self.tls_addr, metrics = %self.metrics_addr, "serving");
         let graceful = GracefulShutdown::new();
-        let mut stop = stop_rx.clone();
+        let stopped = until_stopped(stop_rx);
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => break,
+                _ = &mut stopped => break,
                 accepted = self.tls_listener.accept() => {
                     let (tcp, peer) = match accepted {
                         Ok(connection) => connection,

@@ -1,0 +1,258 @@
+//! The real server in-process, over real TLS, with a real HTTPS client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::*;
+use velero_vm_restore_webhook::review::ReviewSettings;
+use velero_vm_restore_webhook::settings::GroupPolicy;
+
+fn settings(wait: Duration) -> ReviewSettings {
+    ReviewSettings {
+        group_policy: GroupPolicy::WaitThenDeny,
+        group_wait_timeout: wait,
+        timeout_margin: Duration::from_millis(500),
+        disabled_rules: Default::default(),
+    }
+}
+
+async fn started(wait: Duration) -> (TestServer, reqwest::Client, SecretDir, TestCa) {
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.serving();
+    let secret = SecretDir::new(&cert, &key);
+    let server = TestServer::start(&secret, settings(wait), limits()).await;
+    let client = client_trusting(&[&ca.ca_pem]);
+    (server, client, secret, ca)
+}
+
+#[tokio::test]
+async fn review_round_trip_removes_documented_fields() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    server.groups.insert("prod", "web-tier");
+    let object = example("vm-v1alpha3.json");
+    let answer = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.allowed(), "{}", answer.body);
+    assert_eq!(answer.body["response"]["uid"], "test-uid");
+    let patched = apply(&object, &answer.patch);
+    assert!(patched.pointer("/spec/instanceUUID").is_none());
+    assert!(patched.pointer("/spec/nextRestartTime").is_none());
+    let annotations = patched["metadata"]["annotations"].as_object().unwrap();
+    assert!(!annotations.contains_key("virtualmachine.vmoperator.vmware.com/first-boot-done"));
+    assert!(!annotations.contains_key("vmoperator.vmware.com/bootstrap-hash-configspec"));
+    assert_eq!(annotations["owner"], "team-web");
+    // Not a copy: guest identity kept.
+    assert_eq!(patched["spec"]["biosUUID"], object["spec"]["biosUUID"]);
+    let copy: Value = serde_json::from_str(annotations["vmoperator.vmware.com/conversion"].as_str().unwrap()).unwrap();
+    assert!(copy.get("status").is_none());
+    assert!(copy.pointer("/spec/instanceUUID").is_none());
+    let warnings = answer.warnings();
+    assert!(warnings.iter().any(|w| w.starts_with("removed spec.instanceUUID")), "{warnings:?}");
+    assert!(warnings.iter().all(|w| w.chars().count() < 120));
+
+    // A second review of the patched object is a no-op (reinvocation safe).
+    let again = post_review(&client, &server.url("/mutate"), &review_for(&patched, false)).await;
+    assert!(again.allowed());
+    assert!(again.patch.is_none(), "{}", again.body);
+}
+
+#[tokio::test]
+async fn out_of_scope_requests_are_allowed_unchanged() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    let mut object = example("vm-v1alpha5.json");
+    object["metadata"]["labels"].as_object_mut().unwrap().remove("velero.io/restore-name");
+    let answer = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
+    assert!(answer.allowed());
+    assert!(answer.patch.is_none());
+    assert!(answer.warnings().is_empty());
+
+    let mut update = review_for(&example("vm-v1alpha5.json"), false);
+    update["request"]["operation"] = json!("UPDATE");
+    let answer = post_review(&client, &server.url("/mutate"), &update).await;
+    assert!(answer.allowed());
+    assert!(answer.patch.is_none());
+}
+
+#[tokio::test]
+async fn malformed_input_gets_clear_json_errors() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    let url = server.url("/mutate");
+    let response = client.post(&url).body("{not json").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("not JSON"), "{body}");
+
+    let v1beta1 = json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": {}});
+    let answer = post_review(&client, &url, &v1beta1).await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.message().contains("admissionReviewVersions"));
+
+    // A wrong type inside an in-scope object: a denial naming the field.
+    let mut object = example("vm-v1alpha5.json");
+    object["spec"]["instanceUUID"] = json!(42);
+    let answer = post_review(&client, &url, &review_for(&object, false)).await;
+    assert_eq!(answer.status, 200);
+    assert!(!answer.allowed());
+    assert!(answer.patch.is_none());
+    assert!(answer.message().contains("spec.instanceUUID must be a string"), "{}", answer.message());
+}
+
+#[tokio::test]
+async fn body_limit_is_enforced() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    let big = vec![b' '; 300 * 1024];
+    let response = client.post(server.url("/mutate")).body(big).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("exceeds"));
+    // The server still serves after rejecting.
+    let health = client.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn group_created_during_the_wait_is_admitted() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(10)).await;
+    let groups = server.groups.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        groups.insert("prod", "web-tier");
+    });
+    let started_at = Instant::now();
+    let object = example("vm-v1alpha5.json");
+    let answer = post_review(&client, &server.url("/mutate?timeout=10s"), &review_for(&object, false)).await;
+    let took = started_at.elapsed();
+    assert!(answer.allowed(), "{}", answer.body);
+    assert!(took >= Duration::from_millis(600), "answered before the group existed: {took:?}");
+    assert!(took < Duration::from_secs(5), "not woken by the cache event: {took:?}");
+}
+
+#[tokio::test]
+async fn group_never_created_is_denied_at_the_bound() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(20)).await;
+    let object = example("vm-v1alpha5.json");
+    let started_at = Instant::now();
+    // The API server's timeout (3s) minus the margin (0.5s) bounds the wait.
+    let answer = post_review(&client, &server.url("/mutate?timeout=3s"), &review_for(&object, false)).await;
+    let took = started_at.elapsed();
+    assert!(!answer.allowed());
+    let message = answer.message();
+    assert!(message.contains("VirtualMachine prod/web-1"), "{message}");
+    assert!(message.contains("\"web-tier\""), "{message}");
+    assert!(message.contains("Restore the group first"), "{message}");
+    assert!(took >= Duration::from_millis(2400) && took < Duration::from_secs(3), "{took:?}");
+
+    // A dry run does not wait.
+    let started_at = Instant::now();
+    let answer = post_review(&client, &server.url("/mutate?timeout=3s"), &review_for(&object, true)).await;
+    assert!(!answer.allowed());
+    assert!(started_at.elapsed() < Duration::from_millis(1000));
+}
+
+#[tokio::test]
+async fn allow_with_warning_policy_admits() {
+    let ca = TestCa::new("ca");
+    let (cert, key) = ca.serving();
+    let secret = SecretDir::new(&cert, &key);
+    let mut review_settings = settings(Duration::from_secs(5));
+    review_settings.group_policy = GroupPolicy::AllowWithWarning;
+    let server = TestServer::start(&secret, review_settings, limits()).await;
+    let client = client_trusting(&[&ca.ca_pem]);
+    let started_at = Instant::now();
+    let answer = post_review(&client, &server.url("/mutate"), &review_for(&example("vm-v1alpha5.json"), false)).await;
+    assert!(answer.allowed());
+    assert!(answer.patch.is_some());
+    assert!(answer.warnings().iter().any(|w| w.contains("web-tier")));
+    assert!(started_at.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn certificate_rotation_while_requests_run() {
+    let old_ca = TestCa::new("old CA");
+    let new_ca = TestCa::new("new CA");
+    let (cert, key) = old_ca.serving();
+    let mut secret = SecretDir::new(&cert, &key);
+    let server = TestServer::start(&secret, settings(Duration::from_secs(1)), limits()).await;
+    tokio::spawn(server.certificate.clone().watch(Duration::from_millis(100), None));
+    let both = client_trusting(&[&old_ca.ca_pem, &new_ca.ca_pem]);
+    let new_only = client_trusting(&[&new_ca.ca_pem]);
+
+    // Requests run continuously across the rotation.
+    let url = server.url("/mutate");
+    let mut group_object = example("vmgroup-v1alpha5.json");
+    group_object["spec"].as_object_mut().unwrap().remove("groupName");
+    let body = review_for(&group_object, false);
+    let load = tokio::spawn({
+        let (url, body, both) = (url.clone(), body.clone(), both.clone());
+        async move {
+            let mut answered = 0;
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                let answer = post_review(&both, &url, &body).await;
+                assert!(answer.allowed());
+                answered += 1;
+            }
+            answered
+        }
+    });
+    assert!(new_only.get(server.url("/healthz")).send().await.is_err(), "new CA trusted before rotation");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (cert, key) = new_ca.serving();
+    secret.write(&cert, &key); // kubelet-style ..data symlink swap
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if new_only.get(server.url("/healthz")).send().await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new certificate never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answered = load.await.expect("no request failed during rotation");
+    assert!(answered > 5, "only {answered} requests during rotation");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_reviews() {
+    let (mut server, client, _secret, _ca) = started(Duration::from_secs(10)).await;
+    let url = server.url("/mutate?timeout=10s");
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { post_review(&client, &url, &review_for(&example("vm-v1alpha5.json"), false)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopped accepting: a new connection fails.
+    let fresh = client_trusting(&[&_ca.ca_pem]);
+    assert!(fresh.get(server.url("/healthz")).send().await.is_err());
+    // The in-flight review still completes when its group appears.
+    server.groups.insert("prod", "web-tier");
+    let answer = in_flight.await.unwrap();
+    assert!(answer.allowed(), "{}", answer.body);
+    tokio::time::timeout(Duration::from_secs(5), &mut server.handle)
+        .await
+        .expect("server stopped after draining")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn metrics_and_probes() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(1)).await;
+    server.groups.insert("prod", "web-tier");
+    let answer = post_review(&client, &server.url("/mutate"), &review_for(&example("pvc.json"), false)).await;
+    assert!(answer.allowed());
+    let ready = client.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let text = client.get(format!("http://{}/metrics", server.metrics_addr)).send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("velero_vm_restore_webhook_reviews_total{kind=\"PersistentVolumeClaim\",operation=\"CREATE\",outcome=\"allowed\",patched=\"true\"} 1"), "{text}");
+    assert!(text.contains("velero_vm_restore_webhook_changes_total{kind=\"PersistentVolumeClaim\",rule=\"pvc-volume-health\"} 2"), "{text}");
+    assert!(text.contains("velero_vm_restore_webhook_group_cache_objects 1"), "{text}");
+}
