@@ -1,0 +1,214 @@
+//! Every rule at every API version, on the realistic fixtures in `examples/`.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+
+use common::example;
+use velero_vm_restore_webhook::patch::{self, Edit};
+use velero_vm_restore_webhook::vmop::{self, ApiVersion, CleanupOptions, Kind};
+
+fn plan_for(object: &Value, new_identity: bool) -> vmop::Plan {
+    let version = ApiVersion::from_api_version(object["apiVersion"].as_str().unwrap()).unwrap();
+    let kind = match object["kind"].as_str().unwrap() {
+        "VirtualMachine" => Kind::VirtualMachine(version),
+        "VirtualMachineGroup" => Kind::VirtualMachineGroup(version),
+        other => panic!("unexpected kind {other}"),
+    };
+    vmop::plan(
+        kind,
+        object,
+        &CleanupOptions {
+            new_identity,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Pointers of the ops that reach the patch (not the report-only ones).
+fn patch_paths(plan: &vmop::Plan) -> BTreeSet<String> {
+    plan.changes
+        .iter()
+        .filter(|c| !c.in_conversion_copy)
+        .map(|c| c.pointer().to_string())
+        .collect()
+}
+
+fn copy_paths(plan: &vmop::Plan) -> BTreeSet<String> {
+    plan.changes
+        .iter()
+        .filter(|c| c.in_conversion_copy)
+        .map(|c| c.pointer().to_string())
+        .collect()
+}
+
+const COMMON_ANNOTATIONS: &[&str] = &[
+    "/metadata/annotations/virtualmachine.vmoperator.vmware.com~1first-boot-done",
+    "/metadata/annotations/vmoperator.vmware.com~1bootstrap-hash-configspec",
+    "/metadata/annotations/vmoperator.vmware.com~1backup-version",
+    "/metadata/annotations/vsphere-cluster-module-group-uuid",
+    "/metadata/annotations/vmoperator.vmware.com~1upgraded-to-build-version",
+    "/metadata/annotations/vmoperator.vmware.com~1upgraded-to-schema-version",
+    "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
+];
+const CONVERSION: &str = "/metadata/annotations/vmoperator.vmware.com~1conversion";
+
+fn expected(version: u8) -> BTreeSet<String> {
+    let mut paths: BTreeSet<String> = COMMON_ANNOTATIONS.iter().map(|p| p.to_string()).collect();
+    if version < 6 {
+        paths.insert(CONVERSION.into());
+    }
+    match version {
+        1 => {
+            paths.insert("/spec/powerState".into());
+        }
+        2 => {}
+        3 => {
+            paths.insert("/spec/instanceUUID".into());
+            paths.insert("/spec/nextRestartTime".into());
+        }
+        4 => {
+            paths.insert("/spec/instanceUUID".into());
+            paths.insert("/spec/powerState".into());
+        }
+        5 => {
+            paths.insert("/spec/instanceUUID".into());
+            paths.insert("/spec/currentSnapshotName".into());
+            paths.insert("/metadata/labels/vmoperator.vmware.com~1paused".into());
+        }
+        6 => {
+            paths.insert("/spec/instanceUUID".into());
+            paths.insert("/spec/currentSnapshotName".into());
+        }
+        _ => unreachable!(),
+    }
+    paths
+}
+
+#[test]
+fn every_version_gets_exactly_the_documented_changes() {
+    for version in 1..=6u8 {
+        let object = example(&format!("vm-v1alpha{version}.json"));
+        let plan = plan_for(&object, false);
+        assert_eq!(patch_paths(&plan), expected(version), "v1alpha{version}");
+        assert_eq!(plan.group_name.as_deref(), Some("web-tier"), "v1alpha{version} group name");
+        if version < 6 {
+            // The hub copy loses its identity, snapshot, controller state and status.
+            assert_eq!(
+                copy_paths(&plan),
+                [
+                    "/metadata/annotations/vmoperator.vmware.com~1backup-version",
+                    "/spec/instanceUUID",
+                    "/spec/currentSnapshotName",
+                    "/status",
+                ]
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+                "v1alpha{version} conversion copy"
+            );
+        }
+    }
+}
+
+#[test]
+fn suspended_becomes_powered_off_in_each_spelling() {
+    for (version, expected_value) in [(1u8, "poweredOff"), (4, "PoweredOff")] {
+        let object = example(&format!("vm-v1alpha{version}.json"));
+        let plan = plan_for(&object, false);
+        let change = plan.changes.iter().find(|c| c.pointer().as_str() == "/spec/powerState").unwrap();
+        assert_eq!(change.edit, Edit::Replace(json!(expected_value)), "v1alpha{version}");
+    }
+}
+
+#[test]
+fn copies_also_lose_guest_identity() {
+    for version in 3..=6u8 {
+        let object = example(&format!("vm-v1alpha{version}.json"));
+        let plan = plan_for(&object, true);
+        let paths = patch_paths(&plan);
+        for path in [
+            "/spec/biosUUID",
+            "/spec/bootstrap/cloudInit/instanceID",
+            "/spec/network/interfaces/0/macAddr",
+            "/spec/network/interfaces/0/addresses",
+            "/spec/network/interfaces/0/gateway4",
+        ] {
+            assert!(paths.contains(path), "v1alpha{version} copy misses {path}");
+        }
+        if version < 6 {
+            let copy = copy_paths(&plan);
+            assert!(copy.contains("/spec/biosUUID"), "v1alpha{version} copy in annotation");
+            assert!(copy.contains("/spec/network/interfaces/0/macAddr"));
+        }
+    }
+    // v1alpha2 has interfaces but no biosUUID.
+    let plan = plan_for(&example("vm-v1alpha2.json"), true);
+    assert!(patch_paths(&plan).contains("/spec/network/interfaces/0/macAddr"));
+    assert!(!patch_paths(&plan).contains("/spec/biosUUID"));
+}
+
+#[test]
+fn patched_fixtures_are_idempotent_and_keep_everything_else() {
+    for version in 1..=6u8 {
+        for new_identity in [false, true] {
+            let object = example(&format!("vm-v1alpha{version}.json"));
+            let plan = plan_for(&object, new_identity);
+            let patched = patch::apply(&object, &plan.changes).unwrap();
+            let again = plan_for(&patched, new_identity);
+            assert!(
+                patch::to_json_patch(&again.changes).0.is_empty(),
+                "v1alpha{version}: second review still changes {:?}",
+                again.changes.iter().map(|c| c.describe()).collect::<Vec<_>>()
+            );
+            // Untouched neighbours.
+            assert_eq!(patched["metadata"]["annotations"]["owner"], "team-web");
+            assert_eq!(patched["metadata"]["finalizers"], object["metadata"]["finalizers"]);
+            assert_eq!(patched["spec"]["className"], object["spec"]["className"]);
+            assert_eq!(patched["spec"]["volumes"], object["spec"]["volumes"]);
+        }
+    }
+}
+
+#[test]
+fn group_fixture() {
+    let object = example("vmgroup-v1alpha5.json");
+    let plan = plan_for(&object, false);
+    assert_eq!(
+        patch_paths(&plan),
+        [
+            "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
+            "/metadata/annotations/vmoperator.vmware.com.protected~1last-updated-power-state-time",
+            "/spec/nextForcePowerStateSyncTime",
+        ]
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
+    );
+    assert_eq!(plan.group_name.as_deref(), Some("app"));
+}
+
+#[test]
+fn pvc_fixtures() {
+    let pvc = example("pvc.json");
+    let plan = vmop::plan(Kind::PersistentVolumeClaim, &pvc, &CleanupOptions::default()).unwrap();
+    let paths: BTreeSet<String> = plan.changes.iter().map(|c| c.pointer().to_string()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/metadata/annotations/volumehealth.storage.kubernetes.io~1health",
+            "/metadata/annotations/volumehealth.storage.kubernetes.io~1health-timestamp",
+            "/metadata/annotations/cns.vmware.com~1usedby-vm-4210a6a4",
+        ]
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
+    );
+    let instance = example("pvc-instance-storage.json");
+    let plan = vmop::plan(Kind::PersistentVolumeClaim, &instance, &CleanupOptions::default()).unwrap();
+    assert!(plan.denial.is_some());
+    assert!(plan.changes.is_empty());
+}
