@@ -55,18 +55,16 @@ pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
     if !request.is_object() {
         return Err(ReviewError::Malformed("request must be an object".into()));
     }
-    let object = request.get("object").filter(|o| !o.is_null()).cloned();
+    // The typed request only needs the envelope; the object is checked by the
+    // rules with field-level messages, so keep serde from rejecting it first.
+    let object = request.get_mut("object").map(Value::take).filter(|o| !o.is_null());
+    if let Some(old_object) = request.get_mut("oldObject") {
+        *old_object = Value::Null;
+    }
     if let Some(object) = &object
         && !object.is_object()
     {
         return Err(ReviewError::Malformed("request.object must be an object".into()));
-    }
-    // The typed request only needs the envelope; the object is checked by the
-    // rules with field-level messages, so keep serde from rejecting it first.
-    for key in ["object", "oldObject"] {
-        if let Some(slot) = request.get_mut(key) {
-            *slot = Value::Null;
-        }
     }
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_value(value).map_err(|err| ReviewError::Malformed(err.to_string()))?;

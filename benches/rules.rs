@@ -1,0 +1,48 @@
+//! Criterion: the rule engine on a realistic VM, and a whole review.
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::Value;
+
+use velero_vm_restore_webhook::admission;
+use velero_vm_restore_webhook::groups::GroupCache;
+use velero_vm_restore_webhook::restores::RestoreCache;
+use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
+use velero_vm_restore_webhook::vmop::{self, ApiVersion, CleanupOptions, Kind};
+
+fn example(name: &str) -> Value {
+    let path = format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("example")).expect("json")
+}
+
+fn benches(c: &mut Criterion) {
+    // v1alpha3 carries the hub copy in the conversion annotation: the most work.
+    let vm = example("vm-v1alpha3.json");
+    let options = CleanupOptions::default();
+    c.bench_function("rules: plan VirtualMachine v1alpha3 (with conversion copy)", |b| {
+        b.iter(|| vmop::plan(Kind::VirtualMachine(ApiVersion(3)), std::hint::black_box(&vm), &options).expect("plan"))
+    });
+    let vm6 = example("vm-v1alpha6.json");
+    c.bench_function("rules: plan VirtualMachine v1alpha6 (no copy)", |b| {
+        b.iter(|| vmop::plan(Kind::VirtualMachine(ApiVersion(6)), std::hint::black_box(&vm6), &options).expect("plan"))
+    });
+
+    let body = std::fs::read(format!("{}/examples/admission-review-vm.json", env!("CARGO_MANIFEST_DIR"))).expect("review");
+    c.bench_function("admission: parse AdmissionReview", |b| {
+        b.iter(|| admission::parse_review(std::hint::black_box(&body)).expect("parse"))
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let reviewer = Reviewer {
+        groups: GroupCache::new_static([("prod", "web-tier")]),
+        restores: RestoreCache::new_static(None),
+        settings: ReviewSettings::default(),
+        metrics: Some(Arc::new(velero_vm_restore_webhook::metrics::Metrics::new())),
+    };
+    c.bench_function("review: body to response, VirtualMachine v1alpha5", |b| {
+        b.iter(|| runtime.block_on(reviewer.review(std::hint::black_box(&body), None)).expect("review"))
+    });
+}
+
+criterion_group!(name = rules; config = Criterion::default().sample_size(60); targets = benches);
+criterion_main!(rules);
