@@ -254,6 +254,9 @@ impl Reviewer {
         } else {
             self.wait_bound(api_timeout)
         };
+        if !bound.is_zero() && !self.groups.contains(namespace, group) {
+            info!(group, bound_ms = bound.as_millis() as u64, "VM waits for its VirtualMachineGroup");
+        }
         let (cached, waited) = self.groups.wait_for(namespace, group, bound).await;
         let presence = if cached {
             GroupPresence::Present

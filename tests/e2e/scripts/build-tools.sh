@@ -13,7 +13,7 @@ export CGO_ENABLED=0
 build() {
   local mod=$1 name=$2 pkg=$3 ldflags=${4:-}
   local key
-  key=$(cat "$here/tools/$mod/go.mod" "$here/tools/$mod/go.sum" | sha256sum | cut -c1-16)
+  key=$( (cat "$here/tools/$mod/go.mod" "$here/tools/$mod/go.sum"; echo "$pkg $ldflags") | sha256sum | cut -c1-16)
   local out="$cache_root/$mod-$key/$name"
   if [[ -x $out ]]; then
     echo "e2e tools: $name cached ($out)" >&2
@@ -43,5 +43,6 @@ if [[ -d $here/tools/velero ]]; then
   has velero-plugin-for-aws && build velero velero-plugin-for-aws github.com/vmware-tanzu/velero-plugin-for-aws/velero-plugin-for-aws
 fi
 [[ -d $here/tools/s3 ]] && { has s3server && build s3 s3server ./cmd/s3server; }
-[[ -d $here/tools/helm ]] && { has helm && build helm helm helm.sh/helm/v3/cmd/helm; }
+helm_ver='-X helm.sh/helm/v3/internal/version.version=v3.19.0 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=34'
+[[ -d $here/tools/helm ]] && { has helm && build helm helm helm.sh/helm/v3/cmd/helm "$helm_ver"; }
 echo "$cache_root/bin"

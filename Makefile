@@ -1,0 +1,57 @@
+# velero-vm-restore-webhook
+#   make build      release binary (target/release)
+#   make static     the static binary the container ships (scripts/build-static.sh)
+#   make test       everything CI runs: lint, unit + integration, fuzz (bounded), chart and e2e
+#   make test-fast  unit + integration tests only
+#   make container / push   honour REGISTRY, IMAGE and VERSION
+SHELL := /bin/bash
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+REGISTRY ?= registry.example.com/platform
+IMAGE ?= $(REGISTRY)/velero-vm-restore-webhook:$(VERSION)
+REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+CONTAINER_TOOL ?= docker
+FUZZ_SECONDS ?= 60
+E2E_PYTEST_ARGS ?=
+
+.PHONY: build static test test-fast lint fuzz bench e2e chart-test demo container push clean
+
+build:
+	cargo build --release --locked --bin velero-vm-restore-webhook
+
+static:
+	scripts/build-static.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+test-fast:
+	cargo test --locked --all-targets
+
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+bench:
+	cargo bench --locked --bench rules
+	cargo bench --locked --bench load
+
+# Chart checks and end-to-end scenarios (real etcd, kube-apiserver, Velero, S3).
+e2e: static
+	tests/e2e/run.sh $(E2E_PYTEST_ARGS)
+
+chart-test:
+	tests/e2e/run.sh -k chart $(E2E_PYTEST_ARGS)
+
+demo: static
+	tests/e2e/demo.sh
+
+test: lint test-fast fuzz e2e
+
+container:
+	$(CONTAINER_TOOL) build --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -t $(IMAGE) .
+
+push: container
+	$(CONTAINER_TOOL) push $(IMAGE)
+
+clean:
+	cargo clean

@@ -1,0 +1,449 @@
+"""End-to-end harness: a real etcd, kube-apiserver and kube-controller-manager,
+the real VM Operator CRDs, this repo's webhook binary registered through the
+chart's rendered MutatingWebhookConfiguration, a real Velero server and CLI,
+and an S3-compatible object store. Everything binds 127.0.0.1 on free ports,
+lives in one temp dir, and is killed and removed on exit, failure or signal.
+
+Stand-ins (what cannot run here): vCenter and VM Operator's controllers and
+webhooks. Objects are only stored by the API server; nothing reconciles them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+E2E = REPO / "tests" / "e2e"
+VMOP_MODULE = "github.com/vmware-tanzu/vm-operator@v1.10.0"
+VELERO_NS = "velero"
+WEBHOOK_NS = "vmrw-system"
+RESTORE_LABEL = "velero.io/restore-name"
+
+
+def log(message: str) -> None:
+    print(f"[e2e] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, *, check=True, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, env=env, input=input, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def tools_dir() -> Path:
+    """Builds (or finds cached) test infrastructure; prints build times."""
+    result = subprocess.run(["bash", str(E2E / "scripts" / "build-tools.sh")], stdout=subprocess.PIPE, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError("building the e2e tools failed")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def webhook_binary() -> Path:
+    explicit = os.environ.get("VMRW_E2E_BINARY")
+    if explicit:
+        return Path(explicit)
+    result = subprocess.run([str(REPO / "scripts" / "build-static.sh")], stdout=subprocess.PIPE, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError("building the webhook failed")
+    return REPO / result.stdout.strip().splitlines()[-1]
+
+
+def vmop_crd_dir() -> Path:
+    result = run(["go", "mod", "download", "-json", VMOP_MODULE], env={**os.environ, "GOFLAGS": "-mod=mod"})
+    return Path(json.loads(result.stdout)["Dir"]) / "config" / "crd" / "bases"
+
+
+class Openssl:
+    """A client CA and certificates signed by it (the API server's client auth)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca_key, self.ca_crt = self.dir / "client-ca.key", self.dir / "client-ca.crt"
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-days", "2", "-subj", "/CN=e2e-client-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign", "-keyout", self.ca_key, "-out", self.ca_crt])
+
+    def client(self, name: str, cn: str, org: str | None) -> tuple[Path, Path]:
+        key, csr, crt = self.dir / f"{name}.key", self.dir / f"{name}.csr", self.dir / f"{name}.crt"
+        subject = f"/CN={cn}" + (f"/O={org}" if org else "")
+        run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-subj", subject, "-keyout", key, "-out", csr])
+        # Extensions make it an X.509 v3 certificate, which rustls requires.
+        ext = self.dir / f"{name}.ext"
+        ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+        run(["openssl", "x509", "-req", "-in", csr, "-CA", self.ca_crt, "-CAkey", self.ca_key,
+             "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", crt])
+        return crt, key
+
+
+class Process:
+    def __init__(self, name: str, cmd: list, log_path: Path, env=None):
+        self.name, self.cmd, self.log_path = name, [str(c) for c in cmd], log_path
+        self.log_file = open(log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=15) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=5)
+        self.log_file.close()
+
+    def tail(self, lines=40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ProcessDied(Exception):
+    pass
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25, process: "Process | None" = None):
+    deadline = time.time() + timeout
+    last_error = None
+    while time.time() < deadline:
+        if process is not None and not process.alive():
+            raise ProcessDied(f"{process.name} exited while waiting for {what}:\n{process.tail()}")
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as err:  # noqa: BLE001 - retried until the deadline
+            last_error = err
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last_error}" if last_error else ""))
+
+
+def kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path) -> Path:
+    b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
+        "clusters": [{"name": "e2e", "cluster": {"server": server, "certificate-authority-data": b64(ca)}}],
+        "users": [{"name": "u", "user": {"client-certificate-data": b64(crt), "client-key-data": b64(key)}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "u"}}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Cluster:
+    """The whole environment. Use as a context manager."""
+
+    def __init__(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="vmrw-e2e-"))
+        self.processes: dict[str, Process] = {}
+        self.bin = tools_dir()
+        self.webhook_bin = webhook_binary()
+        self.kubectl_bin = self.bin / "kubectl"
+        self.closed = False
+        atexit.register(self.close)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+
+            def handler(signum, frame, previous=previous):
+                self.close()
+                if callable(previous):
+                    previous(signum, frame)
+                raise SystemExit(128 + signum)
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    # -- lifecycle -----------------------------------------------------------
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+        if os.environ.get("VMRW_E2E_KEEP"):
+            log(f"keeping {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def spawn(self, name: str, cmd: list, env=None) -> Process:
+        process = Process(name, cmd, self.tmp / f"{name}.log", env=env)
+        self.processes[name] = process
+        return process
+
+    def start(self) -> None:
+        started = time.time()
+        self.start_control_plane()
+        self.install_crds()
+        self.start_webhook()
+        self.register_webhook()
+        self.start_object_store()
+        self.start_velero()
+        log(f"environment ready in {time.time() - started:.1f}s (temp dir {self.tmp})")
+
+    # -- control plane ---------------------------------------------------------
+    def start_control_plane(self) -> None:
+        pki = self.tmp / "pki"
+        run([REPO / "certs" / "gen-certs.sh", "--out", pki / "apiserver", "--service", "kubernetes", "--namespace", "default", "--days", "2"])
+        self.server_ca = pki / "apiserver" / "ca.crt"
+        self.clients = Openssl(pki / "clients")
+        run(["openssl", "genrsa", "-out", pki / "sa.key", "2048"])
+        run(["openssl", "rsa", "-in", pki / "sa.key", "-pubout", "-out", pki / "sa.pub"])
+
+        etcd_port, peer_port = free_port(), free_port()
+        self.spawn("etcd", [self.bin / "etcd", "--name", "e2e", "--data-dir", self.tmp / "etcd",
+                            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+                            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+                            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+                            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+                            "--initial-cluster", f"e2e=http://127.0.0.1:{peer_port}",
+                            "--unsafe-no-fsync", "--log-level", "warn"])
+        self.api_port = free_port()
+        self.server = f"https://127.0.0.1:{self.api_port}"
+        self.spawn("kube-apiserver", [
+            self.bin / "kube-apiserver", f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.api_port}",
+            f"--tls-cert-file={pki / 'apiserver' / 'tls.crt'}", f"--tls-private-key-file={pki / 'apiserver' / 'tls.key'}",
+            f"--client-ca-file={self.clients.ca_crt}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.96.0.0/24", "--authorization-mode=RBAC",
+            "--enable-priority-and-fairness=false", "--v=1"])
+        admin_crt, admin_key = self.clients.client("admin", "e2e-admin", "system:masters")
+        self.admin_kubeconfig = kubeconfig(self.tmp / "admin.kubeconfig", self.server, self.server_ca, admin_crt, admin_key)
+        wait_until(lambda: self.kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 90, "kube-apiserver readyz",
+                   process=self.processes["kube-apiserver"])
+        self.spawn("kube-controller-manager", [
+            self.bin / "kube-controller-manager", f"--kubeconfig={self.admin_kubeconfig}",
+            f"--authentication-kubeconfig={self.admin_kubeconfig}", f"--authorization-kubeconfig={self.admin_kubeconfig}",
+            "--controllers=namespace,garbagecollector", "--leader-elect=false",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1"])
+        log(f"control plane up at {self.server}")
+
+    def kubectl(self, *args, check=True, input=None, kubeconfig_path=None, timeout=120) -> subprocess.CompletedProcess:
+        return run([self.kubectl_bin, f"--kubeconfig={kubeconfig_path or self.admin_kubeconfig}", *args],
+                   check=check, input=input, timeout=timeout)
+
+    def apply(self, objects, *, check=True) -> subprocess.CompletedProcess:
+        docs = objects if isinstance(objects, list) else [objects]
+        return self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs), check=check)
+
+    def create(self, obj, *, check=True) -> subprocess.CompletedProcess:
+        return self.kubectl("create", "-f", "-", input=json.dumps(obj), check=check)
+
+    def get_json(self, *args):
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def install_crds(self) -> None:
+        crds = vmop_crd_dir()
+        for name in ["virtualmachines", "virtualmachinegroups", "virtualmachinesetresourcepolicies"]:
+            self.kubectl("apply", "--server-side", "-f", crds / f"vmoperator.vmware.com_{name}.yaml")
+        velero_crds = run([self.bin / "velero", "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
+        self.kubectl("apply", "--server-side", "-f", "-", input=velero_crds)
+        for crd in ["virtualmachines.vmoperator.vmware.com", "virtualmachinegroups.vmoperator.vmware.com",
+                    "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io"]:
+            self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        log(f"CRDs installed from {crds}")
+
+    # -- the webhook -------------------------------------------------------------
+    def render_chart(self, *extra_args) -> list[dict]:
+        rendered = run([self.bin / "helm", "template", "vmrw", REPO / "charts" / "velero-vm-restore-webhook",
+                        "--namespace", WEBHOOK_NS, "--set", "certificates.mode=provided",
+                        "--set", "certificates.provided.secretName=vmrw-tls",
+                        "--set", f"certificates.provided.caBundle={base64.b64encode(self.webhook_ca.read_bytes()).decode()}",
+                        "--set", f"server.veleroNamespace={VELERO_NS}", *extra_args]).stdout
+        return [d for d in yaml.safe_load_all(rendered) if d]
+
+    def start_webhook(self, group_wait="6s", extra=()) -> None:
+        if not hasattr(self, "webhook_certs"):
+            self.webhook_certs = self.tmp / "webhook-certs"
+            run([REPO / "certs" / "gen-certs.sh", "--out", self.webhook_certs, "--namespace", WEBHOOK_NS, "--days", "2"])
+            self.webhook_ca = self.webhook_certs / "ca.crt"
+            crt, key = self.clients.client("webhook", f"system:serviceaccount:{WEBHOOK_NS}:vmrw-velero-vm-restore-webhook",
+                                           "system:serviceaccounts")
+            self.webhook_kubeconfig = kubeconfig(self.tmp / "webhook.kubeconfig", self.server, self.server_ca, crt, key)
+            self.webhook_port, self.webhook_metrics_port = free_port(), free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.webhook_kubeconfig)}
+        self.spawn("webhook", [self.webhook_bin, "--log-format", "json", "serve",
+                               "--tls-cert-file", self.webhook_certs / "tls.crt", "--tls-key-file", self.webhook_certs / "tls.key",
+                               "--listen", f"127.0.0.1:{self.webhook_port}", "--metrics-listen", f"127.0.0.1:{self.webhook_metrics_port}",
+                               "--velero-namespace", VELERO_NS, "--group-wait-timeout", group_wait, *extra], env=env)
+
+    def webhook_ready(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.webhook_metrics_port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.webhook_metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def register_webhook(self, failure_policy: str = "Fail") -> dict:
+        """Applies the chart's RBAC and MutatingWebhookConfiguration, with only
+        clientConfig swapped for a URL on loopback and our caBundle."""
+        for ns in (WEBHOOK_NS, VELERO_NS):
+            self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        docs = self.render_chart("--set", f"webhook.failurePolicy={failure_policy}")
+        rbac = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount")]
+        self.apply(rbac)
+        (mwc,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+        for hook in mwc["webhooks"]:
+            ca_bundle = hook["clientConfig"]["caBundle"]
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{self.webhook_port}/mutate", "caBundle": ca_bundle}
+        self.mwc = mwc
+        wait_until(self.webhook_ready, 60, "webhook /readyz (caches synced with the chart's RBAC)",
+                   process=self.processes["webhook"])
+        self.apply(mwc)
+        log(f"webhook registered as {mwc['metadata']['name']} (failurePolicy {failure_policy})")
+        return mwc
+
+    def restart_webhook(self, **kwargs) -> None:
+        self.processes.pop("webhook").stop()
+        self.start_webhook(**kwargs)
+        wait_until(self.webhook_ready, 60, "webhook /readyz after restart")
+
+    def webhook_log(self) -> list[dict]:
+        entries = []
+        for line in (self.tmp / "webhook.log").read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return entries
+
+    # -- object store and Velero ---------------------------------------------------
+    def start_object_store(self) -> None:
+        self.s3_port = free_port()
+        self.spawn("s3server", [self.bin / "s3server", "--listen", f"127.0.0.1:{self.s3_port}", "--buckets", "velero"])
+        wait_until(lambda: socket.create_connection(("127.0.0.1", self.s3_port), timeout=1).close() is None, 30, "S3 server")
+
+    def start_velero(self, extra=()) -> None:
+        plugins = self.tmp / "velero-plugins"
+        plugins.mkdir(exist_ok=True)
+        target = plugins / "velero-plugin-for-aws"
+        if not target.exists():
+            shutil.copy(self.bin / "velero-plugin-for-aws", target)
+        self.apply({"apiVersion": "velero.io/v1", "kind": "BackupStorageLocation",
+                    "metadata": {"name": "default", "namespace": VELERO_NS},
+                    "spec": {"provider": "aws", "default": True, "objectStorage": {"bucket": "velero"},
+                             "config": {"region": "us-east-1", "s3ForcePathStyle": "true",
+                                        "s3Url": f"http://127.0.0.1:{self.s3_port}", "checksumAlgorithm": ""}}})
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
+               "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
+        self.velero_env = env
+        self.spawn("velero", [self.bin / "velero", "server", "--kubeconfig", self.admin_kubeconfig,
+                              "--namespace", VELERO_NS, "--plugin-dir", plugins,
+                              "--metrics-address", f"127.0.0.1:{free_port()}",
+                              "--profiler-address", f"127.0.0.1:{free_port()}",
+                              "--log-level", "info", *extra], env=env)
+
+        def available():
+            bsl = self.get_json("backupstoragelocation", "default", "-n", VELERO_NS)
+            return bsl.get("status", {}).get("phase") == "Available"
+
+        wait_until(available, 120, "Velero's backup storage location to be Available", process=self.processes["velero"])
+        log("Velero server up, backup storage location Available")
+
+    def restart_velero(self, extra=()) -> None:
+        self.processes.pop("velero").stop()
+        self.start_velero(extra)
+
+    def velero(self, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
+        return run([self.bin / "velero", "--kubeconfig", self.admin_kubeconfig, "--namespace", VELERO_NS, *args],
+                   check=check, env=self.velero_env, timeout=timeout)
+
+    def backup(self, name: str, namespaces: str) -> dict:
+        self.velero("backup", "create", name, "--include-namespaces", namespaces, "--snapshot-volumes=false", "--wait")
+        backup = self.get_json("backup", name, "-n", VELERO_NS)
+        assert backup["status"]["phase"] == "Completed", backup["status"]
+        return backup
+
+    def restore(self, name: str, backup: str, *extra) -> dict:
+        self.velero("restore", "create", name, "--from-backup", backup, "--wait", *extra, check=False)
+        return self.get_json("restore", name, "-n", VELERO_NS)
+
+    def restore_describe(self, name: str) -> str:
+        return self.velero("restore", "describe", name, "--details", check=False).stdout
+
+    def delete_namespace(self, name: str) -> None:
+        self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+        wait_until(lambda: self.kubectl("get", "namespace", name, check=False).returncode != 0, 120,
+                   f"namespace {name} to be deleted")
+
+
+class Watch:
+    """Streams watch events of a resource from a given resourceVersion, to tell
+    the order in which objects were created (etcd revisions are global)."""
+
+    def __init__(self, cluster: Cluster, path: str):
+        rv = cluster.get_json("--raw", path)["metadata"]["resourceVersion"]
+        self.events: list[dict] = []
+        self.proc = subprocess.Popen(
+            [str(cluster.kubectl_bin), f"--kubeconfig={cluster.admin_kubeconfig}", "get", "--raw",
+             f"{path}?watch=1&resourceVersion={rv}&allowWatchBookmarks=false"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line:
+                self.events.append(json.loads(line))
+
+    def added(self) -> list[dict]:
+        return [e["object"] for e in self.events if e["type"] == "ADDED"]
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
