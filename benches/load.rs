@@ -25,7 +25,10 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -43,7 +46,13 @@ struct Stats {
     p99: Duration,
 }
 
-async fn run_load(client: &reqwest::Client, url: &str, body: &[u8], total: usize, concurrency: usize) -> Stats {
+async fn run_load(
+    client: &reqwest::Client,
+    url: &str,
+    body: &[u8],
+    total: usize,
+    concurrency: usize,
+) -> Stats {
     let body = bytes::Bytes::copy_from_slice(body);
     let per_worker = total / concurrency;
     let started = Instant::now();
@@ -54,8 +63,17 @@ async fn run_load(client: &reqwest::Client, url: &str, body: &[u8], total: usize
             let mut latencies = Vec::with_capacity(per_worker);
             for _ in 0..per_worker {
                 let start = Instant::now();
-                let response = client.post(&url).body(body.clone()).send().await.expect("request");
-                assert!(response.status().is_success(), "status {}", response.status());
+                let response = client
+                    .post(&url)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("request");
+                assert!(
+                    response.status().is_success(),
+                    "status {}",
+                    response.status()
+                );
                 let _ = response.bytes().await.expect("body");
                 latencies.push(start.elapsed());
             }
@@ -80,14 +98,22 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run
     // a tiny load then, so the harness itself is exercised.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let total: usize = std::env::var("LOAD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 200 } else { 20_000 });
-    let concurrency: usize = std::env::var("LOAD_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
+    let total: usize = std::env::var("LOAD_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 200 } else { 20_000 });
+    let concurrency: usize = std::env::var("LOAD_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
 
     let dir = std::env::temp_dir().join(format!("vmrw-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let key = KeyPair::generate().expect("key");
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
     let cert = params.self_signed(&key).expect("cert");
     std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write");
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write");
@@ -95,8 +121,19 @@ fn main() {
     let (port, metrics_port) = (free_port(), free_port());
     let server = Server(
         Command::new(env!("CARGO_BIN_EXE_velero-vm-restore-webhook"))
-            .args(["--log-level", "error", "serve", "--no-kube", "--bench-noop-route"])
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args([
+                "--log-level",
+                "error",
+                "serve",
+                "--no-kube",
+                "--bench-noop-route",
+            ])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
             .arg("--tls-cert-file")
             .arg(dir.join("tls.crt"))
             .arg("--tls-key-file")
@@ -108,7 +145,11 @@ fn main() {
     );
     let pid = server.0.id();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(cert.pem().as_bytes()).expect("pem")).expect("root");

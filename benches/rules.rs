@@ -20,19 +20,43 @@ fn benches(c: &mut Criterion) {
     // v1alpha3 carries the hub copy in the conversion annotation: the most work.
     let vm = example("vm-v1alpha3.json");
     let options = CleanupOptions::default();
-    c.bench_function("rules: plan VirtualMachine v1alpha3 (with conversion copy)", |b| {
-        b.iter(|| vmop::plan(Kind::VirtualMachine(ApiVersion(3)), std::hint::black_box(&vm), &options).expect("plan"))
-    });
+    c.bench_function(
+        "rules: plan VirtualMachine v1alpha3 (with conversion copy)",
+        |b| {
+            b.iter(|| {
+                vmop::plan(
+                    Kind::VirtualMachine(ApiVersion(3)),
+                    std::hint::black_box(&vm),
+                    &options,
+                )
+                .expect("plan")
+            })
+        },
+    );
     let vm6 = example("vm-v1alpha6.json");
     c.bench_function("rules: plan VirtualMachine v1alpha6 (no copy)", |b| {
-        b.iter(|| vmop::plan(Kind::VirtualMachine(ApiVersion(6)), std::hint::black_box(&vm6), &options).expect("plan"))
+        b.iter(|| {
+            vmop::plan(
+                Kind::VirtualMachine(ApiVersion(6)),
+                std::hint::black_box(&vm6),
+                &options,
+            )
+            .expect("plan")
+        })
     });
 
-    let body = std::fs::read(format!("{}/examples/admission-review-vm.json", env!("CARGO_MANIFEST_DIR"))).expect("review");
+    let body = std::fs::read(format!(
+        "{}/examples/admission-review-vm.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("review");
     c.bench_function("admission: parse AdmissionReview", |b| {
         b.iter(|| admission::parse_review(std::hint::black_box(&body)).expect("parse"))
     });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let reviewer = Reviewer {
         groups: GroupCache::new_static([("prod", "web-tier")]),
         restores: RestoreCache::new_static(None),
@@ -40,7 +64,11 @@ fn benches(c: &mut Criterion) {
         metrics: Some(Arc::new(velero_vm_restore_webhook::metrics::Metrics::new())),
     };
     c.bench_function("review: body to response, VirtualMachine v1alpha5", |b| {
-        b.iter(|| runtime.block_on(reviewer.review(std::hint::black_box(&body), None)).expect("review"))
+        b.iter(|| {
+            runtime
+                .block_on(reviewer.review(std::hint::black_box(&body), None))
+                .expect("review")
+        })
     });
 }
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-gnu
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --release --locked --target "$target" --bin velero-vm-restore-webhook
-bin="${CARGO_TARGET_DIR:-target}/$target/release/velero-vm-restore-webhook"
+bin="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/$target/release/velero-vm-restore-webhook"
 # A static executable has no program interpreter (no dynamic loader).
 if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
   echo "build-static.sh: $bin is dynamically linked" >&2

@@ -11,7 +11,9 @@ corpus=$(mktemp -d)
 trap 'rm -rf "$corpus"' EXIT
 log=$(mktemp)
 start=$SECONDS
-if ! RUSTC_BOOTSTRAP=1 cargo fuzz run review --sanitizer none "$corpus" seeds/review -- \
+# Its own target dir: fuzz builds use different compiler flags.
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
+if ! RUSTC_BOOTSTRAP=1 cargo fuzz run review --sanitizer none --target-dir "$target_dir" "$corpus" seeds/review -- \
      -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
   tail -n 60 "$log"
   echo "fuzz: FAILED (crash artifacts in fuzz/artifacts/review)" >&2

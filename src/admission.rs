@@ -43,7 +43,13 @@ pub struct ReviewInput {
 pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
     let mut value: Value =
         serde_json::from_slice(body).map_err(|err| ReviewError::NotJson(err.to_string()))?;
-    let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+    let text = |key: &str| {
+        value
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let (api_version, kind) = (text("apiVersion"), text("kind"));
     if api_version != REVIEW_API_VERSION || kind != "AdmissionReview" {
         return Err(ReviewError::WrongType { api_version, kind });
@@ -57,14 +63,19 @@ pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
     }
     // The typed request only needs the envelope; the object is checked by the
     // rules with field-level messages, so keep serde from rejecting it first.
-    let object = request.get_mut("object").map(Value::take).filter(|o| !o.is_null());
+    let object = request
+        .get_mut("object")
+        .map(Value::take)
+        .filter(|o| !o.is_null());
     if let Some(old_object) = request.get_mut("oldObject") {
         *old_object = Value::Null;
     }
     if let Some(object) = &object
         && !object.is_object()
     {
-        return Err(ReviewError::Malformed("request.object must be an object".into()));
+        return Err(ReviewError::Malformed(
+            "request.object must be an object".into(),
+        ));
     }
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_value(value).map_err(|err| ReviewError::Malformed(err.to_string()))?;
@@ -78,7 +89,10 @@ pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
 pub enum Scope {
     /// Allowed unchanged; the reason is logged at debug level.
     Out(&'static str),
-    In { kind: Kind, restore: String },
+    In {
+        kind: Kind,
+        restore: String,
+    },
 }
 
 /// The `velero.io/restore-name` label, if the object carries a non-empty one.
@@ -125,7 +139,11 @@ pub struct Verdict {
 }
 
 /// `Kind ns/name`, for messages.
-pub fn object_label(kind: &str, request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) -> String {
+pub fn object_label(
+    kind: &str,
+    request: &AdmissionRequest<DynamicObject>,
+    object: Option<&Value>,
+) -> String {
     let name = object
         .and_then(|o| o.pointer("/metadata/name"))
         .and_then(Value::as_str)
@@ -150,21 +168,31 @@ pub fn object_label(kind: &str, request: &AdmissionRequest<DynamicObject>, objec
 /// one warning per change.
 pub fn respond(request: &AdmissionRequest<DynamicObject>, verdict: &Verdict) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
-    let mut warnings: Vec<String> = verdict.notes.iter().map(|n| patch::bounded_warning(n)).collect();
+    let mut warnings: Vec<String> = verdict
+        .notes
+        .iter()
+        .map(|n| patch::bounded_warning(n))
+        .collect();
     if let Some(denial) = &verdict.denial {
         response = response.deny(denial);
         response.result.code = 403;
         response.result.reason = "Forbidden".into();
     } else {
-        warnings.extend(verdict.changes.iter().map(|c| patch::bounded_warning(&c.describe())));
+        warnings.extend(
+            verdict
+                .changes
+                .iter()
+                .map(|c| patch::bounded_warning(&c.describe())),
+        );
         let patch = patch::to_json_patch(&verdict.changes);
         if !patch.0.is_empty() {
             response = match response.with_patch(patch) {
                 Ok(patched) => patched,
                 // Never a partial patch: a patch that cannot be encoded denies.
                 Err(err) => {
-                    let mut denied = AdmissionResponse::from(request)
-                        .deny(format!("velero-vm-restore-webhook could not encode its patch: {err}"));
+                    let mut denied = AdmissionResponse::from(request).deny(format!(
+                        "velero-vm-restore-webhook could not encode its patch: {err}"
+                    ));
                     denied.result.code = 500;
                     return denied;
                 }
@@ -206,17 +234,20 @@ mod tests {
     #[test]
     fn parse_errors_are_clear() {
         assert!(matches!(parse_review(b"{"), Err(ReviewError::NotJson(_))));
-        let err = parse_review(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#)
-            .err()
-            .unwrap();
+        let err =
+            parse_review(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#)
+                .err()
+                .unwrap();
         assert!(err.to_string().contains("admission.k8s.io/v1beta1"));
         assert_eq!(
             parse_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#).err(),
             Some(ReviewError::MissingRequest)
         );
-        let err = parse_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":5}}"#)
-            .err()
-            .unwrap();
+        let err = parse_review(
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":5}}"#,
+        )
+        .err()
+        .unwrap();
         assert!(matches!(err, ReviewError::Malformed(_)), "{err}");
         let err = parse_review(&review(json!("not an object"), "CREATE", "VirtualMachine"))
             .err()
@@ -226,21 +257,34 @@ mod tests {
 
     #[test]
     fn scope_needs_create_known_kind_and_label() {
-        let labelled = json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
+        let labelled =
+            json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
         let input = parse_review(&review(labelled.clone(), "CREATE", "VirtualMachine")).unwrap();
-        assert!(matches!(scope(&input.request, input.object.as_ref()), Scope::In { restore, .. } if restore == "r1"));
+        assert!(
+            matches!(scope(&input.request, input.object.as_ref()), Scope::In { restore, .. } if restore == "r1")
+        );
         let input = parse_review(&review(labelled.clone(), "UPDATE", "VirtualMachine")).unwrap();
-        assert_eq!(scope(&input.request, input.object.as_ref()), Scope::Out("not a CREATE"));
+        assert_eq!(
+            scope(&input.request, input.object.as_ref()),
+            Scope::Out("not a CREATE")
+        );
         let input = parse_review(&review(labelled, "CREATE", "VirtualMachineClass")).unwrap();
-        assert!(matches!(scope(&input.request, input.object.as_ref()), Scope::Out(_)));
+        assert!(matches!(
+            scope(&input.request, input.object.as_ref()),
+            Scope::Out(_)
+        ));
         let unlabelled = json!({"metadata": {"name": "vm1", "labels": {"app": "x"}}});
         let input = parse_review(&review(unlabelled, "CREATE", "VirtualMachine")).unwrap();
-        assert!(matches!(scope(&input.request, input.object.as_ref()), Scope::Out(_)));
+        assert!(matches!(
+            scope(&input.request, input.object.as_ref()),
+            Scope::Out(_)
+        ));
     }
 
     #[test]
     fn denial_has_no_patch() {
-        let object = json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
+        let object =
+            json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
         let input = parse_review(&review(object, "CREATE", "VirtualMachine")).unwrap();
         let verdict = Verdict {
             changes: vec![Change::remove(vec!["spec".into(), "x".into()], "r", "why")],

@@ -12,12 +12,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures::StreamExt;
+use kube::Client;
 use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta, TypeMeta};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
-use kube::Client;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -134,7 +134,9 @@ impl GroupCache {
             match kube::discovery::group(&client, vmop::GROUP).await {
                 Ok(api_group) => match api_group.recommended_kind("VirtualMachineGroup") {
                     Some((resource, _)) => break resource,
-                    None => warn!("the VirtualMachineGroup API is not served; VMs cannot name groups"),
+                    None => {
+                        warn!("the VirtualMachineGroup API is not served; VMs cannot name groups")
+                    }
                 },
                 Err(err) => warn!(error = %err, "discovery of vmoperator.vmware.com failed"),
             }
@@ -155,7 +157,10 @@ impl GroupCache {
             match event {
                 Ok(Event::InitDone) => {
                     self.synced.store(true, Ordering::SeqCst);
-                    info!(groups = self.store.len(), "VirtualMachineGroup cache synced");
+                    info!(
+                        groups = self.store.len(),
+                        "VirtualMachineGroup cache synced"
+                    );
                 }
                 Ok(_) => {}
                 Err(err) => warn!(error = %err, "VirtualMachineGroup watch failed; retrying"),

@@ -18,7 +18,10 @@ use velero_vm_restore_webhook::settings::{LogFormat, RuleArgs, ServeArgs};
 use velero_vm_restore_webhook::{admission, server, telemetry, tls, vmop};
 
 #[derive(Parser)]
-#[command(version, about = "Cleans VM Operator objects restored by Velero, and admits VMs only after their group")]
+#[command(
+    version,
+    about = "Cleans VM Operator objects restored by Velero, and admits VMs only after their group"
+)]
 struct Cli {
     /// Log filter: a level (info, debug) or EnvFilter directives. RUST_LOG
     /// wins. Default: info for `serve`, error for `review`.
@@ -72,8 +75,14 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         _ => "error",
     };
-    telemetry::init(cli.log_level.as_deref().unwrap_or(default_level), cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    telemetry::init(
+        cli.log_level.as_deref().unwrap_or(default_level),
+        cli.log_format,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cannot start the async runtime: {err}");
@@ -93,7 +102,10 @@ fn main() -> ExitCode {
 fn rules_table() -> String {
     let mut out = String::from("| rule id | object | change | why |\n|---|---|---|---|\n");
     for doc in vmop::rule_docs() {
-        out.push_str(&format!("| `{}` | {} | {} | {} |\n", doc.id, doc.kind, doc.what, doc.why));
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            doc.id, doc.kind, doc.what, doc.why
+        ));
     }
     out
 }
@@ -169,7 +181,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         tokio::spawn(restore_runner);
         (groups, restores)
     };
-    tokio::spawn(certificate.clone().watch(args.tls_reload_interval, Some(metrics.clone())));
+    tokio::spawn(
+        certificate
+            .clone()
+            .watch(args.tls_reload_interval, Some(metrics.clone())),
+    );
     let reviewer = Arc::new(Reviewer {
         groups,
         restores,
@@ -184,7 +200,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let limits = server::Limits::from(&args);
-    match bound.run(reviewer, metrics, certificate, limits, shutdown_signal()).await {
+    match bound
+        .run(reviewer, metrics, certificate, limits, shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = %err, "server failed");
@@ -196,26 +215,44 @@ async fn serve(args: ServeArgs) -> ExitCode {
 /// Wraps a bare object as the CREATE Velero would send, with the restore
 /// label added if it lacks one.
 fn wrap_object(mut object: Value) -> Result<Value, String> {
-    let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
-    let kind = object.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if api_version.is_empty() || kind.is_empty() {
         return Err("the object needs apiVersion and kind".into());
     }
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version.as_str()));
+    let (group, version) = api_version
+        .split_once('/')
+        .unwrap_or(("", api_version.as_str()));
     let metadata = object
         .as_object_mut()
         .ok_or("the input must be a JSON object")?
         .entry("metadata")
         .or_insert_with(|| json!({}));
-    let metadata = metadata.as_object_mut().ok_or("metadata must be an object")?;
-    let name = metadata.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+    let metadata = metadata
+        .as_object_mut()
+        .ok_or("metadata must be an object")?;
+    let name = metadata
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let namespace = metadata
         .get("namespace")
         .and_then(Value::as_str)
         .unwrap_or("default")
         .to_string();
     let labels = metadata.entry("labels").or_insert_with(|| json!({}));
-    let labels = labels.as_object_mut().ok_or("metadata.labels must be an object")?;
+    let labels = labels
+        .as_object_mut()
+        .ok_or("metadata.labels must be an object")?;
     labels
         .entry(vmop::RESTORE_NAME_LABEL)
         .or_insert_with(|| json!("review"));
@@ -259,7 +296,10 @@ async fn review(args: ReviewArgs) -> ExitCode {
         Err(err) => return fail(format!("input is not JSON: {err}")),
     };
     let (body, original) = if input.get("kind").and_then(Value::as_str) == Some("AdmissionReview") {
-        let original = input.pointer("/request/object").cloned().unwrap_or(Value::Null);
+        let original = input
+            .pointer("/request/object")
+            .cloned()
+            .unwrap_or(Value::Null);
         (input, original)
     } else {
         let original = input.clone();
@@ -277,13 +317,19 @@ async fn review(args: ReviewArgs) -> ExitCode {
     let mut groups = Vec::new();
     for group in &args.groups {
         match group.split_once('/') {
-            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => groups.push((namespace, name)),
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+                groups.push((namespace, name))
+            }
             _ => return fail(format!("--group {group:?} must be NAMESPACE/NAME")),
         }
     }
     let restore = args.new_identity.then(|| RestoreInfo {
         name: "review".into(),
-        annotations: [(velero_vm_restore_webhook::restores::NEW_IDENTITY_ANNOTATION.to_string(), "true".to_string())].into(),
+        annotations: [(
+            velero_vm_restore_webhook::restores::NEW_IDENTITY_ANNOTATION.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
         ..Default::default()
     });
     let reviewer = Reviewer {

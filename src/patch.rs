@@ -159,11 +159,7 @@ mod tests {
     #[test]
     fn pointer_escapes_slash_and_tilde() {
         let change = Change::remove(
-            vec![
-                "metadata".into(),
-                "annotations".into(),
-                "a.b/c~d".into(),
-            ],
+            vec!["metadata".into(), "annotations".into(), "a.b/c~d".into()],
             "r",
             "why",
         );
@@ -194,7 +190,10 @@ mod tests {
             Change::remove(vec!["spec".into(), "a".into()], "r", "why"),
             Change::replace(vec!["spec".into(), "b".into()], json!("y"), "r", "why"),
         ];
-        assert_eq!(apply(&object, &changes).unwrap(), json!({"spec": {"b": "y"}}));
+        assert_eq!(
+            apply(&object, &changes).unwrap(),
+            json!({"spec": {"b": "y"}})
+        );
     }
 
     #[test]

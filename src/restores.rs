@@ -3,17 +3,17 @@
 //! per-restore override annotations.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::Client;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
-use kube::Client;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -68,7 +68,11 @@ impl RestoreInfo {
 
     /// Whether a VM created in `namespace` by this restore is a copy.
     pub fn identity_for(&self, namespace: &str) -> IdentityChoice {
-        match self.annotations.get(NEW_IDENTITY_ANNOTATION).map(String::as_str) {
+        match self
+            .annotations
+            .get(NEW_IDENTITY_ANNOTATION)
+            .map(String::as_str)
+        {
             Some("true") => IdentityChoice {
                 new_identity: true,
                 because: format!("Restore annotation {NEW_IDENTITY_ANNOTATION}=true"),
@@ -87,11 +91,11 @@ impl RestoreInfo {
                     Some(source) => IdentityChoice {
                         new_identity: true,
                         because: format!("namespace mapping {source}->{namespace}"),
-                            },
+                    },
                     None => IdentityChoice {
                         new_identity: false,
                         because: "no namespace mapping to this namespace".into(),
-                            },
+                    },
                 }
             }
         }
@@ -120,7 +124,10 @@ pub fn label_value_for(name: &str) -> String {
 }
 
 fn restore_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", "Restore"), "restores")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
+        "restores",
+    )
 }
 
 /// The Restore objects of one Velero namespace.
@@ -131,7 +138,14 @@ pub struct RestoreCache {
     client: Option<Client>,
     /// Static mode: the answer for every label (the `review` command).
     fixed: Option<RestoreInfo>,
+    /// Labels a live GET recently found no Restore for: objects labelled by
+    /// hand (or by a deleted Restore) should not cost a GET per create.
+    recent_misses: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a confirmed miss is trusted; a Restore created meanwhile still
+/// reaches the cache through the watch.
+const MISS_TTL: Duration = Duration::from_secs(10);
 
 /// How a lookup ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +165,7 @@ impl RestoreCache {
             synced: AtomicBool::new(true),
             client: None,
             fixed,
+            recent_misses: Default::default(),
         })
     }
 
@@ -166,6 +181,7 @@ impl RestoreCache {
             synced: AtomicBool::new(false),
             client: Some(client.clone()),
             fixed: None,
+            recent_misses: Default::default(),
         });
         let runner = {
             let cache = cache.clone();
@@ -230,19 +246,33 @@ impl RestoreCache {
         if let Some(object) = self.store.get(&key) {
             return RestoreLookup::Found(restore_info(&object));
         }
-        if let Some(object) = self
-            .store
-            .state()
-            .into_iter()
-            .find(|object| object.metadata.name.as_deref().map(label_value_for).as_deref() == Some(label))
-        {
+        if let Some(object) = self.store.state().into_iter().find(|object| {
+            object
+                .metadata
+                .name
+                .as_deref()
+                .map(label_value_for)
+                .as_deref()
+                == Some(label)
+        }) {
             return RestoreLookup::Found(restore_info(&object));
+        }
+        if let Ok(misses) = self.recent_misses.lock()
+            && misses.get(label).is_some_and(|at| at.elapsed() < MISS_TTL)
+        {
+            return RestoreLookup::NotFound;
         }
         let api: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), &self.namespace, &restore_resource());
         match api.get_opt(label).await {
             Ok(Some(object)) => RestoreLookup::Found(restore_info(&object)),
-            Ok(None) => RestoreLookup::NotFound,
+            Ok(None) => {
+                if let Ok(mut misses) = self.recent_misses.lock() {
+                    misses.retain(|_, at| at.elapsed() < MISS_TTL);
+                    misses.insert(label.to_string(), std::time::Instant::now());
+                }
+                RestoreLookup::NotFound
+            }
             Err(err) => RestoreLookup::Failed(err.to_string()),
         }
     }
@@ -276,7 +306,10 @@ mod tests {
         assert!(value.starts_with(&"a".repeat(57)));
         // sha256("a" * 70), first 6 hex characters, computed independently.
         let digest = Sha256::digest(name.as_bytes());
-        assert_eq!(&value[57..], &format!("{:02x}{:02x}{:02x}", digest[0], digest[1], digest[2])[..6]);
+        assert_eq!(
+            &value[57..],
+            &format!("{:02x}{:02x}{:02x}", digest[0], digest[1], digest[2])[..6]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
 use serde_json::Value;
-use tracing::{Span, debug, field, info, info_span, warn, Instrument};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::admission::{self, ReviewError, Scope, Verdict};
 use crate::groups::{GroupCache, GroupPresence};
@@ -71,7 +71,11 @@ impl Reviewer {
 
     /// Reviews one request body. `Err` means the body was not a usable
     /// AdmissionReview; the caller answers 400 with [`admission::invalid`].
-    pub async fn review(&self, body: &[u8], api_timeout: Option<Duration>) -> Result<Reviewed, ReviewError> {
+    pub async fn review(
+        &self,
+        body: &[u8],
+        api_timeout: Option<Duration>,
+    ) -> Result<Reviewed, ReviewError> {
         let span = info_span!(
             "review",
             uid = field::Empty,
@@ -84,7 +88,10 @@ impl Reviewer {
             patched = field::Empty,
         );
         let start = tokio::time::Instant::now();
-        let result = self.review_in_span(body, api_timeout).instrument(span.clone()).await;
+        let result = self
+            .review_in_span(body, api_timeout)
+            .instrument(span.clone())
+            .await;
         let elapsed = start.elapsed();
         let _entered = span.enter();
         match &result {
@@ -103,7 +110,9 @@ impl Reviewer {
                         .inc();
                     metrics
                         .review_seconds
-                        .get_or_create(&KindLabels { kind: kind.to_string() })
+                        .get_or_create(&KindLabels {
+                            kind: kind.to_string(),
+                        })
                         .observe(elapsed.as_secs_f64());
                 }
                 debug!(elapsed_ms = elapsed.as_millis() as u64, "review answered");
@@ -143,7 +152,15 @@ impl Reviewer {
             Scope::Out(reason) => {
                 debug!(kind = %request.kind.kind, reason, "allowed unchanged: out of scope");
                 let review = admission::respond(request, &Verdict::default()).into_review();
-                return Ok((Reviewed { review, outcome: "allowed" }, "other", operation, false));
+                return Ok((
+                    Reviewed {
+                        review,
+                        outcome: "allowed",
+                    },
+                    "other",
+                    operation,
+                    false,
+                ));
             }
             Scope::In { kind, restore } => (kind, restore),
         };
@@ -153,12 +170,23 @@ impl Reviewer {
         span.record("object", object_label.as_str());
         span.record("restore", restore.as_str());
 
-        let verdict = self.decide(request, kind, &restore, object, &object_label, api_timeout).await;
+        let verdict = self
+            .decide(request, kind, &restore, object, &object_label, api_timeout)
+            .await;
         let patched = verdict.denial.is_none() && !verdict.changes.is_empty();
-        let outcome = if verdict.denial.is_some() { "denied" } else { "allowed" };
+        let outcome = if verdict.denial.is_some() {
+            "denied"
+        } else {
+            "allowed"
+        };
         self.report(kind, &restore, &object_label, request.dry_run, &verdict);
         let review = admission::respond(request, &verdict).into_review();
-        Ok((Reviewed { review, outcome }, kind.name(), operation, patched))
+        Ok((
+            Reviewed { review, outcome },
+            kind.name(),
+            operation,
+            patched,
+        ))
     }
 
     async fn decide(
@@ -185,7 +213,10 @@ impl Reviewer {
                     debug!(new_identity = choice.new_identity, because = %choice.because, "identity choice");
                     match info.group_policy() {
                         Some(Ok(chosen)) => policy = chosen,
-                        Some(Err(message)) => verdict.notes.push(format!("Restore {restore}: {message}; using {}", policy.as_str())),
+                        Some(Err(message)) => verdict.notes.push(format!(
+                            "Restore {restore}: {message}; using {}",
+                            policy.as_str()
+                        )),
                         None => {}
                     }
                 }
@@ -195,7 +226,9 @@ impl Reviewer {
                 )),
                 RestoreLookup::Failed(err) => {
                     warn!(error = %err, "reading the Velero Restore failed");
-                    verdict.notes.push(format!("could not read Velero Restore {restore}: guest identity kept"));
+                    verdict.notes.push(format!(
+                        "could not read Velero Restore {restore}: guest identity kept"
+                    ));
                 }
             }
         }
@@ -219,8 +252,16 @@ impl Reviewer {
         };
         match kind {
             Kind::VirtualMachine(_) => {
-                self.check_group(&namespace, &group, object_label, request.dry_run, policy, api_timeout, &mut verdict)
-                    .await
+                self.check_group(
+                    &namespace,
+                    &group,
+                    object_label,
+                    request.dry_run,
+                    policy,
+                    api_timeout,
+                    &mut verdict,
+                )
+                .await
             }
             Kind::VirtualMachineGroup(_) => {
                 // Velero creates groups in name order: a child may precede its
@@ -255,7 +296,11 @@ impl Reviewer {
             self.wait_bound(api_timeout)
         };
         if !bound.is_zero() && !self.groups.contains(namespace, group) {
-            info!(group, bound_ms = bound.as_millis() as u64, "VM waits for its VirtualMachineGroup");
+            info!(
+                group,
+                bound_ms = bound.as_millis() as u64,
+                "VM waits for its VirtualMachineGroup"
+            );
         }
         let (cached, waited) = self.groups.wait_for(namespace, group, bound).await;
         let presence = if cached {
@@ -264,14 +309,25 @@ impl Reviewer {
             self.groups.confirm(namespace, group).await
         };
         if let Some(metrics) = &self.metrics {
-            let result = if presence == GroupPresence::Present { "found" } else { "missing" };
+            let result = if presence == GroupPresence::Present {
+                "found"
+            } else {
+                "missing"
+            };
             metrics
                 .group_wait_seconds
-                .get_or_create(&ResultLabels { result: result.into() })
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
                 .observe(waited.as_secs_f64());
         }
         if waited >= Duration::from_millis(1) {
-            info!(group, waited_ms = waited.as_millis() as u64, found = (presence == GroupPresence::Present), "waited for VirtualMachineGroup");
+            info!(
+                group,
+                waited_ms = waited.as_millis() as u64,
+                found = (presence == GroupPresence::Present),
+                "waited for VirtualMachineGroup"
+            );
         }
         let missing_detail = match presence {
             GroupPresence::Present => return,
@@ -298,7 +354,14 @@ impl Reviewer {
     }
 
     /// One log line and one counter per change; one line per denial.
-    fn report(&self, kind: Kind, restore: &str, object_label: &str, dry_run: bool, verdict: &Verdict) {
+    fn report(
+        &self,
+        kind: Kind,
+        restore: &str,
+        object_label: &str,
+        dry_run: bool,
+        verdict: &Verdict,
+    ) {
         if let Some(denial) = &verdict.denial {
             warn!(restore, object = object_label, dry_run, reason = %denial, "denied restored object");
             return;

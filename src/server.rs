@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -102,28 +102,62 @@ fn api_timeout(uri: &Uri) -> Option<Duration> {
         .and_then(|value| settings::humantime_duration(value).ok())
 }
 
-async fn mutate(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+async fn mutate(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let limit = state.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
     if declared.is_some_and(|length| length > limit) {
-        return error_response(&state, StatusCode::PAYLOAD_TOO_LARGE, ReviewError::TooLarge { limit });
+        return error_response(
+            &state,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ReviewError::TooLarge { limit },
+        );
     }
-    let read = tokio::time::timeout(state.limits.request_read_timeout, Limited::new(body, limit).collect()).await;
+    let read = tokio::time::timeout(
+        state.limits.request_read_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await;
     let bytes = match read {
-        Err(_) => return error_response(&state, StatusCode::REQUEST_TIMEOUT, ReviewError::ReadTimeout),
-        Ok(Err(err)) if err.is::<LengthLimitError>() => {
-            return error_response(&state, StatusCode::PAYLOAD_TOO_LARGE, ReviewError::TooLarge { limit });
+        Err(_) => {
+            return error_response(
+                &state,
+                StatusCode::REQUEST_TIMEOUT,
+                ReviewError::ReadTimeout,
+            );
         }
-        Ok(Err(err)) => return error_response(&state, StatusCode::BAD_REQUEST, ReviewError::Body(err.to_string())),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+            return error_response(
+                &state,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ReviewError::TooLarge { limit },
+            );
+        }
+        Ok(Err(err)) => {
+            return error_response(
+                &state,
+                StatusCode::BAD_REQUEST,
+                ReviewError::Body(err.to_string()),
+            );
+        }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     let api_timeout = api_timeout(&uri);
     let slot_wait = api_timeout.unwrap_or(Duration::from_secs(10));
-    let Ok(Ok(_slot)) = tokio::time::timeout(slot_wait, state.slots.clone().acquire_owned()).await else {
-        return error_response(&state, StatusCode::SERVICE_UNAVAILABLE, ReviewError::Overloaded);
+    let Ok(Ok(_slot)) = tokio::time::timeout(slot_wait, state.slots.clone().acquire_owned()).await
+    else {
+        return error_response(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ReviewError::Overloaded,
+        );
     };
     match state.reviewer.review(&bytes, api_timeout).await {
         Ok(reviewed) => json_response(StatusCode::OK, &reviewed.review),
@@ -132,8 +166,16 @@ async fn mutate(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
 }
 
 async fn noop(State(state): State<AppState>, body: Body) -> Response {
-    match Limited::new(body, state.limits.max_body_bytes).collect().await {
-        Ok(_) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+    match Limited::new(body, state.limits.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(_) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{}",
+        )
+            .into_response(),
         Err(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
     }
 }
@@ -148,17 +190,30 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else if state.shutting_down.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the VirtualMachineGroup and Restore caches to sync").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the VirtualMachineGroup and Restore caches to sync",
+        )
+            .into_response()
     }
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
     let reviewer = &state.reviewer;
-    state.metrics.group_cache_objects.set(reviewer.groups.len() as i64);
-    state.metrics.restore_cache_objects.set(reviewer.restores.len() as i64);
+    state
+        .metrics
+        .group_cache_objects
+        .set(reviewer.groups.len() as i64);
+    state
+        .metrics
+        .restore_cache_objects
+        .set(reviewer.restores.len() as i64);
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -289,8 +344,14 @@ impl Bound {
 
         state.shutting_down.store(true, Ordering::SeqCst);
         drop(self.tls_listener);
-        info!(connections = graceful.count(), "shutting down: draining in-flight reviews");
-        if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await.is_err() {
+        info!(
+            connections = graceful.count(),
+            "shutting down: draining in-flight reviews"
+        );
+        if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
             warn!("shutdown timeout reached with reviews still in flight");
         }
         match metrics_server.await {

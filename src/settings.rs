@@ -22,7 +22,9 @@ pub enum GroupPolicy {
 impl GroupPolicy {
     pub fn parse(value: &str) -> Result<GroupPolicy, String> {
         <GroupPolicy as ValueEnum>::from_str(value, true).map_err(|_| {
-            format!("unknown group policy {value:?} (use wait-then-deny, deny or allow-with-warning)")
+            format!(
+                "unknown group policy {value:?} (use wait-then-deny, deny or allow-with-warning)"
+            )
         })
     }
 
@@ -59,7 +61,11 @@ pub struct RuleArgs {
     pub timeout_margin: Duration,
 
     /// Rule ids to turn off (repeat, or comma-separate in the variable).
-    #[arg(long = "disable-rule", env = "VMRW_DISABLE_RULES", value_delimiter = ',')]
+    #[arg(
+        long = "disable-rule",
+        env = "VMRW_DISABLE_RULES",
+        value_delimiter = ','
+    )]
     pub disabled_rules: Vec<String>,
 }
 
@@ -67,7 +73,12 @@ impl RuleArgs {
     pub fn disabled_rule_set(&self) -> Result<BTreeSet<String>, String> {
         let known: BTreeSet<&str> = crate::vmop::rule_docs().iter().map(|doc| doc.id).collect();
         let mut set = BTreeSet::new();
-        for rule in self.disabled_rules.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        for rule in self
+            .disabled_rules
+            .iter()
+            .map(|r| r.trim())
+            .filter(|r| !r.is_empty())
+        {
             if !known.contains(rule) {
                 return Err(format!(
                     "unknown rule {rule:?} in --disable-rule; known rules: {}",
@@ -169,7 +180,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(humantime_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            humantime_duration("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!(humantime_duration("20s").unwrap(), Duration::from_secs(20));
         assert_eq!(humantime_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(humantime_duration("1m").unwrap(), Duration::from_secs(60));
@@ -180,7 +194,10 @@ mod tests {
     #[test]
     fn group_policy_parses() {
         assert_eq!(GroupPolicy::parse("deny").unwrap(), GroupPolicy::Deny);
-        assert_eq!(GroupPolicy::parse("allow-with-warning").unwrap(), GroupPolicy::AllowWithWarning);
+        assert_eq!(
+            GroupPolicy::parse("allow-with-warning").unwrap(),
+            GroupPolicy::AllowWithWarning
+        );
         assert!(GroupPolicy::parse("maybe").is_err());
     }
 

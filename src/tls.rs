@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -25,7 +25,10 @@ use crate::metrics::{Metrics, ResultLabels};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no usable PEM private key: {detail}")]
@@ -61,12 +64,19 @@ fn digest_of(cert_pem: &[u8], key_pem: &[u8]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn parse(cert_path: &Path, key_path: &Path, cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, TlsError> {
+fn parse(
+    cert_path: &Path,
+    key_path: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: cert_path.to_path_buf() });
+        return Err(TlsError::NoCertificate {
+            path: cert_path.to_path_buf(),
+        });
     }
     let bad_key = |detail: String| TlsError::BadKey {
         path: key_path.to_path_buf(),
@@ -81,7 +91,9 @@ fn parse(cert_path: &Path, key_path: &Path, cert_pem: &[u8], key_pem: &[u8]) -> 
     match certified.keys_match() {
         Ok(()) => Ok(Arc::new(certified)),
         // Some key types cannot report their public key; accept those.
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(Arc::new(certified)),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(certified))
+        }
         Err(_) => Err(TlsError::Mismatch {
             cert: cert_path.to_path_buf(),
             key: key_path.to_path_buf(),
@@ -174,7 +186,9 @@ impl ReloadingCert {
             if let (Some(result), Some(metrics)) = (result, &metrics) {
                 metrics
                     .tls_reloads
-                    .get_or_create(&ResultLabels { result: result.into() })
+                    .get_or_create(&ResultLabels {
+                        result: result.into(),
+                    })
                     .inc();
             }
         }

@@ -64,7 +64,11 @@ fn unknown_value() -> impl Strategy<Value = Value> {
 }
 
 fn maybe_string() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![Just(None), Just(Some(String::new())), "[a-f0-9-]{1,12}".prop_map(Some)]
+    prop_oneof![
+        Just(None),
+        Just(Some(String::new())),
+        "[a-f0-9-]{1,12}".prop_map(Some)
+    ]
 }
 
 fn interface() -> impl Strategy<Value = Value> {
@@ -106,7 +110,13 @@ fn vm_body() -> impl Strategy<Value = Value> {
         maybe_string(),
         maybe_string(),
         maybe_string(),
-        prop::option::of(prop::sample::select(vec!["PoweredOn", "PoweredOff", "Suspended", "suspended", "poweredOn"])),
+        prop::option::of(prop::sample::select(vec![
+            "PoweredOn",
+            "PoweredOff",
+            "Suspended",
+            "suspended",
+            "poweredOn",
+        ])),
         maybe_string(),
         prop::option::of(prop::collection::vec(interface(), 0..3)),
         prop::collection::btree_map("x-[a-z]{1,6}", unknown_value(), 0..3),
@@ -152,20 +162,29 @@ fn vm_body() -> impl Strategy<Value = Value> {
 }
 
 fn vm_object() -> impl Strategy<Value = (Value, u8)> {
-    (vm_body(), prop::option::of((vm_body(), unknown_value())), 1u8..=6).prop_map(|(mut outer, copy, version)| {
-        outer["apiVersion"] = json!(format!("vmoperator.vmware.com/v1alpha{version}"));
-        if let Some((mut hub, status)) = copy {
-            hub["status"] = json!({"uniqueID": "vm-1", "x": status});
-            outer["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] = json!(hub.to_string());
-        }
-        (outer, version)
-    })
+    (
+        vm_body(),
+        prop::option::of((vm_body(), unknown_value())),
+        1u8..=6,
+    )
+        .prop_map(|(mut outer, copy, version)| {
+            outer["apiVersion"] = json!(format!("vmoperator.vmware.com/v1alpha{version}"));
+            if let Some((mut hub, status)) = copy {
+                hub["status"] = json!({"uniqueID": "vm-1", "x": status});
+                outer["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] =
+                    json!(hub.to_string());
+            }
+            (outer, version)
+        })
 }
 
 /// The README's table, restated naively.
 fn model(object: &Value, new_identity: bool, inside_copy: bool) -> Value {
     let mut out = object.clone();
-    if let Some(annotations) = out.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {
+    if let Some(annotations) = out
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
         annotations.retain(|key, _| !removable_annotation(key));
         if !inside_copy
             && let Some(Value::String(text)) = annotations.get("vmoperator.vmware.com/conversion")
@@ -173,10 +192,16 @@ fn model(object: &Value, new_identity: bool, inside_copy: bool) -> Value {
             let copy: Value = serde_json::from_str(text).unwrap();
             let mut cleaned = model(&copy, new_identity, true);
             cleaned.as_object_mut().unwrap().remove("status");
-            annotations.insert("vmoperator.vmware.com/conversion".into(), json!(cleaned.to_string()));
+            annotations.insert(
+                "vmoperator.vmware.com/conversion".into(),
+                json!(cleaned.to_string()),
+            );
         }
     }
-    if let Some(labels) = out.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
+    if let Some(labels) = out
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
         labels.remove(PAUSED);
     }
     let non_empty = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
@@ -200,19 +225,30 @@ fn model(object: &Value, new_identity: bool, inside_copy: bool) -> Value {
             _ => {}
         }
         if new_identity {
-            if let Some(cloud_init) = spec.get_mut("bootstrap").and_then(|b| b.get_mut("cloudInit")).and_then(Value::as_object_mut)
+            if let Some(cloud_init) = spec
+                .get_mut("bootstrap")
+                .and_then(|b| b.get_mut("cloudInit"))
+                .and_then(Value::as_object_mut)
                 && non_empty(cloud_init.get("instanceID"))
             {
                 cloud_init.remove("instanceID");
             }
-            if let Some(interfaces) = spec.get_mut("network").and_then(|n| n.get_mut("interfaces")).and_then(Value::as_array_mut) {
+            if let Some(interfaces) = spec
+                .get_mut("network")
+                .and_then(|n| n.get_mut("interfaces"))
+                .and_then(Value::as_array_mut)
+            {
                 for interface in interfaces.iter_mut().filter_map(Value::as_object_mut) {
                     for key in ["macAddr", "gateway4", "gateway6"] {
                         if non_empty(interface.get(key)) {
                             interface.remove(key);
                         }
                     }
-                    if interface.get("addresses").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
+                    if interface
+                        .get("addresses")
+                        .and_then(Value::as_array)
+                        .is_some_and(|a| !a.is_empty())
+                    {
                         interface.remove("addresses");
                     }
                 }
@@ -225,8 +261,12 @@ fn model(object: &Value, new_identity: bool, inside_copy: bool) -> Value {
 /// Parses the conversion annotation so that key order does not matter.
 fn normalized(object: &Value) -> Value {
     let mut out = object.clone();
-    if let Some(Value::String(text)) = out.pointer("/metadata/annotations/vmoperator.vmware.com~1conversion").cloned() {
-        out["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] = serde_json::from_str(&text).unwrap();
+    if let Some(Value::String(text)) = out
+        .pointer("/metadata/annotations/vmoperator.vmware.com~1conversion")
+        .cloned()
+    {
+        out["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] =
+            serde_json::from_str(&text).unwrap();
     }
     out
 }

@@ -94,7 +94,11 @@ fn every_version_gets_exactly_the_documented_changes() {
         let object = example(&format!("vm-v1alpha{version}.json"));
         let plan = plan_for(&object, false);
         assert_eq!(patch_paths(&plan), expected(version), "v1alpha{version}");
-        assert_eq!(plan.group_name.as_deref(), Some("web-tier"), "v1alpha{version} group name");
+        assert_eq!(
+            plan.group_name.as_deref(),
+            Some("web-tier"),
+            "v1alpha{version} group name"
+        );
         if version < 6 {
             // The hub copy loses its identity, snapshot, controller state and status.
             assert_eq!(
@@ -119,8 +123,16 @@ fn suspended_becomes_powered_off_in_each_spelling() {
     for (version, expected_value) in [(1u8, "poweredOff"), (4, "PoweredOff")] {
         let object = example(&format!("vm-v1alpha{version}.json"));
         let plan = plan_for(&object, false);
-        let change = plan.changes.iter().find(|c| c.pointer().as_str() == "/spec/powerState").unwrap();
-        assert_eq!(change.edit, Edit::Replace(json!(expected_value)), "v1alpha{version}");
+        let change = plan
+            .changes
+            .iter()
+            .find(|c| c.pointer().as_str() == "/spec/powerState")
+            .unwrap();
+        assert_eq!(
+            change.edit,
+            Edit::Replace(json!(expected_value)),
+            "v1alpha{version}"
+        );
     }
 }
 
@@ -141,7 +153,10 @@ fn copies_also_lose_guest_identity() {
         }
         if version < 6 {
             let copy = copy_paths(&plan);
-            assert!(copy.contains("/spec/biosUUID"), "v1alpha{version} copy in annotation");
+            assert!(
+                copy.contains("/spec/biosUUID"),
+                "v1alpha{version} copy in annotation"
+            );
             assert!(copy.contains("/spec/network/interfaces/0/macAddr"));
         }
     }
@@ -162,11 +177,18 @@ fn patched_fixtures_are_idempotent_and_keep_everything_else() {
             assert!(
                 patch::to_json_patch(&again.changes).0.is_empty(),
                 "v1alpha{version}: second review still changes {:?}",
-                again.changes.iter().map(|c| c.describe()).collect::<Vec<_>>()
+                again
+                    .changes
+                    .iter()
+                    .map(|c| c.describe())
+                    .collect::<Vec<_>>()
             );
             // Untouched neighbours.
             assert_eq!(patched["metadata"]["annotations"]["owner"], "team-web");
-            assert_eq!(patched["metadata"]["finalizers"], object["metadata"]["finalizers"]);
+            assert_eq!(
+                patched["metadata"]["finalizers"],
+                object["metadata"]["finalizers"]
+            );
             assert_eq!(patched["spec"]["className"], object["spec"]["className"]);
             assert_eq!(patched["spec"]["volumes"], object["spec"]["volumes"]);
         }
@@ -194,8 +216,17 @@ fn group_fixture() {
 #[test]
 fn pvc_fixtures() {
     let pvc = example("pvc.json");
-    let plan = vmop::plan(Kind::PersistentVolumeClaim, &pvc, &CleanupOptions::default()).unwrap();
-    let paths: BTreeSet<String> = plan.changes.iter().map(|c| c.pointer().to_string()).collect();
+    let plan = vmop::plan(
+        Kind::PersistentVolumeClaim,
+        &pvc,
+        &CleanupOptions::default(),
+    )
+    .unwrap();
+    let paths: BTreeSet<String> = plan
+        .changes
+        .iter()
+        .map(|c| c.pointer().to_string())
+        .collect();
     assert_eq!(
         paths,
         [
@@ -208,7 +239,12 @@ fn pvc_fixtures() {
         .collect()
     );
     let instance = example("pvc-instance-storage.json");
-    let plan = vmop::plan(Kind::PersistentVolumeClaim, &instance, &CleanupOptions::default()).unwrap();
+    let plan = vmop::plan(
+        Kind::PersistentVolumeClaim,
+        &instance,
+        &CleanupOptions::default(),
+    )
+    .unwrap();
     assert!(plan.denial.is_some());
     assert!(plan.changes.is_empty());
 }

@@ -46,15 +46,30 @@ async fn review_round_trip_removes_documented_fields() {
     assert_eq!(annotations["owner"], "team-web");
     // Not a copy: guest identity kept.
     assert_eq!(patched["spec"]["biosUUID"], object["spec"]["biosUUID"]);
-    let copy: Value = serde_json::from_str(annotations["vmoperator.vmware.com/conversion"].as_str().unwrap()).unwrap();
+    let copy: Value = serde_json::from_str(
+        annotations["vmoperator.vmware.com/conversion"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     assert!(copy.get("status").is_none());
     assert!(copy.pointer("/spec/instanceUUID").is_none());
     let warnings = answer.warnings();
-    assert!(warnings.iter().any(|w| w.starts_with("removed spec.instanceUUID")), "{warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("removed spec.instanceUUID")),
+        "{warnings:?}"
+    );
     assert!(warnings.iter().all(|w| w.chars().count() < 120));
 
     // A second review of the patched object is a no-op (reinvocation safe).
-    let again = post_review(&client, &server.url("/mutate"), &review_for(&patched, false)).await;
+    let again = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&patched, false),
+    )
+    .await;
     assert!(again.allowed());
     assert!(again.patch.is_none(), "{}", again.body);
 }
@@ -63,7 +78,10 @@ async fn review_round_trip_removes_documented_fields() {
 async fn out_of_scope_requests_are_allowed_unchanged() {
     let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
     let mut object = example("vm-v1alpha5.json");
-    object["metadata"]["labels"].as_object_mut().unwrap().remove("velero.io/restore-name");
+    object["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("velero.io/restore-name");
     let answer = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
     assert!(answer.allowed());
     assert!(answer.patch.is_none());
@@ -83,9 +101,16 @@ async fn malformed_input_gets_clear_json_errors() {
     let response = client.post(&url).body("{not json").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 400);
     let body: Value = response.json().await.unwrap();
-    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("not JSON"), "{body}");
+    assert!(
+        body["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{body}"
+    );
 
-    let v1beta1 = json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": {}});
+    let v1beta1 =
+        json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": {}});
     let answer = post_review(&client, &url, &v1beta1).await;
     assert_eq!(answer.status, 400);
     assert!(answer.message().contains("admissionReviewVersions"));
@@ -97,17 +122,33 @@ async fn malformed_input_gets_clear_json_errors() {
     assert_eq!(answer.status, 200);
     assert!(!answer.allowed());
     assert!(answer.patch.is_none());
-    assert!(answer.message().contains("spec.instanceUUID must be a string"), "{}", answer.message());
+    assert!(
+        answer
+            .message()
+            .contains("spec.instanceUUID must be a string"),
+        "{}",
+        answer.message()
+    );
 }
 
 #[tokio::test]
 async fn body_limit_is_enforced() {
     let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
     let big = vec![b' '; 300 * 1024];
-    let response = client.post(server.url("/mutate")).body(big).send().await.unwrap();
+    let response = client
+        .post(server.url("/mutate"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 413);
     let body: Value = response.json().await.unwrap();
-    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("exceeds"));
+    assert!(
+        body["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds")
+    );
     // The server still serves after rejecting.
     let health = client.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
@@ -123,11 +164,22 @@ async fn group_created_during_the_wait_is_admitted() {
     });
     let started_at = Instant::now();
     let object = example("vm-v1alpha5.json");
-    let answer = post_review(&client, &server.url("/mutate?timeout=10s"), &review_for(&object, false)).await;
+    let answer = post_review(
+        &client,
+        &server.url("/mutate?timeout=10s"),
+        &review_for(&object, false),
+    )
+    .await;
     let took = started_at.elapsed();
     assert!(answer.allowed(), "{}", answer.body);
-    assert!(took >= Duration::from_millis(600), "answered before the group existed: {took:?}");
-    assert!(took < Duration::from_secs(5), "not woken by the cache event: {took:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "answered before the group existed: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "not woken by the cache event: {took:?}"
+    );
 }
 
 #[tokio::test]
@@ -136,18 +188,31 @@ async fn group_never_created_is_denied_at_the_bound() {
     let object = example("vm-v1alpha5.json");
     let started_at = Instant::now();
     // The API server's timeout (3s) minus the margin (0.5s) bounds the wait.
-    let answer = post_review(&client, &server.url("/mutate?timeout=3s"), &review_for(&object, false)).await;
+    let answer = post_review(
+        &client,
+        &server.url("/mutate?timeout=3s"),
+        &review_for(&object, false),
+    )
+    .await;
     let took = started_at.elapsed();
     assert!(!answer.allowed());
     let message = answer.message();
     assert!(message.contains("VirtualMachine prod/web-1"), "{message}");
     assert!(message.contains("\"web-tier\""), "{message}");
     assert!(message.contains("Restore the group first"), "{message}");
-    assert!(took >= Duration::from_millis(2400) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(2400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 
     // A dry run does not wait.
     let started_at = Instant::now();
-    let answer = post_review(&client, &server.url("/mutate?timeout=3s"), &review_for(&object, true)).await;
+    let answer = post_review(
+        &client,
+        &server.url("/mutate?timeout=3s"),
+        &review_for(&object, true),
+    )
+    .await;
     assert!(!answer.allowed());
     assert!(started_at.elapsed() < Duration::from_millis(1000));
 }
@@ -162,7 +227,12 @@ async fn allow_with_warning_policy_admits() {
     let server = TestServer::start(&secret, review_settings, limits()).await;
     let client = client_trusting(&[&ca.ca_pem]);
     let started_at = Instant::now();
-    let answer = post_review(&client, &server.url("/mutate"), &review_for(&example("vm-v1alpha5.json"), false)).await;
+    let answer = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&example("vm-v1alpha5.json"), false),
+    )
+    .await;
     assert!(answer.allowed());
     assert!(answer.patch.is_some());
     assert!(answer.warnings().iter().any(|w| w.contains("web-tier")));
@@ -176,14 +246,22 @@ async fn certificate_rotation_while_requests_run() {
     let (cert, key) = old_ca.serving();
     let mut secret = SecretDir::new(&cert, &key);
     let server = TestServer::start(&secret, settings(Duration::from_secs(1)), limits()).await;
-    tokio::spawn(server.certificate.clone().watch(Duration::from_millis(100), None));
+    tokio::spawn(
+        server
+            .certificate
+            .clone()
+            .watch(Duration::from_millis(100), None),
+    );
     let both = client_trusting(&[&old_ca.ca_pem, &new_ca.ca_pem]);
     let new_only = client_trusting(&[&new_ca.ca_pem]);
 
     // Requests run continuously across the rotation.
     let url = server.url("/mutate");
     let mut group_object = example("vmgroup-v1alpha5.json");
-    group_object["spec"].as_object_mut().unwrap().remove("groupName");
+    group_object["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("groupName");
     let body = review_for(&group_object, false);
     let load = tokio::spawn({
         let (url, body, both) = (url.clone(), body.clone(), both.clone());
@@ -198,7 +276,10 @@ async fn certificate_rotation_while_requests_run() {
             answered
         }
     });
-    assert!(new_only.get(server.url("/healthz")).send().await.is_err(), "new CA trusted before rotation");
+    assert!(
+        new_only.get(server.url("/healthz")).send().await.is_err(),
+        "new CA trusted before rotation"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (cert, key) = new_ca.serving();
     secret.write(&cert, &key); // kubelet-style ..data symlink swap
@@ -220,7 +301,14 @@ async fn graceful_shutdown_finishes_in_flight_reviews() {
     let url = server.url("/mutate?timeout=10s");
     let in_flight = tokio::spawn({
         let client = client.clone();
-        async move { post_review(&client, &url, &review_for(&example("vm-v1alpha5.json"), false)).await }
+        async move {
+            post_review(
+                &client,
+                &url,
+                &review_for(&example("vm-v1alpha5.json"), false),
+            )
+            .await
+        }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.stop();
@@ -242,11 +330,18 @@ async fn graceful_shutdown_finishes_in_flight_reviews() {
 async fn metrics_and_probes() {
     let (server, client, _secret, _ca) = started(Duration::from_secs(1)).await;
     server.groups.insert("prod", "web-tier");
-    let answer = post_review(&client, &server.url("/mutate"), &review_for(&example("pvc.json"), false)).await;
+    let answer = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&example("pvc.json"), false),
+    )
+    .await;
     assert!(answer.allowed());
     let ready = client.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
-    let text = client.get(format!("http://{}/metrics", server.metrics_addr)).send()
+    let text = client
+        .get(format!("http://{}/metrics", server.metrics_addr))
+        .send()
         .await
         .unwrap()
         .text()
@@ -254,5 +349,8 @@ async fn metrics_and_probes() {
         .unwrap();
     assert!(text.contains("velero_vm_restore_webhook_reviews_total{kind=\"PersistentVolumeClaim\",operation=\"CREATE\",outcome=\"allowed\",patched=\"true\"} 1"), "{text}");
     assert!(text.contains("velero_vm_restore_webhook_changes_total{kind=\"PersistentVolumeClaim\",rule=\"pvc-volume-health\"} 2"), "{text}");
-    assert!(text.contains("velero_vm_restore_webhook_group_cache_objects 1"), "{text}");
+    assert!(
+        text.contains("velero_vm_restore_webhook_group_cache_objects 1"),
+        "{text}"
+    );
 }

@@ -38,14 +38,23 @@ fn harness() -> &'static Harness {
 
 fuzz_target!(|data: &[u8]| {
     let harness = harness();
-    let Ok(reviewed) = harness.runtime.block_on(harness.reviewer.review(data, None)) else {
+    let Ok(reviewed) = harness
+        .runtime
+        .block_on(harness.reviewer.review(data, None))
+    else {
         return;
     };
-    let response = reviewed.review.response.expect("a review always has a response");
+    let response = reviewed
+        .review
+        .response
+        .expect("a review always has a response");
     let Some(patch) = response.patch else { return };
     assert!(response.allowed, "a denial must not carry a patch");
     let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("patch is JSON Patch");
     let body: Value = serde_json::from_slice(data).expect("reviewed bodies are JSON");
-    let mut object = body.pointer("/request/object").cloned().expect("patched reviews have an object");
+    let mut object = body
+        .pointer("/request/object")
+        .cloned()
+        .expect("patched reviews have an object");
     json_patch::patch(&mut object, &patch).expect("the patch applies to the reviewed object");
 });

@@ -118,7 +118,12 @@ mod tests {
     fn force_sync_kept_when_now_or_empty() {
         for keep in ["now", ""] {
             let group = json!({"spec": {"nextForcePowerStateSyncTime": keep}});
-            assert!(plan(&group, &CleanupOptions::default()).unwrap().changes.is_empty());
+            assert!(
+                plan(&group, &CleanupOptions::default())
+                    .unwrap()
+                    .changes
+                    .is_empty()
+            );
         }
         let group = json!({"spec": {"nextForcePowerStateSyncTime": "2026-01-01T00:00:00Z",
             "groupName": "parent"},
@@ -126,11 +131,18 @@ mod tests {
                 "vmoperator.vmware.com.protected/apply-power-state-time": "2026-01-01T00:00:00Z",
                 "other": "x"}}});
         let plan = plan(&group, &CleanupOptions::default()).unwrap();
-        let paths: Vec<String> = plan.changes.iter().map(|c| c.pointer().to_string()).collect();
-        assert_eq!(paths, vec![
-            "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
-            "/spec/nextForcePowerStateSyncTime",
-        ]);
+        let paths: Vec<String> = plan
+            .changes
+            .iter()
+            .map(|c| c.pointer().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
+                "/spec/nextForcePowerStateSyncTime",
+            ]
+        );
         assert_eq!(plan.group_name.as_deref(), Some("parent"));
     }
 }

@@ -81,7 +81,9 @@ impl ApiVersion {
     /// Parses the version from an object's `apiVersion` (`group/version`).
     pub fn from_api_version(api_version: &str) -> Option<ApiVersion> {
         let (group, version) = api_version.split_once('/')?;
-        (group == GROUP).then(|| ApiVersion::parse(version)).flatten()
+        (group == GROUP)
+            .then(|| ApiVersion::parse(version))
+            .flatten()
     }
 }
 
@@ -149,7 +151,10 @@ mod tests {
     fn versions_parse() {
         assert_eq!(ApiVersion::parse("v1alpha1"), Some(ApiVersion(1)));
         assert_eq!(ApiVersion::parse("v1alpha6"), Some(ApiVersion(6)));
-        assert_eq!(ApiVersion::parse("v1alpha9"), Some(ApiVersion::NEWEST_KNOWN));
+        assert_eq!(
+            ApiVersion::parse("v1alpha9"),
+            Some(ApiVersion::NEWEST_KNOWN)
+        );
         assert_eq!(ApiVersion::parse("v1beta1"), Some(ApiVersion::NEWEST_KNOWN));
         assert_eq!(ApiVersion::parse("v1alpha0"), None);
         assert_eq!(ApiVersion::parse("banana"), None);
@@ -171,7 +176,10 @@ mod tests {
             Some(Kind::PersistentVolumeClaim)
         );
         assert_eq!(Kind::classify("", "v1", "Secret"), None);
-        assert_eq!(Kind::classify(GROUP, "v1alpha2", "VirtualMachineClass"), None);
+        assert_eq!(
+            Kind::classify(GROUP, "v1alpha2", "VirtualMachineClass"),
+            None
+        );
     }
 
     #[test]

@@ -95,6 +95,10 @@ mod tests {
     fn denies_instance_storage() {
         let pvc = json!({"metadata": {"labels": {INSTANCE_STORAGE_LABEL: "true"}}});
         let plan = plan(&pvc, &CleanupOptions::default()).unwrap();
-        assert!(plan.denial.unwrap().contains("--selector '!vmoperator.vmware.com/instance-storage-resource'"));
+        assert!(
+            plan.denial
+                .unwrap()
+                .contains("--selector '!vmoperator.vmware.com/instance-storage-resource'")
+        );
     }
 }

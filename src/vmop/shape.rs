@@ -49,7 +49,9 @@ fn join(parent: &str, key: &str) -> String {
 
 /// The object itself must be a JSON object.
 pub fn root(value: &Value) -> Result<&Map<String, Value>, ShapeError> {
-    value.as_object().ok_or_else(|| wrong("the object", "an object", value))
+    value
+        .as_object()
+        .ok_or_else(|| wrong("the object", "an object", value))
 }
 
 /// `parent[key]` as a map; absent or null is `None`.

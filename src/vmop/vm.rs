@@ -146,7 +146,10 @@ fn annotation_rule(key: &str) -> Option<(&'static str, &'static str)> {
     if key == FIRST_BOOT_DONE {
         Some((R_FIRST_BOOT_DONE, "original VM's first boot"))
     } else if CONTROLLER_ANNOTATIONS.contains(&key) || key.starts_with(UPGRADED_TO_PREFIX) {
-        Some((R_CONTROLLER_ANNOTATIONS, "controller state of the original VM"))
+        Some((
+            R_CONTROLLER_ANNOTATIONS,
+            "controller state of the original VM",
+        ))
     } else if key.starts_with(PROTECTED_PREFIX) {
         Some((R_PROTECTED_ANNOTATIONS, "owned by VM Operator"))
     } else if ORIGIN_MARKERS.contains(&key) {
@@ -197,9 +200,17 @@ fn object_changes(
         }
         Ok::<(), ShapeError>(())
     };
-    remove_if_set(R_INSTANCE_UUID_KEY, R_INSTANCE_UUID, "identity of the original vSphere VM")?;
+    remove_if_set(
+        R_INSTANCE_UUID_KEY,
+        R_INSTANCE_UUID,
+        "identity of the original vSphere VM",
+    )?;
     remove_if_set("nextRestartTime", R_NEXT_RESTART_TIME, "rejected on create")?;
-    remove_if_set("currentSnapshotName", R_CURRENT_SNAPSHOT, "rejected on create")?;
+    remove_if_set(
+        "currentSnapshotName",
+        R_CURRENT_SNAPSHOT,
+        "rejected on create",
+    )?;
     if options.new_identity {
         remove_if_set("biosUUID", R_COPY_BIOS_UUID, "copy beside the original")?;
     }
@@ -237,7 +248,11 @@ fn copy_identity_changes(
     if options.enabled(R_COPY_INSTANCE_ID)
         && let Some(bootstrap) = shape::map(spec, "spec", "bootstrap")?
         && let Some(cloud_init) = shape::map(bootstrap, "spec.bootstrap", "cloudInit")?
-        && shape::is_set(shape::string(cloud_init, "spec.bootstrap.cloudInit", "instanceID")?)
+        && shape::is_set(shape::string(
+            cloud_init,
+            "spec.bootstrap.cloudInit",
+            "instanceID",
+        )?)
     {
         changes.push(Change::remove(
             tokens(&["spec", "bootstrap", "cloudInit", "instanceID"]),
@@ -413,7 +428,12 @@ mod tests {
     #[test]
     fn empty_strings_are_not_touched() {
         let vm = json!({"spec": {"instanceUUID": "", "nextRestartTime": ""}});
-        assert!(plan(&vm, ApiVersion(5), &opts(false)).unwrap().changes.is_empty());
+        assert!(
+            plan(&vm, ApiVersion(5), &opts(false))
+                .unwrap()
+                .changes
+                .is_empty()
+        );
     }
 
     #[test]
@@ -426,9 +446,17 @@ mod tests {
         let plan = plan(&vm, ApiVersion::V1ALPHA1, &opts(false)).unwrap();
         assert_eq!(plan.group_name.as_deref(), Some("g1"));
         let described = fields(&plan);
-        assert!(described.iter().any(|d| d.starts_with("set spec.powerState to \"poweredOff\"")));
+        assert!(
+            described
+                .iter()
+                .any(|d| d.starts_with("set spec.powerState to \"poweredOff\""))
+        );
         assert!(described.iter().any(|d| d == "in conversion copy: removed spec.instanceUUID (identity of the original vSphere VM)"));
-        assert!(described.iter().any(|d| d.starts_with("in conversion copy: removed status")));
+        assert!(
+            described
+                .iter()
+                .any(|d| d.starts_with("in conversion copy: removed status"))
+        );
         let replace = plan
             .changes
             .iter()
@@ -438,8 +466,11 @@ mod tests {
             panic!("conversion annotation must be replaced by a string")
         };
         let cleaned: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(cleaned, json!({"apiVersion": "vmoperator.vmware.com/v1alpha5",
-            "kind": "VirtualMachine", "spec": {"groupName": "g1"}}));
+        assert_eq!(
+            cleaned,
+            json!({"apiVersion": "vmoperator.vmware.com/v1alpha5",
+            "kind": "VirtualMachine", "spec": {"groupName": "g1"}})
+        );
     }
 
     #[test]
@@ -447,16 +478,28 @@ mod tests {
         let vm = json!({"spec": {"biosUUID": "b", "bootstrap": {"cloudInit": {"instanceID": "i"}},
             "network": {"interfaces": [{"name": "eth0", "macAddr": "00:50:56:00:00:01",
                 "addresses": ["10.0.0.5/24"], "gateway4": "10.0.0.1"}, {"name": "eth1"}]}}});
-        assert!(plan(&vm, ApiVersion(5), &opts(false)).unwrap().changes.is_empty());
+        assert!(
+            plan(&vm, ApiVersion(5), &opts(false))
+                .unwrap()
+                .changes
+                .is_empty()
+        );
         let copy_plan = plan(&vm, ApiVersion(5), &opts(true)).unwrap();
-        let paths: Vec<String> = copy_plan.changes.iter().map(|c| c.pointer().to_string()).collect();
-        assert_eq!(paths, vec![
-            "/spec/biosUUID",
-            "/spec/bootstrap/cloudInit/instanceID",
-            "/spec/network/interfaces/0/macAddr",
-            "/spec/network/interfaces/0/gateway4",
-            "/spec/network/interfaces/0/addresses",
-        ]);
+        let paths: Vec<String> = copy_plan
+            .changes
+            .iter()
+            .map(|c| c.pointer().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                "/spec/biosUUID",
+                "/spec/bootstrap/cloudInit/instanceID",
+                "/spec/network/interfaces/0/macAddr",
+                "/spec/network/interfaces/0/gateway4",
+                "/spec/network/interfaces/0/addresses",
+            ]
+        );
     }
 
     #[test]
@@ -476,7 +519,9 @@ mod tests {
     fn malformed_fields_are_errors() {
         let vm = json!({"spec": {"instanceUUID": 7}});
         assert_eq!(
-            plan(&vm, ApiVersion(5), &opts(false)).unwrap_err().to_string(),
+            plan(&vm, ApiVersion(5), &opts(false))
+                .unwrap_err()
+                .to_string(),
             "spec.instanceUUID must be a string, but is a number"
         );
         let vm = json!({"metadata": {"annotations": {CONVERSION_ANNOTATION: "{not json"}}});
@@ -486,7 +531,9 @@ mod tests {
         ));
         let vm = json!({"spec": {"network": {"interfaces": ["eth0"]}}});
         assert_eq!(
-            plan(&vm, ApiVersion(5), &opts(true)).unwrap_err().to_string(),
+            plan(&vm, ApiVersion(5), &opts(true))
+                .unwrap_err()
+                .to_string(),
             "spec.network.interfaces[0] must be an object, but is a string"
         );
     }

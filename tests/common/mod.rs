@@ -154,7 +154,8 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(secret: &SecretDir, settings: ReviewSettings, limits: Limits) -> TestServer {
-        TestServer::start_with_restores(secret, settings, limits, RestoreCache::new_static(None)).await
+        TestServer::start_with_restores(secret, settings, limits, RestoreCache::new_static(None))
+            .await
     }
 
     pub async fn start_with_restores(
@@ -163,7 +164,8 @@ impl TestServer {
         limits: Limits,
         restores: Arc<RestoreCache>,
     ) -> TestServer {
-        let certificate = ReloadingCert::load(&secret.cert_path(), &secret.key_path()).expect("load cert");
+        let certificate =
+            ReloadingCert::load(&secret.cert_path(), &secret.key_path()).expect("load cert");
         let metrics = Arc::new(Metrics::new());
         let groups = GroupCache::new_static([]);
         let reviewer = Arc::new(Reviewer {
@@ -172,9 +174,12 @@ impl TestServer {
             settings,
             metrics: Some(metrics.clone()),
         });
-        let bound = server::bind("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("bind");
+        let bound = server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .expect("bind");
         let (addr, metrics_addr) = (bound.tls_addr, bound.metrics_addr);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let handle = tokio::spawn({
@@ -217,11 +222,13 @@ pub fn client_trusting(ca_pems: &[&str]) -> reqwest::Client {
             roots.add(cert.expect("ca pem")).expect("add root");
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     reqwest::Client::builder()
         .use_preconfigured_tls(config)
         .pool_max_idle_per_host(0)
@@ -233,7 +240,9 @@ pub fn client_trusting(ca_pems: &[&str]) -> reqwest::Client {
 use rustls_pki_types::pem::PemObject;
 
 pub fn example(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).expect("example")).expect("example json")
 }
 
@@ -271,12 +280,19 @@ impl Answer {
         self.body["response"]["allowed"].as_bool().unwrap_or(false)
     }
     pub fn message(&self) -> String {
-        self.body["response"]["status"]["message"].as_str().unwrap_or("").to_string()
+        self.body["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
     pub fn warnings(&self) -> Vec<String> {
         self.body["response"]["warnings"]
             .as_array()
-            .map(|w| w.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .map(|w| {
+                w.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -286,10 +302,17 @@ pub async fn post_review(client: &reqwest::Client, url: &str, body: &Value) -> A
     let status = response.status().as_u16();
     let body: Value = response.json().await.expect("JSON answer");
     let patch = body["response"]["patch"].as_array().map(|bytes| {
-        let bytes: Vec<u8> = bytes.iter().map(|b| b.as_u64().unwrap_or(0) as u8).collect();
+        let bytes: Vec<u8> = bytes
+            .iter()
+            .map(|b| b.as_u64().unwrap_or(0) as u8)
+            .collect();
         serde_json::from_slice(&bytes).expect("patch is JSON Patch")
     });
-    Answer { status, body, patch }
+    Answer {
+        status,
+        body,
+        patch,
+    }
 }
 
 pub fn apply(object: &Value, patch: &Option<json_patch::Patch>) -> Value {

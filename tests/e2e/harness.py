@@ -67,7 +67,7 @@ def webhook_binary() -> Path:
     result = subprocess.run([str(REPO / "scripts" / "build-static.sh")], stdout=subprocess.PIPE, text=True, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError("building the webhook failed")
-    return REPO / result.stdout.strip().splitlines()[-1]
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def vmop_crd_dir() -> Path:
@@ -259,7 +259,7 @@ class Cluster:
         self.spawn("kube-controller-manager", [
             self.bin / "kube-controller-manager", f"--kubeconfig={self.admin_kubeconfig}",
             f"--authentication-kubeconfig={self.admin_kubeconfig}", f"--authorization-kubeconfig={self.admin_kubeconfig}",
-            "--controllers=namespace,garbagecollector", "--leader-elect=false",
+            "--controllers=namespace,garbagecollector,pvc-protection", "--leader-elect=false",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1"])
         log(f"control plane up at {self.server}")
 
@@ -291,7 +291,7 @@ class Cluster:
     # -- the webhook -------------------------------------------------------------
     def render_chart(self, *extra_args) -> list[dict]:
         rendered = run([self.bin / "helm", "template", "vmrw", REPO / "charts" / "velero-vm-restore-webhook",
-                        "--namespace", WEBHOOK_NS, "--set", "certificates.mode=provided",
+                        "--namespace", WEBHOOK_NS, "--skip-tests", "--set", "certificates.mode=provided",
                         "--set", "certificates.provided.secretName=vmrw-tls",
                         "--set", f"certificates.provided.caBundle={base64.b64encode(self.webhook_ca.read_bytes()).decode()}",
                         "--set", f"server.veleroNamespace={VELERO_NS}", *extra_args]).stdout
@@ -375,6 +375,13 @@ class Cluster:
                     "spec": {"provider": "aws", "default": True, "objectStorage": {"bucket": "velero"},
                              "config": {"region": "us-east-1", "s3ForcePathStyle": "true",
                                         "s3Url": f"http://127.0.0.1:{self.s3_port}", "checksumAlgorithm": ""}}})
+        # Stand-in: Velero's restore actions read the image of the Deployment
+        # "velero" it normally runs as. Here the server is a local process, so
+        # the Deployment exists as an API object only (0 replicas, no pods).
+        self.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "velero", "namespace": VELERO_NS},
+                    "spec": {"replicas": 0, "selector": {"matchLabels": {"component": "velero"}},
+                             "template": {"metadata": {"labels": {"component": "velero"}},
+                                          "spec": {"containers": [{"name": "velero", "image": "velero/velero:v1.18.3"}]}}}})
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
                "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
         self.velero_env = env
@@ -423,7 +430,7 @@ class Watch:
     the order in which objects were created (etcd revisions are global)."""
 
     def __init__(self, cluster: Cluster, path: str):
-        rv = cluster.get_json("--raw", path)["metadata"]["resourceVersion"]
+        rv = json.loads(cluster.kubectl("get", "--raw", path).stdout)["metadata"]["resourceVersion"]
         self.events: list[dict] = []
         self.proc = subprocess.Popen(
             [str(cluster.kubectl_bin), f"--kubeconfig={cluster.admin_kubeconfig}", "get", "--raw",

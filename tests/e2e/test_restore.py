@@ -1,0 +1,278 @@
+"""Scenarios against a real kube-apiserver calling the webhook, and a real
+Velero backing up to and restoring from an S3 server. Run in file order; they
+share one environment. Stand-in: nothing reconciles VM Operator objects (no
+vCenter, no VM Operator controllers or webhooks)."""
+
+import http.client
+import json
+import re
+import ssl
+import statistics
+import threading
+import time
+
+import harness
+import objects as o
+from harness import RESTORE_LABEL, VELERO_NS, WEBHOOK_NS, wait_until
+
+REPORT: dict = {}
+BACKUP: dict = {}
+
+
+def changes_by_rule(cluster, kind):
+    counts = {}
+    for line in cluster.metrics().splitlines():
+        match = re.match(r'velero_vm_restore_webhook_changes_total\{kind="(\w+)",rule="([\w-]+)"\} (\d+)', line)
+        if match and match.group(1) == kind:
+            counts[match.group(2)] = int(match.group(3))
+    return counts
+
+
+def assert_only_expected_warnings(cluster, name):
+    """The only warnings expected: Velero skips the CRDs it backed up along
+    with the namespace's custom resources, because they already exist."""
+    details = cluster.restore_describe(name)
+    section = details.split("Warnings:", 1)[1].split("Backup:", 1)[0] if "Warnings:" in details else ""
+    for line in section.splitlines():
+        text = re.sub(r"^\s*(Velero|Cluster|Namespaces):", "", line).strip()
+        if not text or text == "<none>":
+            continue
+        assert re.match(r"could not restore, CustomResourceDefinition:[\w.]+ already exists", text), f"unexpected warning: {text}"
+
+
+def test_1_kubectl_dry_run_shows_removals_and_warnings(cluster):
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dryrun"}})
+    for version in ("v1alpha3", "v1alpha5"):
+        vm = o.vm("dryrun", f"dry-{version}", None, 7, labels={RESTORE_LABEL: "manual"})
+        vm["apiVersion"] = f"vmoperator.vmware.com/{version}"
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm))
+        created = json.loads(result.stdout)
+        assert "instanceUUID" not in created["spec"], version
+        assert "virtualmachine.vmoperator.vmware.com/first-boot-done" not in created["metadata"]["annotations"]
+        assert created["spec"]["biosUUID"] == vm["spec"]["biosUUID"], "no mapping: identity kept"
+        assert "Warning: removed spec.instanceUUID" in result.stderr, result.stderr
+        assert "Warning: removed metadata.annotations[virtualmachine.vmoperator.vmware.com/first-boot-done]" in result.stderr
+    unlabelled = o.vm("dryrun", "plain", None, 8)
+    result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(unlabelled))
+    created = json.loads(result.stdout)
+    assert created["spec"]["instanceUUID"] == unlabelled["spec"]["instanceUUID"]
+    assert "Warning" not in result.stderr
+    # Dry runs create nothing.
+    assert cluster.get_json("virtualmachines", "-n", "dryrun")["items"] == []
+
+
+def snapshot(cluster, ns):
+    kinds = "virtualmachines,virtualmachinegroups,persistentvolumeclaims,secrets,virtualmachinesetresourcepolicies"
+    items = cluster.get_json(kinds, "-n", ns)["items"]
+    return {(i["kind"], i["metadata"]["name"]): i for i in items if not i["metadata"]["name"].startswith("default-token")}
+
+
+def expected_after_restore(obj, copy=False):
+    removed = []
+    if obj["kind"] == "VirtualMachine":
+        removed = o.VM_REMOVED + (o.VM_COPY_REMOVED if copy else [])
+    elif obj["kind"] == "PersistentVolumeClaim":
+        removed = [p for p in o.PVC_REMOVED if "volumehealth" in json.dumps(obj["metadata"].get("annotations", {}))]
+    return o.remove_pointers(o.comparable(obj), removed)
+
+
+def test_2_full_restore(cluster):
+    cluster.apply(o.workload("prod"))
+    original = snapshot(cluster, "prod")
+    BACKUP["prod"] = original
+    assert len([k for k in original if k[0] == "VirtualMachine"]) == 3
+    cluster.backup("b-prod", "prod")
+    cluster.delete_namespace("prod")
+
+    before = changes_by_rule(cluster, "VirtualMachine")
+    watches = [harness.Watch(cluster, f"/apis/vmoperator.vmware.com/v1alpha5/{r}") for r in ("virtualmachinegroups", "virtualmachines")]
+    started = time.time()
+    restore = cluster.restore("r-prod", "b-prod")
+    REPORT["restore_seconds"] = time.time() - started
+    status = restore["status"]
+    assert status["phase"] == "Completed", cluster.restore_describe("r-prod")
+    assert status.get("errors", 0) == 0
+    assert_only_expected_warnings(cluster, "r-prod")
+
+    wait_until(lambda: len(watches[1].added()) >= 3, 20, "watch events of the 3 VMs")
+    for watch in watches:
+        watch.stop()
+    created_at = {}
+    for obj in watches[0].added() + watches[1].added():
+        if obj["metadata"]["namespace"] == "prod":
+            created_at[(obj["kind"], obj["metadata"]["name"])] = int(obj["metadata"]["resourceVersion"])
+    order = sorted(created_at, key=created_at.get)
+    REPORT["creation_order"] = [f"{kind}/{name}" for kind, name in order]
+    for (kind, name), revision in created_at.items():
+        if kind == "VirtualMachine":
+            group = original[(kind, name)]["spec"]["groupName"]
+            assert created_at[("VirtualMachineGroup", group)] < revision, f"{name} created before its group {group}"
+
+    restored = snapshot(cluster, "prod")
+    assert set(restored) == set(original)
+    for key, obj in original.items():
+        got = o.comparable(restored[key])
+        want = expected_after_restore(obj)
+        assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
+        assert restored[key]["metadata"]["labels"][RESTORE_LABEL] == "r-prod"
+
+    # One log line and one counter per change.
+    changes = [e for e in cluster.webhook_log() if e.get("restore") == "r-prod" and e.get("rule")]
+    per_object = {}
+    for entry in changes:
+        per_object.setdefault(entry["object"], []).append(entry["path"])
+    REPORT["changes"] = per_object
+    for vm in ("web-1", "web-2", "db-1"):
+        assert sorted(per_object[f"VirtualMachine prod/{vm}"]) == sorted([
+            "metadata.annotations[virtualmachine.vmoperator.vmware.com/first-boot-done]",
+            "metadata.annotations[vmoperator.vmware.com/bootstrap-hash-configspec]",
+            "spec.instanceUUID"])
+    assert len(per_object["PersistentVolumeClaim prod/web-1-data"]) == 2
+    assert "PersistentVolumeClaim prod/db-1-data" not in per_object
+    after = changes_by_rule(cluster, "VirtualMachine")
+    assert after.get("vm-instance-uuid", 0) - before.get("vm-instance-uuid", 0) == 3
+    assert after.get("vm-first-boot-done", 0) - before.get("vm-first-boot-done", 0) == 3
+    REPORT["phase"] = status["phase"]
+
+
+def test_3_order_enforced_by_the_api_server(cluster):
+    ns = "order"
+    cluster.apply([
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        o.resource_policy(ns, "web-policy"),
+        o.group(ns, "g-order", [{"kind": "VirtualMachine", "name": "vm-order"}]),
+        o.vm(ns, "vm-order", "g-order", 4),
+        o.vm(ns, "vm-late", "late-group", 5),
+    ])
+    cluster.backup("b-order", ns)
+    cluster.delete_namespace(ns)
+    # VMs before groups: the API server, through the webhook, must hold the line.
+    priorities = "customresourcedefinitions,namespaces,persistentvolumeclaims,secrets,configmaps," \
+                 "virtualmachinesetresourcepolicies.vmoperator.vmware.com," \
+                 "virtualmachines.vmoperator.vmware.com,virtualmachinegroups.vmoperator.vmware.com"
+    cluster.restart_velero(extra=["--restore-resource-priorities", priorities])
+
+    def concurrent_client():
+        # Creates late-group as soon as the webhook holds vm-late for it.
+        def waiting():
+            return any(e.get("message") == "VM waits for its VirtualMachineGroup" and e.get("group") == "late-group"
+                       for e in cluster.webhook_log())
+        wait_until(waiting, 120, "the webhook to hold vm-late")
+        cluster.create(o.group(ns, "late-group", [{"kind": "VirtualMachine", "name": "vm-late"}]))
+
+    helper = threading.Thread(target=concurrent_client, daemon=True)
+    helper.start()
+    restore = cluster.restore("r-order", "b-order")
+    helper.join(timeout=5)
+    details = cluster.restore_describe("r-order")
+    assert restore["status"]["phase"] == "PartiallyFailed", details
+    assert "denied the request" in details and "vm-order" in details, details
+    assert 'names VirtualMachineGroup "g-order"' in details, details
+    assert "Restore the group first" in details, details
+    names = {i["metadata"]["name"] for i in cluster.get_json("virtualmachines", "-n", ns)["items"]}
+    assert names == {"vm-late"}, names
+    late = cluster.get_json("virtualmachine", "vm-late", "-n", ns)
+    assert "instanceUUID" not in late["spec"]
+    assert cluster.get_json("virtualmachinegroup", "g-order", "-n", ns)["metadata"]["name"] == "g-order"
+    cluster.restart_velero()
+
+
+def test_4_copy_beside_the_original(cluster):
+    originals = snapshot(cluster, "prod")
+    restore = cluster.restore("r-copy", "b-prod", "--namespace-mappings", "prod:prod-copy")
+    assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-copy")
+    copies = snapshot(cluster, "prod-copy")
+    assert set(copies) == set(BACKUP["prod"])
+    for key, obj in BACKUP["prod"].items():
+        want = expected_after_restore(obj, copy=True)
+        want["metadata"]["namespace"] = "prod-copy"
+        got = o.comparable(copies[key])
+        assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
+    # The originals are untouched.
+    after = snapshot(cluster, "prod")
+    for key, obj in originals.items():
+        assert after[key]["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"], f"original {key} changed"
+    copy_log = [e for e in cluster.webhook_log() if e.get("restore") == "r-copy" and e.get("rule") == "vm-copy-bios-uuid"]
+    assert len(copy_log) == 3
+
+
+def test_5_failure_policy(cluster):
+    cluster.processes.pop("webhook").stop()
+    try:
+        restore = cluster.restore("r-fail", "b-prod", "--namespace-mappings", "prod:prod-fail")
+        details = cluster.restore_describe("r-fail")
+        assert restore["status"]["phase"] == "PartiallyFailed", details
+        assert "failed calling webhook" in details, details
+        for kind in ("virtualmachines", "virtualmachinegroups", "persistentvolumeclaims"):
+            assert cluster.get_json(kind, "-n", "prod-fail")["items"] == [], f"{kind} restored unmodified"
+
+        ignore = json.loads(json.dumps(cluster.mwc))
+        ignore["webhooks"][0]["failurePolicy"] = "Ignore"
+        cluster.apply(ignore)
+        time.sleep(2)  # the API server's webhook informer picks the change up
+        restore = cluster.restore("r-ignore", "b-prod", "--namespace-mappings", "prod:prod-ignore")
+        assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-ignore")
+        vm = cluster.get_json("virtualmachine", "web-1", "-n", "prod-ignore")
+        assert "instanceUUID" in vm["spec"], "with Ignore and the webhook down, VMs are admitted unpatched (documented)"
+    finally:
+        cluster.start_webhook()
+        cluster.register_webhook("Fail")
+
+
+def create_latencies(cluster, ns, count, prefix):
+    ctx = ssl.create_default_context(cafile=str(cluster.server_ca))
+    ctx.load_cert_chain(str(cluster.clients.dir / "admin.crt"), str(cluster.clients.dir / "admin.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", cluster.api_port, context=ctx, timeout=30)
+    latencies, failures = [], []
+    for i in range(count):
+        vm = o.vm(ns, f"{prefix}-{i}", None, i % 250, labels={RESTORE_LABEL: "latency"})
+        body = json.dumps(vm)
+        start = time.perf_counter()
+        conn.request("POST", f"/apis/vmoperator.vmware.com/v1alpha5/namespaces/{ns}/virtualmachines", body,
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read()
+        latencies.append(time.perf_counter() - start)
+        if response.status != 201:
+            failures.append((response.status, payload[:300]))
+    conn.close()
+    return latencies, failures
+
+
+def test_6_latency_cost(cluster):
+    ns, rounds, per_round = "latency", 4, 25
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    with_hook, without_hook, failures = [], [], []
+    create_latencies(cluster, ns, 10, "warmup")
+    for r in range(rounds):
+        lat, fail = create_latencies(cluster, ns, per_round, f"with-{r}")
+        with_hook += lat
+        failures += fail
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", cluster.mwc["metadata"]["name"])
+        time.sleep(1.5)
+        lat, fail = create_latencies(cluster, ns, per_round, f"without-{r}")
+        without_hook += lat
+        failures += fail
+        cluster.apply(cluster.mwc)
+        time.sleep(1.5)
+    assert not failures, failures
+    patched = cluster.get_json("virtualmachine", "with-0-0", "-n", ns)
+    assert "instanceUUID" not in patched["spec"], "the webhook was not in the path"
+    unpatched = cluster.get_json("virtualmachine", "without-0-0", "-n", ns)
+    assert "instanceUUID" in unpatched["spec"], "the webhook was still registered"
+
+    def p99(values):
+        return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
+
+    REPORT["latency"] = {
+        "creates_each": len(with_hook),
+        "median_ms_with": statistics.median(with_hook) * 1000, "median_ms_without": statistics.median(without_hook) * 1000,
+        "p99_ms_with": p99(with_hook) * 1000, "p99_ms_without": p99(without_hook) * 1000,
+    }
+    latency = REPORT["latency"]
+    latency["median_ratio"] = latency["median_ms_with"] / latency["median_ms_without"]
+    latency["p99_ratio"] = latency["p99_ms_with"] / latency["p99_ms_without"]
+    print(f"\n[e2e] create latency over {len(with_hook)} creates each: median {latency['median_ms_with']:.2f} ms with the webhook, "
+          f"{latency['median_ms_without']:.2f} ms without (ratio {latency['median_ratio']:.2f}); "
+          f"p99 {latency['p99_ms_with']:.2f} ms vs {latency['p99_ms_without']:.2f} ms (ratio {latency['p99_ratio']:.2f})")
+    print(f"[e2e] report: {json.dumps({k: v for k, v in REPORT.items() if k != 'changes'})}")
