@@ -132,3 +132,24 @@ def test_chart_objects_pass_the_api_server_schema(helm, cluster):
                                  input="\n---\n".join(json.dumps(d) for d in known), check=False)
         assert result.returncode == 0, f"{mode}: {result.stderr}"
         assert len(result.stdout.strip().splitlines()) == len(known)
+
+
+def test_dockerfile_builds_what_the_tests_run():
+    """No Docker engine here: keep the Dockerfile in step with the build the
+    e2e suite runs (scripts/build-static.sh) and with the Makefile's variables."""
+    dockerfile = (harness.REPO / "Dockerfile").read_text()
+    stages = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert len(stages) == 2 and stages[-1].startswith("gcr.io/distroless/static"), stages
+    assert "RUN scripts/build-static.sh" in dockerfile
+    assert "USER 65532:65532" in dockerfile
+    assert "COPY --from=build /src/target/x86_64-unknown-linux-gnu/release/velero-vm-restore-webhook" in dockerfile
+    script = (harness.REPO / "scripts" / "build-static.sh").read_text()
+    assert "+crt-static" in script and "--target \"$target\"" in script and "target=x86_64-unknown-linux-gnu" in script
+    assert "org.opencontainers.image.version" in dockerfile
+    dry = subprocess.run(["make", "-n", "container", "push", "REGISTRY=reg.example/team", "VERSION=9.9.9"],
+                         cwd=harness.REPO, capture_output=True, text=True, check=True).stdout
+    assert "build --build-arg VERSION=9.9.9" in dry and "-t reg.example/team/velero-vm-restore-webhook:9.9.9 ." in dry, dry
+    assert "push reg.example/team/velero-vm-restore-webhook:9.9.9" in dry, dry
+    dry = subprocess.run(["make", "-n", "push", "IMAGE=other/img:tag"], cwd=harness.REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert "push other/img:tag" in dry, dry
