@@ -215,16 +215,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
 /// Wraps a bare object as the CREATE Velero would send, with the restore
 /// label added if it lacks one.
 fn wrap_object(mut object: Value) -> Result<Value, String> {
-    let api_version = object
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let kind = object
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let text = |value: &Value, key: &str, default: &str| {
+        value
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let api_version = text(&object, "apiVersion", "");
+    let kind = text(&object, "kind", "");
     if api_version.is_empty() || kind.is_empty() {
         return Err("the object needs apiVersion and kind".into());
     }

@@ -222,11 +222,7 @@ fn pvc_fixtures() {
         &CleanupOptions::default(),
     )
     .unwrap();
-    let paths: BTreeSet<String> = plan
-        .changes
-        .iter()
-        .map(|c| c.pointer().to_string())
-        .collect();
+    let paths: BTreeSet<String> = plan.pointers().into_iter().collect();
     assert_eq!(
         paths,
         [

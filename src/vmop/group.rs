@@ -131,11 +131,7 @@ mod tests {
                 "vmoperator.vmware.com.protected/apply-power-state-time": "2026-01-01T00:00:00Z",
                 "other": "x"}}});
         let plan = plan(&group, &CleanupOptions::default()).unwrap();
-        let paths: Vec<String> = plan
-            .changes
-            .iter()
-            .map(|c| c.pointer().to_string())
-            .collect();
+        let paths = plan.pointers();
         assert_eq!(
             paths,
             vec![

@@ -113,6 +113,16 @@ pub struct Plan {
     pub denial: Option<String>,
 }
 
+impl Plan {
+    /// The JSON Pointers of all changes, in order (tests and reports).
+    pub fn pointers(&self) -> Vec<String> {
+        self.changes
+            .iter()
+            .map(|c| c.pointer().to_string())
+            .collect()
+    }
+}
+
 /// Runs the rules for `kind` over `object`.
 pub fn plan(
     kind: Kind,

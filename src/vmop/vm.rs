@@ -485,11 +485,7 @@ mod tests {
                 .is_empty()
         );
         let copy_plan = plan(&vm, ApiVersion(5), &opts(true)).unwrap();
-        let paths: Vec<String> = copy_plan
-            .changes
-            .iter()
-            .map(|c| c.pointer().to_string())
-            .collect();
+        let paths = copy_plan.pointers();
         assert_eq!(
             paths,
             vec![
