@@ -120,12 +120,19 @@ pub fn scope(request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) 
         return Scope::Out("no object");
     };
     // Checked here too, not only by the configuration's objectSelector.
-    match restore_label(object) {
-        Some(restore) => Scope::In {
-            kind,
-            restore: restore.to_string(),
-        },
-        None => Scope::Out("not restored by Velero (no velero.io/restore-name label)"),
+    let Some(restore) = restore_label(object) else {
+        return Scope::Out("not restored by Velero (no velero.io/restore-name label)");
+    };
+    let reviewed = object
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(vmop::REVIEWED_ANNOTATION))
+        .and_then(Value::as_str);
+    if reviewed == Some(restore) {
+        return Scope::Out("already reviewed for this restore (a reinvocation)");
+    }
+    Scope::In {
+        kind,
+        restore: restore.to_string(),
     }
 }
 

@@ -5,7 +5,7 @@
 //! request on a `remove` of an absent path (and `failurePolicy` does not apply).
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{Patch, PatchOperation, RemoveOperation, ReplaceOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use serde_json::Value;
 
 /// What happens at a location.
@@ -13,6 +13,7 @@ use serde_json::Value;
 pub enum Edit {
     Remove,
     Replace(Value),
+    Add(Value),
 }
 
 /// One change to a restored object.
@@ -103,7 +104,7 @@ impl Change {
             Edit::Replace(Value::String(text)) if text.len() > 40 => {
                 format!("{copy}rewrote {} ({})", self.field(), self.reason)
             }
-            Edit::Replace(value) => {
+            Edit::Replace(value) | Edit::Add(value) => {
                 format!("{copy}set {} to {} ({})", self.field(), value, self.reason)
             }
         }
@@ -123,6 +124,10 @@ pub fn to_json_patch(changes: &[Change]) -> Patch {
                     path: change.pointer(),
                 }),
                 Edit::Replace(value) => PatchOperation::Replace(ReplaceOperation {
+                    path: change.pointer(),
+                    value: value.clone(),
+                }),
+                Edit::Add(value) => PatchOperation::Add(AddOperation {
                     path: change.pointer(),
                     value: value.clone(),
                 }),

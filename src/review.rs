@@ -247,6 +247,9 @@ impl Reviewer {
             verdict.denial = Some(format!("{object_label} {denial}"));
             return verdict;
         }
+        if let Some(marker) = vmop::marker_change(object, restore) {
+            verdict.changes.push(marker);
+        }
         let Some(group) = plan.group_name else {
             return verdict;
         };

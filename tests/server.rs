@@ -354,3 +354,48 @@ async fn metrics_and_probes() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn reinvocation_keeps_what_vm_operator_set_after_us() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    server.groups.insert("prod", "web-tier");
+    let object = example("vm-v1alpha5.json");
+    let first = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
+    let mut patched = apply(&object, &first.patch);
+    assert!(patched.pointer("/spec/instanceUUID").is_none());
+    assert_eq!(
+        patched["metadata"]["annotations"]["velero-vm-restore-webhook/reviewed-for-restore"],
+        "nightly-20261125"
+    );
+    // Stand-in for VM Operator's mutating webhook, which runs after ours and
+    // assigns a fresh instance UUID; reinvocationPolicy IfNeeded calls us again.
+    patched["spec"]["instanceUUID"] = json!("1b4e28ba-2fa1-11d2-883f-0016d3cca427");
+    let again = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&patched, false),
+    )
+    .await;
+    assert!(again.allowed());
+    assert!(
+        again.patch.is_none(),
+        "the new UUID must survive: {}",
+        again.body
+    );
+
+    // A later restore of a backup of this VM is cleaned again.
+    let mut restored_again = patched.clone();
+    restored_again["metadata"]["labels"]["velero.io/restore-name"] = json!("next-restore");
+    let answer = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&restored_again, false),
+    )
+    .await;
+    let cleaned = apply(&restored_again, &answer.patch);
+    assert!(cleaned.pointer("/spec/instanceUUID").is_none());
+    assert_eq!(
+        cleaned["metadata"]["annotations"]["velero-vm-restore-webhook/reviewed-for-restore"],
+        "next-restore"
+    );
+}

@@ -23,6 +23,58 @@ pub const RESTORE_NAME_LABEL: &str = "velero.io/restore-name";
 /// at an older API version; its conversion copies fields (and status) back.
 pub const CONVERSION_ANNOTATION: &str = "vmoperator.vmware.com/conversion";
 
+/// Set on every restored object the webhook admits, to the restore's name.
+/// With `reinvocationPolicy: IfNeeded` the API server calls the webhook again
+/// after VM Operator's own mutating webhook has set fresh defaults (a new
+/// `instanceUUID`, `biosUUID`, power-state time); the marker tells that second
+/// call the object was already cleaned for this restore, so those new values
+/// stay. A later restore of a backup of this object carries another
+/// restore's name and is cleaned again.
+pub const REVIEWED_ANNOTATION: &str = "velero-vm-restore-webhook/reviewed-for-restore";
+pub const R_REVIEWED_MARKER: &str = "reviewed-marker";
+
+/// The change that sets the marker to `restore`, if it is not set already.
+pub fn marker_change(object: &serde_json::Value, restore: &str) -> Option<Change> {
+    use serde_json::Value;
+    let metadata = object.get("metadata")?.as_object()?;
+    let reason = "keeps VM Operator's new defaults on reinvocation";
+    match metadata.get("annotations") {
+        Some(Value::Object(annotations)) => match annotations.get(REVIEWED_ANNOTATION) {
+            Some(Value::String(current)) if current == restore => None,
+            Some(_) => Some(Change::replace(
+                vec![
+                    "metadata".into(),
+                    "annotations".into(),
+                    REVIEWED_ANNOTATION.into(),
+                ],
+                Value::String(restore.into()),
+                R_REVIEWED_MARKER,
+                reason,
+            )),
+            None => Some(Change {
+                edit: crate::patch::Edit::Add(Value::String(restore.into())),
+                ..Change::remove(
+                    vec![
+                        "metadata".into(),
+                        "annotations".into(),
+                        REVIEWED_ANNOTATION.into(),
+                    ],
+                    R_REVIEWED_MARKER,
+                    reason,
+                )
+            }),
+        },
+        _ => Some(Change {
+            edit: crate::patch::Edit::Add(serde_json::json!({ REVIEWED_ANNOTATION: restore })),
+            ..Change::remove(
+                vec!["metadata".into(), "annotations".into()],
+                R_REVIEWED_MARKER,
+                reason,
+            )
+        }),
+    }
+}
+
 /// The kinds this webhook knows how to clean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -150,6 +202,12 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     let mut docs = vm::RULES.to_vec();
     docs.extend_from_slice(group::RULES);
     docs.extend_from_slice(pvc::RULES);
+    docs.push(RuleDoc {
+        id: R_REVIEWED_MARKER,
+        kind: "all three",
+        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>` on every admitted object",
+        why: "on reinvocation (`IfNeeded`) the object is left alone, so VM Operator's fresh `instanceUUID`, `biosUUID` and power-state time survive",
+    });
     docs
 }
 
@@ -193,8 +251,35 @@ mod tests {
     }
 
     #[test]
+    fn marker_is_added_replaced_or_left() {
+        use serde_json::json;
+        let bare = json!({"metadata": {"name": "a"}});
+        let change = marker_change(&bare, "r1").unwrap();
+        let patched = crate::patch::apply(&bare, &[change]).unwrap();
+        assert_eq!(
+            patched["metadata"]["annotations"][REVIEWED_ANNOTATION],
+            "r1"
+        );
+        assert!(marker_change(&patched, "r1").is_none());
+        let replaced =
+            crate::patch::apply(&patched, &[marker_change(&patched, "r2").unwrap()]).unwrap();
+        assert_eq!(
+            replaced["metadata"]["annotations"][REVIEWED_ANNOTATION],
+            "r2"
+        );
+        let with_other = json!({"metadata": {"annotations": {"x": "y"}}});
+        let added =
+            crate::patch::apply(&with_other, &[marker_change(&with_other, "r1").unwrap()]).unwrap();
+        assert_eq!(
+            added["metadata"]["annotations"],
+            json!({"x": "y", REVIEWED_ANNOTATION: "r1"})
+        );
+    }
+
+    #[test]
     fn rule_ids_are_unique() {
         let docs = rule_docs();
+        assert!(docs.iter().any(|d| d.id == R_REVIEWED_MARKER));
         let mut ids: Vec<_> = docs.iter().map(|d| d.id).collect();
         ids.sort();
         ids.dedup();

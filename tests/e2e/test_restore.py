@@ -67,13 +67,21 @@ def snapshot(cluster, ns):
     return {(i["kind"], i["metadata"]["name"]): i for i in items if not i["metadata"]["name"].startswith("default-token")}
 
 
-def expected_after_restore(obj, copy=False):
+MARKER = "velero-vm-restore-webhook/reviewed-for-restore"
+
+
+def expected_after_restore(obj, restore, copy=False):
+    """The backed-up object minus exactly the documented removals, plus the
+    webhook's reviewed-for-restore marker on the kinds it reviews."""
     removed = []
     if obj["kind"] == "VirtualMachine":
         removed = o.VM_REMOVED + (o.VM_COPY_REMOVED if copy else [])
     elif obj["kind"] == "PersistentVolumeClaim":
         removed = [p for p in o.PVC_REMOVED if "volumehealth" in json.dumps(obj["metadata"].get("annotations", {}))]
-    return o.remove_pointers(o.comparable(obj), removed)
+    expected = o.remove_pointers(o.comparable(obj), removed)
+    if obj["kind"] in ("VirtualMachine", "VirtualMachineGroup", "PersistentVolumeClaim"):
+        expected["metadata"].setdefault("annotations", {})[MARKER] = restore
+    return expected
 
 
 def test_2_full_restore(cluster):
@@ -112,7 +120,7 @@ def test_2_full_restore(cluster):
     assert set(restored) == set(original)
     for key, obj in original.items():
         got = o.comparable(restored[key])
-        want = expected_after_restore(obj)
+        want = expected_after_restore(obj, "r-prod")
         assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
         assert restored[key]["metadata"]["labels"][RESTORE_LABEL] == "r-prod"
 
@@ -122,13 +130,15 @@ def test_2_full_restore(cluster):
     for entry in changes:
         per_object.setdefault(entry["object"], []).append(entry["path"])
     REPORT["changes"] = per_object
+    marker = f"metadata.annotations[{MARKER}]"
     for vm in ("web-1", "web-2", "db-1"):
         assert sorted(per_object[f"VirtualMachine prod/{vm}"]) == sorted([
             "metadata.annotations[virtualmachine.vmoperator.vmware.com/first-boot-done]",
             "metadata.annotations[vmoperator.vmware.com/bootstrap-hash-configspec]",
-            "spec.instanceUUID"])
-    assert len(per_object["PersistentVolumeClaim prod/web-1-data"]) == 2
-    assert "PersistentVolumeClaim prod/db-1-data" not in per_object
+            "spec.instanceUUID", marker])
+    assert len(per_object["PersistentVolumeClaim prod/web-1-data"]) == 3
+    assert per_object["PersistentVolumeClaim prod/db-1-data"] == [marker]
+    assert per_object["VirtualMachineGroup prod/app"] == [marker]
     after = changes_by_rule(cluster, "VirtualMachine")
     assert after.get("vm-instance-uuid", 0) - before.get("vm-instance-uuid", 0) == 3
     assert after.get("vm-first-boot-done", 0) - before.get("vm-first-boot-done", 0) == 3
@@ -184,7 +194,7 @@ def test_4_copy_beside_the_original(cluster):
     copies = snapshot(cluster, "prod-copy")
     assert set(copies) == set(BACKUP["prod"])
     for key, obj in BACKUP["prod"].items():
-        want = expected_after_restore(obj, copy=True)
+        want = expected_after_restore(obj, "r-copy", copy=True)
         want["metadata"]["namespace"] = "prod-copy"
         got = o.comparable(copies[key])
         assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
