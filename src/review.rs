@@ -247,7 +247,9 @@ impl Reviewer {
             verdict.denial = Some(format!("{object_label} {denial}"));
             return verdict;
         }
-        if let Some(marker) = vmop::marker_change(object, restore) {
+        if options.enabled(vmop::R_REVIEWED_MARKER)
+            && let Some(marker) = vmop::marker_change(object, restore)
+        {
             verdict.changes.push(marker);
         }
         let Some(group) = plan.group_name else {

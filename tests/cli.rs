@@ -101,6 +101,30 @@ fn review_patched_from_stdin() {
 }
 
 #[test]
+fn the_marker_is_set_unless_disabled() {
+    let input = std::fs::read_to_string(example("pvc.json")).unwrap();
+    let marker = "velero-vm-restore-webhook/reviewed-for-restore";
+    let out = run(&["review", "--patched", "-"], Some(&input));
+    let patched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        patched["metadata"]["annotations"][marker],
+        "nightly-20261125"
+    );
+    let out = run(
+        &[
+            "review",
+            "--patched",
+            "--disable-rule",
+            "reviewed-marker",
+            "-",
+        ],
+        Some(&input),
+    );
+    let patched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(patched["metadata"]["annotations"].get(marker).is_none());
+}
+
+#[test]
 fn review_reports_a_missing_group_as_denied() {
     let out = run(&["review", &example("vm-v1alpha5.json")], None);
     assert!(out.status.success());
