@@ -116,6 +116,19 @@ impl Metrics {
         }
     }
 
+    /// Counts a request that could not be reviewed at all (bad body, too
+    /// large, too slow, overloaded).
+    pub fn count_unreviewable(&self) {
+        self.reviews
+            .get_or_create(&ReviewLabels {
+                kind: "unknown".into(),
+                operation: "unknown".into(),
+                outcome: "error".into(),
+                patched: "false".into(),
+            })
+            .inc();
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

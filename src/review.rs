@@ -120,15 +120,7 @@ impl Reviewer {
             Err(err) => {
                 warn!(error = %err, "request could not be reviewed");
                 if let Some(metrics) = &self.metrics {
-                    metrics
-                        .reviews
-                        .get_or_create(&ReviewLabels {
-                            kind: "unknown".into(),
-                            operation: "unknown".into(),
-                            outcome: "error".into(),
-                            patched: "false".into(),
-                        })
-                        .inc();
+                    metrics.count_unreviewable();
                 }
             }
         }

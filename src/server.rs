@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, ReviewError};
-use crate::metrics::{Metrics, ReviewLabels};
+use crate::metrics::Metrics;
 use crate::review::Reviewer;
 use crate::settings::{self, ServeArgs};
 use crate::tls::{ReloadingCert, TlsError};
@@ -81,16 +81,7 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
 
 fn error_response(state: &AppState, status: StatusCode, err: ReviewError) -> Response {
     warn!(status = status.as_u16(), error = %err, "request rejected");
-    state
-        .metrics
-        .reviews
-        .get_or_create(&ReviewLabels {
-            kind: "unknown".into(),
-            operation: "unknown".into(),
-            outcome: "error".into(),
-            patched: "false".into(),
-        })
-        .inc();
+    state.metrics.count_unreviewable();
     json_response(status, &admission::invalid(&err))
 }
 
