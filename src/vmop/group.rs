@@ -3,8 +3,8 @@
 use serde_json::{Map, Value};
 
 use super::shape::{self, ShapeError};
-use super::vm::clean_conversion_copy;
-use super::{CONVERSION_ANNOTATION, CleanupOptions, Plan, RuleDoc};
+use super::vm::{clean_conversion_copy, conversion_copy};
+use super::{CleanupOptions, Plan, RuleDoc};
 use crate::patch::Change;
 
 pub const R_FORCE_SYNC: &str = "group-next-force-power-state-sync-time";
@@ -77,18 +77,9 @@ fn object_changes(
 pub fn plan(object: &Value, options: &CleanupOptions) -> Result<Plan, ShapeError> {
     let root = shape::root(object)?;
     let mut changes = object_changes(root, options)?;
-    let meta = shape::meta(root)?;
-    if let Some(text) = meta
-        .annotations
-        .and_then(|annotations| annotations.get(CONVERSION_ANNOTATION))
-        .and_then(Value::as_str)
-        && options.enabled(R_CONVERSION_COPY)
+    if options.enabled(R_CONVERSION_COPY)
+        && let Some(copy) = conversion_copy(root)?
     {
-        let copy: Value =
-            serde_json::from_str(text).map_err(|err| ShapeError::BadConversionCopy {
-                annotation: CONVERSION_ANNOTATION,
-                detail: err.to_string(),
-            })?;
         clean_conversion_copy(
             &copy,
             R_CONVERSION_COPY,

@@ -298,7 +298,7 @@ fn copy_identity_changes(
 }
 
 /// The conversion copy, parsed; `None` when the annotation is absent.
-fn conversion_copy(object: &Map<String, Value>) -> Result<Option<Value>, ShapeError> {
+pub(crate) fn conversion_copy(object: &Map<String, Value>) -> Result<Option<Value>, ShapeError> {
     let meta = shape::meta(object)?;
     let Some(text) = meta
         .annotations
