@@ -31,14 +31,18 @@ pub struct Change {
 }
 
 impl Change {
-    pub fn remove(tokens: Vec<String>, rule: &'static str, reason: &'static str) -> Self {
+    fn new(tokens: Vec<String>, edit: Edit, rule: &'static str, reason: &'static str) -> Self {
         Change {
             tokens,
-            edit: Edit::Remove,
+            edit,
             rule,
             reason,
             in_conversion_copy: false,
         }
+    }
+
+    pub fn remove(tokens: Vec<String>, rule: &'static str, reason: &'static str) -> Self {
+        Change::new(tokens, Edit::Remove, rule, reason)
     }
 
     pub fn replace(
@@ -47,13 +51,16 @@ impl Change {
         rule: &'static str,
         reason: &'static str,
     ) -> Self {
-        Change {
-            tokens,
-            edit: Edit::Replace(value),
-            rule,
-            reason,
-            in_conversion_copy: false,
-        }
+        Change::new(tokens, Edit::Replace(value), rule, reason)
+    }
+
+    pub fn add(
+        tokens: Vec<String>,
+        value: Value,
+        rule: &'static str,
+        reason: &'static str,
+    ) -> Self {
+        Change::new(tokens, Edit::Add(value), rule, reason)
     }
 
     pub fn pointer(&self) -> PointerBuf {

@@ -38,40 +38,23 @@ pub fn marker_change(object: &serde_json::Value, restore: &str) -> Option<Change
     use serde_json::Value;
     let metadata = object.get("metadata")?.as_object()?;
     let reason = "keeps VM Operator's new defaults on reinvocation";
+    let tokens = |parts: &[&str]| parts.iter().map(|part| part.to_string()).collect();
+    let marker = Value::String(restore.into());
     match metadata.get("annotations") {
-        Some(Value::Object(annotations)) => match annotations.get(REVIEWED_ANNOTATION) {
-            Some(Value::String(current)) if current == restore => None,
-            Some(_) => Some(Change::replace(
-                vec![
-                    "metadata".into(),
-                    "annotations".into(),
-                    REVIEWED_ANNOTATION.into(),
-                ],
-                Value::String(restore.into()),
-                R_REVIEWED_MARKER,
-                reason,
-            )),
-            None => Some(Change {
-                edit: crate::patch::Edit::Add(Value::String(restore.into())),
-                ..Change::remove(
-                    vec![
-                        "metadata".into(),
-                        "annotations".into(),
-                        REVIEWED_ANNOTATION.into(),
-                    ],
-                    R_REVIEWED_MARKER,
-                    reason,
-                )
-            }),
-        },
-        _ => Some(Change {
-            edit: crate::patch::Edit::Add(serde_json::json!({ REVIEWED_ANNOTATION: restore })),
-            ..Change::remove(
-                vec!["metadata".into(), "annotations".into()],
-                R_REVIEWED_MARKER,
-                reason,
-            )
-        }),
+        Some(Value::Object(annotations)) => {
+            let path = tokens(&["metadata", "annotations", REVIEWED_ANNOTATION]);
+            match annotations.get(REVIEWED_ANNOTATION) {
+                Some(Value::String(current)) if current == restore => None,
+                Some(_) => Some(Change::replace(path, marker, R_REVIEWED_MARKER, reason)),
+                None => Some(Change::add(path, marker, R_REVIEWED_MARKER, reason)),
+            }
+        }
+        _ => Some(Change::add(
+            tokens(&["metadata", "annotations"]),
+            serde_json::json!({ REVIEWED_ANNOTATION: marker }),
+            R_REVIEWED_MARKER,
+            reason,
+        )),
     }
 }
 
