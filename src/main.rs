@@ -333,7 +333,7 @@ async fn review(args: ReviewArgs) -> ExitCode {
     });
     let reviewer = Reviewer {
         groups: GroupCache::new_static(groups),
-        restores: RestoreCache::new_static(restore.or_else(|| Some(RestoreInfo::default()))),
+        restores: RestoreCache::new_static(Some(restore.unwrap_or_default())),
         settings,
         metrics: None,
     };
