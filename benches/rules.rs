@@ -6,8 +6,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::Value;
 
 use velero_vm_restore_webhook::admission;
-use velero_vm_restore_webhook::groups::GroupCache;
-use velero_vm_restore_webhook::restores::RestoreCache;
+use velero_vm_restore_webhook::deadline::Deadline;
+use velero_vm_restore_webhook::facts::{StaticGroups, StaticRestores};
 use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
 use velero_vm_restore_webhook::vmop::{self, ApiVersion, CleanupOptions, Kind};
 
@@ -57,16 +57,19 @@ fn benches(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let reviewer = Reviewer {
-        groups: GroupCache::new_static([("prod", "web-tier")]),
-        restores: RestoreCache::new_static(None),
-        settings: ReviewSettings::default(),
-        metrics: Some(Arc::new(velero_vm_restore_webhook::metrics::Metrics::new())),
-    };
+    let reviewer = Reviewer::new(
+        StaticGroups::new([("prod", "web-tier")]),
+        StaticRestores::none(),
+        ReviewSettings::default(),
+        Some(Arc::new(velero_vm_restore_webhook::metrics::Metrics::new())),
+    );
     c.bench_function("review: body to response, VirtualMachine v1alpha5", |b| {
         b.iter(|| {
             runtime
-                .block_on(reviewer.review(std::hint::black_box(&body), None))
+                .block_on(reviewer.review(
+                    std::hint::black_box(&body),
+                    Deadline::after(std::time::Duration::from_secs(10)),
+                ))
                 .expect("review")
         })
     });

@@ -27,6 +27,8 @@ pub enum ReviewError {
     TooLarge { limit: usize },
     #[error("request body was not received in time")]
     ReadTimeout,
+    #[error("no review slot became free before the request's deadline")]
+    SlotDeadline,
     #[error("request body could not be read: {0}")]
     Body(String),
     #[error("too many reviews in flight; try again")]
@@ -123,13 +125,6 @@ pub fn scope(request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) 
     let Some(restore) = restore_label(object) else {
         return Scope::Out("not restored by Velero (no velero.io/restore-name label)");
     };
-    let reviewed = object
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(vmop::REVIEWED_ANNOTATION))
-        .and_then(Value::as_str);
-    if reviewed == Some(restore) {
-        return Scope::Out("already reviewed for this restore (a reinvocation)");
-    }
     Scope::In {
         kind,
         restore: restore.to_string(),

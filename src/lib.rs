@@ -2,6 +2,9 @@
 //! VM Operator objects restored by Velero and orders groups before VMs.
 
 pub mod admission;
+pub mod deadline;
+pub mod decide;
+pub mod facts;
 pub mod groups;
 pub mod metrics;
 pub mod patch;
@@ -12,3 +15,4 @@ pub mod settings;
 pub mod telemetry;
 pub mod tls;
 pub mod vmop;
+pub mod waits;

@@ -10,11 +10,14 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tracing::{error, info, warn};
 
+use velero_vm_restore_webhook::deadline::Deadline;
+use velero_vm_restore_webhook::facts::{GroupFacts, RestoreFacts, StaticGroups, StaticRestores};
 use velero_vm_restore_webhook::groups::GroupCache;
 use velero_vm_restore_webhook::metrics::Metrics;
 use velero_vm_restore_webhook::restores::{RestoreCache, RestoreInfo};
 use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
-use velero_vm_restore_webhook::settings::{LogFormat, RuleArgs, ServeArgs};
+use velero_vm_restore_webhook::settings::{GroupPolicy, LogFormat, RuleArgs, ServeArgs};
+use velero_vm_restore_webhook::waits::WaitLimits;
 use velero_vm_restore_webhook::{admission, server, telemetry, tls, vmop};
 
 #[derive(Parser)]
@@ -115,8 +118,32 @@ fn review_settings(rules: &RuleArgs) -> Result<ReviewSettings, String> {
         group_policy: rules.group_policy,
         group_wait_timeout: rules.group_wait_timeout,
         timeout_margin: rules.timeout_margin,
+        restore_unreadable: rules.restore_unreadable,
         disabled_rules: Arc::new(rules.disabled_rule_set()?),
+        wait_limits: WaitLimits::default(),
     })
+}
+
+/// `NAMESPACE/NAME` arguments of `--group`.
+fn parse_groups(groups: &[String]) -> Result<Vec<(&str, &str)>, String> {
+    groups
+        .iter()
+        .map(|group| match group.split_once('/') {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+                Ok((namespace, name))
+            }
+            _ => Err(format!("--group {group:?} must be NAMESPACE/NAME")),
+        })
+        .collect()
+}
+
+/// What a VM naming a missing group gets, for the startup log.
+fn group_policy_summary(policy: GroupPolicy) -> &'static str {
+    match policy {
+        GroupPolicy::WaitThenDeny => "VMs naming a missing group wait for it, then are denied",
+        GroupPolicy::Deny => "VMs naming a missing group are denied",
+        GroupPolicy::AllowWithWarning => "VMs naming a missing group are admitted with a warning",
+    }
 }
 
 async fn shutdown_signal() {
@@ -143,17 +170,31 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    let settings = match review_settings(&args.rules) {
+    let mut settings = match review_settings(&args.rules) {
         Ok(settings) => settings,
         Err(err) => {
             error!("{err}");
             return ExitCode::from(2);
         }
     };
+    // Waiting VMs hold review slots: keep at least half of the slots for
+    // reviews that need no wait.
+    let max_waits = (args.max_group_waits as usize).min(args.max_concurrent_reviews as usize / 2);
+    if max_waits < args.max_group_waits as usize {
+        warn!(
+            max_group_waits = max_waits,
+            "--max-group-waits lowered to half of --max-concurrent-reviews, so waits never hold every review slot"
+        );
+    }
+    settings.wait_limits = WaitLimits {
+        max_total: max_waits,
+        max_per_namespace: args.max_group_waits_per_namespace as usize,
+        miss_memory: args.group_miss_memory,
+    };
     if settings.group_wait_timeout + settings.timeout_margin > Duration::from_secs(30) {
         warn!(
             group_wait_timeout = ?settings.group_wait_timeout,
-            "the group wait plus margin exceeds 30s, the largest webhook timeoutSeconds; each wait is cut to the API server's ?timeout= anyway"
+            "the group wait plus margin exceeds 30s, the largest webhook timeoutSeconds; each wait is cut to the request's deadline anyway"
         );
     }
     let certificate = match tls::ReloadingCert::load(&args.tls_cert_file, &args.tls_key_file) {
@@ -164,14 +205,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let (groups, restores) = if args.no_kube {
-        warn!("--no-kube: no group cache, no Restore lookups; VMs naming a group are denied");
-        (GroupCache::new_static([]), RestoreCache::new_static(None))
+    let (groups, restores): (Arc<dyn GroupFacts>, Arc<dyn RestoreFacts>) = if args.no_kube {
+        let listed = match parse_groups(&args.groups) {
+            Ok(listed) => listed,
+            Err(err) => {
+                error!("{err}");
+                return ExitCode::from(2);
+            }
+        };
+        warn!(
+            groups = ?args.groups,
+            "--no-kube: only the groups given with --group exist and no Velero Restore is found; {}",
+            group_policy_summary(settings.group_policy)
+        );
+        (
+            StaticGroups::new(listed),
+            StaticRestores::new(&args.velero_namespace, Default::default()),
+        )
     } else {
         let client = match kube::Client::try_default().await {
             Ok(client) => client,
             Err(err) => {
-                error!(error = %err, "cannot build a Kubernetes client (in-cluster config or KUBECONFIG)");
+                error!(
+                    error = %err,
+                    "cannot build a Kubernetes client from the in-cluster config or KUBECONFIG (~/.kube/config). \
+                     To try the webhook without a cluster, run `serve --no-kube --group NAMESPACE/NAME ...`"
+                );
                 return ExitCode::FAILURE;
             }
         };
@@ -179,6 +238,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         let (restores, restore_runner) = RestoreCache::live(client, &args.velero_namespace);
         tokio::spawn(group_runner);
         tokio::spawn(restore_runner);
+        info!("{}", group_policy_summary(settings.group_policy));
         (groups, restores)
     };
     tokio::spawn(
@@ -186,12 +246,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .clone()
             .watch(args.tls_reload_interval, Some(metrics.clone())),
     );
-    let reviewer = Arc::new(Reviewer {
+    let reviewer = Arc::new(Reviewer::new(
         groups,
         restores,
         settings,
-        metrics: Some(metrics.clone()),
-    });
+        Some(metrics.clone()),
+    ));
     let bound = match server::bind(args.listen, args.metrics_listen).await {
         Ok(bound) => bound,
         Err(err) => {
@@ -313,35 +373,37 @@ async fn review(args: ReviewArgs) -> ExitCode {
     };
     // Offline there is nobody to create a group meanwhile: never wait.
     settings.group_wait_timeout = Duration::ZERO;
-    let mut groups = Vec::new();
-    for group in &args.groups {
-        match group.split_once('/') {
-            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
-                groups.push((namespace, name))
-            }
-            _ => return fail(format!("--group {group:?} must be NAMESPACE/NAME")),
-        }
-    }
-    let restore = args.new_identity.then(|| RestoreInfo {
-        name: "review".into(),
-        annotations: [(
-            velero_vm_restore_webhook::restores::NEW_IDENTITY_ANNOTATION.to_string(),
-            "true".to_string(),
-        )]
-        .into(),
-        ..Default::default()
-    });
-    let reviewer = Reviewer {
-        groups: GroupCache::new_static(groups),
-        restores: RestoreCache::new_static(Some(restore.unwrap_or_default())),
-        settings,
-        metrics: None,
+    let groups = match parse_groups(&args.groups) {
+        Ok(groups) => groups,
+        Err(err) => return fail(err),
     };
+    let restore = RestoreInfo {
+        name: "review".into(),
+        annotations: if args.new_identity {
+            [(
+                velero_vm_restore_webhook::restores::NEW_IDENTITY_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]
+            .into()
+        } else {
+            Default::default()
+        },
+        ..Default::default()
+    };
+    let reviewer = Reviewer::new(
+        StaticGroups::new(groups),
+        StaticRestores::found(restore),
+        settings,
+        None,
+    );
     let bytes = match serde_json::to_vec(&body) {
         Ok(bytes) => bytes,
         Err(err) => return fail(err.to_string()),
     };
-    let reviewed = match reviewer.review(&bytes, None).await {
+    let reviewed = match reviewer
+        .review(&bytes, Deadline::after(Duration::from_secs(10)))
+        .await
+    {
         Ok(reviewed) => reviewed,
         Err(err) => return fail(err.to_string()),
     };

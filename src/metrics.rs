@@ -2,37 +2,114 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::fmt::Write as _;
+
+/// A label value written from a fixed set: no free-form strings in labels.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            pub fn as_str(&self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// How a request ended.
+    Outcome {
+        Allowed => "allowed",
+        Denied => "denied",
+        /// Answered (denied) because the request's deadline came first.
+        Deadline => "deadline",
+        /// The body was not a usable AdmissionReview (400).
+        BadRequest => "bad_request",
+        /// The body exceeded --max-body-bytes (413).
+        TooLarge => "too_large",
+        /// No review slot was free before the deadline (503).
+        Overloaded => "overloaded",
+    }
+}
+
+label_enum! {
+    KindLabel {
+        VirtualMachine => "VirtualMachine",
+        VirtualMachineGroup => "VirtualMachineGroup",
+        PersistentVolumeClaim => "PersistentVolumeClaim",
+        /// Out of scope, or not parsed far enough to know.
+        Other => "other",
+    }
+}
+
+label_enum! {
+    OperationLabel {
+        Create => "CREATE",
+        Update => "UPDATE",
+        Delete => "DELETE",
+        Connect => "CONNECT",
+        Unknown => "unknown",
+    }
+}
+
+label_enum! {
+    WaitResult {
+        Found => "found",
+        Missing => "missing",
+    }
+}
+
+label_enum! {
+    ReloadResult {
+        Ok => "ok",
+        Error => "error",
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReviewLabels {
-    pub kind: String,
-    pub operation: String,
-    /// allowed, denied or error.
-    pub outcome: String,
-    pub patched: String,
+    pub kind: KindLabel,
+    pub operation: OperationLabel,
+    pub outcome: Outcome,
+    pub patched: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
-    pub kind: String,
+    pub kind: KindLabel,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChangeLabels {
-    pub kind: String,
-    pub rule: String,
+    pub kind: KindLabel,
+    /// A rule id from the rule table (a fixed set).
+    pub rule: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: String,
+pub struct WaitLabels {
+    pub result: WaitResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
 }
 
 pub struct Metrics {
@@ -40,10 +117,11 @@ pub struct Metrics {
     pub reviews: Family<ReviewLabels, Counter>,
     pub review_seconds: Family<KindLabels, Histogram>,
     pub changes: Family<ChangeLabels, Counter>,
-    pub group_wait_seconds: Family<ResultLabels, Histogram>,
+    pub group_wait_seconds: Family<WaitLabels, Histogram>,
+    pub group_waits_in_progress: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub group_cache_objects: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub restore_cache_objects: Gauge<i64, std::sync::atomic::AtomicI64>,
-    pub tls_reloads: Family<ResultLabels, Counter<u64, AtomicU64>>,
+    pub tls_reloads: Family<ReloadLabels, Counter<u64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -58,7 +136,7 @@ impl Metrics {
         let reviews = Family::<ReviewLabels, Counter>::default();
         registry.register(
             "reviews",
-            "AdmissionReviews answered, by kind, operation, outcome and whether a patch was sent",
+            "AdmissionReviews answered, by kind, operation, outcome (allowed, denied, deadline, bad_request, too_large, overloaded) and whether a patch was sent",
             reviews.clone(),
         );
         let review_seconds = Family::<KindLabels, Histogram>::new_with_constructor(|| {
@@ -78,13 +156,19 @@ impl Metrics {
             "Fields removed or replaced in restored objects, by kind and rule (dry runs included)",
             changes.clone(),
         );
-        let group_wait_seconds = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
+        let group_wait_seconds = Family::<WaitLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0])
         });
         registry.register(
             "group_wait_duration_seconds",
             "Time a VM's review waited for its VirtualMachineGroup, by result (found, missing)",
             group_wait_seconds.clone(),
+        );
+        let group_waits_in_progress = Gauge::default();
+        registry.register(
+            "group_waits_in_progress",
+            "VMs waiting for their VirtualMachineGroup now",
+            group_waits_in_progress.clone(),
         );
         let group_cache_objects = Gauge::default();
         registry.register(
@@ -98,7 +182,7 @@ impl Metrics {
             "Velero Restores in the cache",
             restore_cache_objects.clone(),
         );
-        let tls_reloads = Family::<ResultLabels, Counter<u64, AtomicU64>>::default();
+        let tls_reloads = Family::<ReloadLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
             "tls_reloads",
             "Certificate reloads, by result (ok, error)",
@@ -110,6 +194,7 @@ impl Metrics {
             review_seconds,
             changes,
             group_wait_seconds,
+            group_waits_in_progress,
             group_cache_objects,
             restore_cache_objects,
             tls_reloads,
@@ -118,13 +203,13 @@ impl Metrics {
 
     /// Counts a request that could not be reviewed at all (bad body, too
     /// large, too slow, overloaded).
-    pub fn count_unreviewable(&self) {
+    pub fn count_unreviewable(&self, outcome: Outcome) {
         self.reviews
             .get_or_create(&ReviewLabels {
-                kind: "unknown".into(),
-                operation: "unknown".into(),
-                outcome: "error".into(),
-                patched: "false".into(),
+                kind: KindLabel::Other,
+                operation: OperationLabel::Unknown,
+                outcome,
+                patched: false,
             })
             .inc();
     }
@@ -149,11 +234,15 @@ mod tests {
         metrics
             .changes
             .get_or_create(&ChangeLabels {
-                kind: "VirtualMachine".into(),
-                rule: "vm-instance-uuid".into(),
+                kind: KindLabel::VirtualMachine,
+                rule: "vm-instance-uuid",
             })
             .inc();
+        metrics.count_unreviewable(Outcome::TooLarge);
         let text = metrics.render();
+        assert!(text.contains(
+            "velero_vm_restore_webhook_reviews_total{kind=\"other\",operation=\"unknown\",outcome=\"too_large\",patched=\"false\"} 1"
+        ), "{text}");
         assert!(text.contains(
             "velero_vm_restore_webhook_changes_total{kind=\"VirtualMachine\",rule=\"vm-instance-uuid\"} 1"
         ), "{text}");

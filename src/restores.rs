@@ -2,12 +2,13 @@
 //! namespace mapping (is this VM a copy beside the original?) and the
 //! per-restore override annotations.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use kube::Client;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -18,6 +19,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use crate::facts::{RestoreFacts, RestoreLookup};
 use crate::settings::GroupPolicy;
 
 /// Restore annotation: `"true"` clears guest identity even without a
@@ -30,6 +32,9 @@ pub const GROUP_POLICY_ANNOTATION: &str = "velero-vm-restore-webhook/group-polic
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RestoreInfo {
     pub name: String,
+    /// The Restore's UID: the reviewed marker carries it, so a Restore deleted
+    /// and created again under the same name still cleans its objects.
+    pub uid: Option<String>,
     /// Source namespace → target namespace.
     pub namespace_mapping: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
@@ -61,6 +66,11 @@ impl RestoreInfo {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
+            uid: object
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .filter(|uid| !uid.is_empty())
+                .map(str::to_string),
             namespace_mapping: strings(object.pointer("/spec/namespaceMapping")),
             annotations: strings(object.pointer("/metadata/annotations")),
         }
@@ -130,45 +140,22 @@ fn restore_resource() -> ApiResource {
     )
 }
 
-/// The Restore objects of one Velero namespace.
+/// The Restore objects of one Velero namespace, from a reflector.
 pub struct RestoreCache {
     namespace: String,
     store: Store<DynamicObject>,
     synced: AtomicBool,
-    client: Option<Client>,
-    /// Static mode: the answer for every label (the `review` command).
-    fixed: Option<RestoreInfo>,
+    client: Client,
     /// Labels a live GET recently found no Restore for: objects labelled by
     /// hand (or by a deleted Restore) should not cost a GET per create.
-    recent_misses: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    recent_misses: Mutex<HashMap<String, Instant>>,
 }
 
 /// How long a confirmed miss is trusted; a Restore created meanwhile still
 /// reaches the cache through the watch.
-const MISS_TTL: Duration = Duration::from_secs(10);
-
-/// How a lookup ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RestoreLookup {
-    Found(RestoreInfo),
-    NotFound,
-    Failed(String),
-}
+pub const MISS_TTL: Duration = Duration::from_secs(10);
 
 impl RestoreCache {
-    /// Answers every lookup with `fixed` (or not found), without a cluster.
-    pub fn new_static(fixed: Option<RestoreInfo>) -> Arc<RestoreCache> {
-        let writer: Writer<DynamicObject> = Writer::new(restore_resource());
-        Arc::new(RestoreCache {
-            namespace: String::new(),
-            store: writer.as_reader(),
-            synced: AtomicBool::new(true),
-            client: None,
-            fixed,
-            recent_misses: Default::default(),
-        })
-    }
-
     /// A reflector over `restores.velero.io` in `namespace`.
     pub fn live(
         client: Client,
@@ -179,8 +166,7 @@ impl RestoreCache {
             namespace: namespace.to_string(),
             store: writer.as_reader(),
             synced: AtomicBool::new(false),
-            client: Some(client.clone()),
-            fixed: None,
+            client: client.clone(),
             recent_misses: Default::default(),
         });
         let runner = {
@@ -216,65 +202,76 @@ impl RestoreCache {
         (cache, runner)
     }
 
-    pub fn is_synced(&self) -> bool {
+    fn cached(&self, label: &str) -> Option<RestoreInfo> {
+        let key = ObjectRef::new_with(label, restore_resource()).within(&self.namespace);
+        if let Some(object) = self.store.get(&key) {
+            return Some(restore_info(&object));
+        }
+        self.store
+            .state()
+            .into_iter()
+            .find(|object| {
+                object
+                    .metadata
+                    .name
+                    .as_deref()
+                    .map(label_value_for)
+                    .as_deref()
+                    == Some(label)
+            })
+            .map(|object| restore_info(&object))
+    }
+
+    fn recently_missed(&self, label: &str) -> bool {
+        self.recent_misses
+            .lock()
+            .map(|misses| misses.get(label).is_some_and(|at| at.elapsed() < MISS_TTL))
+            .unwrap_or(false)
+    }
+
+    fn remember_miss(&self, label: &str) {
+        if let Ok(mut misses) = self.recent_misses.lock() {
+            misses.retain(|_, at| at.elapsed() < MISS_TTL);
+            misses.insert(label.to_string(), Instant::now());
+        }
+    }
+}
+
+impl RestoreFacts for RestoreCache {
+    fn is_synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.store.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.store.is_empty()
-    }
-
-    pub fn namespace(&self) -> &str {
+    fn namespace(&self) -> &str {
         &self.namespace
     }
 
-    /// Finds the Restore whose `velero.io/restore-name` label value is `label`:
-    /// the cache first, then one live GET (the cache can lag behind a
-    /// just-created Restore).
-    pub async fn lookup(&self, label: &str) -> RestoreLookup {
-        if let Some(fixed) = &self.fixed {
-            return RestoreLookup::Found(fixed.clone());
-        }
-        let Some(client) = &self.client else {
-            return RestoreLookup::NotFound;
-        };
-        let key = ObjectRef::new_with(label, restore_resource()).within(&self.namespace);
-        if let Some(object) = self.store.get(&key) {
-            return RestoreLookup::Found(restore_info(&object));
-        }
-        if let Some(object) = self.store.state().into_iter().find(|object| {
-            object
-                .metadata
-                .name
-                .as_deref()
-                .map(label_value_for)
-                .as_deref()
-                == Some(label)
-        }) {
-            return RestoreLookup::Found(restore_info(&object));
-        }
-        if let Ok(misses) = self.recent_misses.lock()
-            && misses.get(label).is_some_and(|at| at.elapsed() < MISS_TTL)
-        {
-            return RestoreLookup::NotFound;
-        }
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &self.namespace, &restore_resource());
-        match api.get_opt(label).await {
-            Ok(Some(object)) => RestoreLookup::Found(restore_info(&object)),
-            Ok(None) => {
-                if let Ok(mut misses) = self.recent_misses.lock() {
-                    misses.retain(|_, at| at.elapsed() < MISS_TTL);
-                    misses.insert(label.to_string(), std::time::Instant::now());
-                }
-                RestoreLookup::NotFound
+    /// The cache first, then one live GET (the cache can lag behind a
+    /// just-created Restore). Confirmed misses are remembered for [`MISS_TTL`].
+    fn lookup<'a>(&'a self, label: &'a str) -> BoxFuture<'a, RestoreLookup> {
+        async move {
+            if let Some(info) = self.cached(label) {
+                return RestoreLookup::Found(info);
             }
-            Err(err) => RestoreLookup::Failed(err.to_string()),
+            if self.recently_missed(label) {
+                return RestoreLookup::NotFound;
+            }
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), &self.namespace, &restore_resource());
+            match api.get_opt(label).await {
+                Ok(Some(object)) => RestoreLookup::Found(restore_info(&object)),
+                Ok(None) => {
+                    self.remember_miss(label);
+                    RestoreLookup::NotFound
+                }
+                Err(err) => RestoreLookup::Failed(err.to_string()),
+            }
         }
+        .boxed()
     }
 }
 
@@ -299,17 +296,82 @@ mod tests {
 
     #[test]
     fn long_names_match_velero() {
-        assert_eq!(label_value_for("short"), "short");
-        let name = "a".repeat(70);
-        let value = label_value_for(&name);
-        assert_eq!(value.len(), 63);
-        assert!(value.starts_with(&"a".repeat(57)));
-        // sha256("a" * 70), first 6 hex characters, computed independently.
-        let digest = Sha256::digest(name.as_bytes());
-        assert_eq!(
-            &value[57..],
-            &format!("{:02x}{:02x}{:02x}", digest[0], digest[1], digest[2])[..6]
-        );
+        // Outputs of Velero v1.18.3's own label.GetValidName, run once in Go.
+        let known = [
+            ("short", "short"),
+            (&*"x".repeat(63), &*"x".repeat(63)),
+            (
+                &*"x".repeat(64),
+                "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx7ce100",
+            ),
+            (
+                &*"a".repeat(70),
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa6bd5e5",
+            ),
+            (
+                "restore-of-the-production-namespace-with-all-virtual-machines-2026-11-26",
+                "restore-of-the-production-namespace-with-all-virtual-mach02fe07",
+            ),
+        ];
+        for (name, expected) in known {
+            assert_eq!(label_value_for(name), expected, "{name}");
+        }
+    }
+
+    /// A RestoreCache on a fake API server: 404 for every Restore except
+    /// `forbidden`, which gets 403. The reflector is not started, so every
+    /// lookup misses the cache and reaches the GET path.
+    fn cache_on_fake_api() -> (Arc<RestoreCache>, Arc<std::sync::atomic::AtomicUsize>) {
+        use axum::http::{Request, Response};
+        use http_body_util::Full;
+        let gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = gets.clone();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let forbidden = request.uri().path().ends_with("/forbidden");
+                let (code, reason) = if forbidden {
+                    (403, "Forbidden")
+                } else {
+                    (404, "NotFound")
+                };
+                let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": format!("restores.velero.io is {reason}"), "reason": reason, "code": code});
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(Full::new(bytes::Bytes::from(body.to_string())))
+                        .expect("response"),
+                )
+            }
+        });
+        let (cache, _runner) = RestoreCache::live(Client::new(service, "default"), "velero");
+        (cache, gets)
+    }
+
+    #[tokio::test]
+    async fn confirmed_misses_are_cached_and_failures_are_not() {
+        let (cache, gets) = cache_on_fake_api();
+        assert_eq!(cache.lookup("gone").await, RestoreLookup::NotFound);
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
+        // Within MISS_TTL the miss is answered without a GET.
+        assert_eq!(cache.lookup("gone").await, RestoreLookup::NotFound);
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
+        // Another label is looked up.
+        assert_eq!(cache.lookup("other").await, RestoreLookup::NotFound);
+        assert_eq!(gets.load(Ordering::SeqCst), 2);
+        // A refusal is reported with the API server's words, and not cached.
+        for expected_gets in [3, 4] {
+            match cache.lookup("forbidden").await {
+                RestoreLookup::Failed(message) => {
+                    assert!(message.contains("Forbidden"), "{message}")
+                }
+                other => panic!("expected a failure, got {other:?}"),
+            }
+            assert_eq!(gets.load(Ordering::SeqCst), expected_gets);
+        }
     }
 
     #[test]

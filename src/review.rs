@@ -1,28 +1,41 @@
-//! One review from body to response: scope, the Restore's choices, the rules,
-//! the group wait, logs and metrics. Shared by `serve` and `review`.
+//! One review from body to response, shared by `serve` and `review`:
+//! parse → scope → gather facts (each step bounded by the request's one
+//! deadline) → [`decide`](crate::decide::decide) (pure) → render the decision
+//! once into the response, the log lines and the metrics.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
-use serde_json::Value;
+use kube::core::admission::{AdmissionReview, Operation};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use crate::admission::{self, ReviewError, Scope, Verdict};
-use crate::groups::{GroupCache, GroupPresence};
-use crate::metrics::{ChangeLabels, KindLabels, Metrics, ResultLabels, ReviewLabels};
-use crate::restores::{RestoreCache, RestoreLookup};
-use crate::settings::GroupPolicy;
-use crate::vmop::{self, CleanupOptions, Kind};
+use crate::admission::{self, ReviewError, Scope};
+use crate::deadline::Deadline;
+use crate::decide::{
+    self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
+};
+use crate::facts::{GroupFacts, GroupPresence, RestoreFacts};
+use crate::metrics::{
+    ChangeLabels, KindLabel, KindLabels, Metrics, OperationLabel, Outcome, ReviewLabels,
+    WaitLabels, WaitResult,
+};
+use crate::settings::{GroupPolicy, RestoreUnreadable};
+use crate::vmop::Kind;
+use crate::waits::{GroupWaits, WaitLimits, WaitOutcome};
+
+/// Kept free after a group wait for the live GET that confirms a miss.
+const CONFIRM_RESERVE: Duration = Duration::from_millis(750);
 
 #[derive(Debug, Clone)]
 pub struct ReviewSettings {
     pub group_policy: GroupPolicy,
     pub group_wait_timeout: Duration,
     pub timeout_margin: Duration,
+    pub restore_unreadable: RestoreUnreadable,
     pub disabled_rules: Arc<BTreeSet<String>>,
+    pub wait_limits: WaitLimits,
 }
 
 impl Default for ReviewSettings {
@@ -31,51 +44,79 @@ impl Default for ReviewSettings {
             group_policy: GroupPolicy::WaitThenDeny,
             group_wait_timeout: Duration::from_secs(20),
             timeout_margin: Duration::from_secs(2),
+            restore_unreadable: RestoreUnreadable::Deny,
             disabled_rules: Arc::default(),
+            wait_limits: WaitLimits::default(),
         }
     }
 }
 
 pub struct Reviewer {
-    pub groups: Arc<GroupCache>,
-    pub restores: Arc<RestoreCache>,
+    pub groups: Arc<dyn GroupFacts>,
+    pub restores: Arc<dyn RestoreFacts>,
     pub settings: ReviewSettings,
     pub metrics: Option<Arc<Metrics>>,
+    waits: GroupWaits,
+    decide_settings: DecideSettings,
 }
 
 /// What one review produced, for the server's status code and metrics.
 pub struct Reviewed {
     pub review: AdmissionReview<DynamicObject>,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
+    /// For `review`'s summary: why the object was left alone, if it was.
+    pub unchanged_because: Option<&'static str>,
 }
 
-fn operation_name(operation: &Operation) -> &'static str {
+fn operation_label(operation: &Operation) -> OperationLabel {
     match operation {
-        Operation::Create => "CREATE",
-        Operation::Update => "UPDATE",
-        Operation::Delete => "DELETE",
-        Operation::Connect => "CONNECT",
+        Operation::Create => OperationLabel::Create,
+        Operation::Update => OperationLabel::Update,
+        Operation::Delete => OperationLabel::Delete,
+        Operation::Connect => OperationLabel::Connect,
+    }
+}
+
+fn kind_label(kind: Kind) -> KindLabel {
+    match kind {
+        Kind::VirtualMachine(_) => KindLabel::VirtualMachine,
+        Kind::VirtualMachineGroup(_) => KindLabel::VirtualMachineGroup,
+        Kind::PersistentVolumeClaim => KindLabel::PersistentVolumeClaim,
     }
 }
 
 impl Reviewer {
-    /// The group wait allowed for a request whose API server deadline is
-    /// `api_timeout` (from `?timeout=`): under both bounds, with the margin.
-    pub fn wait_bound(&self, api_timeout: Option<Duration>) -> Duration {
-        let configured = self.settings.group_wait_timeout;
-        match api_timeout {
-            Some(deadline) => configured.min(deadline.saturating_sub(self.settings.timeout_margin)),
-            None => configured,
+    pub fn new(
+        groups: Arc<dyn GroupFacts>,
+        restores: Arc<dyn RestoreFacts>,
+        settings: ReviewSettings,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Reviewer {
+        let decide_settings = DecideSettings {
+            group_policy: settings.group_policy,
+            restore_unreadable: settings.restore_unreadable,
+            disabled_rules: settings.disabled_rules.clone(),
+            velero_namespace: restores.namespace().to_string(),
+        };
+        Reviewer {
+            waits: GroupWaits::new(settings.wait_limits),
+            groups,
+            restores,
+            settings,
+            metrics,
+            decide_settings,
         }
     }
 
-    /// Reviews one request body. `Err` means the body was not a usable
-    /// AdmissionReview; the caller answers 400 with [`admission::invalid`].
-    pub async fn review(
-        &self,
-        body: &[u8],
-        api_timeout: Option<Duration>,
-    ) -> Result<Reviewed, ReviewError> {
+    /// Group waits in progress now (for the metrics gauge).
+    pub fn group_waits_in_progress(&self) -> usize {
+        self.waits.in_progress()
+    }
+
+    /// Reviews one request body, answering by `deadline`. `Err` means the
+    /// body was not a usable AdmissionReview; the caller answers 400 with
+    /// [`admission::invalid`].
+    pub async fn review(&self, body: &[u8], deadline: Deadline) -> Result<Reviewed, ReviewError> {
         let span = info_span!(
             "review",
             uid = field::Empty,
@@ -89,30 +130,28 @@ impl Reviewer {
         );
         let start = tokio::time::Instant::now();
         let result = self
-            .review_in_span(body, api_timeout)
+            .review_in_span(body, deadline)
             .instrument(span.clone())
             .await;
         let elapsed = start.elapsed();
         let _entered = span.enter();
         match &result {
             Ok((reviewed, kind, operation, patched)) => {
-                span.record("outcome", reviewed.outcome);
+                span.record("outcome", reviewed.outcome.as_str());
                 span.record("patched", *patched);
                 if let Some(metrics) = &self.metrics {
                     metrics
                         .reviews
                         .get_or_create(&ReviewLabels {
-                            kind: kind.to_string(),
-                            operation: operation.to_string(),
-                            outcome: reviewed.outcome.into(),
-                            patched: patched.to_string(),
+                            kind: *kind,
+                            operation: *operation,
+                            outcome: reviewed.outcome,
+                            patched: *patched,
                         })
                         .inc();
                     metrics
                         .review_seconds
-                        .get_or_create(&KindLabels {
-                            kind: kind.to_string(),
-                        })
+                        .get_or_create(&KindLabels { kind: *kind })
                         .observe(elapsed.as_secs_f64());
                 }
                 debug!(elapsed_ms = elapsed.as_millis() as u64, "review answered");
@@ -120,7 +159,7 @@ impl Reviewer {
             Err(err) => {
                 warn!(error = %err, "request could not be reviewed");
                 if let Some(metrics) = &self.metrics {
-                    metrics.count_unreviewable();
+                    metrics.count_unreviewable(Outcome::BadRequest);
                 }
             }
         }
@@ -130,244 +169,252 @@ impl Reviewer {
     async fn review_in_span(
         &self,
         body: &[u8],
-        api_timeout: Option<Duration>,
-    ) -> Result<(Reviewed, &'static str, &'static str, bool), ReviewError> {
+        deadline: Deadline,
+    ) -> Result<(Reviewed, KindLabel, OperationLabel, bool), ReviewError> {
         let input = admission::parse_review(body)?;
         let request = &input.request;
         let span = Span::current();
-        let operation = operation_name(&request.operation);
+        let operation = operation_label(&request.operation);
         span.record("uid", request.uid.as_str());
-        span.record("operation", operation);
+        span.record("operation", operation.as_str());
         span.record("dry_run", request.dry_run);
 
         let (kind, restore) = match admission::scope(request, input.object.as_ref()) {
             Scope::Out(reason) => {
                 debug!(kind = %request.kind.kind, reason, "allowed unchanged: out of scope");
-                let review = admission::respond(request, &Verdict::default()).into_review();
-                return Ok((
-                    Reviewed {
-                        review,
-                        outcome: "allowed",
-                    },
-                    "other",
-                    operation,
-                    false,
-                ));
+                let review = admission::respond(request, &Default::default()).into_review();
+                let reviewed = Reviewed {
+                    review,
+                    outcome: Outcome::Allowed,
+                    unchanged_because: Some(reason),
+                };
+                return Ok((reviewed, KindLabel::Other, operation, false));
             }
             Scope::In { kind, restore } => (kind, restore),
         };
-        let object = input.object.as_ref().unwrap_or(&Value::Null);
+        let object = input.object.as_ref().unwrap_or(&serde_json::Value::Null);
         let object_label = admission::object_label(kind.name(), request, input.object.as_ref());
         span.record("kind", kind.name());
         span.record("object", object_label.as_str());
         span.record("restore", restore.as_str());
 
-        let verdict = self
-            .decide(request, kind, &restore, object, &object_label, api_timeout)
-            .await;
-        let patched = verdict.denial.is_none() && !verdict.changes.is_empty();
-        let outcome = if verdict.denial.is_some() {
-            "denied"
-        } else {
-            "allowed"
+        let subject = Subject {
+            kind,
+            restore_label: &restore,
+            namespace: request.namespace.as_deref().unwrap_or_default(),
+            object,
+            object_label: &object_label,
+            dry_run: request.dry_run,
         };
-        self.report(kind, &restore, &object_label, request.dry_run, &verdict);
-        let review = admission::respond(request, &verdict).into_review();
-        Ok((
-            Reviewed { review, outcome },
-            kind.name(),
-            operation,
-            patched,
-        ))
+        let facts = self.gather(&subject, deadline).await;
+        let decision = decide::decide(&subject, &facts, &self.decide_settings);
+        let outcome = match decision.deny_reason {
+            None => Outcome::Allowed,
+            Some(DenyReason::Deadline) => Outcome::Deadline,
+            Some(_) => Outcome::Denied,
+        };
+        let patched = decision.verdict.denial.is_none() && !decision.verdict.changes.is_empty();
+        self.report(&subject, &decision);
+        let review = admission::respond(request, &decision.verdict).into_review();
+        let reviewed = Reviewed {
+            review,
+            outcome,
+            unchanged_because: decision.unchanged_because,
+        };
+        Ok((reviewed, kind_label(kind), operation, patched))
     }
 
-    async fn decide(
-        &self,
-        request: &AdmissionRequest<DynamicObject>,
-        kind: Kind,
-        restore: &str,
-        object: &Value,
-        object_label: &str,
-        api_timeout: Option<Duration>,
-    ) -> Verdict {
-        let namespace = request.namespace.clone().unwrap_or_default();
-        let mut verdict = Verdict::default();
-        let mut options = CleanupOptions {
-            new_identity: false,
-            disabled_rules: self.settings.disabled_rules.clone(),
-        };
-        let mut policy = self.settings.group_policy;
-        if let Kind::VirtualMachine(_) = kind {
-            match self.restores.lookup(restore).await {
-                RestoreLookup::Found(info) => {
-                    let choice = info.identity_for(&namespace);
-                    options.new_identity = choice.new_identity;
-                    debug!(new_identity = choice.new_identity, because = %choice.because, "identity choice");
-                    match info.group_policy() {
-                        Some(Ok(chosen)) => policy = chosen,
-                        Some(Err(message)) => verdict.notes.push(format!(
-                            "Restore {restore}: {message}; using {}",
-                            policy.as_str()
-                        )),
-                        None => {}
-                    }
-                }
-                RestoreLookup::NotFound => verdict.notes.push(format!(
-                    "Velero Restore {restore} not found in namespace {}: guest identity kept",
-                    self.restores.namespace()
-                )),
-                RestoreLookup::Failed(err) => {
-                    warn!(error = %err, "reading the Velero Restore failed");
-                    verdict.notes.push(format!(
-                        "could not read Velero Restore {restore}: guest identity kept"
-                    ));
-                }
-            }
-        }
-
-        let plan = match vmop::plan(kind, object, &options) {
-            Ok(plan) => plan,
-            Err(err) => {
-                verdict.denial = Some(format!(
-                    "{object_label} cannot be reviewed: {err}. Fix the object in the backup (or with a Velero resource modifier) and restore again"
-                ));
-                return verdict;
-            }
-        };
-        verdict.changes = plan.changes;
-        if let Some(denial) = plan.denial {
-            verdict.denial = Some(format!("{object_label} {denial}"));
-            return verdict;
-        }
-        if options.enabled(vmop::R_REVIEWED_MARKER)
-            && let Some(marker) = vmop::marker_change(object, restore)
+    /// Everything `decide` needs from the cluster, each step bounded by the
+    /// request's deadline.
+    async fn gather(&self, subject: &Subject<'_>, deadline: Deadline) -> Facts {
+        let restore = match deadline
+            .run(self.restores.lookup(subject.restore_label))
+            .await
         {
-            verdict.changes.push(marker);
-        }
-        let Some(group) = plan.group_name else {
-            return verdict;
+            Ok(lookup) => RestoreFact::Lookup(lookup),
+            Err(_) => RestoreFact::DeadlineExceeded,
         };
-        match kind {
-            Kind::VirtualMachine(_) => {
-                self.check_group(
-                    &namespace,
-                    &group,
-                    object_label,
-                    request.dry_run,
-                    policy,
-                    api_timeout,
-                    &mut verdict,
-                )
-                .await
-            }
-            Kind::VirtualMachineGroup(_) => {
-                // Velero creates groups in name order: a child may precede its
-                // parent, so a missing parent is only worth a warning.
-                if self.groups.confirm(&namespace, &group).await != GroupPresence::Present {
-                    verdict.notes.push(format!(
-                        "parent VirtualMachineGroup {group} does not exist yet in {namespace}; restore it too"
-                    ));
-                }
-            }
-            Kind::PersistentVolumeClaim => {}
+        if let RestoreFact::Lookup(crate::facts::RestoreLookup::Failed(err)) = &restore {
+            warn!(error = %err, "reading the Velero Restore failed");
         }
-        verdict
+        let mut facts = Facts {
+            restore,
+            group: None,
+        };
+        if decide::already_reviewed(subject, &facts.restore)
+            || decide::denied_before_group(subject, &facts.restore, &self.decide_settings)
+        {
+            return facts;
+        }
+        // A malformed object is denied by `decide` with the field's name.
+        let Ok(Some(group)) = crate::vmop::group_name(subject.kind, subject.object) else {
+            return facts;
+        };
+        let fact = match subject.kind {
+            Kind::VirtualMachine(_) => {
+                let (policy, _) = decide::group_policy(&self.decide_settings, &facts.restore);
+                self.vm_group_fact(subject, &group, policy, deadline).await
+            }
+            _ => {
+                self.confirm(subject.namespace, &group, deadline, Duration::ZERO, None)
+                    .await
+            }
+        };
+        facts.group = Some((group, fact));
+        facts
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn check_group(
+    async fn confirm(
         &self,
         namespace: &str,
         group: &str,
-        object_label: &str,
-        dry_run: bool,
+        deadline: Deadline,
+        waited: Duration,
+        not_waited: Option<crate::waits::NoWait>,
+    ) -> GroupFact {
+        let presence = deadline
+            .run(self.groups.confirm(namespace, group))
+            .await
+            .unwrap_or_else(|_| {
+                GroupPresence::Unknown("it did not finish before the API server's deadline".into())
+            });
+        match presence {
+            GroupPresence::Present => GroupFact::Present { waited },
+            GroupPresence::Missing => GroupFact::Missing {
+                waited,
+                not_waited,
+                live_error: None,
+            },
+            GroupPresence::Unknown(err) => GroupFact::Missing {
+                waited,
+                not_waited,
+                live_error: Some(err),
+            },
+        }
+    }
+
+    async fn vm_group_fact(
+        &self,
+        subject: &Subject<'_>,
+        group: &str,
         policy: GroupPolicy,
-        api_timeout: Option<Duration>,
-        verdict: &mut Verdict,
-    ) {
-        // Dry runs and the deny policy never wait: nothing else is being
+        deadline: Deadline,
+    ) -> GroupFact {
+        let namespace = subject.namespace;
+        if self.groups.contains(namespace, group) {
+            return GroupFact::Present {
+                waited: Duration::ZERO,
+            };
+        }
+        // Dry runs and the other policies never wait: nothing else is being
         // restored alongside them.
-        let bound = if dry_run || policy != GroupPolicy::WaitThenDeny {
-            Duration::ZERO
+        let may_wait = !subject.dry_run && policy == GroupPolicy::WaitThenDeny;
+        let reserve = CONFIRM_RESERVE.min(deadline.remaining() / 4);
+        let until = deadline
+            .min_after(self.settings.group_wait_timeout)
+            .at()
+            .min(deadline.at().checked_sub(reserve).unwrap_or(deadline.at()));
+        let (waited, not_waited) = if !may_wait {
+            (Duration::ZERO, None)
+        } else if let Some(ago) = self.waits.recent_miss(namespace, group) {
+            (
+                Duration::ZERO,
+                Some(crate::waits::NoWait::RecentMiss { ago }),
+            )
         } else {
-            self.wait_bound(api_timeout)
-        };
-        if !bound.is_zero() && !self.groups.contains(namespace, group) {
             info!(
                 group,
-                bound_ms = bound.as_millis() as u64,
+                bound_ms = until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis() as u64,
                 "VM waits for its VirtualMachineGroup"
             );
-        }
-        let (cached, waited) = self.groups.wait_for(namespace, group, bound).await;
-        let presence = if cached {
-            GroupPresence::Present
-        } else {
-            self.groups.confirm(namespace, group).await
+            if let Some(metrics) = &self.metrics {
+                metrics.group_waits_in_progress.inc();
+            }
+            let outcome = self
+                .waits
+                .wait(self.groups.as_ref(), namespace, group, until)
+                .await;
+            if let Some(metrics) = &self.metrics {
+                metrics.group_waits_in_progress.dec();
+            }
+            match outcome {
+                WaitOutcome::Appeared { waited } => {
+                    self.observe_wait(WaitResult::Found, waited);
+                    info!(
+                        group,
+                        waited_ms = waited.as_millis() as u64,
+                        found = true,
+                        "waited for VirtualMachineGroup"
+                    );
+                    self.waits.forget_miss(namespace, group);
+                    return GroupFact::Present { waited };
+                }
+                WaitOutcome::TimedOut { waited } => (waited, None),
+                WaitOutcome::NotWaited(why) => (Duration::ZERO, Some(why)),
+            }
         };
-        if let Some(metrics) = &self.metrics {
-            let result = if presence == GroupPresence::Present {
-                "found"
-            } else {
-                "missing"
-            };
-            metrics
-                .group_wait_seconds
-                .get_or_create(&ResultLabels {
-                    result: result.into(),
-                })
-                .observe(waited.as_secs_f64());
-        }
-        if waited >= Duration::from_millis(1) {
+        let fact = self
+            .confirm(namespace, group, deadline, waited, not_waited)
+            .await;
+        let found = matches!(fact, GroupFact::Present { .. });
+        if may_wait && not_waited.is_none() {
+            self.observe_wait(
+                if found {
+                    WaitResult::Found
+                } else {
+                    WaitResult::Missing
+                },
+                waited,
+            );
             info!(
                 group,
                 waited_ms = waited.as_millis() as u64,
-                found = (presence == GroupPresence::Present),
+                found,
                 "waited for VirtualMachineGroup"
             );
         }
-        let missing_detail = match presence {
-            GroupPresence::Present => return,
-            GroupPresence::Missing => String::new(),
-            GroupPresence::Unknown(err) => format!(" (and the live check failed: {err})"),
-        };
-        let waited_text = if bound.is_zero() {
-            String::new()
-        } else {
-            format!(" after waiting {:.1}s", waited.as_secs_f64())
-        };
-        match policy {
-            GroupPolicy::AllowWithWarning => verdict.notes.push(format!(
-                "VirtualMachineGroup {group} does not exist in {namespace}: VM admitted, but it waits for its group"
-            )),
-            GroupPolicy::Deny | GroupPolicy::WaitThenDeny => {
-                verdict.denial = Some(format!(
-                    "{object_label} names VirtualMachineGroup {group:?} (spec.groupName), which does not exist in namespace {namespace}{waited_text}{missing_detail}. \
-                     Restore the group first: include virtualmachinegroups.vmoperator.vmware.com in the restore and keep it before virtualmachines \
-                     in --restore-resource-priorities, or create the group, then restore again (existing objects are skipped)"
-                ));
-            }
+        match &fact {
+            GroupFact::Present { .. } => self.waits.forget_miss(namespace, group),
+            // Only a full wait that ran out, confirmed live, is remembered.
+            GroupFact::Missing {
+                live_error: None, ..
+            } if may_wait && not_waited.is_none() => self.waits.remember_miss(namespace, group),
+            GroupFact::Missing { .. } => {}
+        }
+        fact
+    }
+
+    fn observe_wait(&self, result: WaitResult, waited: Duration) {
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .group_wait_seconds
+                .get_or_create(&WaitLabels { result })
+                .observe(waited.as_secs_f64());
         }
     }
 
     /// One log line and one counter per change; one line per denial.
-    fn report(
-        &self,
-        kind: Kind,
-        restore: &str,
-        object_label: &str,
-        dry_run: bool,
-        verdict: &Verdict,
-    ) {
-        if let Some(denial) = &verdict.denial {
-            warn!(restore, object = object_label, dry_run, reason = %denial, "denied restored object");
+    fn report(&self, subject: &Subject<'_>, decision: &Decision) {
+        let (restore, object, dry_run) =
+            (subject.restore_label, subject.object_label, subject.dry_run);
+        let verdict = &decision.verdict;
+        if let Some(because) = decision.unchanged_because {
+            debug!(restore, object, because, "left unchanged");
             return;
         }
+        if let Some(denial) = &verdict.denial {
+            let reason = decision.deny_reason.map(|r| r.as_str()).unwrap_or("rule");
+            warn!(restore, object, dry_run, deny_reason = reason, reason = %denial, "denied restored object");
+            return;
+        }
+        let kind = kind_label(subject.kind);
         for change in &verdict.changes {
             info!(
                 restore,
-                kind = kind.name(),
-                object = object_label,
+                kind = kind.as_str(),
+                object,
                 path = %change.field(),
                 rule = change.rule,
                 dry_run,
@@ -378,14 +425,14 @@ impl Reviewer {
                 metrics
                     .changes
                     .get_or_create(&ChangeLabels {
-                        kind: kind.name().into(),
-                        rule: change.rule.into(),
+                        kind,
+                        rule: change.rule,
                     })
                     .inc();
             }
         }
         for note in &verdict.notes {
-            warn!(restore, object = object_label, dry_run, "{note}");
+            warn!(restore, object, dry_run, "{note}");
         }
     }
 }

@@ -26,9 +26,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, ReviewError};
-use crate::metrics::Metrics;
+use crate::deadline::Deadline;
+use crate::metrics::{Metrics, Outcome};
 use crate::review::Reviewer;
-use crate::settings::{self, ServeArgs};
+use crate::settings::ServeArgs;
 use crate::tls::{ReloadingCert, TlsError};
 
 /// The limits the server enforces, from [`ServeArgs`].
@@ -38,6 +39,11 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub request_read_timeout: Duration,
     pub max_concurrent_reviews: usize,
+    pub max_connections: usize,
+    /// Subtracted from the API server's `?timeout=` to fix each request's deadline.
+    pub timeout_margin: Duration,
+    /// On shutdown: serve with /readyz failing for this long, then stop accepting.
+    pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
     pub bench_noop_route: bool,
 }
@@ -48,7 +54,10 @@ impl From<&ServeArgs> for Limits {
             max_body_bytes: args.max_body_bytes,
             header_read_timeout: args.header_read_timeout,
             request_read_timeout: args.request_read_timeout,
-            max_concurrent_reviews: args.max_concurrent_reviews.max(1),
+            max_concurrent_reviews: args.max_concurrent_reviews.max(1) as usize,
+            max_connections: args.max_connections.max(1) as usize,
+            timeout_margin: args.rules.timeout_margin,
+            drain_delay: args.shutdown_drain_delay,
             shutdown_timeout: args.shutdown_timeout,
             bench_noop_route: args.bench_noop_route,
         }
@@ -81,16 +90,19 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
 
 fn error_response(state: &AppState, status: StatusCode, err: ReviewError) -> Response {
     warn!(status = status.as_u16(), error = %err, "request rejected");
-    state.metrics.count_unreviewable();
+    let outcome = match &err {
+        ReviewError::TooLarge { .. } => Outcome::TooLarge,
+        ReviewError::Overloaded => Outcome::Overloaded,
+        ReviewError::ReadTimeout | ReviewError::SlotDeadline => Outcome::Deadline,
+        _ => Outcome::BadRequest,
+    };
+    state.metrics.count_unreviewable(outcome);
     json_response(status, &admission::invalid(&err))
 }
 
 /// The `?timeout=10s` the API server appends to the webhook URL.
 fn api_timeout(uri: &Uri) -> Option<Duration> {
-    uri.query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("timeout="))
-        .and_then(|value| settings::humantime_duration(value).ok())
+    crate::deadline::api_timeout_from_query(uri.query()?)
 }
 
 async fn mutate(
@@ -99,6 +111,12 @@ async fn mutate(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // One deadline for the whole request, fixed on arrival.
+    let deadline = Deadline::for_request(
+        tokio::time::Instant::now(),
+        api_timeout(&uri),
+        state.limits.timeout_margin,
+    );
     let limit = state.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -111,12 +129,20 @@ async fn mutate(
             ReviewError::TooLarge { limit },
         );
     }
-    let read = tokio::time::timeout(
-        state.limits.request_read_timeout,
-        Limited::new(body, limit).collect(),
-    )
-    .await;
-    let bytes = match read {
+    // The slot comes before the body: at most max_concurrent_reviews bodies
+    // are buffered at once.
+    let _slot = match deadline.run(state.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) | Err(_) => {
+            return error_response(
+                &state,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ReviewError::Overloaded,
+            );
+        }
+    };
+    let read_deadline = deadline.min_after(state.limits.request_read_timeout);
+    let bytes = match read_deadline.run(Limited::new(body, limit).collect()).await {
         Err(_) => {
             return error_response(
                 &state,
@@ -140,17 +166,7 @@ async fn mutate(
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    let api_timeout = api_timeout(&uri);
-    let slot_wait = api_timeout.unwrap_or(Duration::from_secs(10));
-    let Ok(Ok(_slot)) = tokio::time::timeout(slot_wait, state.slots.clone().acquire_owned()).await
-    else {
-        return error_response(
-            &state,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ReviewError::Overloaded,
-        );
-    };
-    match state.reviewer.review(&bytes, api_timeout).await {
+    match state.reviewer.review(&bytes, deadline).await {
         Ok(reviewed) => json_response(StatusCode::OK, &reviewed.review),
         Err(err) => json_response(StatusCode::BAD_REQUEST, &admission::invalid(&err)),
     }
@@ -199,6 +215,10 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         .metrics
         .restore_cache_objects
         .set(reviewer.restores.len() as i64);
+    state
+        .metrics
+        .group_waits_in_progress
+        .set(reviewer.group_waits_in_progress() as i64);
     (
         StatusCode::OK,
         [(
@@ -276,10 +296,23 @@ impl Bound {
 
         let acceptor = TlsAcceptor::from(Arc::new(certificate.server_config()?));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
+        {
+            // Readiness fails at once; serving goes on for the drain delay,
+            // so endpoints stop routing here before the listener closes.
+            let shutting_down = state.shutting_down.clone();
+            let drain_delay = limits.drain_delay;
+            tokio::spawn(async move {
+                shutdown.await;
+                shutting_down.store(true, Ordering::SeqCst);
+                info!(
+                    drain_delay_ms = drain_delay.as_millis() as u64,
+                    "shutting down: /readyz fails now; still serving during the drain delay"
+                );
+                tokio::time::sleep(drain_delay).await;
+                let _ = stop_tx.send(true);
+            });
+        }
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
 
         let metrics_server = tokio::spawn(
             axum::serve(self.metrics_listener, metrics_app)
@@ -294,7 +327,13 @@ impl Bound {
         loop {
             tokio::select! {
                 _ = &mut stopped => break,
-                accepted = self.tls_listener.accept() => {
+                // At the connection cap, further clients wait in the backlog.
+                permit = connections.clone().acquire_owned() => {
+                    let Ok(permit) = permit else { break };
+                    let accepted = tokio::select! {
+                        _ = &mut stopped => break,
+                        accepted = self.tls_listener.accept() => accepted,
+                    };
                     let (tcp, peer) = match accepted {
                         Ok(connection) => connection,
                         Err(err) => {
@@ -309,6 +348,7 @@ impl Bound {
                     let watcher = graceful.watcher();
                     let limits = limits.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let tls = match tokio::time::timeout(limits.request_read_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
                             Ok(Err(err)) => {
@@ -337,7 +377,7 @@ impl Bound {
         drop(self.tls_listener);
         info!(
             connections = graceful.count(),
-            "shutting down: draining in-flight reviews"
+            "drain delay over: no longer accepting; finishing in-flight reviews"
         );
         if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
             .await
@@ -365,5 +405,15 @@ mod tests {
         assert_eq!(api_timeout(&uri), Some(Duration::from_secs(10)));
         let uri: Uri = "/mutate".parse().unwrap();
         assert_eq!(api_timeout(&uri), None);
+        // Absurd values are ignored rather than trusted (and never panic).
+        for query in [
+            "timeout=99999999999999999999s",
+            "timeout=1e308h",
+            "timeout=-5s",
+            "timeout=%FF",
+        ] {
+            let uri: Uri = format!("/mutate?{query}").parse().unwrap();
+            assert_eq!(api_timeout(&uri), None, "{query}");
+        }
     }
 }

@@ -37,6 +37,17 @@ impl GroupPolicy {
     }
 }
 
+/// What to do with a restored VM when its Velero Restore cannot be read in
+/// time (RBAC, API server trouble): it might be a copy beside its original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum RestoreUnreadable {
+    /// Deny, naming the error: fail closed.
+    #[default]
+    Deny,
+    /// Admit with the original's guest identity (MACs, addresses, BIOS UUID) and a warning.
+    KeepIdentity,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum LogFormat {
     #[default]
@@ -59,6 +70,10 @@ pub struct RuleArgs {
     /// Time kept free before the API server's deadline to answer in.
     #[arg(long, env = "VMRW_TIMEOUT_MARGIN", value_parser = humantime_duration, default_value = "2s")]
     pub timeout_margin: Duration,
+
+    /// What to do with a VM whose Velero Restore cannot be read in time.
+    #[arg(long, env = "VMRW_RESTORE_UNREADABLE", value_enum, default_value_t = RestoreUnreadable::Deny)]
+    pub restore_unreadable: RestoreUnreadable,
 
     /// Rule ids to turn off (repeat, or comma-separate in the variable).
     #[arg(
@@ -129,11 +144,41 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_REQUEST_READ_TIMEOUT", value_parser = humantime_duration, default_value = "10s")]
     pub request_read_timeout: Duration,
 
-    /// Reviews evaluated at once; more wait for a slot until their deadline.
-    #[arg(long, env = "VMRW_MAX_CONCURRENT_REVIEWS", default_value_t = 256)]
-    pub max_concurrent_reviews: usize,
+    /// Reviews in progress at once, from reading the body to answering; more
+    /// wait for a slot until their deadline. Bounds memory: at most this many
+    /// bodies of --max-body-bytes are held (group waits not included).
+    #[arg(long, env = "VMRW_MAX_CONCURRENT_REVIEWS", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_concurrent_reviews: u32,
 
-    /// On SIGTERM, how long in-flight reviews may take to finish.
+    /// Open HTTPS connections at once; further connections wait in the
+    /// listen backlog.
+    #[arg(long, env = "VMRW_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// VMs waiting for their VirtualMachineGroup at once, over all namespaces.
+    /// A VM beyond it is not held: its group is checked once.
+    #[arg(long, env = "VMRW_MAX_GROUP_WAITS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_group_waits: u32,
+
+    /// VMs waiting for groups at once in one namespace.
+    #[arg(long, env = "VMRW_MAX_GROUP_WAITS_PER_NAMESPACE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_group_waits_per_namespace: u32,
+
+    /// After a wait for a group ran out, later VMs naming that group are
+    /// answered at once for this long (0s: always wait).
+    #[arg(long, env = "VMRW_GROUP_MISS_MEMORY", value_parser = humantime_duration, default_value = "30s")]
+    pub group_miss_memory: Duration,
+
+    /// On SIGTERM, how long the server keeps serving with /readyz failing,
+    /// so that endpoints stop routing to it before it stops accepting.
+    #[arg(long, env = "VMRW_SHUTDOWN_DRAIN_DELAY", value_parser = humantime_duration, default_value = "5s")]
+    pub shutdown_drain_delay: Duration,
+
+    /// After the drain delay, how long in-flight reviews may take to finish.
     #[arg(long, env = "VMRW_SHUTDOWN_TIMEOUT", value_parser = humantime_duration, default_value = "30s")]
     pub shutdown_timeout: Duration,
 
@@ -142,16 +187,25 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_BENCH_NOOP_ROUTE", default_value_t = false)]
     pub bench_noop_route: bool,
 
-    /// Run without a cluster: empty group cache, no Restore lookups. For
-    /// benchmarks and local trials only.
+    /// Run without a cluster: only the groups given with --group exist, and
+    /// no Velero Restore is found. For benchmarks and local trials only.
     #[arg(long, env = "VMRW_NO_KUBE", default_value_t = false)]
     pub no_kube: bool,
+
+    /// With --no-kube: a VirtualMachineGroup that exists, as NAMESPACE/NAME
+    /// (repeatable).
+    #[arg(long = "group", value_name = "NAMESPACE/NAME", requires = "no_kube")]
+    pub groups: Vec<String>,
 
     #[command(flatten)]
     pub rules: RuleArgs,
 }
 
-/// Parses `250ms`, `20s`, `1m`.
+/// The longest duration any setting takes: larger values are refused, so
+/// that no deadline arithmetic can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Parses `250ms`, `20s`, `1m` (at most a week). Never panics.
 pub fn humantime_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text
@@ -171,7 +225,10 @@ pub fn humantime_duration(text: &str) -> Result<Duration, String> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("{text:?} is not a valid duration"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) if duration <= MAX_DURATION => Ok(duration),
+        _ => Err(format!("{text:?} is longer than a week")),
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +246,11 @@ mod tests {
         assert_eq!(humantime_duration("1m").unwrap(), Duration::from_secs(60));
         assert!(humantime_duration("soon").is_err());
         assert!(humantime_duration("5d").is_err());
+        // Huge values are refused, not a panic.
+        assert!(humantime_duration("99999999999999999999s").is_err());
+        assert!(humantime_duration("1e300h").is_err());
+        assert!(humantime_duration("8d").is_err());
+        assert_eq!(humantime_duration("168h").unwrap(), MAX_DURATION);
     }
 
     #[test]
@@ -207,6 +269,7 @@ mod tests {
             group_policy: GroupPolicy::WaitThenDeny,
             group_wait_timeout: Duration::from_secs(1),
             timeout_margin: Duration::from_secs(1),
+            restore_unreadable: RestoreUnreadable::Deny,
             disabled_rules: vec!["vm-instance-uuid".into(), "nope".into()],
         };
         assert!(args.disabled_rule_set().unwrap_err().contains("nope"));

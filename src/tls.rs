@@ -20,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tracing::{error, info};
 
-use crate::metrics::{Metrics, ResultLabels};
+use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -157,7 +157,8 @@ impl ReloadingCert {
     /// read (e.g. mid-rotation, key written before the certificate) keeps the
     /// old certificate and is retried next time.
     pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Option<Arc<Metrics>>) {
-        let mut ticker = tokio::time::interval(interval);
+        // A zero interval would spin (and tokio refuses it).
+        let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error: Option<String> = None;
         loop {
@@ -166,7 +167,7 @@ impl ReloadingCert {
                 Ok(true) => {
                     info!(cert = %self.cert_path.display(), "serving certificate reloaded");
                     last_error = None;
-                    Some("ok")
+                    Some(ReloadResult::Ok)
                 }
                 Ok(false) => {
                     last_error = None;
@@ -180,15 +181,13 @@ impl ReloadingCert {
                     }
                     let first = last_error.is_none();
                     last_error = Some(message);
-                    first.then_some("error")
+                    first.then_some(ReloadResult::Error)
                 }
             };
             if let (Some(result), Some(metrics)) = (result, &metrics) {
                 metrics
                     .tls_reloads
-                    .get_or_create(&ResultLabels {
-                        result: result.into(),
-                    })
+                    .get_or_create(&ReloadLabels { result })
                     .inc();
             }
         }

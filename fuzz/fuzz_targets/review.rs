@@ -1,6 +1,8 @@
 //! Fuzzes the whole review handler: any body must produce a response or a
 //! clear error, never a panic, and an allowed response's patch must apply to
-//! the object it was computed for.
+//! the object it was computed for. An input starting with `?` carries the
+//! URL's query string on its first line (the API server's `?timeout=`),
+//! which fixes the request's deadline.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -8,8 +10,8 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-use velero_vm_restore_webhook::groups::GroupCache;
-use velero_vm_restore_webhook::restores::RestoreCache;
+use velero_vm_restore_webhook::deadline::{Deadline, api_timeout_from_query};
+use velero_vm_restore_webhook::facts::{StaticGroups, StaticRestores};
 use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
 
 struct Harness {
@@ -24,24 +26,36 @@ fn harness() -> &'static Harness {
             .enable_time()
             .build()
             .expect("runtime"),
-        reviewer: Reviewer {
-            groups: GroupCache::new_static([("prod", "web-tier")]),
-            restores: RestoreCache::new_static(None),
-            settings: ReviewSettings {
+        reviewer: Reviewer::new(
+            StaticGroups::new([("prod", "web-tier")]),
+            StaticRestores::none(),
+            ReviewSettings {
                 group_wait_timeout: std::time::Duration::ZERO,
                 ..ReviewSettings::default()
             },
-            metrics: None,
-        },
+            None,
+        ),
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let harness = harness();
-    let Ok(reviewed) = harness
-        .runtime
-        .block_on(harness.reviewer.review(data, None))
-    else {
+    let (query, data) = match data.strip_prefix(b"?") {
+        Some(rest) => match rest.iter().position(|&byte| byte == b'\n') {
+            Some(end) => (std::str::from_utf8(&rest[..end]).ok(), &rest[end + 1..]),
+            None => (std::str::from_utf8(rest).ok(), &[][..]),
+        },
+        None => (None, data),
+    };
+    let reviewed = harness.runtime.block_on(async {
+        let deadline = Deadline::for_request(
+            tokio::time::Instant::now(),
+            query.and_then(api_timeout_from_query),
+            std::time::Duration::from_secs(2),
+        );
+        harness.reviewer.review(data, deadline).await
+    });
+    let Ok(reviewed) = reviewed else {
         return;
     };
     let response = reviewed

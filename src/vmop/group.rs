@@ -87,16 +87,20 @@ pub fn plan(object: &Value, options: &CleanupOptions) -> Result<Plan, ShapeError
             &mut changes,
         )?;
     }
-    let group_name = match shape::map(root, "", "spec")? {
+    Ok(Plan {
+        changes,
+        group_name: group_name(object)?,
+        denial: None,
+    })
+}
+
+/// The parent group a child group names (`spec.groupName`); empty is none.
+pub fn group_name(object: &Value) -> Result<Option<String>, ShapeError> {
+    Ok(match shape::map(shape::root(object)?, "", "spec")? {
         Some(spec) => shape::string(spec, "spec", "groupName")?
             .filter(|name| !name.is_empty())
             .map(str::to_string),
         None => None,
-    };
-    Ok(Plan {
-        changes,
-        group_name,
-        denial: None,
     })
 }
 

@@ -23,28 +23,54 @@ pub const RESTORE_NAME_LABEL: &str = "velero.io/restore-name";
 /// at an older API version; its conversion copies fields (and status) back.
 pub const CONVERSION_ANNOTATION: &str = "vmoperator.vmware.com/conversion";
 
-/// Set on every restored object the webhook admits, to the restore's name.
-/// With `reinvocationPolicy: IfNeeded` the API server calls the webhook again
-/// after VM Operator's own mutating webhook has set fresh defaults (a new
-/// `instanceUUID`, `biosUUID`, power-state time); the marker tells that second
-/// call the object was already cleaned for this restore, so those new values
-/// stay. A later restore of a backup of this object carries another
-/// restore's name and is cleaned again.
+/// Set on restored VMs and groups the webhook admits (and on PVCs it
+/// changed), to `<restore>/<restore UID>`. With `reinvocationPolicy:
+/// IfNeeded` the API server calls the webhook again after VM Operator's own
+/// mutating webhook has set fresh defaults (a new `instanceUUID`, `biosUUID`,
+/// power-state time); the marker tells that second call the object was
+/// already cleaned for this restore, so those new values stay. A later
+/// restore of a backup of this object, even by a Restore re-created under
+/// the same name, has another UID and is cleaned again.
 pub const REVIEWED_ANNOTATION: &str = "velero-vm-restore-webhook/reviewed-for-restore";
 pub const R_REVIEWED_MARKER: &str = "reviewed-marker";
 
-/// The change that sets the marker to `restore`, if it is not set already.
-pub fn marker_change(object: &serde_json::Value, restore: &str) -> Option<Change> {
+/// The marker's value: `<restore>/<uid>`, or `<restore>` when the Restore
+/// object could not be read.
+pub fn marker_value(restore_label: &str, uid: Option<&str>) -> String {
+    match uid {
+        Some(uid) => format!("{restore_label}/{uid}"),
+        None => restore_label.to_string(),
+    }
+}
+
+/// Whether the object's marker says it was reviewed for this restore. With
+/// the UID known it must match exactly; without it, the name must.
+pub fn marker_matches(object: &serde_json::Value, restore_label: &str, uid: Option<&str>) -> bool {
+    let Some(current) = object
+        .pointer("/metadata/annotations")
+        .and_then(|annotations| annotations.get(REVIEWED_ANNOTATION))
+        .and_then(serde_json::Value::as_str)
+    else {
+        return false;
+    };
+    match uid {
+        Some(_) => current == marker_value(restore_label, uid),
+        None => current.split('/').next() == Some(restore_label),
+    }
+}
+
+/// The change that sets the marker to `value`, if it is not set already.
+pub fn marker_change(object: &serde_json::Value, value: &str) -> Option<Change> {
     use serde_json::Value;
     let metadata = object.get("metadata")?.as_object()?;
     let reason = "keeps VM Operator's new defaults on reinvocation";
     let tokens = |parts: &[&str]| parts.iter().map(|part| part.to_string()).collect();
-    let marker = Value::String(restore.into());
+    let marker = Value::String(value.into());
     match metadata.get("annotations") {
         Some(Value::Object(annotations)) => {
             let path = tokens(&["metadata", "annotations", REVIEWED_ANNOTATION]);
             match annotations.get(REVIEWED_ANNOTATION) {
-                Some(Value::String(current)) if current == restore => None,
+                Some(Value::String(current)) if current == value => None,
                 Some(_) => Some(Change::replace(path, marker, R_REVIEWED_MARKER, reason)),
                 None => Some(Change::add(path, marker, R_REVIEWED_MARKER, reason)),
             }
@@ -171,6 +197,16 @@ pub fn plan(
     }
 }
 
+/// The group an object names, for the facts a review gathers before it
+/// decides: a VM's group, or a child group's parent.
+pub fn group_name(kind: Kind, object: &serde_json::Value) -> Result<Option<String>, ShapeError> {
+    match kind {
+        Kind::VirtualMachine(version) => vm::group_name(object, version),
+        Kind::VirtualMachineGroup(_) => group::group_name(object),
+        Kind::PersistentVolumeClaim => Ok(None),
+    }
+}
+
 /// One documented rule: what the README's table and `--disable-rule` name.
 #[derive(Debug, Clone, Copy)]
 pub struct RuleDoc {
@@ -188,7 +224,7 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     docs.push(RuleDoc {
         id: R_REVIEWED_MARKER,
         kind: "all three",
-        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>` on every admitted object",
+        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>/<restore UID>` on admitted VMs and groups, and on PVCs it changed",
         why: "on reinvocation (`IfNeeded`) the object is left alone, so VM Operator's fresh `instanceUUID`, `biosUUID` and power-state time survive",
     });
     docs

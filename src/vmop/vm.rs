@@ -368,34 +368,42 @@ pub fn plan(
 ) -> Result<Plan, ShapeError> {
     let root = shape::root(object)?;
     let mut changes = object_changes(root, options)?;
-    let copy = conversion_copy(root)?;
-
-    let mut group_name = match shape::map(root, "", "spec")? {
-        Some(spec) => shape::string(spec, "spec", "groupName")?.map(str::to_string),
-        None => None,
-    };
-    if let Some(copy) = &copy {
-        if version == ApiVersion::V1ALPHA1 && group_name.is_none() {
-            group_name = shape::map(shape::root(copy)?, "", "spec")?
-                .map(|spec| shape::string(spec, "conversion copy spec", "groupName"))
-                .transpose()?
-                .flatten()
-                .map(str::to_string);
-        }
-        if options.enabled(R_CONVERSION_COPY) {
-            clean_conversion_copy(
-                copy,
-                R_CONVERSION_COPY,
-                |inner| object_changes(inner, options),
-                &mut changes,
-            )?;
-        }
+    if options.enabled(R_CONVERSION_COPY)
+        && let Some(copy) = conversion_copy(root)?
+    {
+        clean_conversion_copy(
+            &copy,
+            R_CONVERSION_COPY,
+            |inner| object_changes(inner, options),
+            &mut changes,
+        )?;
     }
     Ok(Plan {
         changes,
-        group_name: group_name.filter(|name| !name.is_empty()),
+        group_name: group_name(object, version)?,
         denial: None,
     })
+}
+
+/// The VirtualMachineGroup a VM names (`spec.groupName`; at v1alpha1 only
+/// the conversion copy holds it). Empty counts as none.
+pub fn group_name(object: &Value, version: ApiVersion) -> Result<Option<String>, ShapeError> {
+    let root = shape::root(object)?;
+    let mut name = match shape::map(root, "", "spec")? {
+        Some(spec) => shape::string(spec, "spec", "groupName")?.map(str::to_string),
+        None => None,
+    };
+    if version == ApiVersion::V1ALPHA1
+        && name.is_none()
+        && let Some(copy) = conversion_copy(root)?
+    {
+        name = shape::map(shape::root(&copy)?, "", "spec")?
+            .map(|spec| shape::string(spec, "conversion copy spec", "groupName"))
+            .transpose()?
+            .flatten()
+            .map(str::to_string);
+    }
+    Ok(name.filter(|name| !name.is_empty()))
 }
 
 #[cfg(test)]

@@ -12,9 +12,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use velero_vm_restore_webhook::groups::GroupCache;
+use velero_vm_restore_webhook::facts::{RestoreFacts, StaticGroups, StaticRestores};
 use velero_vm_restore_webhook::metrics::Metrics;
-use velero_vm_restore_webhook::restores::RestoreCache;
 use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
 use velero_vm_restore_webhook::server::{self, Limits};
 use velero_vm_restore_webhook::tls::ReloadingCert;
@@ -138,6 +137,9 @@ pub fn limits() -> Limits {
         header_read_timeout: Duration::from_secs(5),
         request_read_timeout: Duration::from_secs(5),
         max_concurrent_reviews: 64,
+        max_connections: 256,
+        timeout_margin: Duration::from_secs(1),
+        drain_delay: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(10),
         bench_noop_route: true,
     }
@@ -146,7 +148,7 @@ pub fn limits() -> Limits {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub groups: Arc<GroupCache>,
+    pub groups: Arc<StaticGroups>,
     pub certificate: Arc<ReloadingCert>,
     stop: Option<oneshot::Sender<()>>,
     pub handle: JoinHandle<()>,
@@ -154,26 +156,25 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(secret: &SecretDir, settings: ReviewSettings, limits: Limits) -> TestServer {
-        TestServer::start_with_restores(secret, settings, limits, RestoreCache::new_static(None))
-            .await
+        TestServer::start_with_restores(secret, settings, limits, StaticRestores::none()).await
     }
 
     pub async fn start_with_restores(
         secret: &SecretDir,
         settings: ReviewSettings,
         limits: Limits,
-        restores: Arc<RestoreCache>,
+        restores: Arc<dyn RestoreFacts>,
     ) -> TestServer {
         let certificate =
             ReloadingCert::load(&secret.cert_path(), &secret.key_path()).expect("load cert");
         let metrics = Arc::new(Metrics::new());
-        let groups = GroupCache::new_static([]);
-        let reviewer = Arc::new(Reviewer {
-            groups: groups.clone(),
+        let groups = StaticGroups::new([]);
+        let reviewer = Arc::new(Reviewer::new(
+            groups.clone(),
             restores,
             settings,
-            metrics: Some(metrics.clone()),
-        });
+            Some(metrics.clone()),
+        ));
         let bound = server::bind(
             "127.0.0.1:0".parse().unwrap(),
             "127.0.0.1:0".parse().unwrap(),

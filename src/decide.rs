@@ -1,0 +1,517 @@
+//! The decision for one in-scope object, from the object and the facts
+//! gathered for it. Pure: no I/O, no clock. `review` gathers the facts,
+//! calls [`decide`], and renders the [`Decision`] once into the response,
+//! the logs and the metrics.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::admission::Verdict;
+use crate::facts::RestoreLookup;
+use crate::settings::{GroupPolicy, RestoreUnreadable};
+use crate::vmop::{self, CleanupOptions, Kind};
+use crate::waits::NoWait;
+
+/// The object under review, as the request names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub kind: Kind,
+    /// The `velero.io/restore-name` label value.
+    pub restore_label: &'a str,
+    pub namespace: &'a str,
+    pub object: &'a Value,
+    /// `Kind namespace/name`, for messages.
+    pub object_label: &'a str,
+    pub dry_run: bool,
+}
+
+/// What the Restore lookup gave, within the request's deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreFact {
+    Lookup(RestoreLookup),
+    /// The lookup did not finish before the request's deadline.
+    DeadlineExceeded,
+}
+
+/// What is known about the group an object names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupFact {
+    Present {
+        waited: Duration,
+    },
+    Missing {
+        waited: Duration,
+        /// Why the VM did not wait, when it could have.
+        not_waited: Option<NoWait>,
+        /// The live check failed (or ran out of time): the group may exist.
+        live_error: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub restore: RestoreFact,
+    /// The group the object names, and what is known about it.
+    pub group: Option<(String, GroupFact)>,
+}
+
+/// The settings `decide` reads.
+#[derive(Debug, Clone)]
+pub struct DecideSettings {
+    pub group_policy: GroupPolicy,
+    pub restore_unreadable: RestoreUnreadable,
+    pub disabled_rules: Arc<BTreeSet<String>>,
+    /// The Velero namespace, for messages.
+    pub velero_namespace: String,
+}
+
+/// Why an object was denied: the `reason` of logs, and the metrics outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A field has the wrong type.
+    MalformedObject,
+    /// A rule refuses the object (e.g. an instance-storage PVC).
+    Rule,
+    /// The VM's group does not exist.
+    GroupMissing,
+    /// The Restore could not be read, and the VM might be a copy.
+    RestoreUnreadable,
+    /// The request's deadline came before the facts were in.
+    Deadline,
+}
+
+impl DenyReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DenyReason::MalformedObject => "malformed_object",
+            DenyReason::Rule => "rule",
+            DenyReason::GroupMissing => "group_missing",
+            DenyReason::RestoreUnreadable => "restore_unreadable",
+            DenyReason::Deadline => "deadline",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub deny_reason: Option<DenyReason>,
+    /// Set when the object is left alone on purpose (a reinvocation).
+    pub unchanged_because: Option<&'static str>,
+}
+
+impl Decision {
+    fn deny(verdict: Verdict, reason: DenyReason, message: String) -> Decision {
+        Decision {
+            verdict: Verdict {
+                denial: Some(message),
+                ..verdict
+            },
+            deny_reason: Some(reason),
+            unchanged_because: None,
+        }
+    }
+}
+
+/// The Restore's UID, when the lookup found it.
+pub fn restore_uid(restore: &RestoreFact) -> Option<&str> {
+    match restore {
+        RestoreFact::Lookup(RestoreLookup::Found(info)) => info.uid.as_deref(),
+        _ => None,
+    }
+}
+
+/// Whether the object already carries this restore's marker: a reinvocation
+/// after a later webhook (VM Operator's) changed it.
+pub fn already_reviewed(subject: &Subject, restore: &RestoreFact) -> bool {
+    vmop::marker_matches(subject.object, subject.restore_label, restore_uid(restore))
+}
+
+/// The group policy for this restore: the Restore's annotation, or the
+/// default. The note explains an annotation that could not be used.
+pub fn group_policy(
+    settings: &DecideSettings,
+    restore: &RestoreFact,
+) -> (GroupPolicy, Option<String>) {
+    let default = settings.group_policy;
+    let RestoreFact::Lookup(RestoreLookup::Found(info)) = restore else {
+        return (default, None);
+    };
+    match info.group_policy() {
+        Some(Ok(chosen)) => (chosen, None),
+        Some(Err(message)) => (
+            default,
+            Some(format!(
+                "Restore {}: {message}; using {}",
+                info.name,
+                default.as_str()
+            )),
+        ),
+        None => (default, None),
+    }
+}
+
+/// Whether the VM is denied whatever its group: facts about the group then
+/// need not be gathered (no wait for a VM that is refused anyway).
+pub fn denied_before_group(
+    subject: &Subject,
+    facts_restore: &RestoreFact,
+    settings: &DecideSettings,
+) -> bool {
+    matches!(subject.kind, Kind::VirtualMachine(_))
+        && settings.restore_unreadable == RestoreUnreadable::Deny
+        && matches!(
+            facts_restore,
+            RestoreFact::DeadlineExceeded | RestoreFact::Lookup(RestoreLookup::Failed(_))
+        )
+}
+
+pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
+    let mut verdict = Verdict::default();
+    if already_reviewed(subject, &facts.restore) {
+        return Decision {
+            verdict,
+            deny_reason: None,
+            unchanged_because: Some("already reviewed for this restore (a reinvocation)"),
+        };
+    }
+    let label = subject.object_label;
+    let restore = subject.restore_label;
+    let mut options = CleanupOptions {
+        new_identity: false,
+        disabled_rules: settings.disabled_rules.clone(),
+    };
+    let (policy, policy_note) = group_policy(settings, &facts.restore);
+    verdict.notes.extend(policy_note);
+
+    if let Kind::VirtualMachine(_) = subject.kind {
+        let unreadable = match &facts.restore {
+            RestoreFact::Lookup(RestoreLookup::Found(info)) => {
+                options.new_identity = info.identity_for(subject.namespace).new_identity;
+                None
+            }
+            RestoreFact::Lookup(RestoreLookup::NotFound) => {
+                verdict.notes.push(format!(
+                    "Velero Restore {restore} not found in namespace {}: guest identity kept",
+                    settings.velero_namespace
+                ));
+                None
+            }
+            RestoreFact::Lookup(RestoreLookup::Failed(err)) => {
+                Some((err.clone(), DenyReason::RestoreUnreadable))
+            }
+            RestoreFact::DeadlineExceeded => Some((
+                "the lookup did not finish before the API server's deadline".to_string(),
+                DenyReason::Deadline,
+            )),
+        };
+        if let Some((why, reason)) = unreadable {
+            match settings.restore_unreadable {
+                RestoreUnreadable::Deny => {
+                    return Decision::deny(
+                        verdict,
+                        reason,
+                        format!(
+                            "{label}: could not read Velero Restore {restore} in namespace {} ({why}), so it cannot tell \
+                             whether this VM is a copy beside its original (which must not keep its MACs, addresses and BIOS UUID). \
+                             Check that the webhook may get/list/watch restores.velero.io there and that the API server is healthy, \
+                             then restore again (existing objects are skipped); or set --restore-unreadable=keep-identity",
+                            settings.velero_namespace
+                        ),
+                    );
+                }
+                RestoreUnreadable::KeepIdentity => verdict.notes.push(format!(
+                    "could not read Velero Restore {restore}: guest identity kept"
+                )),
+            }
+        }
+    }
+
+    let plan = match vmop::plan(subject.kind, subject.object, &options) {
+        Ok(plan) => plan,
+        Err(err) => {
+            return Decision::deny(
+                verdict,
+                DenyReason::MalformedObject,
+                format!(
+                    "{label} cannot be reviewed: {err}. Fix the object in the backup (or with a Velero resource modifier) and restore again"
+                ),
+            );
+        }
+    };
+    verdict.changes = plan.changes;
+    if let Some(denial) = plan.denial {
+        return Decision::deny(verdict, DenyReason::Rule, format!("{label} {denial}"));
+    }
+
+    if let Some((group, fact)) = &facts.group {
+        match (subject.kind, fact) {
+            (_, GroupFact::Present { .. }) => {}
+            (Kind::VirtualMachine(_), GroupFact::Missing { waited, not_waited, live_error }) => {
+                match policy {
+                    GroupPolicy::AllowWithWarning => verdict.notes.push(format!(
+                        "VirtualMachineGroup {group} does not exist in {}: VM admitted, but it waits for its group",
+                        subject.namespace
+                    )),
+                    GroupPolicy::Deny | GroupPolicy::WaitThenDeny => {
+                        let waited_text = if waited.is_zero() {
+                            String::new()
+                        } else {
+                            format!(" after waiting {:.1}s", waited.as_secs_f64())
+                        };
+                        let not_waited_text = not_waited
+                            .map(|why| format!(" ({})", why.describe()))
+                            .unwrap_or_default();
+                        let live_text = live_error
+                            .as_ref()
+                            .map(|err| format!(" (and the live check failed: {err})"))
+                            .unwrap_or_default();
+                        return Decision::deny(
+                            verdict,
+                            DenyReason::GroupMissing,
+                            format!(
+                                "{label} names VirtualMachineGroup {group:?} (spec.groupName), which does not exist in namespace {}{waited_text}{not_waited_text}{live_text}. \
+                                 Restore the group first: include virtualmachinegroups.vmoperator.vmware.com in the restore and keep it before virtualmachines \
+                                 in --restore-resource-priorities, or create the group, then restore again (existing objects are skipped)",
+                                subject.namespace
+                            ),
+                        );
+                    }
+                }
+            }
+            // Velero creates groups in name order: a child may precede its
+            // parent, so a missing parent is only worth a warning.
+            (_, GroupFact::Missing { .. }) => verdict.notes.push(format!(
+                "parent VirtualMachineGroup {group} does not exist yet in {}; restore it too",
+                subject.namespace
+            )),
+        }
+    }
+
+    // The marker matters only where a later webhook re-invokes this one: VM
+    // Operator mutates VMs and groups on create. A PVC gets it only when it
+    // was changed, as a record of the review.
+    let wants_marker = match subject.kind {
+        Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_) => true,
+        Kind::PersistentVolumeClaim => !verdict.changes.is_empty(),
+    };
+    if wants_marker
+        && options.enabled(vmop::R_REVIEWED_MARKER)
+        && let Some(marker) = vmop::marker_change(
+            subject.object,
+            &vmop::marker_value(restore, restore_uid(&facts.restore)),
+        )
+    {
+        verdict.changes.push(marker);
+    }
+    Decision {
+        verdict,
+        deny_reason: None,
+        unchanged_because: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restores::RestoreInfo;
+    use crate::vmop::{ApiVersion, REVIEWED_ANNOTATION};
+    use serde_json::json;
+
+    fn settings() -> DecideSettings {
+        DecideSettings {
+            group_policy: GroupPolicy::WaitThenDeny,
+            restore_unreadable: RestoreUnreadable::Deny,
+            disabled_rules: Arc::default(),
+            velero_namespace: "velero".into(),
+        }
+    }
+
+    fn subject(object: &Value) -> Subject<'_> {
+        Subject {
+            kind: Kind::VirtualMachine(ApiVersion(5)),
+            restore_label: "r1",
+            namespace: "prod",
+            object,
+            object_label: "VirtualMachine prod/vm1",
+            dry_run: false,
+        }
+    }
+
+    fn found(uid: &str, mapping: Option<(&str, &str)>) -> RestoreFact {
+        RestoreFact::Lookup(RestoreLookup::Found(RestoreInfo {
+            name: "r1".into(),
+            uid: Some(uid.into()),
+            namespace_mapping: mapping
+                .map(|(from, to)| [(from.to_string(), to.to_string())].into())
+                .unwrap_or_default(),
+            ..Default::default()
+        }))
+    }
+
+    fn vm() -> Value {
+        json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}},
+               "spec": {"instanceUUID": "u-1", "biosUUID": "b-1", "groupName": "g"}})
+    }
+
+    fn present() -> Option<(String, GroupFact)> {
+        Some((
+            "g".into(),
+            GroupFact::Present {
+                waited: Duration::ZERO,
+            },
+        ))
+    }
+
+    #[test]
+    fn unreadable_restore_denies_a_vm_by_default_and_names_the_error() {
+        let object = vm();
+        for (restore, reason) in [
+            (
+                RestoreFact::Lookup(RestoreLookup::Failed(
+                    "restores.velero.io \"r1\" is forbidden".into(),
+                )),
+                DenyReason::RestoreUnreadable,
+            ),
+            (RestoreFact::DeadlineExceeded, DenyReason::Deadline),
+        ] {
+            let facts = Facts {
+                restore,
+                group: present(),
+            };
+            assert!(denied_before_group(
+                &subject(&object),
+                &facts.restore,
+                &settings()
+            ));
+            let decision = decide(&subject(&object), &facts, &settings());
+            assert_eq!(decision.deny_reason, Some(reason));
+            let message = decision.verdict.denial.unwrap();
+            assert!(message.contains("VirtualMachine prod/vm1"), "{message}");
+            assert!(
+                message.contains("get/list/watch restores.velero.io"),
+                "{message}"
+            );
+            assert!(
+                message.contains("--restore-unreadable=keep-identity"),
+                "{message}"
+            );
+        }
+        let facts = Facts {
+            restore: RestoreFact::Lookup(RestoreLookup::Failed("forbidden".into())),
+            group: present(),
+        };
+        let keep = DecideSettings {
+            restore_unreadable: RestoreUnreadable::KeepIdentity,
+            ..settings()
+        };
+        let decision = decide(&subject(&object), &facts, &keep);
+        assert!(decision.verdict.denial.is_none());
+        assert!(
+            decision
+                .verdict
+                .notes
+                .iter()
+                .any(|n| n.contains("guest identity kept"))
+        );
+    }
+
+    #[test]
+    fn marker_carries_the_restore_uid_and_a_recreated_restore_cleans_again() {
+        let object = vm();
+        let facts = Facts {
+            restore: found("uid-1", None),
+            group: present(),
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        let patched = crate::patch::apply(&object, &decision.verdict.changes).unwrap();
+        assert_eq!(
+            patched["metadata"]["annotations"][REVIEWED_ANNOTATION],
+            "r1/uid-1"
+        );
+        assert!(patched.pointer("/spec/instanceUUID").is_none());
+
+        // Reinvocation by the same Restore: left alone.
+        let mut reinvoked = patched.clone();
+        reinvoked["spec"]["instanceUUID"] = json!("fresh-from-vm-operator");
+        let again = decide(&subject(&reinvoked), &facts, &settings());
+        assert!(again.unchanged_because.is_some());
+        assert!(again.verdict.changes.is_empty());
+
+        // Same name, new Restore (new UID), restoring a backup of that object.
+        let recreated = Facts {
+            restore: found("uid-2", None),
+            group: present(),
+        };
+        let cleaned = decide(&subject(&reinvoked), &recreated, &settings());
+        assert!(cleaned.unchanged_because.is_none());
+        assert!(
+            cleaned
+                .verdict
+                .changes
+                .iter()
+                .any(|c| c.rule == vmop::vm::R_INSTANCE_UUID)
+        );
+    }
+
+    #[test]
+    fn missing_group_denial_says_why_it_did_not_wait() {
+        let object = vm();
+        let facts = Facts {
+            restore: found("uid-1", None),
+            group: Some((
+                "g".into(),
+                GroupFact::Missing {
+                    waited: Duration::ZERO,
+                    not_waited: Some(NoWait::RecentMiss {
+                        ago: Duration::from_secs(4),
+                    }),
+                    live_error: None,
+                },
+            )),
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::GroupMissing));
+        let message = decision.verdict.denial.unwrap();
+        assert!(
+            message.contains("names VirtualMachineGroup \"g\""),
+            "{message}"
+        );
+        assert!(message.contains("ran out 4s ago"), "{message}");
+        assert!(
+            decision
+                .verdict
+                .changes
+                .iter()
+                .all(|c| c.rule != vmop::R_REVIEWED_MARKER)
+        );
+    }
+
+    #[test]
+    fn pvc_gets_the_marker_only_when_changed() {
+        let unchanged =
+            json!({"metadata": {"name": "p", "labels": {"velero.io/restore-name": "r1"}}});
+        let changed = json!({"metadata": {"name": "p", "labels": {"velero.io/restore-name": "r1"},
+            "annotations": {"volumehealth.storage.kubernetes.io/health": "accessible"}}});
+        let facts = Facts {
+            restore: found("uid-1", None),
+            group: None,
+        };
+        for (object, changes) in [(&unchanged, 0), (&changed, 2)] {
+            let subject = Subject {
+                kind: Kind::PersistentVolumeClaim,
+                ..subject(object)
+            };
+            let decision = decide(&subject, &facts, &settings());
+            assert_eq!(
+                decision.verdict.changes.len(),
+                changes,
+                "{:?}",
+                decision.verdict.changes
+            );
+        }
+    }
+}

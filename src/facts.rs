@@ -1,0 +1,239 @@
+//! The facts a review needs from the cluster, behind two small traits: does a
+//! VirtualMachineGroup exist, and what does the Velero Restore say. The live
+//! implementations are [`crate::groups::GroupCache`] and
+//! [`crate::restores::RestoreCache`]; the static ones here serve the `review`
+//! command and the tests, so the production types carry no test seams.
+//!
+//! Callers bound every call with the request's [`crate::deadline::Deadline`]:
+//! dropping a future cancels the live GET behind it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::restores::RestoreInfo;
+
+/// How a live check of a group ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupPresence {
+    Present,
+    Missing,
+    /// The live GET that should confirm a miss failed; the message says why.
+    Unknown(String),
+}
+
+/// How a Restore lookup ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RestoreLookup {
+    Found(RestoreInfo),
+    #[default]
+    NotFound,
+    /// The API server could not be asked, or refused (RBAC); the message says why.
+    Failed(String),
+}
+
+pub trait GroupFacts: Send + Sync {
+    /// Whether the source can answer yet (readiness).
+    fn is_synced(&self) -> bool;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether the group is known now (no I/O).
+    fn contains(&self, namespace: &str, name: &str) -> bool;
+    /// Resolves once the group is known; never, if it never comes. Woken by
+    /// changes, not by polling. `'static`, so concurrent waits can share it.
+    fn appeared(&self, namespace: &str, name: &str) -> BoxFuture<'static, ()>;
+    /// One live check of a miss: a cache can lag behind the API server.
+    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupPresence>;
+}
+
+pub trait RestoreFacts: Send + Sync {
+    fn is_synced(&self) -> bool;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Velero's namespace, where Restores live (for messages).
+    fn namespace(&self) -> &str;
+    /// The Restore whose `velero.io/restore-name` label value is `label`.
+    fn lookup<'a>(&'a self, label: &'a str) -> BoxFuture<'a, RestoreLookup>;
+}
+
+/// A future that resolves once `known()` holds, re-checked on every change
+/// published on `changes`. Subscribed before the first check, so a change
+/// between the check and the wait still wakes it.
+pub(crate) fn appeared_when(
+    mut changes: watch::Receiver<u64>,
+    known: impl Fn() -> bool + Send + 'static,
+) -> BoxFuture<'static, ()> {
+    async move {
+        loop {
+            changes.borrow_and_update();
+            if known() {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                // The source is gone: nothing can make the group appear.
+                futures::future::pending::<()>().await;
+            }
+        }
+    }
+    .boxed()
+}
+
+type GroupKey = (String, String);
+
+/// Groups given by hand: `review --group`, `serve --no-kube --group`, tests.
+pub struct StaticGroups {
+    groups: Arc<Mutex<HashSet<GroupKey>>>,
+    changed: watch::Sender<u64>,
+}
+
+impl StaticGroups {
+    pub fn new<'a>(groups: impl IntoIterator<Item = (&'a str, &'a str)>) -> Arc<StaticGroups> {
+        let set = groups
+            .into_iter()
+            .map(|(namespace, name)| (namespace.to_string(), name.to_string()))
+            .collect();
+        Arc::new(StaticGroups {
+            groups: Arc::new(Mutex::new(set)),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    fn edit(&self, edit: impl FnOnce(&mut HashSet<GroupKey>)) {
+        if let Ok(mut groups) = self.groups.lock() {
+            edit(&mut groups);
+        }
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    pub fn insert(&self, namespace: &str, name: &str) {
+        self.edit(|groups| {
+            groups.insert((namespace.to_string(), name.to_string()));
+        });
+    }
+
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.edit(|groups| {
+            groups.remove(&(namespace.to_string(), name.to_string()));
+        });
+    }
+}
+
+fn set_contains(groups: &Mutex<HashSet<GroupKey>>, namespace: &str, name: &str) -> bool {
+    groups
+        .lock()
+        .map(|groups| groups.contains(&(namespace.to_string(), name.to_string())))
+        .unwrap_or(false)
+}
+
+impl GroupFacts for StaticGroups {
+    fn is_synced(&self) -> bool {
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.groups.lock().map(|groups| groups.len()).unwrap_or(0)
+    }
+
+    fn contains(&self, namespace: &str, name: &str) -> bool {
+        set_contains(&self.groups, namespace, name)
+    }
+
+    fn appeared(&self, namespace: &str, name: &str) -> BoxFuture<'static, ()> {
+        let groups = self.groups.clone();
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        appeared_when(self.changed.subscribe(), move || {
+            set_contains(&groups, &namespace, &name)
+        })
+    }
+
+    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupPresence> {
+        let presence = if self.contains(namespace, name) {
+            GroupPresence::Present
+        } else {
+            GroupPresence::Missing
+        };
+        futures::future::ready(presence).boxed()
+    }
+}
+
+/// A Restore source that gives the same answer to every lookup.
+pub struct StaticRestores {
+    namespace: String,
+    answer: RestoreLookup,
+}
+
+impl StaticRestores {
+    pub fn new(namespace: &str, answer: RestoreLookup) -> Arc<StaticRestores> {
+        Arc::new(StaticRestores {
+            namespace: namespace.to_string(),
+            answer,
+        })
+    }
+
+    /// Every lookup finds `restore`.
+    pub fn found(restore: RestoreInfo) -> Arc<StaticRestores> {
+        StaticRestores::new("velero", RestoreLookup::Found(restore))
+    }
+
+    /// No Restore exists (objects labelled by hand).
+    pub fn none() -> Arc<StaticRestores> {
+        StaticRestores::new("velero", RestoreLookup::NotFound)
+    }
+}
+
+impl RestoreFacts for StaticRestores {
+    fn is_synced(&self) -> bool {
+        true
+    }
+
+    fn len(&self) -> usize {
+        usize::from(matches!(self.answer, RestoreLookup::Found(_)))
+    }
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn lookup<'a>(&'a self, _label: &'a str) -> BoxFuture<'a, RestoreLookup> {
+        futures::future::ready(self.answer.clone()).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn static_groups_find_inserted_groups() {
+        let groups = StaticGroups::new([("ns", "g1")]);
+        assert!(groups.is_synced());
+        assert!(groups.contains("ns", "g1"));
+        assert!(!groups.contains("other", "g1"));
+        assert_eq!(groups.confirm("ns", "g2").await, GroupPresence::Missing);
+        groups.remove("ns", "g1");
+        assert!(!groups.contains("ns", "g1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn appeared_wakes_on_insert_only() {
+        let groups = StaticGroups::new([]);
+        let waiter = tokio::spawn(groups.appeared("ns", "late"));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        groups.insert("ns", "other");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        groups.insert("ns", "late");
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken by the insert")
+            .unwrap();
+    }
+}
