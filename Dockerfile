@@ -24,6 +24,7 @@ LABEL org.opencontainers.image.title="velero-vm-restore-webhook" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /src/target/x86_64-unknown-linux-gnu/release/velero-vm-restore-webhook /velero-vm-restore-webhook
+COPY LICENSE /licenses/LICENSE
 USER 65532:65532
 EXPOSE 8443 9090
 ENTRYPOINT ["/velero-vm-restore-webhook"]

@@ -3,6 +3,7 @@
 #   make static     the static binary the container ships (scripts/build-static.sh)
 #   make test       everything CI runs: lint, unit + integration, fuzz (bounded), chart and e2e
 #   make test-fast  unit + integration tests only
+#   make bench / bench-faults / fuzz-long   benchmarks and long runs, outside CI
 #   make container / push   honour REGISTRY, IMAGE and VERSION
 SHELL := /bin/bash
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
@@ -13,7 +14,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz bench e2e chart-test demo container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults e2e chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -31,9 +32,18 @@ test-fast:
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
 
+# A 30-minute fuzz run (outside CI); prints the input count.
+fuzz-long:
+	scripts/fuzz.sh 1800
+
 bench:
 	cargo bench --locked --bench rules
 	cargo bench --locked --bench load
+
+# Certificate rotation, SIGTERM drain with two replicas, an attacker holding
+# group waits, worst-case memory: the release binary on loopback.
+bench-faults:
+	cargo bench --locked --bench faults
 
 # Chart checks and end-to-end scenarios (real etcd, kube-apiserver, Velero, S3).
 e2e: static
@@ -44,6 +54,11 @@ chart-test:
 
 demo: static
 	tests/e2e/demo.sh
+
+# helm v3.19.0 built from the Go module proxy (no download of release
+# binaries); prints where it is.
+helm:
+	@dir=$$(tests/e2e/scripts/build-tools.sh helm | tail -n1) && echo "helm is at $$dir/helm"
 
 test: lint test-fast fuzz e2e
 

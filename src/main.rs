@@ -15,10 +15,10 @@ use velero_vm_restore_webhook::facts::{GroupFacts, RestoreFacts, StaticGroups, S
 use velero_vm_restore_webhook::groups::GroupCache;
 use velero_vm_restore_webhook::metrics::Metrics;
 use velero_vm_restore_webhook::restores::{RestoreCache, RestoreInfo};
-use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
+use velero_vm_restore_webhook::review::{ReviewSettings, Reviewed, Reviewer};
 use velero_vm_restore_webhook::settings::{GroupPolicy, LogFormat, RuleArgs, ServeArgs};
 use velero_vm_restore_webhook::waits::WaitLimits;
-use velero_vm_restore_webhook::{admission, server, telemetry, tls, vmop};
+use velero_vm_restore_webhook::{offline, server, telemetry, tls, vmop};
 
 #[derive(Parser)]
 #[command(
@@ -43,20 +43,37 @@ struct Cli {
 enum Command {
     /// Serve AdmissionReviews over HTTPS at POST /mutate.
     Serve(Box<ServeArgs>),
-    /// Review one AdmissionReview or bare object offline and print the result.
+    /// Review objects offline (JSON, YAML, Lists, AdmissionReviews, or a Velero
+    /// backup tarball) and print what a restore through the webhook would do.
     Review(ReviewArgs),
     /// Print the rules as a Markdown table (the README's table).
     Rules,
+    /// Check an installed webhook (what `helm test` runs): a server-side
+    /// dry-run create of a labelled VM must come back cleaned.
+    Selftest(SelftestArgs),
 }
 
 #[derive(clap::Args)]
+struct SelftestArgs {
+    /// Namespace the dry-run VM is created in (nothing is stored).
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Name of the dry-run VM.
+    #[arg(long, default_value = "velero-vm-restore-webhook-selftest")]
+    name: String,
+}
+
+/// Exit codes: 0 reviewed (denials included, unless --fail-on-deny);
+/// 1 an object was denied and --fail-on-deny was given; 2 unusable input.
+#[derive(clap::Args)]
 struct ReviewArgs {
-    /// A VirtualMachineGroup that exists, as NAMESPACE/NAME (repeatable).
+    /// A VirtualMachineGroup that exists, as NAMESPACE/NAME (repeatable). The
+    /// groups of a backup tarball count as existing.
     #[arg(long = "group", value_name = "NAMESPACE/NAME")]
     groups: Vec<String>,
 
-    /// Print the patched object instead of the AdmissionReview response.
-    #[arg(long)]
+    /// Same as `-o json` (kept for scripts).
+    #[arg(long, hide = true)]
     patched: bool,
 
     /// Review as a copy restored beside the original (as with a namespace
@@ -64,10 +81,20 @@ struct ReviewArgs {
     #[arg(long)]
     new_identity: bool,
 
+    /// What to print on stdout; a summary of each object goes to stderr.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Response)]
+    output: Output,
+
+    /// Exit 1 when any object would be denied.
+    #[arg(long)]
+    fail_on_deny: bool,
+
     #[command(flatten)]
     rules: RuleArgs,
 
-    /// AdmissionReview or object, JSON or YAML-free JSON; `-` for stdin.
+    /// JSON or YAML: an object, a List (`kubectl get ... -o yaml`), several
+    /// documents, or an AdmissionReview; or a Velero backup tarball
+    /// (`velero backup download`). `-` reads stdin.
     #[arg(default_value = "-")]
     input: PathBuf,
 }
@@ -99,6 +126,20 @@ fn main() -> ExitCode {
             print!("{}", rules_table());
             ExitCode::SUCCESS
         }
+        Command::Selftest(args) => runtime.block_on(async {
+            match velero_vm_restore_webhook::selftest::run(&args.namespace, &args.name).await {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    println!("FAIL: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
     }
 }
 
@@ -272,65 +313,204 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Wraps a bare object as the CREATE Velero would send, with the restore
-/// label added if it lacks one.
-fn wrap_object(mut object: Value) -> Result<Value, String> {
-    let text = |value: &Value, key: &str, default: &str| {
-        value
-            .get(key)
-            .and_then(Value::as_str)
-            .unwrap_or(default)
-            .to_string()
-    };
-    let api_version = text(&object, "apiVersion", "");
-    let kind = text(&object, "kind", "");
-    if api_version.is_empty() || kind.is_empty() {
-        return Err("the object needs apiVersion and kind".into());
+/// A review's patch as the admission API documents it: base64 of the JSON Patch.
+fn review_for_people(
+    review: &kube::core::admission::AdmissionReview<kube::core::DynamicObject>,
+) -> Value {
+    use base64::Engine as _;
+    let mut value = serde_json::to_value(review).unwrap_or(Value::Null);
+    if let Some(patch) = review
+        .response
+        .as_ref()
+        .and_then(|response| response.patch.as_ref())
+        && let Some(slot) = value.pointer_mut("/response/patch")
+    {
+        *slot = Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
     }
-    let (group, version) = api_version
-        .split_once('/')
-        .unwrap_or(("", api_version.as_str()));
-    let metadata = object
-        .as_object_mut()
-        .ok_or("the input must be a JSON object")?
-        .entry("metadata")
-        .or_insert_with(|| json!({}));
-    let metadata = metadata
-        .as_object_mut()
-        .ok_or("metadata must be an object")?;
-    let name = metadata
-        .get("name")
+    value
+}
+
+/// The label of an object for the summary, from the review request.
+fn request_label(review: &Value) -> String {
+    let request = &review["request"];
+    let kind = request
+        .pointer("/kind/kind")
         .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let namespace = metadata
-        .get("namespace")
+        .unwrap_or("object");
+    let name = request
+        .pointer("/object/metadata/name")
+        .or_else(|| request.get("name"))
         .and_then(Value::as_str)
-        .unwrap_or("default")
-        .to_string();
-    let labels = metadata.entry("labels").or_insert_with(|| json!({}));
-    let labels = labels
-        .as_object_mut()
-        .ok_or("metadata.labels must be an object")?;
-    labels
-        .entry(vmop::RESTORE_NAME_LABEL)
-        .or_insert_with(|| json!("review"));
-    let resource = format!("{}s", kind.to_lowercase());
-    Ok(json!({
-        "apiVersion": admission::REVIEW_API_VERSION,
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "review",
-            "kind": {"group": group, "version": version, "kind": kind},
-            "resource": {"group": group, "version": version, "resource": resource},
-            "name": name,
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "velero-vm-restore-webhook-review"},
-            "object": object,
-            "dryRun": true
+        .filter(|name| !name.is_empty())
+        .unwrap_or("(unnamed)");
+    match request.get("namespace").and_then(Value::as_str) {
+        Some(namespace) if !namespace.is_empty() => format!("{kind} {namespace}/{name}"),
+        _ => format!("{kind} {name}"),
+    }
+}
+
+/// One reviewed item, for the outputs and the summary.
+struct ReviewedItem {
+    label: String,
+    kind: String,
+    namespace: String,
+    response: Value,
+    patch: Option<Value>,
+    patched: Option<Value>,
+    reviewed: Reviewed,
+}
+
+impl ReviewedItem {
+    fn summary(&self) -> String {
+        let reviewed = &self.reviewed;
+        let mut out = String::new();
+        if let Some(denial) = &reviewed.denial {
+            out.push_str(&format!("{}: DENIED: {denial}\n", self.label));
+        } else if let Some(because) = reviewed.unchanged_because {
+            out.push_str(&format!("{}: unchanged: {because}\n", self.label));
+        } else if reviewed.changes.is_empty() {
+            out.push_str(&format!("{}: unchanged: nothing to clean\n", self.label));
+        } else {
+            let count = reviewed.changes.len();
+            out.push_str(&format!(
+                "{}: {count} change{}\n",
+                self.label,
+                if count == 1 { "" } else { "s" }
+            ));
+            for change in &reviewed.changes {
+                out.push_str(&format!("  {change}\n"));
+            }
         }
-    }))
+        for note in &reviewed.notes {
+            out.push_str(&format!("  warning: {note}\n"));
+        }
+        out
+    }
+}
+
+/// What `review` prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// The AdmissionReview response, with the patch as base64 (as the API server gets it).
+    Response,
+    /// The objects as they would be created, as JSON (a List for several); denied ones are left out.
+    Json,
+    /// The same as YAML.
+    Yaml,
+    /// The decoded JSON Patch of each object.
+    Patch,
+    /// The summary only, on stdout.
+    Summary,
+}
+
+fn read_input(input: &std::path::Path) -> Result<(Vec<u8>, String), String> {
+    if input.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|err| format!("cannot read stdin: {err}"))?;
+        Ok((bytes, "stdin".into()))
+    } else {
+        std::fs::read(input)
+            .map(|bytes| (bytes, input.display().to_string()))
+            .map_err(|err| format!("cannot read {}: {err}", input.display()))
+    }
+}
+
+/// What `review` was given.
+struct ReviewInput {
+    items: Vec<offline::Item>,
+    /// For a backup tarball, the groups it holds (a restore creates them
+    /// before the VMs), as (namespace, name).
+    backup_groups: Vec<(String, String)>,
+    from_backup: bool,
+}
+
+fn review_items(bytes: &[u8], source: &str) -> Result<ReviewInput, String> {
+    if offline::is_gzip(bytes) {
+        let objects = offline::backup_objects(bytes).map_err(|err| err.to_string())?;
+        let groups = objects
+            .iter()
+            .filter(|(_, object)| object["kind"] == "VirtualMachineGroup")
+            .filter_map(|(_, object)| {
+                Some((
+                    object.pointer("/metadata/namespace")?.as_str()?.to_string(),
+                    object.pointer("/metadata/name")?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let mut items = Vec::new();
+        for (path, object) in objects {
+            items.extend(
+                offline::items(vec![object], &format!("{source}:{path}"))
+                    .map_err(|err| err.to_string())?,
+            );
+        }
+        return Ok(ReviewInput {
+            items,
+            backup_groups: groups,
+            from_backup: true,
+        });
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("{source} is neither text nor a gzip tarball"))?;
+    let documents = offline::parse_documents(text).map_err(|err| err.to_string())?;
+    let items = offline::items(documents, source).map_err(|err| err.to_string())?;
+    Ok(ReviewInput {
+        items,
+        backup_groups: Vec::new(),
+        from_backup: false,
+    })
+}
+
+/// Counts per namespace and kind for a backup: (objects, changed, denied).
+fn backup_summary(items: &[ReviewedItem]) -> String {
+    let mut by_namespace: std::collections::BTreeMap<
+        &str,
+        std::collections::BTreeMap<&str, (usize, usize, usize)>,
+    > = Default::default();
+    for item in items {
+        let counts = by_namespace
+            .entry(item.namespace.as_str())
+            .or_default()
+            .entry(item.kind.as_str())
+            .or_default();
+        counts.0 += 1;
+        if item.reviewed.denial.is_some() {
+            counts.2 += 1;
+        } else if !item.reviewed.changes.is_empty() {
+            counts.1 += 1;
+        }
+    }
+    let mut out = format!(
+        "What a restore of this backup would change ({} objects in {} namespaces):\n",
+        items.len(),
+        by_namespace.len()
+    );
+    for (namespace, kinds) in &by_namespace {
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|(kind, (total, changed, denied))| {
+                format!("{kind}: {total} ({changed} changed, {denied} denied)")
+            })
+            .collect();
+        out.push_str(&format!("  namespace {namespace}: {}\n", parts.join(", ")));
+    }
+    let denied: Vec<&ReviewedItem> = items
+        .iter()
+        .filter(|item| item.reviewed.denial.is_some())
+        .collect();
+    if !denied.is_empty() {
+        out.push_str("Denied (would not be restored):\n");
+        for item in denied {
+            out.push_str(&format!(
+                "  {}: {}\n",
+                item.label,
+                item.reviewed.denial.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    out
 }
 
 async fn review(args: ReviewArgs) -> ExitCode {
@@ -338,34 +518,22 @@ async fn review(args: ReviewArgs) -> ExitCode {
         eprintln!("velero-vm-restore-webhook review: {message}");
         ExitCode::from(2)
     };
-    let mut text = String::new();
-    let read = if args.input.as_os_str() == "-" {
-        std::io::stdin().read_to_string(&mut text)
+    let output = if args.patched {
+        Output::Json
     } else {
-        std::fs::read_to_string(&args.input).map(|read| {
-            text = read;
-            text.len()
-        })
+        args.output
     };
-    if let Err(err) = read {
-        return fail(format!("cannot read {}: {err}", args.input.display()));
-    }
-    let input: Value = match serde_json::from_str(&text) {
-        Ok(value) => value,
-        Err(err) => return fail(format!("input is not JSON: {err}")),
+    let (bytes, source) = match read_input(&args.input) {
+        Ok(read) => read,
+        Err(err) => return fail(err),
     };
-    let (body, original) = if input.get("kind").and_then(Value::as_str) == Some("AdmissionReview") {
-        let original = input
-            .pointer("/request/object")
-            .cloned()
-            .unwrap_or(Value::Null);
-        (input, original)
-    } else {
-        let original = input.clone();
-        match wrap_object(input) {
-            Ok(body) => (body, original),
-            Err(err) => return fail(err),
-        }
+    let ReviewInput {
+        items,
+        backup_groups,
+        from_backup,
+    } = match review_items(&bytes, &source) {
+        Ok(found) => found,
+        Err(err) => return fail(err),
     };
     let mut settings = match review_settings(&args.rules) {
         Ok(settings) => settings,
@@ -373,10 +541,15 @@ async fn review(args: ReviewArgs) -> ExitCode {
     };
     // Offline there is nobody to create a group meanwhile: never wait.
     settings.group_wait_timeout = Duration::ZERO;
-    let groups = match parse_groups(&args.groups) {
+    let mut groups = match parse_groups(&args.groups) {
         Ok(groups) => groups,
         Err(err) => return fail(err),
     };
+    groups.extend(
+        backup_groups
+            .iter()
+            .map(|(namespace, name)| (namespace.as_str(), name.as_str())),
+    );
     let restore = RestoreInfo {
         name: "review".into(),
         annotations: if args.new_identity {
@@ -396,53 +569,136 @@ async fn review(args: ReviewArgs) -> ExitCode {
         settings,
         None,
     );
-    let bytes = match serde_json::to_vec(&body) {
-        Ok(bytes) => bytes,
-        Err(err) => return fail(err.to_string()),
-    };
-    let reviewed = match reviewer
-        .review(&bytes, Deadline::after(Duration::from_secs(10)))
-        .await
-    {
-        Ok(reviewed) => reviewed,
-        Err(err) => return fail(err.to_string()),
-    };
-    let Some(response) = &reviewed.review.response else {
-        return fail("no response".into());
-    };
-    for warning in response.warnings.iter().flatten() {
-        eprintln!("Warning: {warning}");
-    }
-    if !args.patched {
-        return match serde_json::to_string_pretty(&reviewed.review) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
+
+    let mut reviewed_items = Vec::new();
+    for item in items {
+        let body = match serde_json::to_vec(&item.review) {
+            Ok(body) => body,
+            Err(err) => return fail(err.to_string()),
+        };
+        let reviewed = match reviewer
+            .review(&body, Deadline::after(Duration::from_secs(10)))
+            .await
+        {
+            Ok(reviewed) => reviewed,
+            Err(err) => return fail(format!("{}: {err}", item.source)),
+        };
+        let Some(response) = reviewed.review.response.as_ref() else {
+            return fail(format!("{}: no response", item.source));
+        };
+        let patch: Option<json_patch::Patch> = match &response.patch {
+            Some(bytes) => match serde_json::from_slice(bytes) {
+                Ok(patch) => Some(patch),
+                Err(err) => {
+                    return fail(format!(
+                        "{}: the patch is not a JSON Patch: {err}",
+                        item.source
+                    ));
+                }
+            },
+            None => None,
+        };
+        // The patch never touches the restore label, so it applies to the
+        // object as given (without the label `review` adds to a bare object).
+        let patched = if response.allowed && !item.original.is_null() {
+            let mut object = item.original.clone();
+            if let Some(patch) = &patch
+                && let Err(err) = json_patch::patch(&mut object, patch)
+            {
+                return fail(format!("{}: the patch does not apply: {err}", item.source));
             }
-            Err(err) => fail(err.to_string()),
+            Some(object)
+        } else {
+            None
         };
+        reviewed_items.push(ReviewedItem {
+            label: reviewed
+                .object_label
+                .clone()
+                .unwrap_or_else(|| request_label(&item.review)),
+            kind: item
+                .review
+                .pointer("/request/kind/kind")
+                .and_then(Value::as_str)
+                .unwrap_or("object")
+                .to_string(),
+            namespace: item
+                .review
+                .pointer("/request/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            response: review_for_people(&reviewed.review),
+            patch: patch.map(|patch| serde_json::to_value(patch).unwrap_or(Value::Null)),
+            patched,
+            reviewed,
+        });
     }
-    if !response.allowed {
-        eprintln!("Denied: {}", response.result.message);
-        return ExitCode::SUCCESS;
+
+    let mut summary: String = reviewed_items.iter().map(ReviewedItem::summary).collect();
+    if from_backup {
+        summary.push_str(&backup_summary(&reviewed_items));
     }
-    // The patch never touches the restore label, so it applies to the input
-    // as given (without the label `review` adds to a bare object).
-    let mut object = original;
-    if let Some(patch_bytes) = &response.patch {
-        let parsed: json_patch::Patch = match serde_json::from_slice(patch_bytes) {
-            Ok(parsed) => parsed,
-            Err(err) => return fail(format!("patch is not a JSON Patch: {err}")),
+    let single = reviewed_items.len() == 1;
+    // One object prints as itself; anything else (several, or none, as for a
+    // DELETE) as a List that kubectl reads back.
+    let many = |values: Vec<Value>| -> Value {
+        if single && values.len() == 1 {
+            values.into_iter().next().unwrap_or(Value::Null)
+        } else {
+            json!({"apiVersion": "v1", "kind": "List", "items": values})
+        }
+    };
+    let printed = match output {
+        Output::Summary => {
+            print!("{summary}");
+            None
+        }
+        Output::Response => Some(many(
+            reviewed_items
+                .iter()
+                .map(|item| item.response.clone())
+                .collect(),
+        )),
+        Output::Patch => Some(if single {
+            reviewed_items[0].patch.clone().unwrap_or(json!([]))
+        } else {
+            Value::Array(
+                reviewed_items
+                    .iter()
+                    .map(|item| json!({"object": item.label, "patch": item.patch.clone().unwrap_or(json!([]))}))
+                    .collect(),
+            )
+        }),
+        Output::Json | Output::Yaml => Some(many(
+            reviewed_items
+                .iter()
+                .filter_map(|item| item.patched.clone())
+                .collect(),
+        )),
+    };
+    if output != Output::Summary {
+        eprint!("{summary}");
+    }
+    if let Some(value) = printed {
+        let text = if output == Output::Yaml {
+            serde_yaml_ng::to_string(&value).map_err(|err| err.to_string())
+        } else {
+            serde_json::to_string_pretty(&value)
+                .map(|text| text + "\n")
+                .map_err(|err| err.to_string())
         };
-        if let Err(err) = json_patch::patch(&mut object, &parsed) {
-            return fail(format!("patch does not apply: {err}"));
+        match text {
+            Ok(text) => print!("{text}"),
+            Err(err) => return fail(err),
         }
     }
-    match serde_json::to_string_pretty(&object) {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(err) => fail(err.to_string()),
+    let denied = reviewed_items
+        .iter()
+        .any(|item| item.reviewed.denial.is_some());
+    if denied && args.fail_on_deny {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }

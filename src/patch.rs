@@ -153,14 +153,18 @@ pub fn apply(object: &Value, changes: &[Change]) -> Result<Value, json_patch::Pa
 /// Warnings longer than this may be cut by clients; kubectl prints them whole.
 pub const MAX_WARNING_CHARS: usize = 119;
 
-/// Bounds a warning to [`MAX_WARNING_CHARS`] characters, on a char boundary.
+/// Bounds a warning to [`MAX_WARNING_CHARS`] characters, cut at a word
+/// boundary where there is one in the second half, with an ellipsis.
 pub fn bounded_warning(text: &str) -> String {
     if text.chars().count() <= MAX_WARNING_CHARS {
         return text.to_string();
     }
-    let mut out: String = text.chars().take(MAX_WARNING_CHARS - 1).collect();
-    out.push('…');
-    out
+    let kept: String = text.chars().take(MAX_WARNING_CHARS - 1).collect();
+    let cut = match kept.rfind(' ') {
+        Some(space) if space > kept.len() / 2 => kept[..space].trim_end_matches([',', ';', ':']),
+        _ => kept.as_str(),
+    };
+    format!("{cut}…")
 }
 
 #[cfg(test)]
@@ -215,5 +219,18 @@ mod tests {
         assert_eq!(bounded.chars().count(), MAX_WARNING_CHARS);
         assert!(bounded.ends_with('…'));
         assert_eq!(bounded_warning("short"), "short");
+        // Words are not cut in half.
+        let sentence = "removed metadata.annotations[velero-vm-restore-webhook/reviewed-for-restore] (keeps VM Operator's new defaults on reinvocation)";
+        let bounded = bounded_warning(sentence);
+        assert!(bounded.chars().count() <= MAX_WARNING_CHARS);
+        assert!(
+            bounded.ends_with("defaults on…")
+                || bounded.ends_with("new…")
+                || bounded.ends_with("defaults…"),
+            "{bounded}"
+        );
+        let words_kept = bounded.trim_end_matches('…');
+        assert!(sentence.starts_with(words_kept));
+        assert_eq!(sentence.as_bytes().get(words_kept.len()), Some(&b' '));
     }
 }

@@ -60,11 +60,20 @@ pub struct Reviewer {
     decide_settings: DecideSettings,
 }
 
-/// What one review produced, for the server's status code and metrics.
+/// What one review produced: the response, and for the metrics and the
+/// `review` command's summary, what was decided in full (the response's
+/// warnings may be shortened for the API server).
 pub struct Reviewed {
     pub review: AdmissionReview<DynamicObject>,
     pub outcome: Outcome,
-    /// For `review`'s summary: why the object was left alone, if it was.
+    /// `Kind namespace/name` for in-scope objects.
+    pub object_label: Option<String>,
+    /// Each change, as one full line.
+    pub changes: Vec<String>,
+    /// Warnings that are not changes.
+    pub notes: Vec<String>,
+    pub denial: Option<String>,
+    /// Why the object was left alone, if it was (out of scope, a reinvocation).
     pub unchanged_because: Option<&'static str>,
 }
 
@@ -186,6 +195,10 @@ impl Reviewer {
                 let reviewed = Reviewed {
                     review,
                     outcome: Outcome::Allowed,
+                    object_label: None,
+                    changes: Vec::new(),
+                    notes: Vec::new(),
+                    denial: None,
                     unchanged_because: Some(reason),
                 };
                 return Ok((reviewed, KindLabel::Other, operation, false));
@@ -216,9 +229,22 @@ impl Reviewer {
         let patched = decision.verdict.denial.is_none() && !decision.verdict.changes.is_empty();
         self.report(&subject, &decision);
         let review = admission::respond(request, &decision.verdict).into_review();
+        let verdict = decision.verdict;
         let reviewed = Reviewed {
             review,
             outcome,
+            changes: if verdict.denial.is_some() {
+                Vec::new()
+            } else {
+                verdict
+                    .changes
+                    .iter()
+                    .map(|change| change.describe())
+                    .collect()
+            },
+            notes: verdict.notes,
+            denial: verdict.denial,
+            object_label: Some(object_label),
             unchanged_because: decision.unchanged_because,
         };
         Ok((reviewed, kind_label(kind), operation, patched))

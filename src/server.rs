@@ -39,6 +39,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub request_read_timeout: Duration,
     pub max_concurrent_reviews: usize,
+    /// Request bytes buffered at once over all reviews (at least max_body_bytes).
+    pub max_buffered_bytes: usize,
     pub max_connections: usize,
     /// Subtracted from the API server's `?timeout=` to fix each request's deadline.
     pub timeout_margin: Duration,
@@ -51,10 +53,11 @@ pub struct Limits {
 impl From<&ServeArgs> for Limits {
     fn from(args: &ServeArgs) -> Limits {
         Limits {
-            max_body_bytes: args.max_body_bytes,
+            max_body_bytes: args.max_body_bytes as usize,
             header_read_timeout: args.header_read_timeout,
             request_read_timeout: args.request_read_timeout,
             max_concurrent_reviews: args.max_concurrent_reviews.max(1) as usize,
+            max_buffered_bytes: args.max_buffered_bytes.max(args.max_body_bytes) as usize,
             max_connections: args.max_connections.max(1) as usize,
             timeout_margin: args.rules.timeout_margin,
             drain_delay: args.shutdown_drain_delay,
@@ -64,11 +67,22 @@ impl From<&ServeArgs> for Limits {
     }
 }
 
+/// The byte budget in KiB permits (a semaphore takes at most u32 permits at once).
+fn budget_kib(limits: &Limits) -> usize {
+    limits
+        .max_buffered_bytes
+        .max(limits.max_body_bytes)
+        .div_ceil(1024)
+        .min(u32::MAX as usize)
+}
+
 #[derive(Clone)]
 struct AppState {
     reviewer: Arc<Reviewer>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
+    /// The byte budget, in KiB permits.
+    buffered_kib: Arc<Semaphore>,
     limits: Limits,
     shutting_down: Arc<AtomicBool>,
 }
@@ -129,10 +143,23 @@ async fn mutate(
             ReviewError::TooLarge { limit },
         );
     }
-    // The slot comes before the body: at most max_concurrent_reviews bodies
-    // are buffered at once.
-    let _slot = match deadline.run(state.slots.clone().acquire_owned()).await {
-        Ok(Ok(slot)) => slot,
+    // The slot and the body's share of the byte budget come before the body:
+    // at most max_concurrent_reviews bodies, of max_buffered_bytes together,
+    // are buffered (and parsed) at once. A body without Content-Length
+    // reserves the largest allowed size.
+    let kib = declared
+        .unwrap_or(limit)
+        .div_ceil(1024)
+        .clamp(1, budget_kib(&state.limits)) as u32;
+    let reserved = deadline
+        .run(async {
+            let slot = state.slots.clone().acquire_owned().await?;
+            let bytes = state.buffered_kib.clone().acquire_many_owned(kib).await?;
+            Ok::<_, tokio::sync::AcquireError>((slot, bytes))
+        })
+        .await;
+    let _reserved = match reserved {
+        Ok(Ok(reserved)) => reserved,
         Ok(Err(_)) | Err(_) => {
             return error_response(
                 &state,
@@ -277,6 +304,7 @@ impl Bound {
             reviewer,
             metrics,
             slots: Arc::new(Semaphore::new(limits.max_concurrent_reviews)),
+            buffered_kib: Arc::new(Semaphore::new(budget_kib(&limits))),
             limits: limits.clone(),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };

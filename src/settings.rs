@@ -132,9 +132,11 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
     pub velero_namespace: String,
 
-    /// Largest request body accepted, in bytes.
-    #[arg(long, env = "VMRW_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
-    pub max_body_bytes: usize,
+    /// Largest request body accepted, in bytes. The default (1.5 MiB) is
+    /// etcd's default request limit, so no storable object is refused.
+    #[arg(long, env = "VMRW_MAX_BODY_BYTES", default_value_t = 1536 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    pub max_body_bytes: u64,
 
     /// Time allowed for a client to send the request headers.
     #[arg(long, env = "VMRW_HEADER_READ_TIMEOUT", value_parser = humantime_duration, default_value = "10s")]
@@ -151,6 +153,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_concurrent_reviews: u32,
 
+    /// Request bytes buffered at once over all reviews in progress: a review
+    /// takes its Content-Length from this budget before its body is read, so
+    /// a few huge bodies cannot exhaust memory (parsing one costs a multiple
+    /// of its size). At least --max-body-bytes.
+    #[arg(long, env = "VMRW_MAX_BUFFERED_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
+    pub max_buffered_bytes: u64,
+
     /// Open HTTPS connections at once; further connections wait in the
     /// listen backlog.
     #[arg(long, env = "VMRW_MAX_CONNECTIONS", default_value_t = 256,
@@ -159,12 +169,12 @@ pub struct ServeArgs {
 
     /// VMs waiting for their VirtualMachineGroup at once, over all namespaces.
     /// A VM beyond it is not held: its group is checked once.
-    #[arg(long, env = "VMRW_MAX_GROUP_WAITS", default_value_t = 64,
+    #[arg(long, env = "VMRW_MAX_GROUP_WAITS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_group_waits: u32,
 
     /// VMs waiting for groups at once in one namespace.
-    #[arg(long, env = "VMRW_MAX_GROUP_WAITS_PER_NAMESPACE", default_value_t = 16,
+    #[arg(long, env = "VMRW_MAX_GROUP_WAITS_PER_NAMESPACE", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_group_waits_per_namespace: u32,
 

@@ -32,8 +32,8 @@ pub struct WaitLimits {
 impl Default for WaitLimits {
     fn default() -> Self {
         WaitLimits {
-            max_total: 128,
-            max_per_namespace: 32,
+            max_total: 16,
+            max_per_namespace: 8,
             miss_memory: Duration::from_secs(30),
         }
     }

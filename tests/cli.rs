@@ -58,8 +58,23 @@ fn review_prints_a_response_with_warnings() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("Warning: removed spec.instanceUUID"),
+        stderr.contains("VirtualMachine prod/web-1: 16 changes\n")
+            && stderr
+                .contains("\n  removed spec.instanceUUID (identity of the original vSphere VM)\n"),
         "{stderr}"
+    );
+    // The patch is base64, as the admission API documents it.
+    let patch = review["response"]["patch"].as_str().expect("base64 string");
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(patch)
+        .unwrap();
+    let ops: Value = serde_json::from_slice(&decoded).unwrap();
+    assert!(
+        ops.as_array()
+            .unwrap()
+            .iter()
+            .any(|op| op["path"] == "/spec/instanceUUID")
     );
 }
 
@@ -141,7 +156,7 @@ fn review_reports_a_missing_group_as_denied() {
 fn review_rejects_bad_input() {
     let out = run(&["review", "-"], Some("{oops"));
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not JSON"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither JSON nor YAML"));
     let out = run(
         &["review", "--group", "no-slash", &example("pvc.json")],
         None,
@@ -171,4 +186,151 @@ fn readme_rule_table_matches_the_code() {
         readme.contains(&table),
         "README's rule table differs from `velero-vm-restore-webhook rules`:\n{table}"
     );
+}
+
+#[test]
+fn chart_schema_allows_exactly_the_known_rule_ids() {
+    let out = run(&["rules"], None);
+    let ids: std::collections::BTreeSet<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("| `")?
+                .split('`')
+                .next()
+                .map(String::from)
+        })
+        .collect();
+    assert!(
+        ids.contains("vm-instance-uuid") && ids.len() > 10,
+        "{ids:?}"
+    );
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/charts/velero-vm-restore-webhook/values.schema.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let allowed: std::collections::BTreeSet<String> = schema
+        .pointer("/properties/server/properties/disabledRules/items/enum")
+        .and_then(serde_json::Value::as_array)
+        .expect("disabledRules is an enum")
+        .iter()
+        .filter_map(|id| id.as_str().map(String::from))
+        .collect();
+    assert_eq!(allowed, ids, "values.schema.json disabledRules vs `rules`");
+}
+
+#[test]
+fn review_reads_yaml_lists_and_summarizes_each_object() {
+    let vm: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("vm-v1alpha5.json")).unwrap())
+            .unwrap();
+    let pvc: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("pvc.json")).unwrap()).unwrap();
+    let configmap = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "prod"}});
+    let list =
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [vm, pvc, configmap]});
+    let yaml = serde_yaml_ng::to_string(&list).unwrap();
+    let out = run(
+        &["review", "--group", "prod/web-tier", "-o", "yaml", "-"],
+        Some(&yaml),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+    let items = printed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(items[0].pointer("/spec/instanceUUID").is_none());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("VirtualMachine prod/web-1: "), "{stderr}");
+    assert!(
+        stderr.contains("PersistentVolumeClaim prod/web-1-data: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ConfigMap prod/c: unchanged: a kind this webhook does not handle"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn review_says_why_nothing_happened() {
+    let mut pvc: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("pvc.json")).unwrap()).unwrap();
+    pvc["metadata"]["labels"].as_object_mut().unwrap().clear();
+    let bare = serde_json::json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u", "kind": {"group": "", "version": "v1", "kind": "PersistentVolumeClaim"},
+        "resource": {"group": "", "version": "v1", "resource": "persistentvolumeclaims"},
+        "name": "p", "namespace": "prod", "operation": "CREATE", "userInfo": {"username": "x"}, "object": pvc}});
+    let out = run(&["review", "-o", "summary", "-"], Some(&bare.to_string()));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("unchanged: not restored by Velero (no velero.io/restore-name label)")
+    );
+    let mut delete = bare.clone();
+    delete["request"]["operation"] = serde_json::json!("DELETE");
+    delete["request"]["oldObject"] = delete["request"]["object"].take();
+    let out = run(&["review", "-o", "json", "-"], Some(&delete.to_string()));
+    assert!(out.status.success());
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(printed, Value::Null, "a DELETE prints no `null` object");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("PersistentVolumeClaim prod/p: unchanged: not a CREATE")
+    );
+}
+
+#[test]
+fn exit_codes_are_documented_ones() {
+    let denied = example("vm-v1alpha5.json");
+    assert_eq!(
+        run(&["review", "-o", "summary", &denied], None)
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        run(
+            &["review", "--fail-on-deny", "-o", "summary", &denied],
+            None
+        )
+        .status
+        .code(),
+        Some(1)
+    );
+    let admitted = [
+        "review",
+        "--fail-on-deny",
+        "--group",
+        "prod/web-tier",
+        "-o",
+        "summary",
+        &denied,
+    ];
+    assert_eq!(run(&admitted, None).status.code(), Some(0));
+    assert_eq!(
+        run(&["review", "-"], Some("kind: [unclosed")).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&["review", "/no/such/file"], None).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn offline_summaries_are_not_cut() {
+    let out = run(&["review", "-o", "summary", &example("pvc.json")], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("(keeps VM Operator's new defaults on reinvocation)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains('…'), "{stdout}");
 }

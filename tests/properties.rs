@@ -296,9 +296,86 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_json_never_panics(object in unknown_value(), version in 1u8..=6) {
+    fn arbitrary_json_never_panics(object in hostile_object(), version in 1u8..=6) {
+        // Reaches metadata and spec with the field names the rules read, but
+        // with any shape and type; a rule either reports the field it cannot
+        // read, or plans a patch that applies.
+        prop_assert!(object.get("metadata").is_some() && object.get("spec").is_some());
         for kind in [Kind::VirtualMachine(ApiVersion(version)), Kind::VirtualMachineGroup(ApiVersion(version)), Kind::PersistentVolumeClaim] {
-            let _ = vmop::plan(kind, &object, &CleanupOptions { new_identity: true, ..Default::default() });
+            match vmop::plan(kind, &object, &CleanupOptions { new_identity: true, ..Default::default() }) {
+                Ok(plan) => {
+                    let patched = patch::apply(&object, &plan.changes);
+                    prop_assert!(patched.is_ok(), "{:?}: patch does not apply: {:?}", kind, patched.err());
+                }
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
         }
     }
+}
+
+/// Keys the rules look at, and a few they do not.
+const HOSTILE_KEYS: &[&str] = &[
+    "metadata",
+    "spec",
+    "annotations",
+    "labels",
+    "name",
+    "instanceUUID",
+    "biosUUID",
+    "nextRestartTime",
+    "currentSnapshotName",
+    "powerState",
+    "groupName",
+    "bootstrap",
+    "cloudInit",
+    "instanceID",
+    "network",
+    "interfaces",
+    "macAddr",
+    "addresses",
+    "gateway4",
+    "nextForcePowerStateSyncTime",
+    "status",
+    "x-unknown",
+    "virtualmachine.vmoperator.vmware.com/first-boot-done",
+    "vmoperator.vmware.com/paused",
+    "vmoperator.vmware.com.protected/apply-power-state-time",
+    "volumehealth.storage.kubernetes.io/health",
+    "vmoperator.vmware.com/instance-storage-resource",
+];
+
+fn hostile_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        leaf(),
+        Just(json!("Suspended")),
+        Just(json!("suspended")),
+        Just(json!("2026-01-01T00:00:00Z")),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(prop::sample::select(HOSTILE_KEYS), inner, 0..6).prop_map(
+                |m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            ),
+        ]
+    })
+}
+
+/// An object with `metadata` and `spec` always present, any shape below them,
+/// and sometimes a conversion annotation holding another such object as text.
+fn hostile_object() -> impl Strategy<Value = Value> {
+    (hostile_value(), hostile_value(), hostile_value(), prop::option::of(hostile_value())).prop_map(
+        |(mut metadata, spec, extra, copy)| {
+            if let (Some(copy), Value::Object(meta)) = (copy, &mut metadata) {
+                let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+                if let Value::Object(annotations) = annotations {
+                    annotations.insert(
+                        "vmoperator.vmware.com/conversion".into(),
+                        Value::String(json!({"spec": copy, "status": {"uniqueID": "vm-1"}}).to_string()),
+                    );
+                }
+            }
+            json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "metadata": metadata, "spec": spec, "x-extra": extra})
+        },
+    )
 }

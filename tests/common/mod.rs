@@ -137,6 +137,7 @@ pub fn limits() -> Limits {
         header_read_timeout: Duration::from_secs(5),
         request_read_timeout: Duration::from_secs(5),
         max_concurrent_reviews: 64,
+        max_buffered_bytes: 4 * 1024 * 1024,
         max_connections: 256,
         timeout_margin: Duration::from_secs(1),
         drain_delay: Duration::ZERO,

@@ -49,30 +49,46 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     docs = render(helm, *MODES[mode])
     (mwc,) = by_kind(docs, "MutatingWebhookConfiguration")
     assert mwc["metadata"]["name"] < "vmware-system-vmop-mutating-webhook-configuration"
-    (hook,) = mwc["webhooks"]
-    assert hook["sideEffects"] == "None"
-    assert hook["admissionReviewVersions"] == ["v1"]
-    assert hook["matchPolicy"] == "Equivalent"
-    assert hook["reinvocationPolicy"] == "IfNeeded"
-    assert hook["failurePolicy"] == "Fail"
-    assert hook["objectSelector"] == {"matchExpressions": [{"key": "velero.io/restore-name", "operator": "Exists"}]}
-    (expr,) = hook["namespaceSelector"]["matchExpressions"]
-    assert expr["operator"] == "NotIn" and set(expr["values"]) == {"vmrw-system", "kube-system"}
+    hooks = {h["name"]: h for h in mwc["webhooks"]}
+    assert set(hooks) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io"}
+    hook, pvc_hook = hooks["restore.velero-vm-restore-webhook.io"], hooks["pvc.restore.velero-vm-restore-webhook.io"]
+    for each in (hook, pvc_hook):
+        assert each["sideEffects"] == "None"
+        assert each["admissionReviewVersions"] == ["v1"]
+        assert each["matchPolicy"] == "Equivalent"
+        assert each["objectSelector"] == {"matchExpressions": [{"key": "velero.io/restore-name", "operator": "Exists"}]}
+        (expr,) = each["namespaceSelector"]["matchExpressions"]
+        assert expr["operator"] == "NotIn" and set(expr["values"]) == {"vmrw-system", "kube-system"}
+        assert each["clientConfig"] == hook["clientConfig"]
+    # VMs and groups are re-invoked after VM Operator's webhook; PVCs are not,
+    # and an outage does not block unrelated PVC restores.
+    assert hook["reinvocationPolicy"] == "IfNeeded" and hook["failurePolicy"] == "Fail"
+    assert pvc_hook["reinvocationPolicy"] == "Never" and pvc_hook["failurePolicy"] == "Ignore"
     deployment = by_kind(docs, "Deployment")[0]
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     wait = int(env["VMRW_GROUP_WAIT_TIMEOUT"].rstrip("s")) + int(env["VMRW_TIMEOUT_MARGIN"].rstrip("s"))
     assert wait < hook["timeoutSeconds"] <= 30
-    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in hook["rules"]}
-    vmop = rules[(("vmoperator.vmware.com",), ("virtualmachines", "virtualmachinegroups"))]
+    (vmop,) = hook["rules"]
+    assert vmop["apiGroups"] == ["vmoperator.vmware.com"] and vmop["resources"] == ["virtualmachines", "virtualmachinegroups"]
     assert vmop["operations"] == ["CREATE"]
     assert vmop["apiVersions"] == ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4", "v1alpha5", "v1alpha6"]
-    assert rules[(("",), ("persistentvolumeclaims",))]["operations"] == ["CREATE"]
+    (pvc_rule,) = pvc_hook["rules"]
+    assert pvc_rule["resources"] == ["persistentvolumeclaims"] and pvc_rule["operations"] == ["CREATE"]
     for doc in docs:
         assert doc["metadata"]["labels"]["velero.io/exclude-from-backup"] == "true", doc["kind"]
     if mode == "certManager":
         assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "vmrw-system/vmrw-velero-vm-restore-webhook-serving"
         assert "caBundle" not in hook["clientConfig"]
-        assert {d["kind"] for d in docs} >= {"Issuer", "Certificate"}
+        # A self-signed root, a CA Certificate, a CA Issuer, and the serving
+        # certificate issued by that CA: renewing it keeps the CA.
+        issuers = {d["metadata"]["name"]: d for d in by_kind(docs, "Issuer")}
+        certs = {d["metadata"]["name"]: d for d in by_kind(docs, "Certificate")}
+        ca_cert = certs["vmrw-velero-vm-restore-webhook-ca"]["spec"]
+        assert ca_cert["isCA"] is True and ca_cert["issuerRef"]["name"] == "vmrw-velero-vm-restore-webhook-selfsigned"
+        assert issuers["vmrw-velero-vm-restore-webhook-selfsigned"]["spec"] == {"selfSigned": {}}
+        assert issuers["vmrw-velero-vm-restore-webhook-ca"]["spec"] == {"ca": {"secretName": ca_cert["secretName"]}}
+        serving = certs["vmrw-velero-vm-restore-webhook-serving"]["spec"]
+        assert serving["issuerRef"] == {"name": "vmrw-velero-vm-restore-webhook-ca", "kind": "Issuer"}
     elif mode == "provided":
         assert hook["clientConfig"]["caBundle"] == CA
         volume = deployment["spec"]["template"]["spec"]["volumes"][0]
@@ -98,6 +114,77 @@ def test_chart_pod_security_and_availability(helm):
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     assert by_kind(docs, "PodDisruptionBudget")[0]["spec"]["minAvailable"] == 1
     assert container["resources"]["requests"]
+    # kubelet waits for the drain delay and the in-flight reviews, and more.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    drain, finish = int(env["VMRW_SHUTDOWN_DRAIN_DELAY"].rstrip("s")), int(env["VMRW_SHUTDOWN_TIMEOUT"].rstrip("s"))
+    assert drain >= 5
+    assert pod["terminationGracePeriodSeconds"] > drain + finish
+    assert not by_kind(docs, "NetworkPolicy"), "NetworkPolicy is opt-in"
+    policy = by_kind(render(helm, "--set", "networkPolicy.enabled=true",
+                            "--set", "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/24"), "NetworkPolicy")[0]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    webhook_rule, metrics_rule = policy["spec"]["ingress"]
+    assert webhook_rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    assert webhook_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
+    assert metrics_rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+
+
+def test_chart_defaults_fit_the_memory_limit(helm):
+    """The worst case the server can hold stays under the memory limit: the
+    byte budget of bodies in progress, each costing up to ~10x once parsed
+    (measured by `make bench-faults`; 12 here for headroom), plus 32 MiB of
+    base and caches."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    server = values["server"]
+    limit = values["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    assert server["maxBodyBytes"] <= server["maxBufferedBytes"]
+    worst = server["maxBufferedBytes"] * 12 + 32 * 2**20
+    assert worst < int(limit[:-2]) * 2**20, (worst, limit)
+    assert server["maxGroupWaits"] <= server["maxConcurrentReviews"] // 2
+    deployment = by_kind(render(helm), "Deployment")[0]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VMRW_MAX_BUFFERED_BYTES"] == str(server["maxBufferedBytes"])
+
+
+def test_chart_refuses_unknown_rule_ids(helm):
+    result = render(helm, "--set", "server.disabledRules={vm-nope}", check=False)
+    assert result.returncode != 0 and "disabledRules" in result.stderr, result.stderr
+    assert render(helm, "--set", "server.disabledRules={vm-copy-bios-uuid}", check=False).returncode == 0
+
+
+def test_helm_upgrade_keeps_the_ca(helm, cluster):
+    """A real `helm install` and `helm upgrade` against the e2e API server:
+    the upgrade reuses the CA (lookup), so pods serving the old certificate
+    stay trusted. Installed with no VM resources and failurePolicy Ignore in
+    its own namespace, and uninstalled, so the other scenarios never see it."""
+    release, namespace = "upgrade-check", "vmrw-upgrade"
+    base = [str(helm), "--kubeconfig", str(cluster.admin_kubeconfig)]
+    args = [release, str(CHART), "--namespace", namespace, "--set", "webhook.resources={persistentvolumeclaims}",
+            "--set", "webhook.pvcFailurePolicy=Ignore", "--set", "webhook.excludeNamespaces={" + ",".join(
+                ["kube-system", "prod", "prod-copy", "dryrun", "order", "latency", "mapped"]) + "}"]
+
+    def secret_and_bundle():
+        secret = cluster.get_json("secret", f"{release}-velero-vm-restore-webhook-tls", "-n", namespace)
+        mwc = cluster.get_json("mutatingwebhookconfiguration", f"{release}-velero-vm-restore-webhook")
+        return secret, {h["clientConfig"]["caBundle"] for h in mwc["webhooks"]}
+
+    try:
+        harness.run([*base, "install", *args, "--create-namespace"])
+        secret, bundles = secret_and_bundle()
+        assert bundles == {secret["data"]["ca.crt"]}
+        harness.run([*base, "upgrade", *args, "--set", "server.logLevel=debug"])
+        upgraded, upgraded_bundles = secret_and_bundle()
+        assert upgraded["data"] == secret["data"], "helm upgrade made a new CA or certificate"
+        assert upgraded_bundles == bundles
+        # A CA near its end is renewed: with renewBeforeDays beyond the
+        # validity, the upgrade makes a new pair.
+        harness.run([*base, "upgrade", *args, "--set", "certificates.helm.renewBeforeDays=10000"])
+        renewed, renewed_bundles = secret_and_bundle()
+        assert renewed["data"]["ca.crt"] != secret["data"]["ca.crt"]
+        assert renewed_bundles == {renewed["data"]["ca.crt"]}
+    finally:
+        harness.run([*base, "uninstall", release, "--namespace", namespace], check=False)
 
 
 def test_chart_rbac_is_read_only_and_minimal(helm):
@@ -143,6 +230,18 @@ def test_dockerfile_builds_what_the_tests_run():
     assert "RUN scripts/build-static.sh" in dockerfile
     assert "USER 65532:65532" in dockerfile
     assert "COPY --from=build /src/target/x86_64-unknown-linux-gnu/release/velero-vm-restore-webhook" in dockerfile
+    # .dockerignore lets in exactly what the Dockerfile copies, and no target/.
+    ignore = [line for line in (harness.REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert ignore[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in ignore[1:] if line.startswith("!")}
+    copied = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            copied.update(part.rstrip("/") for part in line.split()[1:-1])
+    copied = {c.removeprefix("./") for c in copied}
+    assert copied <= allowed, (copied, allowed)
+    assert not any(a.startswith("target") for a in allowed)
+    assert (harness.REPO / "LICENSE").read_text().lstrip().startswith("Apache License")
     script = (harness.REPO / "scripts" / "build-static.sh").read_text()
     assert "+crt-static" in script and "--target \"$target\"" in script and "target=x86_64-unknown-linux-gnu" in script
     assert "org.opencontainers.image.version" in dockerfile

@@ -5,6 +5,7 @@ vCenter, no VM Operator controllers or webhooks)."""
 
 import http.client
 import json
+import os
 import re
 import ssl
 import statistics
@@ -70,17 +71,19 @@ def snapshot(cluster, ns):
 MARKER = "velero-vm-restore-webhook/reviewed-for-restore"
 
 
-def expected_after_restore(obj, restore, copy=False):
+def expected_after_restore(cluster, obj, restore, copy=False):
     """The backed-up object minus exactly the documented removals, plus the
-    webhook's reviewed-for-restore marker on the kinds it reviews."""
+    webhook's reviewed-for-restore marker, `<restore>/<Restore UID>`, on VMs
+    and groups, and on PVCs it changed."""
     removed = []
     if obj["kind"] == "VirtualMachine":
         removed = o.VM_REMOVED + (o.VM_COPY_REMOVED if copy else [])
     elif obj["kind"] == "PersistentVolumeClaim":
         removed = [p for p in o.PVC_REMOVED if "volumehealth" in json.dumps(obj["metadata"].get("annotations", {}))]
     expected = o.remove_pointers(o.comparable(obj), removed)
-    if obj["kind"] in ("VirtualMachine", "VirtualMachineGroup", "PersistentVolumeClaim"):
-        expected["metadata"].setdefault("annotations", {})[MARKER] = restore
+    if obj["kind"] in ("VirtualMachine", "VirtualMachineGroup") or (obj["kind"] == "PersistentVolumeClaim" and removed):
+        uid = cluster.get_json("restore", restore, "-n", VELERO_NS)["metadata"]["uid"]
+        expected["metadata"].setdefault("annotations", {})[MARKER] = f"{restore}/{uid}"
     return expected
 
 
@@ -120,7 +123,7 @@ def test_2_full_restore(cluster):
     assert set(restored) == set(original)
     for key, obj in original.items():
         got = o.comparable(restored[key])
-        want = expected_after_restore(obj, "r-prod")
+        want = expected_after_restore(cluster, obj, "r-prod")
         assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
         assert restored[key]["metadata"]["labels"][RESTORE_LABEL] == "r-prod"
 
@@ -137,7 +140,8 @@ def test_2_full_restore(cluster):
             "metadata.annotations[vmoperator.vmware.com/bootstrap-hash-configspec]",
             "spec.instanceUUID", marker])
     assert len(per_object["PersistentVolumeClaim prod/web-1-data"]) == 3
-    assert per_object["PersistentVolumeClaim prod/db-1-data"] == [marker]
+    # A PVC with nothing to clean is left alone: no marker, no log line.
+    assert "PersistentVolumeClaim prod/db-1-data" not in per_object
     assert per_object["VirtualMachineGroup prod/app"] == [marker]
     after = changes_by_rule(cluster, "VirtualMachine")
     assert after.get("vm-instance-uuid", 0) - before.get("vm-instance-uuid", 0) == 3
@@ -194,7 +198,7 @@ def test_4_copy_beside_the_original(cluster):
     copies = snapshot(cluster, "prod-copy")
     assert set(copies) == set(BACKUP["prod"])
     for key, obj in BACKUP["prod"].items():
-        want = expected_after_restore(obj, "r-copy", copy=True)
+        want = expected_after_restore(cluster, obj, "r-copy", copy=True)
         want["metadata"]["namespace"] = "prod-copy"
         got = o.comparable(copies[key])
         assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
@@ -213,11 +217,17 @@ def test_5_failure_policy(cluster):
         details = cluster.restore_describe("r-fail")
         assert restore["status"]["phase"] == "PartiallyFailed", details
         assert "failed calling webhook" in details, details
-        for kind in ("virtualmachines", "virtualmachinegroups", "persistentvolumeclaims"):
+        for kind in ("virtualmachines", "virtualmachinegroups"):
             assert cluster.get_json(kind, "-n", "prod-fail")["items"] == [], f"{kind} restored unmodified"
+        # PVCs have their own webhook entry with failurePolicy Ignore: an
+        # outage does not block them; they keep their health annotations.
+        pvcs = {p["metadata"]["name"]: p for p in cluster.get_json("persistentvolumeclaims", "-n", "prod-fail")["items"]}
+        assert set(pvcs) == {"web-1-data", "db-1-data"}
+        assert "volumehealth.storage.kubernetes.io/health" in pvcs["web-1-data"]["metadata"]["annotations"]
 
         ignore = json.loads(json.dumps(cluster.mwc))
-        ignore["webhooks"][0]["failurePolicy"] = "Ignore"
+        for hook in ignore["webhooks"]:
+            hook["failurePolicy"] = "Ignore"
         cluster.apply(ignore)
         time.sleep(2)  # the API server's webhook informer picks the change up
         restore = cluster.restore("r-ignore", "b-prod", "--namespace-mappings", "prod:prod-ignore")
@@ -286,3 +296,66 @@ def test_6_latency_cost(cluster):
           f"{latency['median_ms_without']:.2f} ms without (ratio {latency['median_ratio']:.2f}); "
           f"p99 {latency['p99_ms_with']:.2f} ms vs {latency['p99_ms_without']:.2f} ms (ratio {latency['p99_ratio']:.2f})")
     print(f"[e2e] report: {json.dumps({k: v for k, v in REPORT.items() if k != 'changes'})}")
+
+
+def test_7_review_of_a_real_backup_tarball(cluster):
+    """`velero backup download` of the scenario-2 backup, reviewed offline:
+    the per-namespace plan of what a restore would change."""
+    tarball = cluster.tmp / "b-prod-data.tar.gz"
+    cluster.velero("backup", "download", "b-prod", "-o", str(tarball))
+    result = harness.run([cluster.webhook_bin, "review", "-o", "summary", "--fail-on-deny", tarball], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = result.stdout
+    REPORT["backup_review"] = summary
+    # Each VM loses its instanceUUID; the groups in the backup count as
+    # existing, so no VM is denied.
+    for vm in ("web-1", "web-2", "db-1"):
+        assert f"VirtualMachine prod/{vm}: " in summary, summary
+    assert summary.count("removed spec.instanceUUID (identity of the original vSphere VM)") == 3, summary
+    assert "namespace prod: " in summary, summary
+    assert "VirtualMachine: 3 (3 changed, 0 denied)" in summary, summary
+    assert "PersistentVolumeClaim: 2 (1 changed, 0 denied)" in summary, summary
+    assert "Denied" not in summary, summary
+    # The same tarball, reviewed as objects: -o json gives the cleaned objects.
+    objects = json.loads(harness.run([cluster.webhook_bin, "review", "-o", "json", tarball]).stdout)
+    vms = [o for o in objects["items"] if o["kind"] == "VirtualMachine"]
+    assert len(vms) == 3 and all("instanceUUID" not in vm["spec"] for vm in vms)
+
+
+def test_8_selftest_is_what_helm_test_runs(cluster):
+    """`helm test` runs `selftest` in the webhook's image; here the same
+    binary against the real API server, with and without the webhook."""
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "selftest"}})
+    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)}
+    passed = harness.run([cluster.webhook_bin, "selftest", "--namespace", "selftest"], env=env, check=False)
+    assert passed.returncode == 0 and passed.stdout.startswith("PASS:"), passed.stdout + passed.stderr
+    assert cluster.get_json("virtualmachines", "-n", "selftest")["items"] == [], "a dry run stores nothing"
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", cluster.mwc["metadata"]["name"])
+    try:
+        time.sleep(2)  # the API server's webhook informer sees the deletion
+        failed = harness.run([cluster.webhook_bin, "selftest", "--namespace", "selftest"], env=env, check=False)
+        assert failed.returncode == 1, failed.stdout
+        assert "FAIL: the webhook did not clean the VM" in failed.stdout, failed.stdout
+    finally:
+        cluster.apply(cluster.mwc)
+        time.sleep(2)
+
+
+def test_9_readme_cluster_check_works_on_a_fresh_namespace(cluster):
+    """The README's "Check that it works" commands, as written."""
+    cluster.kubectl("delete", "namespace", "prod", "--ignore-not-found", "--wait=true", timeout=180)
+    readme = (harness.REPO / "README.md").read_text()
+    section = readme.split("### Check that it works", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in section.splitlines()]
+    commands = [c for c in commands if c.startswith("kubectl create")]
+    assert len(commands) == 3, commands
+    outputs = []
+    for command in commands:
+        args = [str(harness.REPO / a) if a.startswith("examples/") else a for a in command.split()[1:]]
+        result = cluster.kubectl(*args, check=False)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        outputs.append(result)
+    dry_run = outputs[-1]
+    assert "Warning: removed spec.instanceUUID (identity of the original vSphere VM)" in dry_run.stderr, dry_run.stderr
+    assert "instanceUUID" not in dry_run.stdout.split("spec:", 1)[1], dry_run.stdout
+    assert cluster.get_json("virtualmachines", "-n", "prod")["items"] == []

@@ -43,11 +43,80 @@ velero.io/exclude-from-backup: "true"
 {{- printf "%s.%s.svc" (include "vmrw.fullname" .) .Release.Namespace -}}
 {{- end -}}
 
-{{/* The Helm-generated CA and certificate, made once per render. */}}
+{{/*
+The Helm-made CA and serving certificate. An upgrade reuses the ones in the
+existing Secret (found with `lookup`) while the CA has more than
+certificates.helm.renewBeforeDays left, so the caBundle does not change under
+running pods. A new pair is made on install, when the Secret is gone or
+incomplete, or when the CA nears its end; the Secret records the CA's end in
+an annotation because templates cannot parse certificates. `helm template`
+has no cluster to look in and always makes a new pair.
+*/}}
 {{- define "vmrw.helmCerts" -}}
 {{- $fullname := include "vmrw.fullname" . -}}
 {{- $host := include "vmrw.serviceHost" . -}}
-{{- $ca := genCA (printf "%s-ca" $fullname) (int .Values.certificates.helm.validityDays) -}}
-{{- $cert := genSignedCert $host nil (list $host (printf "%s.%s" $fullname .Release.Namespace) $fullname (printf "%s.cluster.local" $host)) (int .Values.certificates.helm.validityDays) $ca -}}
-{{- dict "ca" ($ca.Cert | b64enc) "crt" ($cert.Cert | b64enc) "key" ($cert.Key | b64enc) | toJson -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "vmrw.tlsSecretName" .) -}}
+{{- $reuse := false -}}
+{{- if and $existing $existing.data -}}
+{{- $data := $existing.data -}}
+{{- $notAfter := index (($existing.metadata).annotations | default dict) "velero-vm-restore-webhook/ca-not-after" -}}
+{{- if and (index $data "ca.crt") (index $data "tls.crt") (index $data "tls.key") $notAfter -}}
+{{- $left := sub (atoi (toDate "2006-01-02T15:04:05Z07:00" $notAfter | unixEpoch)) (atoi (now | unixEpoch)) -}}
+{{- if gt $left (mul (int .Values.certificates.helm.renewBeforeDays) 86400) -}}
+{{- $reuse = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $reuse -}}
+{{- dict "ca" (index $existing.data "ca.crt") "crt" (index $existing.data "tls.crt") "key" (index $existing.data "tls.key") "notAfter" (index $existing.metadata.annotations "velero-vm-restore-webhook/ca-not-after") "reused" true | toJson -}}
+{{- else -}}
+{{- $days := int .Values.certificates.helm.validityDays -}}
+{{- $ca := genCA (printf "%s-ca" $fullname) $days -}}
+{{- $cert := genSignedCert $host nil (list $host (printf "%s.%s" $fullname .Release.Namespace) $fullname (printf "%s.cluster.local" $host)) $days $ca -}}
+{{- $notAfter := now | dateModify (printf "+%dh" (mul $days 24)) | date "2006-01-02T15:04:05Z07:00" -}}
+{{- dict "ca" ($ca.Cert | b64enc) "crt" ($cert.Cert | b64enc) "key" ($cert.Key | b64enc) "notAfter" $notAfter "reused" false | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The fields both webhook entries share. */}}
+{{- define "vmrw.webhookCommon" -}}
+{{- $root := .root -}}
+{{- $fullname := include "vmrw.fullname" $root -}}
+admissionReviewVersions: ["v1"]
+sideEffects: None
+matchPolicy: Equivalent
+timeoutSeconds: {{ $root.Values.webhook.timeoutSeconds }}
+clientConfig:
+  service:
+    name: {{ $fullname }}
+    namespace: {{ $root.Release.Namespace }}
+    path: /mutate
+    port: {{ $root.Values.service.port }}
+  {{- if .caBundle }}
+  caBundle: {{ .caBundle }}
+  {{- end }}
+objectSelector:
+  matchExpressions:
+    - key: velero.io/restore-name
+      operator: Exists
+namespaceSelector:
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: NotIn
+      values:
+        - {{ $root.Release.Namespace }}
+        {{- range $root.Values.webhook.excludeNamespaces }}
+        {{- if ne . $root.Release.Namespace }}
+        - {{ . }}
+        {{- end }}
+        {{- end }}
+{{- end -}}
+
+{{/* The webhook image: registry/repository:tag (tag defaults to the chart's appVersion). */}}
+{{- define "vmrw.image" -}}
+{{- $repository := .Values.image.repository -}}
+{{- if .Values.image.registry -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .Values.image.registry) .Values.image.repository -}}
+{{- end -}}
+{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) | quote -}}
 {{- end -}}
