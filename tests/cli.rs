@@ -334,3 +334,101 @@ fn offline_summaries_are_not_cut() {
     );
     assert!(!stdout.contains('…'), "{stdout}");
 }
+
+#[test]
+fn serve_without_a_cluster_is_a_usable_trial() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("vmrw-cli-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = bin()
+        .args([
+            "--log-format",
+            "text",
+            "serve",
+            "--no-kube",
+            "--group",
+            "prod/web-tier",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .arg("--tls-cert-file")
+        .arg(dir.join("tls.crt"))
+        .arg("--tls-key-file")
+        .arg(dir.join("tls.key"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The startup line names the groups and the real policy, without colours
+    // (stderr is a pipe here).
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(
+        first.contains("prod/web-tier") && first.contains("wait for it, then are denied"),
+        "{first}"
+    );
+    assert!(!first.contains('\u{1b}'), "ANSI codes in a pipe: {first:?}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answer: Value = runtime.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::CertificateDer::from(cert.der().to_vec()))
+            .unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{port}/mutate?timeout=10s");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let review = std::fs::read_to_string(example("admission-review-vm.json")).unwrap();
+        loop {
+            match client.post(&url).body(review.clone()).send().await {
+                Ok(response) => break response.json().await.unwrap(),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(err) => panic!("server never answered: {err}"),
+            }
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    // The group given with --group exists: admitted, not held or denied.
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let warnings = answer["response"]["warnings"].to_string();
+    assert!(
+        warnings.contains("not found in namespace velero"),
+        "{warnings}"
+    );
+}

@@ -147,6 +147,48 @@ def test_chart_defaults_fit_the_memory_limit(helm):
     assert env["VMRW_MAX_BUFFERED_BYTES"] == str(server["maxBufferedBytes"])
 
 
+def test_chart_env_is_accepted_by_the_binary(helm, tmp_path):
+    """The Deployment's environment, as rendered, starts the real binary (Helm
+    reads numbers as floats: `quote` alone renders 8388608 as 8.388608e+06,
+    which the server refuses). Files and ports are swapped for local ones;
+    --no-kube because there is no cluster here."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+    for values in ([], ["--set", "server.maxBodyBytes=3145728", "--set", "server.maxBufferedBytes=33554432"]):
+        deployment = by_kind(render(helm, *values), "Deployment")[0]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        certs = tmp_path / "certs"
+        harness.run([harness.REPO / "certs" / "gen-certs.sh", "--out", certs])
+        ports = []
+        for _ in range(2):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+        env.update({"VMRW_TLS_CERT_FILE": str(certs / "tls.crt"), "VMRW_TLS_KEY_FILE": str(certs / "tls.key"),
+                    "VMRW_LISTEN": f"127.0.0.1:{ports[0]}", "VMRW_METRICS_LISTEN": f"127.0.0.1:{ports[1]}",
+                    "VMRW_NO_KUBE": "true"})
+        process = subprocess.Popen([str(harness.webhook_binary()), *container["args"]],
+                                   env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 20
+            while True:
+                assert process.poll() is None, f"the binary refused the chart's env: {process.stderr.read()}"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/readyz", timeout=1) as response:
+                        assert response.status == 200
+                        break
+                except OSError:
+                    assert time.time() < deadline, "never ready"
+                    time.sleep(0.1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
 def test_chart_refuses_unknown_rule_ids(helm):
     result = render(helm, "--set", "server.disabledRules={vm-nope}", check=False)
     assert result.returncode != 0 and "disabledRules" in result.stderr, result.stderr
