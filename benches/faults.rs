@@ -15,16 +15,16 @@
 //! the first three, with the same assertions, so the harness itself is tested.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Server {
     child: Child,
@@ -95,83 +95,34 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A CA and a kubelet-style Secret directory of serving certificates it signs.
+/// A CA and a kubelet-style Secret directory (`..data` symlink swaps) of
+/// serving certificates it signs: the tests' own helpers.
 struct Pki {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-    dir: PathBuf,
-    generation: u32,
+    ca: common::TestCa,
+    secret: common::SecretDir,
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = params.self_signed(&key).expect("ca");
-        let dir = std::env::temp_dir().join(format!("vmrw-faults-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut pki = Pki {
-            ca_pem: ca.pem(),
-            issuer: Issuer::new(params, key),
-            dir,
-            generation: 0,
-        };
-        pki.rotate();
-        for name in ["tls.crt", "tls.key"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), pki.dir.join(name)).expect("link");
-        }
-        pki
+    fn new() -> Pki {
+        let ca = common::TestCa::new("faults CA");
+        let (cert, key) = ca.serving();
+        let secret = common::SecretDir::new(&cert, &key);
+        Pki { ca, secret }
+    }
+
+    fn dir(&self) -> &Path {
+        self.secret.dir.path()
     }
 
     /// A new serving certificate from the same CA, swapped in atomically.
     fn rotate(&mut self) {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-        let cert = params.signed_by(&key, &self.issuer).expect("cert");
-        self.generation += 1;
-        let generation = format!("..gen{}", self.generation);
-        std::fs::create_dir_all(self.dir.join(&generation)).expect("gen");
-        std::fs::write(self.dir.join(&generation).join("tls.crt"), cert.pem()).expect("crt");
-        std::fs::write(
-            self.dir.join(&generation).join("tls.key"),
-            key.serialize_pem(),
-        )
-        .expect("key");
-        let tmp = self.dir.join("..data_tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&generation, &tmp).expect("link");
-        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap");
+        let (cert, key) = self.ca.serving();
+        self.secret.write(&cert, &key);
     }
 
+    /// Keeps connections alive, as the API server does.
     fn client(&self, keep_alive: usize) -> reqwest::Client {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).expect("pem"))
-            .expect("root");
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .pool_max_idle_per_host(keep_alive)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client")
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        common::client_keeping_alive(&[&self.ca.ca_pem], keep_alive)
     }
 }
 
@@ -266,8 +217,8 @@ fn vm_body() -> bytes::Bytes {
 }
 
 async fn rotation(seconds: u64) {
-    let mut pki = Pki::new("rotation");
-    let server = Server::start(&pki.dir, &["--tls-reload-interval", "200ms"]);
+    let mut pki = Pki::new();
+    let server = Server::start(pki.dir(), &["--tls-reload-interval", "200ms"]);
     let client = pki.client(32);
     wait_healthy(&client, &server).await;
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -295,10 +246,10 @@ async fn rotation(seconds: u64) {
 }
 
 async fn drain(seconds: u64, drain_delay: &str) {
-    let pki = Pki::new("drain");
+    let pki = Pki::new();
     let replicas = [
-        Server::start(&pki.dir, &["--shutdown-drain-delay", drain_delay]),
-        Server::start(&pki.dir, &["--shutdown-drain-delay", drain_delay]),
+        Server::start(pki.dir(), &["--shutdown-drain-delay", drain_delay]),
+        Server::start(pki.dir(), &["--shutdown-drain-delay", drain_delay]),
     ];
     let client = pki.client(16);
     for replica in &replicas {
@@ -369,9 +320,9 @@ async fn drain(seconds: u64, drain_delay: &str) {
 }
 
 async fn attacker(seconds: u64, attackers: usize) {
-    let pki = Pki::new("attacker");
+    let pki = Pki::new();
     let server = Server::start(
-        &pki.dir,
+        pki.dir(),
         &["--group", "prod/web-tier", "--group-wait-timeout", "20s"],
     );
     let client = pki.client(attackers + 4);
@@ -465,9 +416,9 @@ async fn attacker(seconds: u64, attackers: usize) {
 /// Not a pass/fail run: what holding every allowed connection does to a new
 /// legitimate connection (the reason for the chart's NetworkPolicy).
 async fn connections(seconds: u64) {
-    let pki = Pki::new("connections");
+    let pki = Pki::new();
     let server = Server::start(
-        &pki.dir,
+        pki.dir(),
         &["--max-connections", "64", "--header-read-timeout", "3s"],
     );
     let holders = pki.client(64);
@@ -500,8 +451,8 @@ async fn connections(seconds: u64) {
 }
 
 async fn memory(seconds: u64) {
-    let pki = Pki::new("memory");
-    let server = Server::start(&pki.dir, &[]);
+    let pki = Pki::new();
+    let server = Server::start(pki.dir(), &[]);
     let client = pki.client(64);
     wait_healthy(&client, &server).await;
     let max_body = 1536 * 1024;

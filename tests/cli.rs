@@ -5,6 +5,8 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+mod common;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_velero-vm-restore-webhook"))
 }
@@ -341,14 +343,10 @@ fn serve_without_a_cluster_is_a_usable_trial() {
     use std::time::{Duration, Instant};
     let dir = std::env::temp_dir().join(format!("vmrw-cli-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let cert = params.self_signed(&key).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    let ca = common::TestCa::new("cli test CA");
+    let (cert_pem, key_pem) = ca.serving();
+    std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), key_pem).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -393,21 +391,7 @@ fn serve_without_a_cluster_is_a_usable_trial() {
     assert!(!first.contains('\u{1b}'), "ANSI codes in a pipe: {first:?}");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let answer: Value = runtime.block_on(async {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls_pki_types::CertificateDer::from(cert.der().to_vec()))
-            .unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .build()
-            .unwrap();
+        let client = common::client_trusting(&[&ca.ca_pem]);
         let url = format!("https://127.0.0.1:{port}/mutate?timeout=10s");
         let deadline = Instant::now() + Duration::from_secs(20);
         let review = std::fs::read_to_string(example("admission-review-vm.json")).unwrap();

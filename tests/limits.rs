@@ -155,17 +155,11 @@ async fn no_free_slot_gets_503_before_the_deadline() {
     let mut one_slot = limits();
     one_slot.max_concurrent_reviews = 1;
     let (server, client, _secret) = server_with(Duration::from_secs(6), one_slot, None).await;
-    let waiting = tokio::spawn({
-        let (client, url) = (client.clone(), server.url("/mutate?timeout=10s"));
-        async move {
-            post_review(
-                &client,
-                &url,
-                &review_for(&example("vm-v1alpha5.json"), false),
-            )
-            .await
-        }
-    });
+    let waiting = spawn_review(
+        &client,
+        server.url("/mutate?timeout=10s"),
+        example("vm-v1alpha5.json"),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     let response = client

@@ -301,18 +301,11 @@ async fn certificate_rotation_while_requests_run() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_reviews() {
     let (mut server, client, _secret, _ca) = started(Duration::from_secs(10)).await;
-    let url = server.url("/mutate?timeout=10s");
-    let in_flight = tokio::spawn({
-        let client = client.clone();
-        async move {
-            post_review(
-                &client,
-                &url,
-                &review_for(&example("vm-v1alpha5.json"), false),
-            )
-            .await
-        }
-    });
+    let in_flight = spawn_review(
+        &client,
+        server.url("/mutate?timeout=10s"),
+        example("vm-v1alpha5.json"),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;

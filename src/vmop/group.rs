@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::shape::{self, ShapeError};
-use super::vm::{clean_conversion_copy, conversion_copy};
+use super::vm::with_conversion_copy;
 use super::{CleanupOptions, Plan, RuleDoc};
 use crate::patch::Change;
 
@@ -76,17 +76,9 @@ fn object_changes(
 
 pub fn plan(object: &Value, options: &CleanupOptions) -> Result<Plan, ShapeError> {
     let root = shape::root(object)?;
-    let mut changes = object_changes(root, options)?;
-    if options.enabled(R_CONVERSION_COPY)
-        && let Some(copy) = conversion_copy(root)?
-    {
-        clean_conversion_copy(
-            &copy,
-            R_CONVERSION_COPY,
-            |inner| object_changes(inner, options),
-            &mut changes,
-        )?;
-    }
+    let changes = with_conversion_copy(root, R_CONVERSION_COPY, options, |inner| {
+        object_changes(inner, options)
+    })?;
     Ok(Plan {
         changes,
         group_name: group_name(object)?,

@@ -320,6 +320,23 @@ pub(crate) fn conversion_copy(object: &Map<String, Value>) -> Result<Option<Valu
     Ok(Some(copy))
 }
 
+/// The changes `clean` finds in the object and, unless `copy_rule` is turned
+/// off, in the hub copy of its conversion annotation (the same rules).
+pub(crate) fn with_conversion_copy(
+    root: &Map<String, Value>,
+    copy_rule: &'static str,
+    options: &CleanupOptions,
+    clean: impl Fn(&Map<String, Value>) -> Result<Vec<Change>, ShapeError>,
+) -> Result<Vec<Change>, ShapeError> {
+    let mut changes = clean(root)?;
+    if options.enabled(copy_rule)
+        && let Some(copy) = conversion_copy(root)?
+    {
+        clean_conversion_copy(&copy, copy_rule, &clean, &mut changes)?;
+    }
+    Ok(changes)
+}
+
 /// Cleans the conversion copy with `clean` and adds one `replace` of the
 /// annotation, plus a report-only change per field cleaned inside the copy.
 pub(crate) fn clean_conversion_copy(
@@ -367,17 +384,9 @@ pub fn plan(
     options: &CleanupOptions,
 ) -> Result<Plan, ShapeError> {
     let root = shape::root(object)?;
-    let mut changes = object_changes(root, options)?;
-    if options.enabled(R_CONVERSION_COPY)
-        && let Some(copy) = conversion_copy(root)?
-    {
-        clean_conversion_copy(
-            &copy,
-            R_CONVERSION_COPY,
-            |inner| object_changes(inner, options),
-            &mut changes,
-        )?;
-    }
+    let changes = with_conversion_copy(root, R_CONVERSION_COPY, options, |inner| {
+        object_changes(inner, options)
+    })?;
     Ok(Plan {
         changes,
         group_name: group_name(object, version)?,

@@ -218,6 +218,12 @@ impl TestServer {
 }
 
 pub fn client_trusting(ca_pems: &[&str]) -> reqwest::Client {
+    client_keeping_alive(ca_pems, 0)
+}
+
+/// A client that trusts `ca_pems` and keeps up to `keep_alive` idle
+/// connections per host (0: a new connection per request).
+pub fn client_keeping_alive(ca_pems: &[&str], keep_alive: usize) -> reqwest::Client {
     let mut roots = rustls::RootCertStore::empty();
     for pem in ca_pems {
         for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
@@ -233,7 +239,7 @@ pub fn client_trusting(ca_pems: &[&str]) -> reqwest::Client {
     .with_no_client_auth();
     reqwest::Client::builder()
         .use_preconfigured_tls(config)
-        .pool_max_idle_per_host(0)
+        .pool_max_idle_per_host(keep_alive)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client")
@@ -323,4 +329,11 @@ pub fn apply(object: &Value, patch: &Option<json_patch::Patch>) -> Value {
         json_patch::patch(&mut patched, patch).expect("patch applies");
     }
     patched
+}
+
+/// Posts a review of `object` from a task, so the test can act while the
+/// server holds it.
+pub fn spawn_review(client: &reqwest::Client, url: String, object: Value) -> JoinHandle<Answer> {
+    let client = client.clone();
+    tokio::spawn(async move { post_review(&client, &url, &review_for(&object, false)).await })
 }
