@@ -296,7 +296,7 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
     // was changed, as a record of the review.
     let wants_marker = match subject.kind {
         Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_) => true,
-        Kind::PersistentVolumeClaim => !verdict.changes.is_empty(),
+        _ => !verdict.changes.is_empty(),
     };
     if wants_marker
         && options.enabled(vmop::R_REVIEWED_MARKER)

@@ -53,6 +53,8 @@ label_enum! {
         VirtualMachine => "VirtualMachine",
         VirtualMachineGroup => "VirtualMachineGroup",
         PersistentVolumeClaim => "PersistentVolumeClaim",
+        VirtualMachineSnapshot => "VirtualMachineSnapshot",
+        VirtualMachinePublishRequest => "VirtualMachinePublishRequest",
         /// Out of scope, or not parsed far enough to know.
         Other => "other",
     }

@@ -36,6 +36,8 @@ const BACKUP_RESOURCES: &[&str] = &[
     "virtualmachines.vmoperator.vmware.com",
     "virtualmachinegroups.vmoperator.vmware.com",
     "persistentvolumeclaims",
+    "virtualmachinesnapshots.vmoperator.vmware.com",
+    "virtualmachinepublishrequests.vmoperator.vmware.com",
 ];
 
 /// Parses text holding JSON, or YAML with one or more documents.

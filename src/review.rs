@@ -91,6 +91,8 @@ fn kind_label(kind: Kind) -> KindLabel {
         Kind::VirtualMachine(_) => KindLabel::VirtualMachine,
         Kind::VirtualMachineGroup(_) => KindLabel::VirtualMachineGroup,
         Kind::PersistentVolumeClaim => KindLabel::PersistentVolumeClaim,
+        Kind::VirtualMachineSnapshot => KindLabel::VirtualMachineSnapshot,
+        Kind::VirtualMachinePublishRequest => KindLabel::VirtualMachinePublishRequest,
     }
 }
 

@@ -26,6 +26,10 @@ const REMOVED_ANNOTATIONS: &[&str] = &[
     "vmoperator.vmware.com/failed-over-vm",
     "vmoperator.vmware.com/imported-vm",
     "vmoperator.vmware.com/cloud-init-instance-id",
+    "poweron.check.vmoperator.vmware.com/backup",
+    "delete.check.vmoperator.vmware.com/team",
+    "mgmt.proxy.vmware.com/allowlist",
+    "vmoperator.vmware.com/snapshot-revert-in-progress",
 ];
 /// Look-alikes that must survive.
 const KEPT_ANNOTATIONS: &[&str] = &[
@@ -35,6 +39,9 @@ const KEPT_ANNOTATIONS: &[&str] = &[
     "vsphere-cluster-module-group",
     "vmoperator.vmware.com/bootstrap-hash",
     "example.com/first-boot-done",
+    "check.vmoperator.vmware.com/backup",
+    "mgmt.proxy.vmware.com",
+    "vmoperator.vmware.com/snapshot-revert",
 ];
 const PAUSED: &str = "vmoperator.vmware.com/paused";
 
@@ -42,6 +49,9 @@ fn removable_annotation(key: &str) -> bool {
     REMOVED_ANNOTATIONS.contains(&key)
         || key.starts_with("vmoperator.vmware.com/upgraded-to-")
         || key.starts_with("vmoperator.vmware.com.protected/")
+        || key.starts_with("poweron.check.vmoperator.vmware.com/")
+        || key.starts_with("delete.check.vmoperator.vmware.com/")
+        || key.starts_with("mgmt.proxy.vmware.com/")
 }
 
 fn leaf() -> impl Strategy<Value = Value> {

@@ -244,3 +244,132 @@ fn pvc_fixtures() {
     assert!(plan.denial.is_some());
     assert!(plan.changes.is_empty());
 }
+
+/// The rules VM Operator's own webhooks need (issue 11), at every version,
+/// on the object and inside the hub copy of its conversion annotation.
+#[test]
+fn vm_operator_refusals_are_removed_at_every_version() {
+    let holds = json!({
+        "poweron.check.vmoperator.vmware.com/backup": "hold",
+        "delete.check.vmoperator.vmware.com/backup": "hold",
+        "mgmt.proxy.vmware.com/allowlist": "10.0.0.0/8",
+        "mgmt.proxy.vmware.com/watermark": "7",
+        "vmoperator.vmware.com/snapshot-revert-in-progress": "",
+        "check.vmoperator.vmware.com/look-alike": "kept",
+    });
+    let volumes = json!([
+        {"name": "data", "persistentVolumeClaim": {"claimName": "web-1-data"}},
+        {"name": "is-0", "persistentVolumeClaim": {"claimName": "web-1-is-0",
+            "instanceVolumeClaim": {"storageClass": "wcpglobal-storage-profile", "size": "8Gi"}}},
+        {"name": "logs", "persistentVolumeClaim": {"claimName": "web-1-logs"}},
+        {"name": "is-1", "persistentVolumeClaim": {"claimName": "web-1-is-1",
+            "instanceVolumeClaim": {"storageClass": "wcpglobal-storage-profile", "size": "8Gi"}}},
+    ]);
+    let add = |object: &mut Value| {
+        let annotations = object["metadata"]["annotations"].as_object_mut().unwrap();
+        for (key, value) in holds.as_object().unwrap() {
+            annotations.insert(key.clone(), value.clone());
+        }
+        object["spec"]["volumes"] = volumes.clone();
+    };
+    for version in 1..=6u8 {
+        let mut object = example(&format!("vm-v1alpha{version}.json"));
+        add(&mut object);
+        if version < 6 {
+            let text = object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let mut copy: Value = serde_json::from_str(&text).unwrap();
+            copy["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .entry("annotations")
+                .or_insert(json!({}));
+            add(&mut copy);
+            object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] =
+                json!(copy.to_string());
+        }
+        let plan = plan_for(&object, false);
+        let new_paths: Vec<String> = plan
+            .changes
+            .iter()
+            .filter(|c| !c.in_conversion_copy)
+            .map(|c| c.pointer().to_string())
+            .filter(|p| {
+                p.contains("check.vmoperator")
+                    || p.contains("mgmt.proxy")
+                    || p.contains("snapshot-revert")
+                    || p.starts_with("/spec/volumes")
+            })
+            .collect();
+        let mut sorted_annotations: Vec<&String> = new_paths
+            .iter()
+            .filter(|p| !p.starts_with("/spec/volumes"))
+            .collect();
+        sorted_annotations.sort();
+        assert_eq!(
+            sorted_annotations,
+            vec![
+                "/metadata/annotations/delete.check.vmoperator.vmware.com~1backup",
+                "/metadata/annotations/mgmt.proxy.vmware.com~1allowlist",
+                "/metadata/annotations/mgmt.proxy.vmware.com~1watermark",
+                "/metadata/annotations/poweron.check.vmoperator.vmware.com~1backup",
+                "/metadata/annotations/vmoperator.vmware.com~1snapshot-revert-in-progress",
+            ],
+            "v1alpha{version}"
+        );
+        // Highest index first, so each remove still means the entry it names.
+        let volume_ops: Vec<&String> = new_paths
+            .iter()
+            .filter(|p| p.starts_with("/spec/volumes"))
+            .collect();
+        assert_eq!(
+            volume_ops,
+            vec!["/spec/volumes/3", "/spec/volumes/1"],
+            "v1alpha{version}"
+        );
+
+        let patched = patch::apply(&object, &plan.changes).unwrap();
+        let names: Vec<&str> = patched["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["data", "logs"], "v1alpha{version}");
+        assert_eq!(
+            patched["metadata"]["annotations"]["check.vmoperator.vmware.com/look-alike"],
+            "kept"
+        );
+        if version < 6 {
+            let copy: Value = serde_json::from_str(
+                patched["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+            let copy_names: Vec<&str> = copy["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(copy_names, vec!["data", "logs"], "v1alpha{version} copy");
+            let copy_annotations = copy["metadata"]["annotations"].as_object().unwrap();
+            assert!(
+                !copy_annotations
+                    .keys()
+                    .any(|k| k.contains("check.vmoperator.vmware.com/backup")
+                        || k.starts_with("mgmt.proxy")
+                        || k.contains("snapshot-revert")),
+                "{copy_annotations:?}"
+            );
+        }
+        // A second review changes nothing.
+        assert!(
+            plan_for(&patched, false).changes.is_empty(),
+            "v1alpha{version} not idempotent"
+        );
+    }
+}

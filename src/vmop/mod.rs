@@ -5,6 +5,7 @@
 
 pub mod group;
 pub mod pvc;
+pub mod refused;
 pub mod shape;
 pub mod vm;
 
@@ -90,6 +91,9 @@ pub enum Kind {
     VirtualMachine(ApiVersion),
     VirtualMachineGroup(ApiVersion),
     PersistentVolumeClaim,
+    /// Denied whole: see [`refused`].
+    VirtualMachineSnapshot,
+    VirtualMachinePublishRequest,
 }
 
 impl Kind {
@@ -101,6 +105,8 @@ impl Kind {
                 Some(Kind::VirtualMachineGroup(ApiVersion::parse(version)?))
             }
             ("", "PersistentVolumeClaim") if version == "v1" => Some(Kind::PersistentVolumeClaim),
+            (GROUP, "VirtualMachineSnapshot") => Some(Kind::VirtualMachineSnapshot),
+            (GROUP, "VirtualMachinePublishRequest") => Some(Kind::VirtualMachinePublishRequest),
             _ => None,
         }
     }
@@ -111,6 +117,8 @@ impl Kind {
             Kind::VirtualMachine(_) => "VirtualMachine",
             Kind::VirtualMachineGroup(_) => "VirtualMachineGroup",
             Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
+            Kind::VirtualMachineSnapshot => "VirtualMachineSnapshot",
+            Kind::VirtualMachinePublishRequest => "VirtualMachinePublishRequest",
         }
     }
 }
@@ -194,6 +202,9 @@ pub fn plan(
         Kind::VirtualMachine(version) => vm::plan(object, version, options),
         Kind::VirtualMachineGroup(_) => group::plan(object, options),
         Kind::PersistentVolumeClaim => pvc::plan(object, options),
+        Kind::VirtualMachineSnapshot | Kind::VirtualMachinePublishRequest => {
+            refused::plan(kind, object, options)
+        }
     }
 }
 
@@ -203,7 +214,9 @@ pub fn group_name(kind: Kind, object: &serde_json::Value) -> Result<Option<Strin
     match kind {
         Kind::VirtualMachine(version) => vm::group_name(object, version),
         Kind::VirtualMachineGroup(_) => group::group_name(object),
-        Kind::PersistentVolumeClaim => Ok(None),
+        Kind::PersistentVolumeClaim
+        | Kind::VirtualMachineSnapshot
+        | Kind::VirtualMachinePublishRequest => Ok(None),
     }
 }
 
@@ -221,6 +234,7 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     let mut docs = vm::RULES.to_vec();
     docs.extend_from_slice(group::RULES);
     docs.extend_from_slice(pvc::RULES);
+    docs.extend_from_slice(refused::RULES);
     docs.push(RuleDoc {
         id: R_REVIEWED_MARKER,
         kind: "all three",

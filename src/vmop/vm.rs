@@ -26,6 +26,10 @@ pub const R_CONTROLLER_ANNOTATIONS: &str = "vm-controller-annotations";
 pub const R_PROTECTED_ANNOTATIONS: &str = "vm-protected-annotations";
 pub const R_PAUSED_LABEL: &str = "vm-paused-label";
 pub const R_ORIGIN_MARKERS: &str = "vm-origin-markers";
+pub const R_CHECK_ANNOTATIONS: &str = "vm-check-annotations";
+pub const R_MGMT_PROXY: &str = "vm-mgmt-proxy-annotations";
+pub const R_SNAPSHOT_REVERT: &str = "vm-snapshot-revert-annotation";
+pub const R_INSTANCE_STORAGE_VOLUMES: &str = "vm-instance-storage-volumes";
 pub const R_CONVERSION_COPY: &str = "vm-conversion-copy";
 pub const R_COPY_BIOS_UUID: &str = "vm-copy-bios-uuid";
 pub const R_COPY_INSTANCE_ID: &str = "vm-copy-cloud-init-instance-id";
@@ -35,6 +39,15 @@ pub const FIRST_BOOT_DONE: &str = "virtualmachine.vmoperator.vmware.com/first-bo
 pub const PAUSED_LABEL: &str = "vmoperator.vmware.com/paused";
 const PROTECTED_PREFIX: &str = "vmoperator.vmware.com.protected/";
 const UPGRADED_TO_PREFIX: &str = "vmoperator.vmware.com/upgraded-to-";
+/// The original cluster's power-on and delete holds (`validateChecksAnnotation`).
+const CHECK_PREFIXES: &[&str] = &[
+    "poweron.check.vmoperator.vmware.com/",
+    "delete.check.vmoperator.vmware.com/",
+];
+const MGMT_PROXY_PREFIX: &str = "mgmt.proxy.vmware.com/";
+/// Set with an empty value and checked for presence: every reconcile stops
+/// while it is there (`vmprovider_vm_snapshot.go`).
+pub const SNAPSHOT_REVERT_ANNOTATION: &str = "vmoperator.vmware.com/snapshot-revert-in-progress";
 
 /// Controller-owned annotations that silently change a new VM's behaviour.
 const CONTROLLER_ANNOTATIONS: &[&str] = &[
@@ -112,6 +125,30 @@ pub const RULES: &[RuleDoc] = &[
         why: "rejected on create for non-privileged users",
     },
     RuleDoc {
+        id: R_CHECK_ANNOTATIONS,
+        kind: "VirtualMachine",
+        what: "remove annotations `poweron.check.vmoperator.vmware.com/*` and `delete.check.vmoperator.vmware.com/*`",
+        why: "the original cluster's holds: delete checks are rejected on create, and a power-on check only a privileged user can remove keeps the VM off",
+    },
+    RuleDoc {
+        id: R_MGMT_PROXY,
+        kind: "VirtualMachine",
+        what: "remove annotations `mgmt.proxy.vmware.com/*` (`allowlist`, `watermark`)",
+        why: "rejected on create for non-admin users",
+    },
+    RuleDoc {
+        id: R_SNAPSHOT_REVERT,
+        kind: "VirtualMachine",
+        what: "remove annotation `vmoperator.vmware.com/snapshot-revert-in-progress`, even when empty",
+        why: "while present, VM Operator stops every reconcile of the VM",
+    },
+    RuleDoc {
+        id: R_INSTANCE_STORAGE_VOLUMES,
+        kind: "VirtualMachine",
+        what: "remove the entries of `spec.volumes` with `persistentVolumeClaim.instanceVolumeClaim`",
+        why: "rejected on create (\"adding or modifying instance storage volume claim(s) is not allowed\"); VM Operator adds them again from the class",
+    },
+    RuleDoc {
         id: R_CONVERSION_COPY,
         kind: "VirtualMachine",
         what: "clean the hub-version copy in annotation `vmoperator.vmware.com/conversion` by the same rules, and drop its `status`",
@@ -154,6 +191,12 @@ fn annotation_rule(key: &str) -> Option<(&'static str, &'static str)> {
         Some((R_PROTECTED_ANNOTATIONS, "owned by VM Operator"))
     } else if ORIGIN_MARKERS.contains(&key) {
         Some((R_ORIGIN_MARKERS, "rejected on create"))
+    } else if CHECK_PREFIXES.iter().any(|prefix| key.starts_with(prefix)) {
+        Some((R_CHECK_ANNOTATIONS, "hold from the original cluster"))
+    } else if key.starts_with(MGMT_PROXY_PREFIX) {
+        Some((R_MGMT_PROXY, "rejected on create"))
+    } else if key == SNAPSHOT_REVERT_ANNOTATION {
+        Some((R_SNAPSHOT_REVERT, "stops every reconcile"))
     } else {
         None
     }
@@ -193,6 +236,9 @@ fn object_changes(
     let Some(spec) = shape::map(object, "", "spec")? else {
         return Ok(changes);
     };
+    if options.enabled(R_INSTANCE_STORAGE_VOLUMES) {
+        instance_storage_volume_changes(spec, &mut changes)?;
+    }
     let mut remove_if_set = |key: &str, rule: &'static str, reason: &'static str| {
         let value = shape::string(spec, "spec", key)?;
         if shape::is_set(value) && options.enabled(rule) {
@@ -238,6 +284,41 @@ fn object_changes(
 }
 
 const R_INSTANCE_UUID_KEY: &str = "instanceUUID";
+
+/// Removes instance-storage volumes, highest index first, so that each
+/// `remove` still points at the entry it means once earlier ones are gone.
+fn instance_storage_volume_changes(
+    spec: &Map<String, Value>,
+    changes: &mut Vec<Change>,
+) -> Result<(), ShapeError> {
+    let Some(volumes) = shape::array(spec, "spec", "volumes")? else {
+        return Ok(());
+    };
+    let mut doomed = Vec::new();
+    for (index, volume) in volumes.iter().enumerate() {
+        let field = format!("spec.volumes[{index}]");
+        let volume = volume.as_object().ok_or_else(|| ShapeError::WrongType {
+            field: field.clone(),
+            expected: "an object",
+            found: shape::type_name(volume),
+        })?;
+        if let Some(claim) = shape::map(volume, &field, "persistentVolumeClaim")?
+            && claim
+                .get("instanceVolumeClaim")
+                .is_some_and(|v| !v.is_null())
+        {
+            doomed.push(index);
+        }
+    }
+    for index in doomed.into_iter().rev() {
+        changes.push(Change::remove(
+            tokens(&["spec", "volumes", &index.to_string()]),
+            R_INSTANCE_STORAGE_VOLUMES,
+            "instance storage; VM Operator adds it from the class",
+        ));
+    }
+    Ok(())
+}
 
 /// Guest-visible identity a copy beside the original must not duplicate.
 fn copy_identity_changes(

@@ -279,12 +279,14 @@ class Cluster:
 
     def install_crds(self) -> None:
         crds = vmop_crd_dir()
-        for name in ["virtualmachines", "virtualmachinegroups", "virtualmachinesetresourcepolicies"]:
+        for name in ["virtualmachines", "virtualmachinegroups", "virtualmachinesetresourcepolicies",
+                     "virtualmachinesnapshots", "virtualmachinepublishrequests"]:
             self.kubectl("apply", "--server-side", "-f", crds / f"vmoperator.vmware.com_{name}.yaml")
         velero_crds = run([self.bin / "velero", "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
         self.kubectl("apply", "--server-side", "-f", "-", input=velero_crds)
         for crd in ["virtualmachines.vmoperator.vmware.com", "virtualmachinegroups.vmoperator.vmware.com",
-                    "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io"]:
+                    "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "virtualmachinesnapshots.vmoperator.vmware.com",
+                    "virtualmachinepublishrequests.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io"]:
             self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         log(f"CRDs installed from {crds}")
 

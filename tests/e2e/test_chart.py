@@ -69,7 +69,8 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     wait = int(env["VMRW_GROUP_WAIT_TIMEOUT"].rstrip("s")) + int(env["VMRW_TIMEOUT_MARGIN"].rstrip("s"))
     assert wait < hook["timeoutSeconds"] <= 30
     (vmop,) = hook["rules"]
-    assert vmop["apiGroups"] == ["vmoperator.vmware.com"] and vmop["resources"] == ["virtualmachines", "virtualmachinegroups"]
+    assert vmop["apiGroups"] == ["vmoperator.vmware.com"]
+    assert vmop["resources"] == ["virtualmachines", "virtualmachinegroups", "virtualmachinesnapshots", "virtualmachinepublishrequests"]
     assert vmop["operations"] == ["CREATE"]
     assert vmop["apiVersions"] == ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4", "v1alpha5", "v1alpha6"]
     (pvc_rule,) = pvc_hook["rules"]

@@ -359,3 +359,50 @@ def test_9_readme_cluster_check_works_on_a_fresh_namespace(cluster):
     assert "Warning: removed spec.instanceUUID (identity of the original vSphere VM)" in dry_run.stderr, dry_run.stderr
     assert "instanceUUID" not in dry_run.stdout.split("spec:", 1)[1], dry_run.stdout
     assert cluster.get_json("virtualmachines", "-n", "prod")["items"] == []
+
+
+def test_10_what_vm_operator_refuses_is_removed_or_denied(cluster):
+    """Issue 11's rules through the real API server and CRDs (server-side dry
+    runs): holds, proxy and revert annotations and instance-storage volumes
+    are removed; snapshots, publish requests and a VM disk restored from a
+    VolumeSnapshot are denied with what to do. VM Operator's own webhooks are
+    not running here (stand-in: nothing but the CRDs)."""
+    labels = {RESTORE_LABEL: "manual"}
+    vm = o.vm("dryrun", "refusals", None, 9, labels=labels)
+    vm["metadata"]["annotations"].update({
+        "poweron.check.vmoperator.vmware.com/backup": "hold",
+        "delete.check.vmoperator.vmware.com/backup": "hold",
+        "mgmt.proxy.vmware.com/allowlist": "10.0.0.0/8",
+        "vmoperator.vmware.com/snapshot-revert-in-progress": "",
+    })
+    vm["spec"]["volumes"] = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "refusals-data"}},
+        {"name": "is-0", "persistentVolumeClaim": {"claimName": "refusals-is-0",
+                                                    "instanceVolumeClaim": {"storageClass": "fast", "size": "8Gi"}}},
+    ]
+    result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm))
+    created = json.loads(result.stdout)
+    annotations = created["metadata"]["annotations"]
+    for gone in ("poweron.check.vmoperator.vmware.com/backup", "delete.check.vmoperator.vmware.com/backup",
+                 "mgmt.proxy.vmware.com/allowlist", "vmoperator.vmware.com/snapshot-revert-in-progress"):
+        assert gone not in annotations, gone
+    assert [v["name"] for v in created["spec"]["volumes"]] == ["data"]
+    assert "removed spec.volumes[1] (instance storage" in result.stderr, result.stderr
+
+    exclude = "--exclude-resources virtualmachinesnapshots.vmoperator.vmware.com,virtualmachinepublishrequests.vmoperator.vmware.com"
+    for kind in ("VirtualMachineSnapshot", "VirtualMachinePublishRequest"):
+        obj = {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": kind,
+               "metadata": {"name": "restored", "namespace": "dryrun", "labels": labels}, "spec": {}}
+        denied = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+        assert denied.returncode != 0, kind
+        assert f"{kind} dryrun/restored is restored" in denied.stderr and exclude in denied.stderr, denied.stderr
+
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+           "metadata": {"name": "web-1-boot", "namespace": "dryrun", "labels": labels,
+                        "annotations": {"cns.vmware.com.protected/disk-backing": "FlatVer2"}},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+                    "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "velero-boot-1"}}}
+    denied = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pvc), check=False)
+    assert denied.returncode != 0
+    assert "PersistentVolumeClaim dryrun/web-1-boot is one of a VirtualMachine's own disks" in denied.stderr, denied.stderr
+    assert "VolumeSnapshot velero-boot-1" in denied.stderr

@@ -1,0 +1,83 @@
+//! Restored objects that must not be created at all: they stand for work VM
+//! Operator did on the original (a snapshot taken, an image published) and
+//! keep its outcome in status, which Velero drops. Created again, VM Operator
+//! would take a new, meaningless snapshot, or publish again.
+
+use serde_json::Value;
+
+use super::shape::{self, ShapeError};
+use super::{CleanupOptions, Kind, Plan, RuleDoc};
+
+pub const R_SNAPSHOT: &str = "vmsnapshot-deny";
+pub const R_PUBLISH_REQUEST: &str = "vmpublishrequest-deny";
+
+pub const RULES: &[RuleDoc] = &[
+    RuleDoc {
+        id: R_SNAPSHOT,
+        kind: "VirtualMachineSnapshot",
+        what: "deny restored VirtualMachineSnapshots, naming the `--exclude-resources` value",
+        why: "the snapshot's outcome lived in status, which Velero drops: VM Operator would take a new, meaningless snapshot",
+    },
+    RuleDoc {
+        id: R_PUBLISH_REQUEST,
+        kind: "VirtualMachinePublishRequest",
+        what: "deny restored VirtualMachinePublishRequests, naming the `--exclude-resources` value",
+        why: "the request's outcome lived in status: VM Operator would publish the image again",
+    },
+];
+
+/// What to pass to `velero restore create --exclude-resources`.
+pub const EXCLUDE_RESOURCES: &str = "virtualmachinesnapshots.vmoperator.vmware.com,virtualmachinepublishrequests.vmoperator.vmware.com";
+
+pub fn plan(kind: Kind, object: &Value, options: &CleanupOptions) -> Result<Plan, ShapeError> {
+    shape::meta(shape::root(object)?)?;
+    let (rule, what) = match kind {
+        Kind::VirtualMachineSnapshot => (R_SNAPSHOT, "a new, meaningless snapshot would be taken"),
+        _ => (R_PUBLISH_REQUEST, "the image would be published again"),
+    };
+    let mut plan = Plan::default();
+    if options.enabled(rule) {
+        plan.denial = Some(format!(
+            "is restored, but its outcome was kept in status, which Velero does not restore: {what}. \
+             Exclude these objects from the restore: velero restore create ... --exclude-resources {EXCLUDE_RESOURCES}"
+        ));
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn both_kinds_are_denied_with_the_exclude_value() {
+        for kind in [
+            Kind::VirtualMachineSnapshot,
+            Kind::VirtualMachinePublishRequest,
+        ] {
+            let denial = plan(
+                kind,
+                &json!({"metadata": {"name": "s"}}),
+                &CleanupOptions::default(),
+            )
+            .unwrap()
+            .denial
+            .unwrap();
+            assert!(
+                denial.contains(&format!("--exclude-resources {EXCLUDE_RESOURCES}")),
+                "{denial}"
+            );
+        }
+        let off = CleanupOptions {
+            disabled_rules: std::sync::Arc::new([R_SNAPSHOT.to_string()].into()),
+            ..Default::default()
+        };
+        assert!(
+            plan(Kind::VirtualMachineSnapshot, &json!({}), &off)
+                .unwrap()
+                .denial
+                .is_none()
+        );
+    }
+}
