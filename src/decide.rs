@@ -10,9 +10,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::admission::Verdict;
-use crate::facts::RestoreLookup;
+use crate::facts::{GroupPresence, RestoreLookup};
 use crate::settings::{GroupPolicy, RestoreUnreadable};
-use crate::vmop::{self, CleanupOptions, Kind};
+use crate::vmop::{self, CleanupOptions, ClusterRef, Kind};
 use crate::waits::NoWait;
 
 /// The object under review, as the request names it.
@@ -51,11 +51,19 @@ pub enum GroupFact {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Facts {
     pub restore: RestoreFact,
     /// The group the object names, and what is known about it.
     pub group: Option<(String, GroupFact)>,
+    /// The cluster-bound objects a VM refers to, and whether each exists.
+    pub refs: Vec<(ClusterRef, GroupPresence)>,
+}
+
+impl Default for RestoreFact {
+    fn default() -> Self {
+        RestoreFact::Lookup(RestoreLookup::NotFound)
+    }
 }
 
 /// The settings `decide` reads.
@@ -183,7 +191,21 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
     let mut options = CleanupOptions {
         new_identity: false,
         disabled_rules: settings.disabled_rules.clone(),
+        missing_refs: Default::default(),
     };
+    for (reference, presence) in &facts.refs {
+        match presence {
+            GroupPresence::Present => {}
+            GroupPresence::Missing => {
+                options.missing_refs.insert(reference.kind);
+            }
+            GroupPresence::Unknown(err) => verdict.notes.push(format!(
+                "could not check {} {} in the target ({err}): kept",
+                reference.kind.describe(),
+                reference.name
+            )),
+        }
+    }
     let (policy, policy_note) = group_policy(settings, &facts.restore);
     verdict.notes.extend(policy_note);
 
@@ -381,6 +403,7 @@ mod tests {
             let facts = Facts {
                 restore,
                 group: present(),
+                ..Default::default()
             };
             assert!(denied_before_group(
                 &subject(&object),
@@ -403,6 +426,7 @@ mod tests {
         let facts = Facts {
             restore: RestoreFact::Lookup(RestoreLookup::Failed("forbidden".into())),
             group: present(),
+            ..Default::default()
         };
         let keep = DecideSettings {
             restore_unreadable: RestoreUnreadable::KeepIdentity,
@@ -425,6 +449,7 @@ mod tests {
         let facts = Facts {
             restore: found("uid-1", None),
             group: present(),
+            ..Default::default()
         };
         let decision = decide(&subject(&object), &facts, &settings());
         let patched = crate::patch::apply(&object, &decision.verdict.changes).unwrap();
@@ -445,6 +470,7 @@ mod tests {
         let recreated = Facts {
             restore: found("uid-2", None),
             group: present(),
+            ..Default::default()
         };
         let cleaned = decide(&subject(&reinvoked), &recreated, &settings());
         assert!(cleaned.unchanged_because.is_none());
@@ -472,6 +498,7 @@ mod tests {
                     live_error: None,
                 },
             )),
+            ..Default::default()
         };
         let decision = decide(&subject(&object), &facts, &settings());
         assert_eq!(decision.deny_reason, Some(DenyReason::GroupMissing));
@@ -491,6 +518,62 @@ mod tests {
     }
 
     #[test]
+    fn references_missing_in_the_target_are_removed_and_unknown_ones_kept() {
+        use crate::vmop::RefKind;
+        let copy = json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+            "metadata": {"labels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "spec": {"class": {"kind": "VirtualMachineClassInstance", "name": "small-x1"},
+                     "imageName": "ubuntu", "image": {"kind": "VirtualMachineImage", "name": "vmi-1"}}});
+        let object = json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1", "topology.kubernetes.io/zone": "zone-a"},
+                "annotations": {"vmoperator.vmware.com/conversion": copy.to_string()}},
+            "spec": {"class": {"kind": "VirtualMachineClassInstance", "name": "small-x1"},
+                     "imageName": "ubuntu", "image": {"kind": "ClusterVirtualMachineImage", "name": "vmi-1"}}});
+        let refs = crate::vmop::vm::cluster_refs(&object).unwrap();
+        assert_eq!(
+            refs.iter().map(|r| r.kind).collect::<Vec<_>>(),
+            vec![RefKind::Zone, RefKind::ClassInstance, RefKind::ClusterImage]
+        );
+        let facts = Facts {
+            restore: found("uid-1", None),
+            refs: vec![
+                (refs[0].clone(), GroupPresence::Missing),
+                (refs[1].clone(), GroupPresence::Present),
+                (refs[2].clone(), GroupPresence::Unknown("forbidden".into())),
+            ],
+            ..Default::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        let patched = crate::patch::apply(&object, &decision.verdict.changes).unwrap();
+        assert!(
+            patched
+                .pointer("/metadata/labels/topology.kubernetes.io~1zone")
+                .is_none()
+        );
+        assert_eq!(patched["spec"]["class"]["name"], "small-x1");
+        assert_eq!(patched["spec"]["image"]["name"], "vmi-1", "unknown: kept");
+        assert!(
+            decision
+                .verdict
+                .notes
+                .iter()
+                .any(|n| n.contains("could not check ClusterVirtualMachineImage vmi-1"))
+        );
+        // The hub copy loses the zone label too.
+        let cleaned: Value = serde_json::from_str(
+            patched["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            cleaned
+                .pointer("/metadata/labels/topology.kubernetes.io~1zone")
+                .is_none()
+        );
+        assert_eq!(cleaned["spec"]["class"]["name"], "small-x1");
+    }
+
+    #[test]
     fn pvc_gets_the_marker_only_when_changed() {
         let unchanged =
             json!({"metadata": {"name": "p", "labels": {"velero.io/restore-name": "r1"}}});
@@ -499,6 +582,7 @@ mod tests {
         let facts = Facts {
             restore: found("uid-1", None),
             group: None,
+            ..Default::default()
         };
         for (object, changes) in [(&unchanged, 0), (&changed, 2)] {
             let subject = Subject {

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::restores::RestoreInfo;
+use crate::vmop::{ClusterRef, RefKind};
 
 /// How a live check of a group ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +62,68 @@ pub trait RestoreFacts: Send + Sync {
     fn namespace(&self) -> &str;
     /// The Restore whose `velero.io/restore-name` label value is `label`.
     fn lookup<'a>(&'a self, label: &'a str) -> BoxFuture<'a, RestoreLookup>;
+}
+
+/// Whether the objects a VM refers to exist in the target cluster (zones,
+/// class instances, images): VM Operator refuses a VM naming a missing one.
+pub trait RefFacts: Send + Sync {
+    fn exists<'a>(
+        &'a self,
+        namespace: &'a str,
+        reference: &'a ClusterRef,
+    ) -> BoxFuture<'a, GroupPresence>;
+}
+
+/// References given by hand (`review --exists`); every other counts as missing.
+pub struct StaticRefs {
+    present: HashSet<(RefKind, String, String)>,
+}
+
+impl StaticRefs {
+    /// `(kind, namespace, name)`; the namespace is ignored for cluster-scoped kinds.
+    pub fn new(present: impl IntoIterator<Item = (RefKind, String, String)>) -> Arc<StaticRefs> {
+        Arc::new(StaticRefs {
+            present: present.into_iter().collect(),
+        })
+    }
+}
+
+impl RefFacts for StaticRefs {
+    fn exists<'a>(
+        &'a self,
+        namespace: &'a str,
+        reference: &'a ClusterRef,
+    ) -> BoxFuture<'a, GroupPresence> {
+        let namespace = match reference.kind {
+            RefKind::ClusterImage => "",
+            _ => namespace,
+        };
+        let key = (
+            reference.kind,
+            namespace.to_string(),
+            reference.name.clone(),
+        );
+        let presence = if self.present.contains(&key) {
+            GroupPresence::Present
+        } else {
+            GroupPresence::Missing
+        };
+        futures::future::ready(presence).boxed()
+    }
+}
+
+/// Every reference exists: nothing is removed for it (the default of a
+/// Reviewer that was given no reference source).
+pub struct AllRefsExist;
+
+impl RefFacts for AllRefsExist {
+    fn exists<'a>(
+        &'a self,
+        _namespace: &'a str,
+        _reference: &'a ClusterRef,
+    ) -> BoxFuture<'a, GroupPresence> {
+        futures::future::ready(GroupPresence::Present).boxed()
+    }
 }
 
 /// A future that resolves once `known()` holds, re-checked on every change

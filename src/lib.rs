@@ -9,6 +9,7 @@ pub mod groups;
 pub mod metrics;
 pub mod offline;
 pub mod patch;
+pub mod refs;
 pub mod restores;
 pub mod review;
 pub mod selftest;

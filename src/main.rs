@@ -11,12 +11,16 @@ use serde_json::{Value, json};
 use tracing::{error, info, warn};
 
 use velero_vm_restore_webhook::deadline::Deadline;
-use velero_vm_restore_webhook::facts::{GroupFacts, RestoreFacts, StaticGroups, StaticRestores};
+use velero_vm_restore_webhook::facts::{
+    GroupFacts, RefFacts, RestoreFacts, StaticGroups, StaticRefs, StaticRestores,
+};
 use velero_vm_restore_webhook::groups::GroupCache;
 use velero_vm_restore_webhook::metrics::Metrics;
+use velero_vm_restore_webhook::refs::LiveRefs;
 use velero_vm_restore_webhook::restores::{RestoreCache, RestoreInfo};
 use velero_vm_restore_webhook::review::{ReviewSettings, Reviewed, Reviewer};
 use velero_vm_restore_webhook::settings::{GroupPolicy, LogFormat, RuleArgs, ServeArgs};
+use velero_vm_restore_webhook::vmop::RefKind;
 use velero_vm_restore_webhook::waits::WaitLimits;
 use velero_vm_restore_webhook::{offline, server, telemetry, tls, vmop};
 
@@ -71,6 +75,13 @@ struct ReviewArgs {
     /// groups of a backup tarball count as existing.
     #[arg(long = "group", value_name = "NAMESPACE/NAME")]
     groups: Vec<String>,
+
+    /// An object a VM may refer to that exists in the target, as
+    /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME
+    /// or clusterimage/NAME (repeatable). References not given count as
+    /// missing and are removed, as they would be in a cluster without them.
+    #[arg(long = "exists", value_name = "KIND/[NAMESPACE/]NAME")]
+    exists: Vec<String>,
 
     /// Same as `-o json` (kept for scripts).
     #[arg(long, hide = true)]
@@ -178,6 +189,31 @@ fn parse_groups(groups: &[String]) -> Result<Vec<(&str, &str)>, String> {
         .collect()
 }
 
+/// `--exists` arguments.
+fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, String> {
+    values
+        .iter()
+        .map(|value| {
+            let parts: Vec<&str> = value.split('/').collect();
+            let kind = match parts.first().copied() {
+                Some("zone") => RefKind::Zone,
+                Some("classinstance") => RefKind::ClassInstance,
+                Some("image") => RefKind::Image,
+                Some("clusterimage") => RefKind::ClusterImage,
+                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, image or clusterimage")),
+            };
+            match (kind, parts.as_slice()) {
+                (RefKind::ClusterImage, [_, name]) if !name.is_empty() => Ok((kind, String::new(), name.to_string())),
+                (RefKind::ClusterImage, _) => Err(format!("--exists {value:?} must be clusterimage/NAME")),
+                (_, [_, namespace, name]) if !namespace.is_empty() && !name.is_empty() => {
+                    Ok((kind, namespace.to_string(), name.to_string()))
+                }
+                _ => Err(format!("--exists {value:?} must be KIND/NAMESPACE/NAME")),
+            }
+        })
+        .collect()
+}
+
 /// What a VM naming a missing group gets, for the startup log.
 fn group_policy_summary(policy: GroupPolicy) -> &'static str {
     match policy {
@@ -246,6 +282,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let metrics = Arc::new(Metrics::new());
+    let mut refs: Option<Arc<dyn RefFacts>> = None;
     let (groups, restores): (Arc<dyn GroupFacts>, Arc<dyn RestoreFacts>) = if args.no_kube {
         let listed = match parse_groups(&args.groups) {
             Ok(listed) => listed,
@@ -275,6 +312,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        refs = Some(Arc::new(LiveRefs::new(client.clone())));
         let (groups, group_runner) = GroupCache::live(client.clone());
         let (restores, restore_runner) = RestoreCache::live(client, &args.velero_namespace);
         tokio::spawn(group_runner);
@@ -287,12 +325,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .clone()
             .watch(args.tls_reload_interval, Some(metrics.clone())),
     );
-    let reviewer = Arc::new(Reviewer::new(
-        groups,
-        restores,
-        settings,
-        Some(metrics.clone()),
-    ));
+    let mut reviewer = Reviewer::new(groups, restores, settings, Some(metrics.clone()));
+    if let Some(refs) = refs {
+        reviewer = reviewer.with_refs(refs);
+    }
+    let reviewer = Arc::new(reviewer);
     let bound = match server::bind(args.listen, args.metrics_listen).await {
         Ok(bound) => bound,
         Err(err) => {
@@ -563,12 +600,17 @@ async fn review(args: ReviewArgs) -> ExitCode {
         },
         ..Default::default()
     };
+    let exists = match parse_exists(&args.exists) {
+        Ok(exists) => exists,
+        Err(err) => return fail(err),
+    };
     let reviewer = Reviewer::new(
         StaticGroups::new(groups),
         StaticRestores::found(restore),
         settings,
         None,
-    );
+    )
+    .with_refs(StaticRefs::new(exists));
 
     let mut reviewed_items = Vec::new();
     for item in items {

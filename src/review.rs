@@ -16,7 +16,7 @@ use crate::deadline::Deadline;
 use crate::decide::{
     self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
 };
-use crate::facts::{GroupFacts, GroupPresence, RestoreFacts};
+use crate::facts::{AllRefsExist, GroupFacts, GroupPresence, RefFacts, RestoreFacts};
 use crate::metrics::{
     ChangeLabels, KindLabel, KindLabels, Metrics, OperationLabel, Outcome, ReviewLabels,
     WaitLabels, WaitResult,
@@ -56,6 +56,8 @@ pub struct Reviewer {
     pub restores: Arc<dyn RestoreFacts>,
     pub settings: ReviewSettings,
     pub metrics: Option<Arc<Metrics>>,
+    /// Whether the zones, class instances and images VMs name exist.
+    refs: Arc<dyn RefFacts>,
     waits: GroupWaits,
     decide_settings: DecideSettings,
 }
@@ -110,6 +112,7 @@ impl Reviewer {
             velero_namespace: restores.namespace().to_string(),
         };
         Reviewer {
+            refs: Arc::new(AllRefsExist),
             waits: GroupWaits::new(settings.wait_limits),
             groups,
             restores,
@@ -117,6 +120,13 @@ impl Reviewer {
             metrics,
             decide_settings,
         }
+    }
+
+    /// Checks the zones, class instances and images VMs name against
+    /// `refs` (by default every one counts as existing).
+    pub fn with_refs(mut self, refs: Arc<dyn RefFacts>) -> Reviewer {
+        self.refs = refs;
+        self
     }
 
     /// Group waits in progress now (for the metrics gauge).
@@ -267,12 +277,27 @@ impl Reviewer {
         }
         let mut facts = Facts {
             restore,
-            group: None,
+            ..Facts::default()
         };
         if decide::already_reviewed(subject, &facts.restore)
             || decide::denied_before_group(subject, &facts.restore, &self.decide_settings)
         {
             return facts;
+        }
+        if let Kind::VirtualMachine(_) = subject.kind
+            && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object)
+        {
+            for reference in references {
+                let presence = deadline
+                    .run(self.refs.exists(subject.namespace, &reference))
+                    .await
+                    .unwrap_or_else(|_| {
+                        GroupPresence::Unknown(
+                            "the check did not finish before the deadline".into(),
+                        )
+                    });
+                facts.refs.push((reference, presence));
+            }
         }
         // A malformed object is denied by `decide` with the field's name.
         let Ok(Some(group)) = crate::vmop::group_name(subject.kind, subject.object) else {

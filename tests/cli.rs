@@ -416,3 +416,54 @@ fn serve_without_a_cluster_is_a_usable_trial() {
         "{warnings}"
     );
 }
+
+#[test]
+fn references_count_as_missing_unless_given_with_exists() {
+    let mut vm: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("vm-v1alpha5.json")).unwrap())
+            .unwrap();
+    vm["metadata"]["labels"]["topology.kubernetes.io/zone"] = serde_json::json!("zone-a");
+    vm["spec"]["class"] =
+        serde_json::json!({"kind": "VirtualMachineClassInstance", "name": "small-1"});
+    let input = vm.to_string();
+    let out = run(
+        &["review", "--group", "prod/web-tier", "-o", "json", "-"],
+        Some(&input),
+    );
+    let patched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(patched.pointer("/spec/class").is_none());
+    assert!(
+        patched["metadata"]["labels"]
+            .get("topology.kubernetes.io/zone")
+            .is_none()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("removed spec.class (no such class instance in the target)"),
+        "{stderr}"
+    );
+    let out = run(
+        &[
+            "review",
+            "--group",
+            "prod/web-tier",
+            "--exists",
+            "zone/prod/zone-a",
+            "--exists",
+            "classinstance/prod/small-1",
+            "-o",
+            "json",
+            "-",
+        ],
+        Some(&input),
+    );
+    let patched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(patched["spec"]["class"]["name"], "small-1");
+    assert_eq!(
+        patched["metadata"]["labels"]["topology.kubernetes.io/zone"],
+        "zone-a"
+    );
+    let bad = run(&["review", "--exists", "zone/only-one", "-"], Some(&input));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be KIND/NAMESPACE/NAME"));
+}

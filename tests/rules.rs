@@ -373,3 +373,80 @@ fn vm_operator_refusals_are_removed_at_every_version() {
         );
     }
 }
+
+/// Cluster-bound references, at every version: removed when the target
+/// lacks them (here: every kind missing), on the object and in the hub copy.
+#[test]
+fn missing_references_are_removed_at_every_version() {
+    use velero_vm_restore_webhook::vmop::RefKind;
+    let add = |object: &mut Value| {
+        object["metadata"]["labels"]
+            .as_object_mut()
+            .unwrap()
+            .insert("topology.kubernetes.io/zone".into(), json!("zone-a"));
+        object["spec"]["class"] = json!({"apiVersion": "vmoperator.vmware.com/v1alpha5",
+            "kind": "VirtualMachineClassInstance", "name": "best-effort-small-5f4a"});
+        object["spec"]["image"] =
+            json!({"kind": "VirtualMachineImage", "name": "vmi-0a0044d7c690bcbea"});
+    };
+    let all_missing = CleanupOptions {
+        missing_refs: [RefKind::Zone, RefKind::ClassInstance, RefKind::Image].into(),
+        ..Default::default()
+    };
+    for version in 1..=6u8 {
+        let mut object = example(&format!("vm-v1alpha{version}.json"));
+        add(&mut object);
+        if version < 6 {
+            let mut copy: Value = serde_json::from_str(
+                object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+            let meta = copy["metadata"].as_object_mut().unwrap();
+            meta.entry("labels").or_insert(json!({}));
+            add(&mut copy);
+            object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] =
+                json!(copy.to_string());
+        }
+        let refs = vmop::vm::cluster_refs(&object).unwrap();
+        assert_eq!(refs.len(), 3, "v1alpha{version}: {refs:?}");
+        let version_kind = Kind::VirtualMachine(ApiVersion(version));
+        let plan = vmop::plan(version_kind, &object, &all_missing).unwrap();
+        let patched = patch::apply(&object, &plan.changes).unwrap();
+        assert!(
+            patched
+                .pointer("/metadata/labels/topology.kubernetes.io~1zone")
+                .is_none(),
+            "v1alpha{version}"
+        );
+        assert!(
+            patched.pointer("/spec/class").is_none() && patched.pointer("/spec/image").is_none(),
+            "v1alpha{version}"
+        );
+        assert_eq!(
+            patched["spec"]["imageName"], "vmi-0a0044d7c690bcbea",
+            "imageName stays for VM Operator to resolve"
+        );
+        if version < 6 {
+            let copy: Value = serde_json::from_str(
+                patched["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+            assert!(
+                copy.pointer("/spec/class").is_none() && copy.pointer("/spec/image").is_none(),
+                "v1alpha{version} copy"
+            );
+        }
+        // Everything present: nothing of these changes.
+        let kept = vmop::plan(version_kind, &object, &CleanupOptions::default()).unwrap();
+        let kept = patch::apply(&object, &kept.changes).unwrap();
+        assert_eq!(kept["spec"]["class"], object["spec"]["class"]);
+        assert_eq!(
+            kept["metadata"]["labels"]["topology.kubernetes.io/zone"],
+            "zone-a"
+        );
+    }
+}

@@ -156,6 +156,40 @@ impl ApiVersion {
     }
 }
 
+/// A reference from a VM to an object that is bound to its cluster: kept when
+/// the object exists in the target, removed otherwise so that VM Operator
+/// picks it again there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RefKind {
+    /// Label `topology.kubernetes.io/zone`: a Zone in the namespace, or an
+    /// AvailabilityZone (`zones`/`availabilityzones.topology.tanzu.vmware.com`).
+    Zone,
+    /// `spec.class`: a VirtualMachineClassInstance in the namespace.
+    ClassInstance,
+    /// `spec.image` of kind VirtualMachineImage (when `spec.imageName` is set).
+    Image,
+    /// `spec.image` of kind ClusterVirtualMachineImage (when `spec.imageName` is set).
+    ClusterImage,
+}
+
+impl RefKind {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            RefKind::Zone => "Zone",
+            RefKind::ClassInstance => "VirtualMachineClassInstance",
+            RefKind::Image => "VirtualMachineImage",
+            RefKind::ClusterImage => "ClusterVirtualMachineImage",
+        }
+    }
+}
+
+/// One cluster-bound reference a VM makes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClusterRef {
+    pub kind: RefKind,
+    pub name: String,
+}
+
 /// Choices that depend on the restore and the operator, not on the object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CleanupOptions {
@@ -164,6 +198,9 @@ pub struct CleanupOptions {
     pub new_identity: bool,
     /// Rule ids the operator turned off (`--disable-rule`).
     pub disabled_rules: Arc<BTreeSet<String>>,
+    /// References whose target does not exist in the target cluster: their
+    /// fields are removed (also in the conversion copy).
+    pub missing_refs: BTreeSet<RefKind>,
 }
 
 impl CleanupOptions {

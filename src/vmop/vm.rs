@@ -14,7 +14,9 @@
 use serde_json::{Map, Value};
 
 use super::shape::{self, ShapeError};
-use super::{ApiVersion, CONVERSION_ANNOTATION, CleanupOptions, Plan, RuleDoc};
+use super::{
+    ApiVersion, CONVERSION_ANNOTATION, CleanupOptions, ClusterRef, Plan, RefKind, RuleDoc,
+};
 use crate::patch::{self, Change};
 
 pub const R_INSTANCE_UUID: &str = "vm-instance-uuid";
@@ -30,6 +32,11 @@ pub const R_CHECK_ANNOTATIONS: &str = "vm-check-annotations";
 pub const R_MGMT_PROXY: &str = "vm-mgmt-proxy-annotations";
 pub const R_SNAPSHOT_REVERT: &str = "vm-snapshot-revert-annotation";
 pub const R_INSTANCE_STORAGE_VOLUMES: &str = "vm-instance-storage-volumes";
+pub const R_ZONE_LABEL: &str = "vm-zone-label";
+pub const R_CLASS_INSTANCE: &str = "vm-class-instance";
+pub const R_IMAGE_REF: &str = "vm-image-ref";
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const R_CONVERSION_COPY: &str = "vm-conversion-copy";
 pub const R_COPY_BIOS_UUID: &str = "vm-copy-bios-uuid";
 pub const R_COPY_INSTANCE_ID: &str = "vm-copy-cloud-init-instance-id";
@@ -143,6 +150,24 @@ pub const RULES: &[RuleDoc] = &[
         why: "while present, VM Operator stops every reconcile of the VM",
     },
     RuleDoc {
+        id: R_ZONE_LABEL,
+        kind: "VirtualMachine",
+        what: "remove label `topology.kubernetes.io/zone` when no such Zone (or AvailabilityZone) exists in the target",
+        why: "rejected on create (the zone is not found); without it VM Operator places the VM in a zone of the target",
+    },
+    RuleDoc {
+        id: R_CLASS_INSTANCE,
+        kind: "VirtualMachine",
+        what: "remove `spec.class` when that VirtualMachineClassInstance does not exist in the target namespace",
+        why: "class instances are named per cluster; VM Operator picks the instance of `spec.className` again",
+    },
+    RuleDoc {
+        id: R_IMAGE_REF,
+        kind: "VirtualMachine",
+        what: "remove `spec.image` (when `spec.imageName` is set) when that VirtualMachineImage or ClusterVirtualMachineImage does not exist in the target",
+        why: "image names hash the content-library item; VM Operator resolves `spec.imageName` again",
+    },
+    RuleDoc {
         id: R_INSTANCE_STORAGE_VOLUMES,
         kind: "VirtualMachine",
         what: "remove the entries of `spec.volumes` with `persistentVolumeClaim.instanceVolumeClaim`",
@@ -233,9 +258,37 @@ fn object_changes(
         ));
     }
 
+    if let Some(labels) = meta.labels
+        && labels.contains_key(ZONE_LABEL)
+        && options.missing_refs.contains(&RefKind::Zone)
+        && options.enabled(R_ZONE_LABEL)
+    {
+        changes.push(Change::remove(
+            tokens(&["metadata", "labels", ZONE_LABEL]),
+            R_ZONE_LABEL,
+            "no such zone in the target",
+        ));
+    }
+
     let Some(spec) = shape::map(object, "", "spec")? else {
         return Ok(changes);
     };
+    for found in spec_refs(spec)? {
+        let (rule, key, reason) = match found.kind {
+            RefKind::ClassInstance => (
+                R_CLASS_INSTANCE,
+                "class",
+                "no such class instance in the target",
+            ),
+            RefKind::Image | RefKind::ClusterImage => {
+                (R_IMAGE_REF, "image", "no such image in the target")
+            }
+            RefKind::Zone => continue,
+        };
+        if options.missing_refs.contains(&found.kind) && options.enabled(rule) {
+            changes.push(Change::remove(tokens(&["spec", key]), rule, reason));
+        }
+    }
     if options.enabled(R_INSTANCE_STORAGE_VOLUMES) {
         instance_storage_volume_changes(spec, &mut changes)?;
     }
@@ -284,6 +337,55 @@ fn object_changes(
 }
 
 const R_INSTANCE_UUID_KEY: &str = "instanceUUID";
+
+/// `spec.class`, and `spec.image` when `spec.imageName` is also set.
+fn spec_refs(spec: &Map<String, Value>) -> Result<Vec<ClusterRef>, ShapeError> {
+    let mut refs = Vec::new();
+    if let Some(class) = shape::map(spec, "spec", "class")?
+        && let Some(name) = shape::string(class, "spec.class", "name")?.filter(|n| !n.is_empty())
+    {
+        refs.push(ClusterRef {
+            kind: RefKind::ClassInstance,
+            name: name.to_string(),
+        });
+    }
+    if shape::is_set(shape::string(spec, "spec", "imageName")?)
+        && let Some(image) = shape::map(spec, "spec", "image")?
+        && let Some(name) = shape::string(image, "spec.image", "name")?.filter(|n| !n.is_empty())
+    {
+        let kind = match shape::string(image, "spec.image", "kind")? {
+            Some("ClusterVirtualMachineImage") => RefKind::ClusterImage,
+            _ => RefKind::Image,
+        };
+        refs.push(ClusterRef {
+            kind,
+            name: name.to_string(),
+        });
+    }
+    Ok(refs)
+}
+
+/// The cluster-bound references a VM makes (its zone label, `spec.class`,
+/// `spec.image`), for the facts a review gathers before it decides.
+pub fn cluster_refs(object: &Value) -> Result<Vec<ClusterRef>, ShapeError> {
+    let root = shape::root(object)?;
+    let mut refs = Vec::new();
+    if let Some(zone) = shape::meta(root)?
+        .labels
+        .and_then(|labels| labels.get(ZONE_LABEL))
+        .and_then(Value::as_str)
+        .filter(|zone| !zone.is_empty())
+    {
+        refs.push(ClusterRef {
+            kind: RefKind::Zone,
+            name: zone.to_string(),
+        });
+    }
+    if let Some(spec) = shape::map(root, "", "spec")? {
+        refs.extend(spec_refs(spec)?);
+    }
+    Ok(refs)
+}
 
 /// Removes instance-storage volumes, highest index first, so that each
 /// `remove` still points at the entry it means once earlier ones are gone.
@@ -603,6 +705,7 @@ mod tests {
         let options = CleanupOptions {
             new_identity: false,
             disabled_rules: std::sync::Arc::new([R_INSTANCE_UUID.to_string()].into()),
+            ..Default::default()
         };
         let plan = plan(&vm, ApiVersion(5), &options).unwrap();
         assert_eq!(plan.changes.len(), 1);

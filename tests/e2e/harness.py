@@ -280,13 +280,16 @@ class Cluster:
     def install_crds(self) -> None:
         crds = vmop_crd_dir()
         for name in ["virtualmachines", "virtualmachinegroups", "virtualmachinesetresourcepolicies",
-                     "virtualmachinesnapshots", "virtualmachinepublishrequests"]:
+                     "virtualmachinesnapshots", "virtualmachinepublishrequests", "virtualmachineclassinstances",
+                     "virtualmachineimages", "clustervirtualmachineimages"]:
             self.kubectl("apply", "--server-side", "-f", crds / f"vmoperator.vmware.com_{name}.yaml")
         velero_crds = run([self.bin / "velero", "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
         self.kubectl("apply", "--server-side", "-f", "-", input=velero_crds)
         for crd in ["virtualmachines.vmoperator.vmware.com", "virtualmachinegroups.vmoperator.vmware.com",
                     "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "virtualmachinesnapshots.vmoperator.vmware.com",
-                    "virtualmachinepublishrequests.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io"]:
+                    "virtualmachinepublishrequests.vmoperator.vmware.com", "virtualmachineclassinstances.vmoperator.vmware.com",
+                    "virtualmachineimages.vmoperator.vmware.com", "clustervirtualmachineimages.vmoperator.vmware.com",
+                    "restores.velero.io", "backups.velero.io"]:
             self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         log(f"CRDs installed from {crds}")
 

@@ -235,6 +235,9 @@ def test_chart_rbac_is_read_only_and_minimal(helm):
     docs = [d for d in render(helm) if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
     rules = [(d["kind"], r) for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
     assert sorted((kind, tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for kind, r in rules) == [
+        ("ClusterRole", ("topology.tanzu.vmware.com",), ("zones", "availabilityzones"), ("get",)),
+        ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachineclassinstances", "virtualmachineimages",
+                                                     "clustervirtualmachineimages"), ("get",)),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachinegroups",), ("get", "list", "watch")),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
     ]

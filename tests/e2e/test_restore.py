@@ -406,3 +406,35 @@ def test_10_what_vm_operator_refuses_is_removed_or_denied(cluster):
     assert denied.returncode != 0
     assert "PersistentVolumeClaim dryrun/web-1-boot is one of a VirtualMachine's own disks" in denied.stderr, denied.stderr
     assert "VolumeSnapshot velero-boot-1" in denied.stderr
+
+
+def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
+    """The zone label, spec.class and spec.image are kept when the target has
+    them and removed otherwise, checked live with the chart's RBAC. The class
+    instance and image CRDs are VM Operator's; no module ships the Zone CRD, so
+    the zone here never exists (the API is not served)."""
+    cluster.apply({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClassInstance",
+                   "metadata": {"name": "best-effort-small-5f4a", "namespace": "dryrun"}, "spec": {}})
+    cluster.apply({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineImage",
+                   "metadata": {"name": "vmi-present", "namespace": "dryrun"}, "spec": {}})
+
+    def dry_run(class_name, image):
+        vm = o.vm("dryrun", f"refs-{class_name}", None, 11, labels={RESTORE_LABEL: "manual",
+                                                                      "topology.kubernetes.io/zone": "zone-a"})
+        vm["spec"]["class"] = {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClassInstance",
+                               "name": class_name}
+        vm["spec"]["image"] = {"kind": "VirtualMachineImage", "name": image}
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm))
+        return json.loads(result.stdout), result.stderr
+
+    kept, warnings = dry_run("best-effort-small-5f4a", "vmi-present")
+    assert kept["spec"]["class"]["name"] == "best-effort-small-5f4a", warnings
+    assert kept["spec"]["image"]["name"] == "vmi-present", warnings
+    assert "topology.kubernetes.io/zone" not in kept["metadata"]["labels"], "no Zone API here: the label cannot resolve"
+    assert "removed metadata.labels[topology.kubernetes.io/zone] (no such zone in the target)" in warnings, warnings
+
+    dropped, warnings = dry_run("small-from-another-cluster", "vmi-from-another-library")
+    assert "class" not in dropped["spec"] and "image" not in dropped["spec"], warnings
+    assert dropped["spec"]["imageName"] == "vmi-0a0044d7c690bcbea", "imageName stays for VM Operator to resolve"
+    assert "removed spec.class (no such class instance in the target)" in warnings, warnings
+    assert "could not check" not in warnings, f"a lookup failed (RBAC?): {warnings}"
