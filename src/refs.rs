@@ -42,6 +42,17 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
+/// A vmoperator.vmware.com kind, at the version VM Operator 1.10 and later
+/// all serve; its plural is the lowercased kind plus "s".
+fn vmop_resource(kind: &str) -> ApiResource {
+    resource(
+        vmop::GROUP,
+        VMOP_VERSION,
+        kind,
+        &format!("{}s", kind.to_lowercase()),
+    )
+}
+
 const TOPOLOGY: &str = "topology.tanzu.vmware.com";
 /// The newest version VM Operator 1.10 and later all serve.
 const VMOP_VERSION: &str = "v1alpha5";
@@ -81,31 +92,20 @@ impl RefFacts for LiveRefs {
                     }
                 },
                 RefKind::ClassInstance => {
-                    let kind = resource(
-                        vmop::GROUP,
-                        VMOP_VERSION,
-                        "VirtualMachineClassInstance",
-                        "virtualmachineclassinstances",
-                    );
-                    self.get(kind, Some(namespace), name).await
+                    self.get(
+                        vmop_resource("VirtualMachineClassInstance"),
+                        Some(namespace),
+                        name,
+                    )
+                    .await
                 }
                 RefKind::Image => {
-                    let kind = resource(
-                        vmop::GROUP,
-                        VMOP_VERSION,
-                        "VirtualMachineImage",
-                        "virtualmachineimages",
-                    );
-                    self.get(kind, Some(namespace), name).await
+                    self.get(vmop_resource("VirtualMachineImage"), Some(namespace), name)
+                        .await
                 }
                 RefKind::ClusterImage => {
-                    let kind = resource(
-                        vmop::GROUP,
-                        VMOP_VERSION,
-                        "ClusterVirtualMachineImage",
-                        "clustervirtualmachineimages",
-                    );
-                    self.get(kind, None, name).await
+                    self.get(vmop_resource("ClusterVirtualMachineImage"), None, name)
+                        .await
                 }
             };
             match found {

@@ -276,19 +276,14 @@ fn vm_operator_refusals_are_removed_at_every_version() {
         let mut object = example(&format!("vm-v1alpha{version}.json"));
         add(&mut object);
         if version < 6 {
-            let text = object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            let mut copy: Value = serde_json::from_str(&text).unwrap();
-            copy["metadata"]
-                .as_object_mut()
-                .unwrap()
-                .entry("annotations")
-                .or_insert(json!({}));
-            add(&mut copy);
-            object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] =
-                json!(copy.to_string());
+            edit_copy(&mut object, |copy| {
+                copy["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .entry("annotations")
+                    .or_insert(json!({}));
+                add(copy);
+            });
         }
         let plan = plan_for(&object, false);
         let new_paths: Vec<String> = plan
@@ -343,12 +338,7 @@ fn vm_operator_refusals_are_removed_at_every_version() {
             "kept"
         );
         if version < 6 {
-            let copy: Value = serde_json::from_str(
-                patched["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
-                    .as_str()
-                    .unwrap(),
-            )
-            .unwrap();
+            let copy = conversion_copy(&patched);
             let copy_names: Vec<&str> = copy["spec"]["volumes"]
                 .as_array()
                 .unwrap()
@@ -397,17 +387,11 @@ fn missing_references_are_removed_at_every_version() {
         let mut object = example(&format!("vm-v1alpha{version}.json"));
         add(&mut object);
         if version < 6 {
-            let mut copy: Value = serde_json::from_str(
-                object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
-                    .as_str()
-                    .unwrap(),
-            )
-            .unwrap();
-            let meta = copy["metadata"].as_object_mut().unwrap();
-            meta.entry("labels").or_insert(json!({}));
-            add(&mut copy);
-            object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] =
-                json!(copy.to_string());
+            edit_copy(&mut object, |copy| {
+                let meta = copy["metadata"].as_object_mut().unwrap();
+                meta.entry("labels").or_insert(json!({}));
+                add(copy);
+            });
         }
         let refs = vmop::vm::cluster_refs(&object).unwrap();
         assert_eq!(refs.len(), 3, "v1alpha{version}: {refs:?}");
@@ -429,12 +413,7 @@ fn missing_references_are_removed_at_every_version() {
             "imageName stays for VM Operator to resolve"
         );
         if version < 6 {
-            let copy: Value = serde_json::from_str(
-                patched["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
-                    .as_str()
-                    .unwrap(),
-            )
-            .unwrap();
+            let copy = conversion_copy(&patched);
             assert!(
                 copy.pointer("/spec/class").is_none() && copy.pointer("/spec/image").is_none(),
                 "v1alpha{version} copy"
@@ -449,4 +428,21 @@ fn missing_references_are_removed_at_every_version() {
             "zone-a"
         );
     }
+}
+
+/// The hub copy in an object's conversion annotation.
+fn conversion_copy(object: &Value) -> Value {
+    serde_json::from_str(
+        object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Edits the hub copy in an object's conversion annotation in place.
+fn edit_copy(object: &mut Value, edit: impl FnOnce(&mut Value)) {
+    let mut copy = conversion_copy(object);
+    edit(&mut copy);
+    object["metadata"]["annotations"]["vmoperator.vmware.com/conversion"] = json!(copy.to_string());
 }
