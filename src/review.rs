@@ -25,6 +25,9 @@ use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::Kind;
 use crate::waits::{GroupWaits, WaitLimits, WaitOutcome};
 
+/// The longest one reference check (zone, class instance, image) may take.
+const REF_CHECK_BOUND: Duration = Duration::from_secs(2);
+
 /// Kept free after a group wait for the live GET that confirms a miss.
 const CONFIRM_RESERVE: Duration = Duration::from_millis(750);
 
@@ -288,7 +291,10 @@ impl Reviewer {
             && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object)
         {
             for reference in references {
+                // Each check gets a short share of the deadline, so a slow one
+                // cannot leave the group check no time.
                 let presence = deadline
+                    .min_after(REF_CHECK_BOUND)
                     .run(self.refs.exists(subject.namespace, &reference))
                     .await
                     .unwrap_or_else(|_| {
