@@ -1,7 +1,8 @@
 //! The live reference source: one GET of metadata per reference a restored
 //! VM makes (zone, class instance, image), bounded by the request's deadline
-//! by the caller. A resource the API server does not serve answers 404, the
-//! same as a missing object: the reference cannot resolve in this cluster.
+//! by the caller. A resource the API server does not serve answers 404 (as
+//! plain text, not a Status), the same as a missing object: the reference
+//! cannot resolve in this cluster.
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -31,10 +32,13 @@ impl LiveRefs {
             Some(namespace) => Api::namespaced_with(self.client.clone(), namespace, &resource),
             None => Api::all_with(self.client.clone(), &resource),
         };
-        api.get_metadata_opt(name)
-            .await
-            .map(|found| found.is_some())
-            .map_err(|err| err.to_string())
+        match api.get_metadata_opt(name).await {
+            Ok(found) => Ok(found.is_some()),
+            // A group nobody serves answers a plain-text "404 page not found"
+            // (no Status body): the reference cannot resolve here either.
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(err) => Err(err.to_string()),
+        }
     }
 }
 
@@ -115,5 +119,87 @@ impl RefFacts for LiveRefs {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{Request, Response};
+    use http_body_util::Full;
+
+    /// A fake API server: zones are an unknown group (plain-text 404), the
+    /// class instance `small` exists, images are forbidden, the rest 404.
+    fn refs_on_fake_api() -> LiveRefs {
+        let service = tower::service_fn(|request: Request<kube::client::Body>| async move {
+            let path = request.uri().path().to_string();
+            let (code, body, json) = if path.contains("/topology.tanzu.vmware.com/") {
+                (404, "404 page not found".to_string(), false)
+            } else if path.ends_with("/virtualmachineclassinstances/small") {
+                (200, serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": "small", "namespace": "prod"}}).to_string(), true)
+            } else if path.contains("/virtualmachineimages/") {
+                (
+                    403,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "forbidden", "reason": "Forbidden", "code": 403})
+                    .to_string(),
+                    true,
+                )
+            } else {
+                (
+                    404,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "not found", "reason": "NotFound", "code": 404})
+                    .to_string(),
+                    true,
+                )
+            };
+            let content_type = if json {
+                "application/json"
+            } else {
+                "text/plain"
+            };
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .status(code)
+                    .header("content-type", content_type)
+                    .body(Full::new(bytes::Bytes::from(body)))
+                    .expect("response"),
+            )
+        });
+        LiveRefs::new(Client::new(service, "default"))
+    }
+
+    #[tokio::test]
+    async fn absent_apis_and_objects_are_missing_and_refusals_unknown() {
+        let refs = refs_on_fake_api();
+        let reference = |kind, name: &str| ClusterRef {
+            kind,
+            name: name.to_string(),
+        };
+        assert_eq!(
+            refs.exists("prod", &reference(RefKind::Zone, "zone-a"))
+                .await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.exists("prod", &reference(RefKind::ClassInstance, "small"))
+                .await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &reference(RefKind::ClassInstance, "large"))
+                .await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.exists("prod", &reference(RefKind::ClusterImage, "vmi-1"))
+                .await,
+            GroupPresence::Missing
+        );
+        assert!(
+            matches!(refs.exists("prod", &reference(RefKind::Image, "vmi-1")).await, GroupPresence::Unknown(message) if message.contains("forbidden"))
+        );
     }
 }
