@@ -118,12 +118,16 @@ fn main() {
     std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write");
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write");
 
-    let (port, metrics_port) = (free_port(), free_port());
-    let server = Server(
-        Command::new(env!("CARGO_BIN_EXE_velero-vm-restore-webhook"))
+    // Logging as deployed (JSON INFO lines, one per change, to a pipe that is
+    // drained) and logging off, each with its own server, in the same run.
+    let start = |log_level: &str| -> (Server, u16) {
+        let (port, metrics_port) = (free_port(), free_port());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_velero-vm-restore-webhook"))
             .args([
                 "--log-level",
-                "error",
+                log_level,
+                "--log-format",
+                "json",
                 "serve",
                 "--no-kube",
                 "--bench-noop-route",
@@ -138,11 +142,24 @@ fn main() {
             .arg(dir.join("tls.crt"))
             .arg("--tls-key-file")
             .arg(dir.join("tls.key"))
-            .args(["--max-concurrent-reviews", "1024"])
+            .args([
+                "--max-concurrent-reviews",
+                "1024",
+                "--max-buffered-bytes",
+                "67108864",
+            ])
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("start server"),
-    );
+            .expect("start server");
+        // Drain the log pipe as a log shipper would.
+        if let Some(mut stderr) = child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        }
+        (Server(child), port)
+    };
+    let (server, port) = start("info");
+    let (quiet_server, quiet_port) = start("error");
     let pid = server.0.id();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -165,10 +182,13 @@ fn main() {
             .build()
             .expect("client");
         let base = format!("https://127.0.0.1:{port}");
+        let quiet = format!("https://127.0.0.1:{quiet_port}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while client.get(format!("{base}/healthz")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for url in [&base, &quiet] {
+            while client.get(format!("{url}/healthz")).send().await.is_err() {
+                assert!(Instant::now() < deadline, "server did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
 
         // A realistic restored VM (v1alpha3: with the conversion copy), no group.
@@ -185,21 +205,31 @@ fn main() {
         // Warm up both routes (connections, allocator).
         run_load(&client, &format!("{base}/noop"), &body, concurrency * 4, concurrency).await;
         run_load(&client, &format!("{base}/mutate"), &body, concurrency * 4, concurrency).await;
+        run_load(&client, &format!("{quiet}/mutate"), &body, concurrency * 4, concurrency).await;
         let noop = run_load(&client, &format!("{base}/noop"), &body, total, concurrency).await;
         let mutate = run_load(&client, &format!("{base}/mutate"), &body, total, concurrency).await;
+        let mutate_quiet = run_load(&client, &format!("{quiet}/mutate"), &body, total, concurrency).await;
         let rss = peak_rss_kib(pid).unwrap_or(0);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!("load run: {total} requests per route, concurrency {concurrency}, HTTPS on loopback, {} byte review", body.len());
         println!("  /noop    {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms", noop.rps, ms(noop.p50), ms(noop.p99));
-        println!("  /mutate  {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms", mutate.rps, ms(mutate.p50), ms(mutate.p99));
+        println!("  /mutate, logging as deployed (JSON INFO)  {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms", mutate.rps, ms(mutate.p50), ms(mutate.p99));
+        println!("  /mutate, logging off (error level)       {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms", mutate_quiet.rps, ms(mutate_quiet.p50), ms(mutate_quiet.p99));
         println!(
-            "  ratio mutate/noop: throughput {:.3}, p50 {:.3}, p99 {:.3}",
+            "  ratio mutate/noop, logging as deployed: throughput {:.3}, p50 {:.3}, p99 {:.3}",
             mutate.rps / noop.rps,
             ms(mutate.p50) / ms(noop.p50),
             ms(mutate.p99) / ms(noop.p99)
         );
+        println!(
+            "  ratio mutate/noop, logging off:         throughput {:.3}, p50 {:.3}, p99 {:.3}",
+            mutate_quiet.rps / noop.rps,
+            ms(mutate_quiet.p50) / ms(noop.p50),
+            ms(mutate_quiet.p99) / ms(noop.p99)
+        );
         println!("  server peak RSS: {:.1} MiB", rss as f64 / 1024.0);
     });
     drop(server);
+    drop(quiet_server);
     let _ = std::fs::remove_dir_all(&dir);
 }
