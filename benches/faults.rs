@@ -245,13 +245,13 @@ async fn rotation(seconds: u64) {
     assert!(rotations >= 1 && answered > 0);
 }
 
-async fn drain(seconds: u64, drain_delay: &str) {
+async fn drain(seconds: u64, drain_delay: &str, workers: usize) {
     let pki = Pki::new();
     let replicas = [
         Server::start(pki.dir(), &["--shutdown-drain-delay", drain_delay]),
         Server::start(pki.dir(), &["--shutdown-drain-delay", drain_delay]),
     ];
-    let client = pki.client(16);
+    let client = pki.client(workers);
     for replica in &replicas {
         wait_healthy(&client, replica).await;
     }
@@ -303,7 +303,7 @@ async fn drain(seconds: u64, drain_delay: &str) {
             urls[chosen].clone()
         })
     };
-    let load = tokio::spawn(hammer(client, pick, vm_body(), 16, until, true));
+    let load = tokio::spawn(hammer(client, pick, vm_body(), workers, until, true));
     tokio::time::sleep(Duration::from_secs(seconds / 3)).await;
     replicas[0].sigterm();
     let (answered, failed, errors) = load.await.expect("load");
@@ -311,7 +311,7 @@ async fn drain(seconds: u64, drain_delay: &str) {
     let mut replicas = replicas;
     let exit = replicas[0].child.wait().expect("wait");
     println!(
-        "drain: {answered} reviews at concurrency 16 over {seconds}s across two replicas; SIGTERM to one at {}s \
+        "drain: {answered} reviews at concurrency {workers} over {seconds}s across two replicas; SIGTERM to one at {}s \
          (drain delay {drain_delay}); {failed} failed {errors:?}; it exited with {exit}",
         seconds / 3,
     );
@@ -527,7 +527,7 @@ fn main() {
                 rotation(10).await;
             }
             if wanted("drain") {
-                drain(12, "5s").await;
+                drain(12, "5s", 32).await;
             }
             if wanted("attacker") {
                 // Below the connection cap (256): this run is about waits.
@@ -544,6 +544,7 @@ fn main() {
             drain(
                 6,
                 &std::env::var("FAULTS_DRAIN_DELAY").unwrap_or("2s".into()),
+                16,
             )
             .await;
             attacker(3, 32).await;
