@@ -400,25 +400,26 @@ struct ReviewedItem {
 impl ReviewedItem {
     fn summary(&self) -> String {
         let reviewed = &self.reviewed;
+        let verdict = &reviewed.verdict;
         let mut out = String::new();
-        if let Some(denial) = &reviewed.denial {
+        if let Some(denial) = &verdict.denial {
             out.push_str(&format!("{}: DENIED: {denial}\n", self.label));
         } else if let Some(because) = reviewed.unchanged_because {
             out.push_str(&format!("{}: unchanged: {because}\n", self.label));
-        } else if reviewed.changes.is_empty() {
+        } else if verdict.changes.is_empty() {
             out.push_str(&format!("{}: unchanged: nothing to clean\n", self.label));
         } else {
-            let count = reviewed.changes.len();
+            let count = verdict.changes.len();
             out.push_str(&format!(
                 "{}: {count} change{}\n",
                 self.label,
                 if count == 1 { "" } else { "s" }
             ));
-            for change in &reviewed.changes {
-                out.push_str(&format!("  {change}\n"));
+            for change in &verdict.changes {
+                out.push_str(&format!("  {}\n", change.describe()));
             }
         }
-        for note in &reviewed.notes {
+        for note in &verdict.notes {
             out.push_str(&format!("  warning: {note}\n"));
         }
         out
@@ -513,9 +514,9 @@ fn backup_summary(items: &[ReviewedItem]) -> String {
             .entry(item.kind.as_str())
             .or_default();
         counts.0 += 1;
-        if item.reviewed.denial.is_some() {
+        if item.reviewed.verdict.denial.is_some() {
             counts.2 += 1;
-        } else if !item.reviewed.changes.is_empty() {
+        } else if !item.reviewed.verdict.changes.is_empty() {
             counts.1 += 1;
         }
     }
@@ -535,7 +536,7 @@ fn backup_summary(items: &[ReviewedItem]) -> String {
     }
     let denied: Vec<&ReviewedItem> = items
         .iter()
-        .filter(|item| item.reviewed.denial.is_some())
+        .filter(|item| item.reviewed.verdict.denial.is_some())
         .collect();
     if !denied.is_empty() {
         out.push_str("Denied (would not be restored):\n");
@@ -543,7 +544,7 @@ fn backup_summary(items: &[ReviewedItem]) -> String {
             out.push_str(&format!(
                 "  {}: {}\n",
                 item.label,
-                item.reviewed.denial.as_deref().unwrap_or("")
+                item.reviewed.verdict.denial.as_deref().unwrap_or("")
             ));
         }
     }
@@ -737,7 +738,7 @@ async fn review(args: ReviewArgs) -> ExitCode {
     }
     let denied = reviewed_items
         .iter()
-        .any(|item| item.reviewed.denial.is_some());
+        .any(|item| item.reviewed.verdict.denial.is_some());
     if denied && args.fail_on_deny {
         ExitCode::from(1)
     } else {

@@ -73,11 +73,9 @@ pub struct Reviewed {
     pub outcome: Outcome,
     /// `Kind namespace/name` for in-scope objects.
     pub object_label: Option<String>,
-    /// Each change, as one full line.
-    pub changes: Vec<String>,
-    /// Warnings that are not changes.
-    pub notes: Vec<String>,
-    pub denial: Option<String>,
+    /// What was decided, in full (the `review` command describes it; the
+    /// server does not, so nothing is formatted twice on its path).
+    pub verdict: crate::admission::Verdict,
     /// Why the object was left alone, if it was (out of scope, a reinvocation).
     pub unchanged_because: Option<&'static str>,
 }
@@ -211,9 +209,7 @@ impl Reviewer {
                     review,
                     outcome: Outcome::Allowed,
                     object_label: None,
-                    changes: Vec::new(),
-                    notes: Vec::new(),
-                    denial: None,
+                    verdict: Default::default(),
                     unchanged_because: Some(reason),
                 };
                 return Ok((reviewed, KindLabel::Other, operation, false));
@@ -244,22 +240,11 @@ impl Reviewer {
         let patched = decision.verdict.denial.is_none() && !decision.verdict.changes.is_empty();
         self.report(&subject, &decision);
         let review = admission::respond(request, &decision.verdict).into_review();
-        let verdict = decision.verdict;
         let reviewed = Reviewed {
             review,
             outcome,
-            changes: if verdict.denial.is_some() {
-                Vec::new()
-            } else {
-                verdict
-                    .changes
-                    .iter()
-                    .map(|change| change.describe())
-                    .collect()
-            },
-            notes: verdict.notes,
-            denial: verdict.denial,
             object_label: Some(object_label),
+            verdict: decision.verdict,
             unchanged_because: decision.unchanged_because,
         };
         Ok((reviewed, kind_label(kind), operation, patched))
