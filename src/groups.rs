@@ -181,3 +181,71 @@ impl GroupFacts for GroupCache {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{Request, Response};
+    use http_body_util::Full;
+
+    /// A GroupCache on a fake API server whose `/apis` answers `status` with
+    /// `body`; the runner is started, and stopped when the test ends.
+    async fn cache_on(
+        status: u16,
+        body: &'static str,
+    ) -> (Arc<GroupCache>, tokio::task::JoinHandle<()>) {
+        let service = tower::service_fn(move |_request: Request<kube::client::Body>| async move {
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+                    .expect("response"),
+            )
+        });
+        let (cache, runner) = GroupCache::live(Client::new(service, "default"));
+        let handle = tokio::spawn(runner);
+        // Discovery is one in-memory round trip; give it a moment.
+        for _ in 0..50 {
+            if cache.is_synced() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (cache, handle)
+    }
+
+    #[tokio::test]
+    async fn ready_when_the_group_api_is_confirmed_absent() {
+        let (cache, runner) = cache_on(
+            200,
+            r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#,
+        )
+        .await;
+        assert!(
+            cache.is_synced(),
+            "absent API: nothing can name a group, so ready"
+        );
+        assert_eq!(cache.confirm("ns", "g").await, GroupPresence::Missing);
+        runner.abort();
+    }
+
+    #[tokio::test]
+    async fn not_ready_while_discovery_fails() {
+        let (cache, runner) = cache_on(
+            500,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"etcd down","reason":"InternalError","code":500}"#,
+        )
+        .await;
+        assert!(
+            !cache.is_synced(),
+            "a transient failure proves nothing: stay unready"
+        );
+        // A miss cannot be confirmed yet, so it is not reported as missing.
+        assert!(matches!(
+            cache.confirm("ns", "g").await,
+            GroupPresence::Unknown(_)
+        ));
+        runner.abort();
+    }
+}
