@@ -27,8 +27,6 @@ pub enum ReviewError {
     TooLarge { limit: usize },
     #[error("request body was not received in time")]
     ReadTimeout,
-    #[error("no review slot became free before the request's deadline")]
-    SlotDeadline,
     #[error("request body could not be read: {0}")]
     Body(String),
     #[error("too many reviews in flight; try again")]

@@ -373,16 +373,12 @@ impl Reviewer {
                     .as_millis() as u64,
                 "VM waits for its VirtualMachineGroup"
             );
-            if let Some(metrics) = &self.metrics {
-                metrics.group_waits_in_progress.inc();
-            }
+            // The in-progress gauge is read from `self.waits` at each scrape:
+            // its count survives a request cancelled mid-wait.
             let outcome = self
                 .waits
                 .wait(self.groups.as_ref(), namespace, group, until)
                 .await;
-            if let Some(metrics) = &self.metrics {
-                metrics.group_waits_in_progress.dec();
-            }
             match outcome {
                 WaitOutcome::Appeared { waited } => {
                     self.observe_wait(WaitResult::Found, waited);

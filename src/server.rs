@@ -39,7 +39,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub request_read_timeout: Duration,
     pub max_concurrent_reviews: usize,
-    /// Request bytes buffered at once over all reviews (at least max_body_bytes).
+    /// Request bytes buffered at once over all reviews; [`budget_kib`] raises
+    /// it to max_body_bytes, so one largest body always fits.
     pub max_buffered_bytes: usize,
     pub max_connections: usize,
     /// Subtracted from the API server's `?timeout=` to fix each request's deadline.
@@ -57,7 +58,7 @@ impl From<&ServeArgs> for Limits {
             header_read_timeout: args.header_read_timeout,
             request_read_timeout: args.request_read_timeout,
             max_concurrent_reviews: args.max_concurrent_reviews.max(1) as usize,
-            max_buffered_bytes: args.max_buffered_bytes.max(args.max_body_bytes) as usize,
+            max_buffered_bytes: args.max_buffered_bytes as usize,
             max_connections: args.max_connections.max(1) as usize,
             timeout_margin: args.rules.timeout_margin,
             drain_delay: args.shutdown_drain_delay,
@@ -107,7 +108,7 @@ fn error_response(state: &AppState, status: StatusCode, err: ReviewError) -> Res
     let outcome = match &err {
         ReviewError::TooLarge { .. } => Outcome::TooLarge,
         ReviewError::Overloaded => Outcome::Overloaded,
-        ReviewError::ReadTimeout | ReviewError::SlotDeadline => Outcome::Deadline,
+        ReviewError::ReadTimeout => Outcome::Deadline,
         _ => Outcome::BadRequest,
     };
     state.metrics.count_unreviewable(outcome);
