@@ -12,7 +12,8 @@ use serde_json::Value;
 use crate::admission::Verdict;
 use crate::facts::{GroupPresence, RestoreLookup};
 use crate::settings::{GroupPolicy, RestoreUnreadable};
-use crate::vmop::{self, CleanupOptions, ClusterRef, Kind};
+use crate::vmop::power::PowerPolicy;
+use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind};
 use crate::waits::NoWait;
 
 /// The object under review, as the request names it.
@@ -58,6 +59,9 @@ pub struct Facts {
     pub group: Option<(String, GroupFact)>,
     /// The cluster-bound objects a VM refers to, and whether each exists.
     pub refs: Vec<(ClusterRef, GroupPresence)>,
+    /// The group the object names holds its power until the restore ends
+    /// (it carries [`vmop::power::POWER_HELD_ANNOTATION`]).
+    pub group_holds_power: bool,
 }
 
 impl Default for RestoreFact {
@@ -72,6 +76,8 @@ pub struct DecideSettings {
     pub group_policy: GroupPolicy,
     pub restore_unreadable: RestoreUnreadable,
     pub disabled_rules: Arc<BTreeSet<String>>,
+    /// The power policy of restores whose Restore does not choose one.
+    pub power_policy: PowerPolicy,
     /// The Velero namespace, for messages.
     pub velero_namespace: String,
 }
@@ -162,6 +168,30 @@ pub fn group_policy(
     }
 }
 
+/// The power policy for this restore: the Restore's annotation, or the
+/// default. The note explains an annotation that could not be used.
+pub fn power_policy(
+    settings: &DecideSettings,
+    restore: &RestoreFact,
+) -> (PowerPolicy, Option<String>) {
+    let default = settings.power_policy;
+    let RestoreFact::Lookup(RestoreLookup::Found(info)) = restore else {
+        return (default, None);
+    };
+    match info.power_policy() {
+        Some(Ok(chosen)) => (chosen, None),
+        Some(Err(message)) => (
+            default,
+            Some(format!(
+                "Restore {}: {message}; using {}",
+                info.name,
+                default.as_str()
+            )),
+        ),
+        None => (default, None),
+    }
+}
+
 /// Whether the VM is denied whatever its group: facts about the group then
 /// need not be gathered (no wait for a VM that is refused anyway).
 pub fn denied_before_group(
@@ -188,10 +218,14 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
     }
     let label = subject.object_label;
     let restore = subject.restore_label;
+    let (power_policy, power_note) = power_policy(settings, &facts.restore);
+    verdict.notes.extend(power_note);
     let mut options = CleanupOptions {
         new_identity: false,
         disabled_rules: settings.disabled_rules.clone(),
         missing_refs: Default::default(),
+        power_policy,
+        named_group_holds_power: facts.group_holds_power,
     };
     for (reference, presence) in &facts.refs {
         match presence {
@@ -265,6 +299,7 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
         }
     };
     verdict.changes = plan.changes;
+    let mut annotations = plan.set_annotations;
     if let Some(denial) = plan.denial {
         return Decision::deny(verdict, DenyReason::Rule, format!("{label} {denial}"));
     }
@@ -313,22 +348,39 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
         }
     }
 
+    let changed = !verdict.changes.is_empty() || !annotations.is_empty();
+    if changed && options.enabled(vmop::R_APPLIED_RULES) {
+        let rules: BTreeSet<&str> = verdict
+            .changes
+            .iter()
+            .map(|change| change.rule)
+            .chain(annotations.iter().map(|set| set.rule))
+            .collect();
+        annotations.push(AnnotationSet::new(
+            vmop::power::APPLIED_RULES_ANNOTATION,
+            &rules.into_iter().collect::<Vec<_>>().join(","),
+            vmop::R_APPLIED_RULES,
+            "the rules that changed this object",
+        ));
+    }
     // The marker matters only where a later webhook re-invokes this one: VM
     // Operator mutates VMs and groups on create. A PVC gets it only when it
     // was changed, as a record of the review.
     let wants_marker = match subject.kind {
         Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_) => true,
-        _ => !verdict.changes.is_empty(),
+        _ => changed,
     };
-    if wants_marker
-        && options.enabled(vmop::R_REVIEWED_MARKER)
-        && let Some(marker) = vmop::marker_change(
-            subject.object,
+    if wants_marker && options.enabled(vmop::R_REVIEWED_MARKER) {
+        annotations.push(AnnotationSet::new(
+            vmop::REVIEWED_ANNOTATION,
             &vmop::marker_value(restore, restore_uid(&facts.restore)),
-        )
-    {
-        verdict.changes.push(marker);
+            vmop::R_REVIEWED_MARKER,
+            "keeps VM Operator's new defaults on reinvocation",
+        ));
     }
+    verdict
+        .changes
+        .extend(vmop::annotation_changes(subject.object, &annotations));
     Decision {
         verdict,
         deny_reason: None,
@@ -348,6 +400,7 @@ mod tests {
             group_policy: GroupPolicy::WaitThenDeny,
             restore_unreadable: RestoreUnreadable::Deny,
             disabled_rules: Arc::default(),
+            power_policy: PowerPolicy::BootOrder,
             velero_namespace: "velero".into(),
         }
     }
@@ -584,7 +637,8 @@ mod tests {
             group: None,
             ..Default::default()
         };
-        for (object, changes) in [(&unchanged, 0), (&changed, 2)] {
+        // Changed: the removal, the applied-rules record and the marker.
+        for (object, changes) in [(&unchanged, 0), (&changed, 3)] {
             let subject = Subject {
                 kind: Kind::PersistentVolumeClaim,
                 ..subject(object)
@@ -597,5 +651,198 @@ mod tests {
                 decision.verdict.changes
             );
         }
+        let subject = Subject {
+            kind: Kind::PersistentVolumeClaim,
+            ..subject(&changed)
+        };
+        let patched = apply(&subject, &facts);
+        assert_eq!(
+            patched["metadata"]["annotations"][vmop::power::APPLIED_RULES_ANNOTATION],
+            "pvc-volume-health"
+        );
+    }
+
+    fn apply(subject: &Subject, facts: &Facts) -> Value {
+        let decision = decide(subject, facts, &settings());
+        assert!(decision.verdict.denial.is_none(), "{decision:?}");
+        crate::patch::apply(subject.object, &decision.verdict.changes).unwrap()
+    }
+
+    fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
+        object["metadata"]["annotations"][key].as_str()
+    }
+
+    fn with_power_policy(policy: &str) -> RestoreFact {
+        RestoreFact::Lookup(RestoreLookup::Found(RestoreInfo {
+            name: "r1".into(),
+            uid: Some("uid-1".into()),
+            annotations: [(
+                crate::restores::POWER_POLICY_ANNOTATION.to_string(),
+                policy.to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn groups_with_a_boot_sequence_and_children_are_held() {
+        use vmop::power::{POWER_HELD_ANNOTATION, RESTORED_POWER_STATE_ANNOTATION};
+        let step = |name: &str, delay: Option<&str>| {
+            let mut step = json!({"members": [{"kind": "VirtualMachine", "name": name}]});
+            if let Some(delay) = delay {
+                step["powerOnDelay"] = json!(delay);
+            }
+            step
+        };
+        let group = |order: Vec<Value>, parent: Option<&str>| {
+            let mut spec = json!({"powerState": "PoweredOn", "bootOrder": order});
+            if let Some(parent) = parent {
+                spec["groupName"] = json!(parent);
+            }
+            json!({"metadata": {"name": "g", "annotations": {"a": "b"}}, "spec": spec})
+        };
+        let cases = [
+            (group(vec![step("db", None), step("web", None)], None), true),
+            (group(vec![step("db", Some("30s"))], None), true),
+            (group(vec![step("db", Some("0s"))], None), false),
+            (group(vec![step("db", None)], Some("parent")), true),
+        ];
+        for (object, held) in cases {
+            let subject = Subject {
+                kind: Kind::VirtualMachineGroup(vmop::ApiVersion(5)),
+                ..subject(&object)
+            };
+            let facts = Facts {
+                restore: found("uid-1", None),
+                ..Default::default()
+            };
+            let patched = apply(&subject, &facts);
+            assert_eq!(
+                patched["spec"].get("powerState").is_none(),
+                held,
+                "{object}"
+            );
+            assert_eq!(
+                annotation(&patched, POWER_HELD_ANNOTATION),
+                held.then_some("boot-order")
+            );
+            assert_eq!(
+                annotation(&patched, RESTORED_POWER_STATE_ANNOTATION),
+                held.then_some("PoweredOn")
+            );
+            assert_eq!(annotation(&patched, "a"), Some("b"));
+            // The Restore can ask for the backup's power state.
+            let as_backed_up = Facts {
+                restore: with_power_policy("as-backed-up"),
+                ..Default::default()
+            };
+            let patched = apply(&subject, &as_backed_up);
+            assert_eq!(patched["spec"]["powerState"], "PoweredOn");
+            assert_eq!(annotation(&patched, POWER_HELD_ANNOTATION), None);
+        }
+        // A child without a power state of its own, under a held parent, is
+        // marked held so that its VMs are created off.
+        let child = json!({"metadata": {"name": "c"}, "spec": {"groupName": "g"}});
+        let subject = Subject {
+            kind: Kind::VirtualMachineGroup(vmop::ApiVersion(5)),
+            ..subject(&child)
+        };
+        for (holds, expected) in [(true, Some("boot-order")), (false, None)] {
+            let facts = Facts {
+                restore: found("uid-1", None),
+                group: Some((
+                    "g".into(),
+                    GroupFact::Present {
+                        waited: Duration::ZERO,
+                    },
+                )),
+                group_holds_power: holds,
+                ..Default::default()
+            };
+            let patched = apply(&subject, &facts);
+            assert_eq!(annotation(&patched, POWER_HELD_ANNOTATION), expected);
+            assert_eq!(annotation(&patched, RESTORED_POWER_STATE_ANNOTATION), None);
+        }
+    }
+
+    #[test]
+    fn vms_are_created_off_when_their_group_holds_power_or_the_policy_is_off() {
+        use vmop::power::{POWER_HELD_ANNOTATION, RESTORED_POWER_STATE_ANNOTATION};
+        let on = json!({"metadata": {"name": "vm1"},
+            "spec": {"groupName": "g", "powerState": "PoweredOn"}});
+        let v1alpha1 = json!({"metadata": {"name": "vm1"}, "spec": {"powerState": "poweredOn"}});
+        let cases = [
+            (
+                &on,
+                5,
+                found("uid-1", None),
+                true,
+                Some(("PoweredOff", "boot-order")),
+            ),
+            (&on, 5, found("uid-1", None), false, None),
+            (&on, 5, with_power_policy("as-backed-up"), true, None),
+            (
+                &on,
+                5,
+                with_power_policy("off"),
+                false,
+                Some(("PoweredOff", "off")),
+            ),
+            (
+                &v1alpha1,
+                1,
+                with_power_policy("off"),
+                false,
+                Some(("poweredOff", "off")),
+            ),
+        ];
+        for (object, version, restore, holds, expected) in cases {
+            let subject = Subject {
+                kind: Kind::VirtualMachine(vmop::ApiVersion(version)),
+                ..subject(object)
+            };
+            let facts = Facts {
+                restore,
+                group: present(),
+                group_holds_power: holds,
+                ..Default::default()
+            };
+            let patched = apply(&subject, &facts);
+            let held = annotation(&patched, POWER_HELD_ANNOTATION);
+            match expected {
+                Some((state, policy)) => {
+                    assert_eq!(patched["spec"]["powerState"], state);
+                    assert_eq!(held, Some(policy));
+                    assert_eq!(
+                        annotation(&patched, RESTORED_POWER_STATE_ANNOTATION),
+                        object["spec"]["powerState"].as_str()
+                    );
+                    let rules = annotation(&patched, vmop::power::APPLIED_RULES_ANNOTATION);
+                    assert!(rules.unwrap().contains("vm-power-held"), "{rules:?}");
+                }
+                None => {
+                    assert_eq!(patched["spec"]["powerState"], object["spec"]["powerState"]);
+                    assert_eq!(held, None);
+                }
+            }
+        }
+        // An unknown policy falls back to the default, with a note.
+        let facts = Facts {
+            restore: with_power_policy("sometimes"),
+            group: present(),
+            group_holds_power: true,
+            ..Default::default()
+        };
+        let decision = decide(&subject(&on), &facts, &settings());
+        assert!(
+            decision
+                .verdict
+                .notes
+                .iter()
+                .any(|n| n.contains("sometimes")),
+            "{:?}",
+            decision.verdict.notes
+        );
     }
 }

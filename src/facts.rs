@@ -7,7 +7,7 @@
 //! Callers bound every call with the request's [`crate::deadline::Deadline`]:
 //! dropping a future cancels the live GET behind it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -50,6 +50,8 @@ pub trait GroupFacts: Send + Sync {
     fn appeared(&self, namespace: &str, name: &str) -> BoxFuture<'static, ()>;
     /// One live check of a miss: a cache can lag behind the API server.
     fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupPresence>;
+    /// An annotation of a known group (no I/O): whether its power is held.
+    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String>;
 }
 
 pub trait RestoreFacts: Send + Sync {
@@ -150,9 +152,11 @@ pub(crate) fn appeared_when(
 
 type GroupKey = (String, String);
 
+type GroupSet = HashMap<GroupKey, BTreeMap<String, String>>;
+
 /// Groups given by hand: `review --group`, `serve --no-kube --group`, tests.
 pub struct StaticGroups {
-    groups: Arc<Mutex<HashSet<GroupKey>>>,
+    groups: Arc<Mutex<GroupSet>>,
     changed: watch::Sender<u64>,
 }
 
@@ -160,7 +164,7 @@ impl StaticGroups {
     pub fn new<'a>(groups: impl IntoIterator<Item = (&'a str, &'a str)>) -> Arc<StaticGroups> {
         let set = groups
             .into_iter()
-            .map(|(namespace, name)| (namespace.to_string(), name.to_string()))
+            .map(|(namespace, name)| ((namespace.to_string(), name.to_string()), BTreeMap::new()))
             .collect();
         Arc::new(StaticGroups {
             groups: Arc::new(Mutex::new(set)),
@@ -168,7 +172,7 @@ impl StaticGroups {
         })
     }
 
-    fn edit(&self, edit: impl FnOnce(&mut HashSet<GroupKey>)) {
+    fn edit(&self, edit: impl FnOnce(&mut GroupSet)) {
         if let Ok(mut groups) = self.groups.lock() {
             edit(&mut groups);
         }
@@ -176,8 +180,18 @@ impl StaticGroups {
     }
 
     pub fn insert(&self, namespace: &str, name: &str) {
+        self.insert_annotated(namespace, name, BTreeMap::new());
+    }
+
+    /// Adds (or replaces) a group that carries `annotations`.
+    pub fn insert_annotated(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotations: BTreeMap<String, String>,
+    ) {
         self.edit(|groups| {
-            groups.insert((namespace.to_string(), name.to_string()));
+            groups.insert((namespace.to_string(), name.to_string()), annotations);
         });
     }
 
@@ -188,10 +202,10 @@ impl StaticGroups {
     }
 }
 
-fn set_contains(groups: &Mutex<HashSet<GroupKey>>, namespace: &str, name: &str) -> bool {
+fn set_contains(groups: &Mutex<GroupSet>, namespace: &str, name: &str) -> bool {
     groups
         .lock()
-        .map(|groups| groups.contains(&(namespace.to_string(), name.to_string())))
+        .map(|groups| groups.contains_key(&(namespace.to_string(), name.to_string())))
         .unwrap_or(false)
 }
 
@@ -223,6 +237,14 @@ impl GroupFacts for StaticGroups {
             GroupPresence::Missing
         };
         futures::future::ready(presence).boxed()
+    }
+
+    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        let groups = self.groups.lock().ok()?;
+        groups
+            .get(&(namespace.to_string(), name.to_string()))?
+            .get(key)
+            .cloned()
     }
 }
 

@@ -180,6 +180,18 @@ impl GroupFacts for GroupCache {
         }
         .boxed()
     }
+
+    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        let reference =
+            ObjectRef::<GroupMeta>::new_with(name, self.store_key.clone()).within(namespace);
+        self.store
+            .get(&reference)?
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(key)
+            .cloned()
+    }
 }
 
 #[cfg(test)]

@@ -172,6 +172,7 @@ fn review_settings(rules: &RuleArgs) -> Result<ReviewSettings, String> {
         timeout_margin: rules.timeout_margin,
         restore_unreadable: rules.restore_unreadable,
         disabled_rules: Arc::new(rules.disabled_rule_set()?),
+        power_policy: rules.power_policy,
         wait_limits: WaitLimits::default(),
     })
 }

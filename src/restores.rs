@@ -21,12 +21,20 @@ use tracing::{info, warn};
 
 use crate::facts::{RestoreFacts, RestoreLookup};
 use crate::settings::GroupPolicy;
+use crate::vmop::power::PowerPolicy;
 
 /// Restore annotation: `"true"` clears guest identity even without a
 /// namespace mapping; `"false"` keeps it even with one.
 pub const NEW_IDENTITY_ANNOTATION: &str = "velero-vm-restore-webhook/new-identity";
 /// Restore annotation: the group policy for this restore's VMs.
 pub const GROUP_POLICY_ANNOTATION: &str = "velero-vm-restore-webhook/group-policy";
+
+/// Restore annotation: the power policy for this restore's VMs and groups
+/// (`boot-order`, `off`, `as-backed-up`).
+pub const POWER_POLICY_ANNOTATION: &str = "velero-vm-restore-webhook/power-policy";
+/// Restore annotation: `"false"` stops the companion from pruning missing
+/// members from this restore's groups.
+pub const PRUNE_ANNOTATION: &str = "velero-vm-restore-webhook/prune-missing-members";
 
 /// What the webhook needs from a Velero Restore.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,6 +117,12 @@ impl RestoreInfo {
                 }
             }
         }
+    }
+
+    pub fn power_policy(&self) -> Option<Result<PowerPolicy, String>> {
+        self.annotations
+            .get(POWER_POLICY_ANNOTATION)
+            .map(|value| PowerPolicy::parse(value))
     }
 
     pub fn group_policy(&self) -> Option<Result<GroupPolicy, String>> {

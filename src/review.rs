@@ -23,6 +23,7 @@ use crate::metrics::{
 };
 use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::Kind;
+use crate::vmop::power::PowerPolicy;
 use crate::waits::{GroupWaits, WaitLimits, WaitOutcome};
 
 /// The longest one reference check (zone, class instance, image) may take.
@@ -38,6 +39,7 @@ pub struct ReviewSettings {
     pub timeout_margin: Duration,
     pub restore_unreadable: RestoreUnreadable,
     pub disabled_rules: Arc<BTreeSet<String>>,
+    pub power_policy: PowerPolicy,
     pub wait_limits: WaitLimits,
 }
 
@@ -49,6 +51,7 @@ impl Default for ReviewSettings {
             timeout_margin: Duration::from_secs(2),
             restore_unreadable: RestoreUnreadable::Deny,
             disabled_rules: Arc::default(),
+            power_policy: PowerPolicy::default(),
             wait_limits: WaitLimits::default(),
         }
     }
@@ -110,6 +113,7 @@ impl Reviewer {
             group_policy: settings.group_policy,
             restore_unreadable: settings.restore_unreadable,
             disabled_rules: settings.disabled_rules.clone(),
+            power_policy: settings.power_policy,
             velero_namespace: restores.namespace().to_string(),
         };
         Reviewer {
@@ -304,6 +308,16 @@ impl Reviewer {
                     .await
             }
         };
+        if matches!(fact, GroupFact::Present { .. }) {
+            facts.group_holds_power = self
+                .groups
+                .annotation(
+                    subject.namespace,
+                    &group,
+                    crate::vmop::power::POWER_HELD_ANNOTATION,
+                )
+                .is_some();
+        }
         facts.group = Some((group, fact));
         facts
     }

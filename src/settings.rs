@@ -7,6 +7,12 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::vmop::power::PowerPolicy;
+
+fn power_policy(value: &str) -> Result<PowerPolicy, String> {
+    PowerPolicy::parse(value)
+}
+
 /// What to do with a VM whose VirtualMachineGroup does not exist yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum GroupPolicy {
@@ -74,6 +80,13 @@ pub struct RuleArgs {
     /// What to do with a VM whose Velero Restore cannot be read in time.
     #[arg(long, env = "VMRW_RESTORE_UNREADABLE", value_enum, default_value_t = RestoreUnreadable::Deny)]
     pub restore_unreadable: RestoreUnreadable,
+
+    /// Power of restored groups and VMs, when the Restore does not choose one
+    /// (annotation velero-vm-restore-webhook/power-policy): boot-order holds
+    /// group trees with a boot order until the restore has finished, off
+    /// leaves everything PoweredOff, as-backed-up keeps the backup's states.
+    #[arg(long, env = "VMRW_POWER_POLICY", value_parser = power_policy, default_value = "boot-order")]
+    pub power_policy: PowerPolicy,
 
     /// Rule ids to turn off (repeat, or comma-separate in the variable).
     #[arg(
@@ -209,6 +222,39 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub rules: RuleArgs,
+
+    #[command(flatten)]
+    pub companion: CompanionArgs,
+}
+
+/// The restore companion: what it does once a Restore has finished.
+#[derive(Debug, Clone, Args)]
+pub struct CompanionArgs {
+    /// Turn the restore companion off (no boot-order start, no pruning, no
+    /// report Events). Held groups then stay without a power state.
+    #[arg(
+        long = "no-companion",
+        env = "VMRW_NO_COMPANION",
+        default_value_t = false
+    )]
+    pub disabled: bool,
+
+    /// Prune members missing from a restored group's boot order, unless the
+    /// Restore says otherwise (annotation
+    /// velero-vm-restore-webhook/prune-missing-members).
+    #[arg(long, env = "VMRW_PRUNE_MISSING_MEMBERS", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub prune_missing_members: bool,
+
+    /// Restores that finished longer ago than this are not acted on (at
+    /// start-up, the companion sees every Restore Velero keeps).
+    #[arg(long, env = "VMRW_COMPANION_MAX_AGE", value_parser = humantime_duration, default_value = "24h")]
+    pub max_age: Duration,
+
+    /// How long after a failed step (an API error) the companion tries a
+    /// Restore again.
+    #[arg(long, env = "VMRW_COMPANION_RETRY", value_parser = humantime_duration, default_value = "10s")]
+    pub retry: Duration,
 }
 
 /// The longest duration any setting takes: larger values are refused, so
@@ -280,6 +326,7 @@ mod tests {
             group_wait_timeout: Duration::from_secs(1),
             timeout_margin: Duration::from_secs(1),
             restore_unreadable: RestoreUnreadable::Deny,
+            power_policy: PowerPolicy::BootOrder,
             disabled_rules: vec!["vm-instance-uuid".into(), "nope".into()],
         };
         assert!(args.disabled_rule_set().unwrap_err().contains("nope"));

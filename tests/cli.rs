@@ -60,7 +60,7 @@ fn review_prints_a_response_with_warnings() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("VirtualMachine prod/web-1: 16 changes\n")
+        stderr.contains("VirtualMachine prod/web-1: 17 changes\n")
             && stderr
                 .contains("\n  removed spec.instanceUUID (identity of the original vSphere VM)\n"),
         "{stderr}"

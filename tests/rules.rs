@@ -205,6 +205,8 @@ fn group_fixture() {
             "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
             "/metadata/annotations/vmoperator.vmware.com.protected~1last-updated-power-state-time",
             "/spec/nextForcePowerStateSyncTime",
+            // A child group's power comes from the top of its tree.
+            "/spec/powerState",
         ]
         .iter()
         .map(|p| p.to_string())

@@ -4,6 +4,7 @@
 //! so that fields this crate does not model pass through untouched.
 
 pub mod group;
+pub mod power;
 pub mod pvc;
 pub mod refused;
 pub mod shape;
@@ -34,6 +35,7 @@ pub const CONVERSION_ANNOTATION: &str = "vmoperator.vmware.com/conversion";
 /// the same name, has another UID and is cleaned again.
 pub const REVIEWED_ANNOTATION: &str = "velero-vm-restore-webhook/reviewed-for-restore";
 pub const R_REVIEWED_MARKER: &str = "reviewed-marker";
+pub const R_APPLIED_RULES: &str = "applied-rules";
 
 /// The marker's value: `<restore>/<uid>`, or `<restore>` when the Restore
 /// object could not be read.
@@ -62,27 +64,68 @@ pub fn marker_matches(object: &serde_json::Value, restore_label: &str, uid: Opti
 
 /// The change that sets the marker to `value`, if it is not set already.
 pub fn marker_change(object: &serde_json::Value, value: &str) -> Option<Change> {
+    annotation_changes(
+        object,
+        &[AnnotationSet::new(
+            REVIEWED_ANNOTATION,
+            value,
+            R_REVIEWED_MARKER,
+            "keeps VM Operator's new defaults on reinvocation",
+        )],
+    )
+    .pop()
+}
+
+/// An annotation the review sets on the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnotationSet {
+    pub key: String,
+    pub value: String,
+    pub rule: &'static str,
+    pub reason: &'static str,
+}
+
+impl AnnotationSet {
+    pub fn new(key: &str, value: &str, rule: &'static str, reason: &'static str) -> AnnotationSet {
+        AnnotationSet {
+            key: key.to_string(),
+            value: value.to_string(),
+            rule,
+            reason,
+        }
+    }
+}
+
+/// The changes that set `sets` on the object's annotations, in order: one
+/// change per annotation (so one log line each), the first one creating the
+/// map when the object has none. An annotation already at its value is left.
+pub fn annotation_changes(object: &serde_json::Value, sets: &[AnnotationSet]) -> Vec<Change> {
     use serde_json::Value;
-    let metadata = object.get("metadata")?.as_object()?;
-    let reason = "keeps VM Operator's new defaults on reinvocation";
-    let tokens = |parts: &[&str]| parts.iter().map(|part| part.to_string()).collect();
-    let marker = Value::String(value.into());
-    match metadata.get("annotations") {
-        Some(Value::Object(annotations)) => {
-            let path = tokens(&["metadata", "annotations", REVIEWED_ANNOTATION]);
-            match annotations.get(REVIEWED_ANNOTATION) {
-                Some(Value::String(current)) if current == value => None,
-                Some(_) => Some(Change::replace(path, marker, R_REVIEWED_MARKER, reason)),
-                None => Some(Change::add(path, marker, R_REVIEWED_MARKER, reason)),
+    let Some(metadata) = object.get("metadata").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let existing = metadata.get("annotations").and_then(Value::as_object);
+    let mut map_exists = existing.is_some();
+    let mut changes = Vec::new();
+    for set in sets {
+        let path = vec!["metadata".into(), "annotations".into(), set.key.clone()];
+        let value = Value::String(set.value.clone());
+        match existing.and_then(|annotations| annotations.get(&set.key)) {
+            Some(Value::String(current)) if *current == set.value => {}
+            Some(_) => changes.push(Change::replace(path, value, set.rule, set.reason)),
+            None if map_exists => changes.push(Change::add(path, value, set.rule, set.reason)),
+            None => {
+                map_exists = true;
+                changes.push(Change::add(
+                    vec!["metadata".into(), "annotations".into()],
+                    serde_json::json!({ set.key.clone(): value }),
+                    set.rule,
+                    set.reason,
+                ));
             }
         }
-        _ => Some(Change::add(
-            tokens(&["metadata", "annotations"]),
-            serde_json::json!({ REVIEWED_ANNOTATION: marker }),
-            R_REVIEWED_MARKER,
-            reason,
-        )),
     }
+    changes
 }
 
 /// The kinds this webhook knows how to clean.
@@ -201,6 +244,10 @@ pub struct CleanupOptions {
     /// References whose target does not exist in the target cluster: their
     /// fields are removed (also in the conversion copy).
     pub missing_refs: BTreeSet<RefKind>,
+    /// This restore's power policy ([`power`]).
+    pub power_policy: power::PowerPolicy,
+    /// The group the object names (`spec.groupName`) has its power held.
+    pub named_group_holds_power: bool,
 }
 
 impl CleanupOptions {
@@ -217,6 +264,8 @@ pub struct Plan {
     pub group_name: Option<String>,
     /// Set when the object must not be created; the message says what to do.
     pub denial: Option<String>,
+    /// Annotations to set on the object (not in its conversion copy).
+    pub set_annotations: Vec<AnnotationSet>,
 }
 
 impl Plan {
@@ -272,6 +321,12 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     docs.extend_from_slice(group::RULES);
     docs.extend_from_slice(pvc::RULES);
     docs.extend_from_slice(refused::RULES);
+    docs.push(RuleDoc {
+        id: R_APPLIED_RULES,
+        kind: "all three",
+        what: "set annotation `velero-vm-restore-webhook/applied-rules` to the ids of the rules that changed the object",
+        why: "`kubectl get -o yaml` shows what was cleaned, and `report` counts it per restore",
+    });
     docs.push(RuleDoc {
         id: R_REVIEWED_MARKER,
         kind: "all three",

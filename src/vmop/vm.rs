@@ -13,9 +13,11 @@
 
 use serde_json::{Map, Value};
 
+use super::power::{self, PowerPolicy};
 use super::shape::{self, ShapeError};
 use super::{
-    ApiVersion, CONVERSION_ANNOTATION, CleanupOptions, ClusterRef, Plan, RefKind, RuleDoc,
+    AnnotationSet, ApiVersion, CONVERSION_ANNOTATION, CleanupOptions, ClusterRef, Plan, RefKind,
+    RuleDoc,
 };
 use crate::patch::{self, Change};
 
@@ -24,6 +26,7 @@ pub const R_FIRST_BOOT_DONE: &str = "vm-first-boot-done";
 pub const R_NEXT_RESTART_TIME: &str = "vm-next-restart-time";
 pub const R_CURRENT_SNAPSHOT: &str = "vm-current-snapshot-name";
 pub const R_SUSPENDED: &str = "vm-suspended-power-state";
+pub const R_POWER_HELD: &str = "vm-power-held";
 pub const R_CONTROLLER_ANNOTATIONS: &str = "vm-controller-annotations";
 pub const R_PROTECTED_ANNOTATIONS: &str = "vm-protected-annotations";
 pub const R_PAUSED_LABEL: &str = "vm-paused-label";
@@ -106,6 +109,12 @@ pub const RULES: &[RuleDoc] = &[
         kind: "VirtualMachine",
         what: "`spec.powerState: Suspended` becomes `PoweredOff` (v1alpha1: `suspended` → `poweredOff`)",
         why: "VM Operator rejects creating a suspended VM",
+    },
+    RuleDoc {
+        id: R_POWER_HELD,
+        kind: "VirtualMachine",
+        what: "power policy `boot-order`: a VM whose group has its power held is created `PoweredOff`; policy `off`: every VM. Annotations `velero-vm-restore-webhook/power-held` and `…/restored-power-state` record it",
+        why: "the group's power push, once the companion sets it back, powers the VM on at its boot-order time; a VM created on would start as soon as it is deployed",
     },
     RuleDoc {
         id: R_CONTROLLER_ANNOTATIONS,
@@ -319,6 +328,17 @@ fn object_changes(
         Some("suspended") => Some("poweredOff"),
         _ => None,
     };
+    if let Some(state) = shape::string(spec, "spec", "powerState")?
+        && power::is_on(state)
+        && power_hold(options).is_some()
+    {
+        changes.push(Change::replace(
+            tokens(&["spec", "powerState"]),
+            Value::String(power::off_like(state).to_string()),
+            R_POWER_HELD,
+            "held until its group is started in boot order",
+        ));
+    }
     if let Some(powered_off) = suspended_to
         && options.enabled(R_SUSPENDED)
     {
@@ -561,6 +581,19 @@ pub(crate) fn clean_conversion_copy(
     Ok(())
 }
 
+/// The policy that holds a VM's power: `off` holds every VM, `boot-order`
+/// those whose group is held.
+fn power_hold(options: &CleanupOptions) -> Option<PowerPolicy> {
+    if !options.enabled(R_POWER_HELD) {
+        return None;
+    }
+    match options.power_policy {
+        PowerPolicy::Off => Some(PowerPolicy::Off),
+        PowerPolicy::BootOrder if options.named_group_holds_power => Some(PowerPolicy::BootOrder),
+        _ => None,
+    }
+}
+
 pub fn plan(
     object: &Value,
     version: ApiVersion,
@@ -570,10 +603,30 @@ pub fn plan(
     let changes = with_conversion_copy(root, R_CONVERSION_COPY, options, |inner| {
         object_changes(inner, options)
     })?;
+    let mut set_annotations = Vec::new();
+    if let Some(policy) = power_hold(options)
+        && let Some(spec) = shape::map(root, "", "spec")?
+        && let Some(state) = shape::string(spec, "spec", "powerState")?
+        && power::is_on(state)
+    {
+        set_annotations.push(AnnotationSet::new(
+            power::POWER_HELD_ANNOTATION,
+            policy.as_str(),
+            R_POWER_HELD,
+            "power policy of this restore",
+        ));
+        set_annotations.push(AnnotationSet::new(
+            power::RESTORED_POWER_STATE_ANNOTATION,
+            state,
+            R_POWER_HELD,
+            "the power state of the backup",
+        ));
+    }
     Ok(Plan {
         changes,
         group_name: group_name(object, version)?,
         denial: None,
+        set_annotations,
     })
 }
 
