@@ -2,6 +2,8 @@
 //! VM Operator objects restored by Velero and orders groups before VMs.
 
 pub mod admission;
+pub mod aftercare;
+pub mod companion;
 pub mod deadline;
 pub mod decide;
 pub mod facts;

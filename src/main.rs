@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tracing::{error, info, warn};
 
+use velero_vm_restore_webhook::companion::{Companion, CompanionSettings};
 use velero_vm_restore_webhook::deadline::Deadline;
 use velero_vm_restore_webhook::facts::{
     GroupFacts, RefFacts, RestoreFacts, StaticGroups, StaticRefs, StaticRestores,
@@ -55,6 +56,33 @@ enum Command {
     /// Check an installed webhook (what `helm test` runs): a server-side
     /// dry-run create of a labelled VM must come back cleaned.
     Selftest(SelftestArgs),
+    /// What a Velero Restore did to VM Operator objects, read from the
+    /// cluster: objects cleaned per kind and rule, groups started in boot
+    /// order, members pruned, VMs still waiting for a group.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The Velero Restore's name.
+    restore: String,
+    /// Velero's namespace.
+    #[arg(
+        short = 'n',
+        long = "namespace",
+        env = "VMRW_VELERO_NAMESPACE",
+        default_value = "velero"
+    )]
+    velero_namespace: String,
+    /// `table` or `json`.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = ReportOutput::Table)]
+    output: ReportOutput,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportOutput {
+    Table,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -137,6 +165,7 @@ fn main() -> ExitCode {
             print!("{}", rules_table());
             ExitCode::SUCCESS
         }
+        Command::Report(args) => runtime.block_on(report(args)),
         Command::Selftest(args) => runtime.block_on(async {
             match velero_vm_restore_webhook::selftest::run(&args.namespace, &args.name).await {
                 Ok(lines) => {
@@ -151,6 +180,43 @@ fn main() -> ExitCode {
                 }
             }
         }),
+    }
+}
+
+async fn report(args: ReportArgs) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!(
+                "velero-vm-restore-webhook report: cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match velero_vm_restore_webhook::companion::report(
+        &client,
+        &args.velero_namespace,
+        &args.restore,
+    )
+    .await
+    {
+        Ok(report) => {
+            match args.output {
+                ReportOutput::Table => print!("{}", report.to_table()),
+                ReportOutput::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(err) => {
+                        eprintln!("velero-vm-restore-webhook report: {err}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("velero-vm-restore-webhook report: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -315,9 +381,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
         };
         refs = Some(Arc::new(LiveRefs::new(client.clone())));
         let (groups, group_runner) = GroupCache::live(client.clone());
-        let (restores, restore_runner) = RestoreCache::live(client, &args.velero_namespace);
+        let (restores, restore_runner) = RestoreCache::live(client.clone(), &args.velero_namespace);
         tokio::spawn(group_runner);
         tokio::spawn(restore_runner);
+        if args.companion.disabled {
+            warn!(
+                "--no-companion: held groups are not started, missing members are not pruned, and no report Events are written"
+            );
+        } else {
+            let companion = Companion::new(
+                client,
+                CompanionSettings {
+                    velero_namespace: args.velero_namespace.clone(),
+                    prune_default: args.companion.prune_missing_members,
+                    max_age: args.companion.max_age,
+                    retry: args.companion.retry,
+                    instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
+                },
+                Some(metrics.clone()),
+            );
+            info!(
+                prune_missing_members = args.companion.prune_missing_members,
+                power_policy = settings.power_policy.as_str(),
+                "restore companion on: acts on each Velero Restore once it has finished"
+            );
+            tokio::spawn(companion.run());
+        }
         info!("{}", group_policy_summary(settings.group_policy));
         (groups, restores)
     };
@@ -567,13 +656,23 @@ async fn review(args: ReviewArgs) -> ExitCode {
         Err(err) => return fail(err),
     };
     let ReviewInput {
-        items,
+        mut items,
         backup_groups,
         from_backup,
     } = match review_items(&bytes, &source) {
         Ok(found) => found,
         Err(err) => return fail(err),
     };
+    // A backup is restored groups first, so that VMs see whether their
+    // group's power is held.
+    if from_backup {
+        items.sort_by_key(|item| {
+            item.review
+                .pointer("/request/kind/kind")
+                .and_then(Value::as_str)
+                != Some("VirtualMachineGroup")
+        });
+    }
     let mut settings = match review_settings(&args.rules) {
         Ok(settings) => settings,
         Err(err) => return fail(err),
@@ -606,8 +705,9 @@ async fn review(args: ReviewArgs) -> ExitCode {
         Ok(exists) => exists,
         Err(err) => return fail(err),
     };
+    let static_groups = StaticGroups::new(groups);
     let reviewer = Reviewer::new(
-        StaticGroups::new(groups),
+        static_groups.clone(),
         StaticRestores::found(restore),
         settings,
         None,
@@ -655,6 +755,26 @@ async fn review(args: ReviewArgs) -> ExitCode {
         } else {
             None
         };
+        // A backup's group as it would be created: its VMs read its annotations.
+        if from_backup
+            && let Some(group) = &patched
+            && group["kind"] == "VirtualMachineGroup"
+            && let (Some(namespace), Some(name)) = (
+                group.pointer("/metadata/namespace").and_then(Value::as_str),
+                group.pointer("/metadata/name").and_then(Value::as_str),
+            )
+        {
+            let annotations = group
+                .pointer("/metadata/annotations")
+                .and_then(Value::as_object)
+                .map(|map| {
+                    map.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            static_groups.insert_annotated(namespace, name, annotations);
+        }
         reviewed_items.push(ReviewedItem {
             label: reviewed
                 .object_label

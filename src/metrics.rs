@@ -84,6 +84,27 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// What the restore companion did.
+    CompanionAction {
+        /// Set a held group's power state back (boot order).
+        Started => "started",
+        /// Removed missing members from a group's boot order.
+        Pruned => "pruned",
+        /// Removed the hold from a group powered by the top of its tree.
+        Released => "released",
+        /// Wrote a Restore's report Events.
+        Reported => "reported",
+        /// A step failed (an API error); it is tried again.
+        Error => "error",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompanionLabels {
+    pub action: CompanionAction,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReviewLabels {
     pub kind: KindLabel,
@@ -124,6 +145,7 @@ pub struct Metrics {
     pub group_cache_objects: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub restore_cache_objects: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub tls_reloads: Family<ReloadLabels, Counter<u64, AtomicU64>>,
+    pub companion_actions: Family<CompanionLabels, Counter<u64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -190,7 +212,14 @@ impl Metrics {
             "Certificate reloads, by result (ok, error)",
             tls_reloads.clone(),
         );
+        let companion_actions = Family::<CompanionLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "companion_actions",
+            "What the restore companion did after Restores finished, by action (started, pruned, released, reported, error)",
+            companion_actions.clone(),
+        );
         Metrics {
+            companion_actions,
             registry,
             reviews,
             review_seconds,
@@ -213,6 +242,12 @@ impl Metrics {
                 outcome,
                 patched: false,
             })
+            .inc();
+    }
+
+    pub fn companion_action(&self, action: CompanionAction) {
+        self.companion_actions
+            .get_or_create(&CompanionLabels { action })
             .inc();
     }
 

@@ -311,11 +311,22 @@ class Cluster:
                                            "system:serviceaccounts")
             self.webhook_kubeconfig = kubeconfig(self.tmp / "webhook.kubeconfig", self.server, self.server_ca, crt, key)
             self.webhook_port, self.webhook_metrics_port = free_port(), free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.webhook_kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.webhook_kubeconfig), "HOSTNAME": "webhook"}
         self.spawn("webhook", [self.webhook_bin, "--log-format", "json", "serve",
                                "--tls-cert-file", self.webhook_certs / "tls.crt", "--tls-key-file", self.webhook_certs / "tls.key",
                                "--listen", f"127.0.0.1:{self.webhook_port}", "--metrics-listen", f"127.0.0.1:{self.webhook_metrics_port}",
                                "--velero-namespace", VELERO_NS, "--group-wait-timeout", group_wait, *extra], env=env)
+
+    def start_replica(self, name: str) -> int:
+        """A second webhook process, as a second pod would run: its own ports,
+        the same identity and settings. Returns its metrics port."""
+        port, metrics_port = free_port(), free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.webhook_kubeconfig), "HOSTNAME": name}
+        self.spawn(name, [self.webhook_bin, "--log-format", "json", "serve",
+                          "--tls-cert-file", self.webhook_certs / "tls.crt", "--tls-key-file", self.webhook_certs / "tls.key",
+                          "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                          "--velero-namespace", VELERO_NS], env=env)
+        return metrics_port
 
     def webhook_ready(self) -> bool:
         import urllib.request
@@ -354,9 +365,9 @@ class Cluster:
         self.start_webhook(**kwargs)
         wait_until(self.webhook_ready, 60, "webhook /readyz after restart")
 
-    def webhook_log(self) -> list[dict]:
+    def webhook_log(self, name: str = "webhook") -> list[dict]:
         entries = []
-        for line in (self.tmp / "webhook.log").read_text(errors="replace").splitlines():
+        for line in (self.tmp / f"{name}.log").read_text(errors="replace").splitlines():
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError:
@@ -421,6 +432,18 @@ class Cluster:
         self.velero("restore", "create", name, "--from-backup", backup, "--wait", *extra, check=False)
         return self.get_json("restore", name, "-n", VELERO_NS)
 
+    def restore_events(self, name: str) -> list[dict]:
+        """The Events on a Restore (the companion's report)."""
+        items = self.get_json("events", "-n", VELERO_NS, "--field-selector",
+                              f"involvedObject.kind=Restore,involvedObject.name={name}")["items"]
+        return sorted(items, key=lambda e: e["reason"])
+
+    def wait_for_companion(self, name: str, timeout: float = 60) -> list[dict]:
+        """Waits until the companion has written the Restore's report."""
+        wait_until(lambda: any(e["reason"] == "VMRestoreCleaned" for e in self.restore_events(name)), timeout,
+                   f"the companion's report Events on Restore {name}")
+        return self.restore_events(name)
+
     def restore_describe(self, name: str) -> str:
         return self.velero("restore", "describe", name, "--details", check=False).stdout
 
@@ -452,6 +475,11 @@ class Watch:
 
     def added(self) -> list[dict]:
         return [e["object"] for e in self.events if e["type"] == "ADDED"]
+
+    def of(self, namespace: str, name: str) -> list[tuple[str, dict]]:
+        """Every event of one object, in order: (type, object)."""
+        return [(e["type"], e["object"]) for e in list(self.events)
+                if e["object"]["metadata"].get("namespace") == namespace and e["object"]["metadata"]["name"] == name]
 
     def stop(self):
         try:

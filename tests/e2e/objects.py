@@ -141,3 +141,31 @@ def diff(a, b, path=""):
     elif a != b:
         lines.append(f"~ {path}: {a!r} -> {b!r}")
     return lines
+
+
+def boot_group(ns, name, steps, power_state="PoweredOn", labels=None):
+    """A group whose boot order has `steps`: [(members, powerOnDelay or None)]."""
+    order = []
+    for members, delay in steps:
+        step = {"members": [{"kind": "VirtualMachine", "name": m} for m in members]}
+        if delay:
+            step["powerOnDelay"] = delay
+        order.append(step)
+    spec = {"bootOrder": order}
+    if power_state:
+        spec["powerState"] = power_state
+    metadata = {"name": name, "namespace": ns}
+    if labels:
+        metadata["labels"] = labels
+    return {"apiVersion": V, "kind": "VirtualMachineGroup", "metadata": metadata, "spec": spec}
+
+
+def boot_workload(ns):
+    """A three-step boot order with delays: db-1 and db-2 first, app-1 45s
+    later, web-1 20s after that."""
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        boot_group(ns, "stack", [(["db-1", "db-2"], None), (["app-1"], "45s"), (["web-1"], "20s")]),
+        vm(ns, "db-1", "stack", 31), vm(ns, "db-2", "stack", 32),
+        vm(ns, "app-1", "stack", 33), vm(ns, "web-1", "stack", 34),
+    ]

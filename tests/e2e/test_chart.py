@@ -158,7 +158,9 @@ def test_chart_env_is_accepted_by_the_binary(helm, tmp_path):
     import socket
     import time
     import urllib.request
-    for values in ([], ["--set", "server.maxBodyBytes=3145728", "--set", "server.maxBufferedBytes=33554432"]):
+    for values in ([], ["--set", "server.maxBodyBytes=3145728", "--set", "server.maxBufferedBytes=33554432"],
+                   ["--set", "companion.enabled=false", "--set", "companion.pruneMissingMembers=false",
+                    "--set", "server.powerPolicy=off"]):
         deployment = by_kind(render(helm, *values), "Deployment")[0]
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e["value"] for e in container["env"]}
@@ -230,19 +232,33 @@ def test_helm_upgrade_keeps_the_ca(helm, cluster):
         harness.run([*base, "uninstall", release, "--namespace", namespace], check=False)
 
 
-def test_chart_rbac_is_read_only_and_minimal(helm):
-    # The server's RBAC; `helm test`'s own hook objects are checked apart.
-    docs = [d for d in render(helm) if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
-    rules = [(d["kind"], r) for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
-    assert sorted((kind, tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for kind, r in rules) == [
+def test_chart_rbac_is_minimal(helm):
+    """The webhook reads only; the restore companion may also patch groups
+    and create Events, and only while it is enabled."""
+    def rules_of(*values):
+        # The server's RBAC; `helm test`'s own hook objects are checked apart.
+        docs = [d for d in render(helm, *values) if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+        rules = [(d["kind"], r) for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+        return docs, sorted((kind, tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for kind, r in rules)
+
+    read_only = [
         ("ClusterRole", ("topology.tanzu.vmware.com",), ("zones", "availabilityzones"), ("get",)),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachineclassinstances", "virtualmachineimages",
                                                      "clustervirtualmachineimages"), ("get",)),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachinegroups",), ("get", "list", "watch")),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
     ]
+    docs, rules = rules_of()
+    assert rules == sorted(read_only + [
+        ("ClusterRole", ("",), ("events",), ("create",)),
+        ("ClusterRole", ("",), ("persistentvolumeclaims",), ("get", "list")),
+        ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachinegroups",), ("patch",)),
+        ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachines",), ("get", "list")),
+    ]), rules
     role = by_kind(docs, "Role")[0]
     assert role["metadata"]["namespace"] == "velero"
+    _, rules = rules_of("--set", "companion.enabled=false")
+    assert rules == sorted(read_only), rules
 
 
 def test_chart_refuses_unsafe_values(helm):

@@ -69,21 +69,73 @@ def snapshot(cluster, ns):
 
 
 MARKER = "velero-vm-restore-webhook/reviewed-for-restore"
+APPLIED = "velero-vm-restore-webhook/applied-rules"
+POWER_HELD = "velero-vm-restore-webhook/power-held"
+RESTORED_POWER = "velero-vm-restore-webhook/restored-power-state"
+STARTED = "velero-vm-restore-webhook/power-started-for-restore"
+DONE = "velero-vm-restore-webhook/companion-done-for-restore"
+PRUNED = "velero-vm-restore-webhook/pruned-members"
 
 
-def expected_after_restore(cluster, obj, restore, copy=False):
+def has_sequence(group):
+    steps = group["spec"].get("bootOrder", [])
+    return len(steps) > 1 or any(step.get("powerOnDelay") not in (None, "", "0s") for step in steps)
+
+
+def group_held(group):
+    """Power policy boot-order: a group with a power state and a boot
+    sequence, or a child group with a power state, is created without it."""
+    spec = group["spec"]
+    return bool(spec.get("powerState")) and (bool(spec.get("groupName")) or has_sequence(group))
+
+
+def rules_logged(cluster, restore, kind, ns, name):
+    """The rule ids of the webhook's log lines for one object."""
+    return {e["rule"] for e in cluster.webhook_log()
+            if e.get("restore") == restore and e.get("object") == f"{kind} {ns}/{name}" and e.get("rule")
+            and e["rule"] not in ("applied-rules", "reviewed-marker")}
+
+
+def expected_after_restore(cluster, obj, restore, copy=False, backup=None, ns=None):
     """The backed-up object minus exactly the documented removals, plus the
-    webhook's reviewed-for-restore marker, `<restore>/<Restore UID>`, on VMs
-    and groups, and on PVCs it changed."""
+    webhook's annotations (its marker `<restore>/<Restore UID>` on VMs and
+    groups and on PVCs it changed, the rules it applied), the power holds of
+    policy boot-order, and what the companion did after the Restore."""
+    backup = backup if backup is not None else BACKUP["prod"]
+    ns = ns or obj["metadata"]["namespace"]
+    groups = {name: g for (kind, name), g in backup.items() if kind == "VirtualMachineGroup"}
     removed = []
     if obj["kind"] == "VirtualMachine":
         removed = o.VM_REMOVED + (o.VM_COPY_REMOVED if copy else [])
     elif obj["kind"] == "PersistentVolumeClaim":
         removed = [p for p in o.PVC_REMOVED if "volumehealth" in json.dumps(obj["metadata"].get("annotations", {}))]
     expected = o.remove_pointers(o.comparable(obj), removed)
+    expected["metadata"]["namespace"] = ns
+    annotations = expected["metadata"].setdefault("annotations", {})
+    uid = cluster.get_json("restore", restore, "-n", VELERO_NS)["metadata"]["uid"]
+    marker = f"{restore}/{uid}"
+    if obj["kind"] == "VirtualMachine":
+        group = groups.get(obj["spec"].get("groupName"))
+        if group and group_held(group) and obj["spec"].get("powerState") == "PoweredOn":
+            expected["spec"]["powerState"] = "PoweredOff"
+            annotations[POWER_HELD] = "boot-order"
+            annotations[RESTORED_POWER] = "PoweredOn"
+    if obj["kind"] == "VirtualMachineGroup":
+        if group_held(obj):
+            parent = groups.get(obj["spec"].get("groupName"))
+            if parent and (parent["spec"].get("powerState") or group_held(parent)):
+                # Released: its power comes from the top of its tree.
+                del expected["spec"]["powerState"]
+            else:
+                annotations[STARTED] = marker
+        annotations[DONE] = marker
+    rules = rules_logged(cluster, restore, obj["kind"], ns, obj["metadata"]["name"])
+    if rules:
+        annotations[APPLIED] = ",".join(sorted(rules))
     if obj["kind"] in ("VirtualMachine", "VirtualMachineGroup") or (obj["kind"] == "PersistentVolumeClaim" and removed):
-        uid = cluster.get_json("restore", restore, "-n", VELERO_NS)["metadata"]["uid"]
-        expected["metadata"].setdefault("annotations", {})[MARKER] = f"{restore}/{uid}"
+        annotations[MARKER] = marker
+    if not annotations:
+        del expected["metadata"]["annotations"]
     return expected
 
 
@@ -104,6 +156,7 @@ def test_2_full_restore(cluster):
     assert status["phase"] == "Completed", cluster.restore_describe("r-prod")
     assert status.get("errors", 0) == 0
     assert_only_expected_warnings(cluster, "r-prod")
+    cluster.wait_for_companion("r-prod")
 
     wait_until(lambda: len(watches[1].added()) >= 3, 20, "watch events of the 3 VMs")
     for watch in watches:
@@ -134,12 +187,17 @@ def test_2_full_restore(cluster):
         per_object.setdefault(entry["object"], []).append(entry["path"])
     REPORT["changes"] = per_object
     marker = f"metadata.annotations[{MARKER}]"
-    for vm in ("web-1", "web-2", "db-1"):
+    applied = f"metadata.annotations[{APPLIED}]"
+    # web-tier is a child group with a power state: held, so its VMs are
+    # created PoweredOff; db-1's group (the top, one step) is not held.
+    held = ["spec.powerState", f"metadata.annotations[{POWER_HELD}]", f"metadata.annotations[{RESTORED_POWER}]"]
+    for vm, power in (("web-1", held), ("web-2", held), ("db-1", [])):
         assert sorted(per_object[f"VirtualMachine prod/{vm}"]) == sorted([
             "metadata.annotations[virtualmachine.vmoperator.vmware.com/first-boot-done]",
             "metadata.annotations[vmoperator.vmware.com/bootstrap-hash-configspec]",
-            "spec.instanceUUID", marker])
-    assert len(per_object["PersistentVolumeClaim prod/web-1-data"]) == 3
+            "spec.instanceUUID", applied, marker] + power)
+    assert sorted(per_object["VirtualMachineGroup prod/web-tier"]) == sorted(held + [applied, marker])
+    assert len(per_object["PersistentVolumeClaim prod/web-1-data"]) == 4
     # A PVC with nothing to clean is left alone: no marker, no log line.
     assert "PersistentVolumeClaim prod/db-1-data" not in per_object
     assert per_object["VirtualMachineGroup prod/app"] == [marker]
@@ -197,9 +255,10 @@ def test_4_copy_beside_the_original(cluster):
     assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-copy")
     copies = snapshot(cluster, "prod-copy")
     assert set(copies) == set(BACKUP["prod"])
+    cluster.wait_for_companion("r-copy")
+    copies = snapshot(cluster, "prod-copy")
     for key, obj in BACKUP["prod"].items():
-        want = expected_after_restore(cluster, obj, "r-copy", copy=True)
-        want["metadata"]["namespace"] = "prod-copy"
+        want = expected_after_restore(cluster, obj, "r-copy", copy=True, ns="prod-copy")
         got = o.comparable(copies[key])
         assert got == want, f"{key}:\n" + "\n".join(o.diff(want, got))
     # The originals are untouched.
@@ -312,6 +371,9 @@ def test_7_review_of_a_real_backup_tarball(cluster):
     for vm in ("web-1", "web-2", "db-1"):
         assert f"VirtualMachine prod/{vm}: " in summary, summary
     assert summary.count("removed spec.instanceUUID (identity of the original vSphere VM)") == 3, summary
+    # web-tier, a child group with a power state, is held: its two VMs are
+    # created off, as in a real restore (groups are reviewed first).
+    assert summary.count('set spec.powerState to "PoweredOff" (held until its group is started in boot order)') == 2, summary
     assert "namespace prod: " in summary, summary
     assert "VirtualMachine: 3 (3 changed, 0 denied)" in summary, summary
     assert "PersistentVolumeClaim: 2 (1 changed, 0 denied)" in summary, summary
@@ -438,3 +500,175 @@ def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
     assert dropped["spec"]["imageName"] == "vmi-0a0044d7c690bcbea", "imageName stays for VM Operator to resolve"
     assert "removed spec.class (no such class instance in the target)" in warnings, warnings
     assert "could not check" not in warnings, f"a lookup failed (RBAC?): {warnings}"
+
+
+def final_phase_revision(watch, name):
+    """The etcd revision at which a Restore first reached a final phase."""
+    for kind, obj in watch.of(VELERO_NS, name):
+        if obj.get("status", {}).get("phase") in ("Completed", "PartiallyFailed", "Failed"):
+            return int(obj["metadata"]["resourceVersion"])
+    raise AssertionError(f"no final phase seen for Restore {name}")
+
+
+def test_12_boot_order_is_kept_through_the_restore(cluster):
+    """Issue 9: a group with a three-step boot order and delays. Its VMs are
+    created PoweredOff and the group without its power state; once the
+    Restore has finished, the companion sets the group's power state once, so
+    VM Operator stamps the power base then, when every member exists.
+    Stand-in: VM Operator's group controller does not run here (it needs
+    VM Operator's manager and vCenter provider); the test asserts the group
+    state the controller reads: every member present, PoweredOff, the boot
+    order and delays intact, and spec.powerState set once, after the Restore
+    finished and after the last member was created."""
+    ns = "boot"
+    cluster.apply(o.boot_workload(ns))
+    backed_up = snapshot(cluster, ns)
+    cluster.backup("b-boot", ns)
+    cluster.delete_namespace(ns)
+    base = "/apis/vmoperator.vmware.com/v1alpha5"
+    groups, vms = harness.Watch(cluster, f"{base}/virtualmachinegroups"), harness.Watch(cluster, f"{base}/virtualmachines")
+    restores = harness.Watch(cluster, f"/apis/velero.io/v1/namespaces/{VELERO_NS}/restores")
+    restore = cluster.restore("r-boot", "b-boot")
+    assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-boot")
+    events = cluster.wait_for_companion("r-boot")
+    wait_until(lambda: any(STARTED in obj["metadata"].get("annotations", {}) for _, obj in groups.of(ns, "stack")), 20,
+               "the watch to see the group started")
+    for watch in (groups, vms, restores):
+        watch.stop()
+
+    history = groups.of(ns, "stack")
+    created = history[0][1]
+    assert history[0][0] == "ADDED"
+    assert "powerState" not in created["spec"], "created without its power state"
+    assert created["metadata"]["annotations"][POWER_HELD] == "boot-order"
+    assert created["metadata"]["annotations"][RESTORED_POWER] == "PoweredOn"
+    vm_created = {}
+    for kind, vm in [(e["type"], e["object"]) for e in vms.events]:
+        if kind == "ADDED" and vm["metadata"]["namespace"] == ns:
+            vm_created[vm["metadata"]["name"]] = int(vm["metadata"]["resourceVersion"])
+            assert vm["spec"]["powerState"] == "PoweredOff", vm["metadata"]["name"]
+            assert vm["metadata"]["annotations"][POWER_HELD] == "boot-order"
+            assert vm["metadata"]["annotations"][RESTORED_POWER] == "PoweredOn"
+    assert set(vm_created) == {"db-1", "db-2", "app-1", "web-1"}
+
+    # spec.powerState was set exactly once, after the Restore finished and
+    # after the last member existed (etcd revisions are global).
+    states = [(obj["spec"].get("powerState"), int(obj["metadata"]["resourceVersion"])) for _, obj in history]
+    flips = [rv for (before, _), (after, rv) in zip(states, states[1:]) if before is None and after is not None]
+    assert len(flips) == 1, states
+    first_flip = flips[0]
+    assert all(state == "PoweredOn" for state, rv in states if rv >= first_flip), states
+    assert first_flip > final_phase_revision(restores, "r-boot"), "started before the Restore finished"
+    assert first_flip > max(vm_created.values()), "started before every member existed"
+
+    group = cluster.get_json("virtualmachinegroup", "stack", "-n", ns)
+    uid = restore["metadata"]["uid"]
+    assert group["spec"]["powerState"] == "PoweredOn"
+    assert group["spec"]["bootOrder"] == backed_up[("VirtualMachineGroup", "stack")]["spec"]["bootOrder"]
+    annotations = group["metadata"]["annotations"]
+    assert annotations[STARTED] == f"r-boot/{uid}" and annotations[DONE] == f"r-boot/{uid}"
+    assert POWER_HELD not in annotations and RESTORED_POWER not in annotations and PRUNED not in annotations
+    for name in vm_created:
+        assert cluster.get_json("virtualmachine", name, "-n", ns)["spec"]["powerState"] == "PoweredOff", \
+            "members stay off until VM Operator's group controller pushes the group's power"
+
+    group_events = cluster.get_json("events", "-n", ns, "--field-selector", "involvedObject.name=stack")["items"]
+    assert [e["reason"] for e in group_events] == ["StartedInBootOrder"], group_events
+    boot = [e["message"] for e in events if e["reason"] == "VMRestoreBootOrder"]
+    assert boot == ["started in boot order: boot/stack PoweredOn [db-1,db-2 after 0s; app-1 after 45s; web-1 after 20s]"], boot
+    # kubectl describe shows the report.
+    described = cluster.kubectl("describe", "restore", "-n", VELERO_NS, "r-boot").stdout
+    assert "VMRestoreBootOrder" in described and "boot/stack PoweredOn" in described, described
+    REPORT["boot_order_events"] = [f"{e['reason']}: {e['message']}" for e in events]
+
+
+def test_13_a_member_left_out_by_a_selector_is_pruned(cluster):
+    """A restore with --selector leaves one member out: the companion removes
+    it from the group's boot order (so VM Operator can place the others),
+    records it in an annotation, an Event on the group, and the report."""
+    ns = "sel"
+    pick = {"pick": "yes"}
+    cluster.apply([
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        o.boot_group(ns, "pair", [(["keep-1", "left-out"], None)], labels=pick),
+        o.vm(ns, "keep-1", "pair", 41, labels=pick), o.vm(ns, "left-out", "pair", 42, labels={"pick": "no"}),
+    ])
+    cluster.backup("b-sel", ns)
+    cluster.delete_namespace(ns)
+    restore = cluster.restore("r-sel", "b-sel", "--selector", "pick=yes")
+    assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-sel")
+    events = cluster.wait_for_companion("r-sel")
+    assert {i["metadata"]["name"] for i in cluster.get_json("virtualmachines", "-n", ns)["items"]} == {"keep-1"}
+    group = cluster.get_json("virtualmachinegroup", "pair", "-n", ns)
+    assert group["spec"]["bootOrder"] == [{"members": [{"kind": "VirtualMachine", "name": "keep-1"}]}]
+    assert group["metadata"]["annotations"][PRUNED] == "VirtualMachine/left-out"
+    assert group["spec"]["powerState"] == "PoweredOn", "a one-step group is not held"
+    pruned = cluster.get_json("events", "-n", ns, "--field-selector", "involvedObject.name=pair,reason=MembersPruned")["items"]
+    assert len(pruned) == 1 and "VirtualMachine/left-out" in pruned[0]["message"] and pruned[0]["type"] == "Warning", pruned
+    assert any(e["reason"] == "VMRestorePrunedMembers" and "sel/pair dropped VirtualMachine/left-out" in e["message"]
+               for e in events), events
+
+
+def test_14_two_replicas_act_once(cluster):
+    """Two webhook processes (two pods) both run the companion: the group is
+    patched once, each Event is written once, and both saw the Restore."""
+    metrics_port = cluster.start_replica("webhook-2")
+
+    def replica_ready():
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_until(replica_ready, 60, "the second replica", process=cluster.processes["webhook-2"])
+    try:
+        ns = "twin"
+        groups = harness.Watch(cluster, "/apis/vmoperator.vmware.com/v1alpha5/virtualmachinegroups")
+        restore = cluster.restore("r-twin", "b-boot", "--namespace-mappings", f"boot:{ns}")
+        assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-twin")
+        events = cluster.wait_for_companion("r-twin")
+
+        def both_finished():
+            return all(any(e.get("message") == "restore companion finished with this Restore" and e.get("restore") == "r-twin"
+                           for e in cluster.webhook_log(name)) for name in ("webhook", "webhook-2"))
+
+        wait_until(both_finished, 30, "both replicas to finish with r-twin")
+        time.sleep(1)
+        groups.stop()
+        done = [obj for kind, obj in groups.of(ns, "stack")
+                if kind == "MODIFIED" and DONE in obj["metadata"].get("annotations", {})]
+        assert len(done) == 1, f"the group was patched {len(done)} times"
+        started = [e for name in ("webhook", "webhook-2") for e in cluster.webhook_log(name)
+                   if e.get("message") == "companion started the group in boot order" and e.get("restore") == "r-twin"]
+        assert len(started) == 1, started
+        reasons = [e["reason"] for e in events]
+        assert len(reasons) == len(set(reasons)), reasons
+        assert all(e.get("count", 1) == 1 for e in events)
+        group_events = cluster.get_json("events", "-n", ns, "--field-selector", "involvedObject.name=stack")["items"]
+        assert len(group_events) == 1, group_events
+        REPORT["replicas"] = {"started_by": started[0].get("instance", "?")}
+    finally:
+        cluster.processes.pop("webhook-2").stop()
+
+
+def test_15_report_of_the_full_restore(cluster):
+    """`velero-vm-restore-webhook report` for scenario 2's restore, as a table
+    and as JSON, read from the cluster with an admin's kubeconfig."""
+    env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)}
+    table = harness.run([cluster.webhook_bin, "report", "r-copy", "-n", VELERO_NS], env=env).stdout
+    data = json.loads(harness.run([cluster.webhook_bin, "report", "r-copy", "-n", VELERO_NS, "-o", "json"], env=env).stdout)
+    REPORT["report_table"] = table
+    kinds = {k["kind"]: k for k in data["kinds"]}
+    assert (kinds["VirtualMachine"]["restored"], kinds["VirtualMachine"]["changed"]) == (3, 3), data
+    assert kinds["VirtualMachine"]["rules"]["vm-instance-uuid"] == 3
+    assert kinds["VirtualMachine"]["rules"]["vm-copy-bios-uuid"] == 3
+    assert kinds["VirtualMachine"]["rules"]["vm-power-held"] == 2
+    assert kinds["PersistentVolumeClaim"]["restored"] == 2 and kinds["PersistentVolumeClaim"]["changed"] == 1
+    assert data["groups_not_handled"] == [] and data["waiting_for_group"] == []
+    assert data["phase"] == "Completed"
+    assert "VirtualMachine                  3        3" in table, table
+    missing = harness.run([cluster.webhook_bin, "report", "no-such-restore", "-n", VELERO_NS], env=env, check=False)
+    assert missing.returncode == 1 and "Velero Restore velero/no-such-restore not found" in missing.stderr, missing.stderr
+    print("\n[e2e] report r-copy:\n" + table)

@@ -1,0 +1,686 @@
+//! The restore companion: a loop over Velero Restores that, once a Restore
+//! has reached a final phase, prunes and starts the groups it restored and
+//! writes the per-restore report as Events on the Restore. The decisions are
+//! in [`crate::aftercare`]; this module only reads, patches and records.
+//!
+//! Exactly once, with any number of replicas and across restarts, without a
+//! Lease: every group patch carries a `test` of the resourceVersion it was
+//! planned from and marks the group done for the Restore; a replica whose
+//! patch lost the race reads the group again and finds it done. Events have
+//! names derived from the Restore's UID, so a second create is refused.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Event as CoreEvent;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, discovery};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::aftercare::{self, FINAL_PHASES, GroupPlan, Namespace, ObjectState, Report, RestoreRef};
+use crate::metrics::{CompanionAction, Metrics};
+use crate::restores::PRUNE_ANNOTATION;
+use crate::vmop::{self, RESTORE_NAME_LABEL};
+
+/// The `component` of the Events the companion writes.
+pub const COMPONENT: &str = "velero-vm-restore-webhook";
+
+#[derive(Debug, Error)]
+pub enum CompanionError {
+    #[error("Velero Restore {0} not found")]
+    RestoreNotFound(String),
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "VirtualMachineGroup {namespace}/{name} kept changing under the companion; tried 3 times"
+    )]
+    KeptChanging { namespace: String, name: String },
+}
+
+fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> CompanionError {
+    let what = what.into();
+    move |source| CompanionError::Api { what, source }
+}
+
+#[derive(Debug, Clone)]
+pub struct CompanionSettings {
+    pub velero_namespace: String,
+    /// Prune missing members unless the Restore's annotation says otherwise.
+    pub prune_default: bool,
+    /// Restores finished longer ago are left alone.
+    pub max_age: Duration,
+    pub retry: Duration,
+    /// `reportingInstance` of Events (the pod name).
+    pub instance: String,
+}
+
+fn restore_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
+        "restores",
+    )
+}
+
+/// The served VirtualMachine and VirtualMachineGroup resources, if any.
+pub struct VmopResources {
+    pub vm: ApiResource,
+    pub group: ApiResource,
+}
+
+pub async fn discover(client: &Client) -> Result<Option<VmopResources>, CompanionError> {
+    match discovery::group(client, vmop::GROUP).await {
+        Ok(api_group) => Ok(api_group
+            .recommended_kind("VirtualMachine")
+            .zip(api_group.recommended_kind("VirtualMachineGroup"))
+            .map(|((vm, _), (group, _))| VmopResources { vm, group })),
+        Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => Ok(None),
+        Err(err) => Err(CompanionError::Api {
+            what: "discovery of vmoperator.vmware.com".into(),
+            source: err,
+        }),
+    }
+}
+
+/// What happened to one Restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Acted on and reported (by this replica or another).
+    Done { groups: usize, events: usize },
+    /// Not final, too old, or nothing of VM Operator's to do.
+    Skipped(&'static str),
+}
+
+pub struct Companion {
+    client: Client,
+    settings: CompanionSettings,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Companion {
+    pub fn new(
+        client: Client,
+        settings: CompanionSettings,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Arc<Companion> {
+        Arc::new(Companion {
+            client,
+            settings,
+            metrics,
+        })
+    }
+
+    /// Watches Restores and handles each once it is final. Runs forever.
+    pub async fn run(self: Arc<Self>) {
+        let (queue, mut next) = mpsc::unbounded_channel::<String>();
+        // Restore UIDs handled by this process, and names queued now.
+        let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let queued: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let worker = {
+            let this = self.clone();
+            let (handled, queued, queue) = (handled.clone(), queued.clone(), queue.clone());
+            async move {
+                while let Some(name) = next.recv().await {
+                    if let Ok(mut queued) = queued.lock() {
+                        queued.remove(&name);
+                    }
+                    match this.handle(&name).await {
+                        Ok((uid, outcome)) => {
+                            if let Ok(mut handled) = handled.lock() {
+                                handled.insert(uid);
+                            }
+                            if let Handled::Done { groups, events } = outcome {
+                                info!(restore = %name, groups, events, "restore companion finished with this Restore");
+                            }
+                        }
+                        Err(CompanionError::RestoreNotFound(_)) => {}
+                        Err(err) => {
+                            warn!(restore = %name, error = %err, retry_s = this.settings.retry.as_secs_f64(),
+                                "restore companion failed; it tries again");
+                            this.count(CompanionAction::Error);
+                            let (queue, retry) = (queue.clone(), this.settings.retry);
+                            tokio::spawn(async move {
+                                tokio::time::sleep(retry).await;
+                                let _ = queue.send(name);
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        tokio::spawn(worker);
+
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.settings.velero_namespace,
+            &restore_resource(),
+        );
+        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            let restore = match event {
+                Ok(Event::Apply(restore) | Event::InitApply(restore)) => restore,
+                Ok(_) => continue,
+                Err(err) => {
+                    warn!(error = %err, "restore companion: watching Velero Restores failed; retrying");
+                    continue;
+                }
+            };
+            let value = serde_json::to_value(&restore).unwrap_or_default();
+            let phase = value.pointer("/status/phase").and_then(Value::as_str);
+            let uid = restore.metadata.uid.clone().unwrap_or_default();
+            let Some(name) = restore.metadata.name.clone() else {
+                continue;
+            };
+            if !phase.is_some_and(|phase| FINAL_PHASES.contains(&phase))
+                || handled.lock().map(|h| h.contains(&uid)).unwrap_or(false)
+            {
+                continue;
+            }
+            let newly_queued = queued
+                .lock()
+                .map(|mut queued| queued.insert(name.clone()))
+                .unwrap_or(false);
+            if newly_queued {
+                let _ = queue.send(name);
+            }
+        }
+    }
+
+    fn count(&self, action: CompanionAction) {
+        if let Some(metrics) = &self.metrics {
+            metrics.companion_action(action);
+        }
+    }
+
+    /// Handles one Restore by name: returns its UID and what was done.
+    pub async fn handle(&self, name: &str) -> Result<(String, Handled), CompanionError> {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.settings.velero_namespace,
+            &restore_resource(),
+        );
+        let object = api
+            .get_opt(name)
+            .await
+            .map_err(api_error(format!("reading Velero Restore {name}")))?
+            .ok_or_else(|| CompanionError::RestoreNotFound(name.to_string()))?;
+        let value = serde_json::to_value(&object).unwrap_or_default();
+        let restore = restore_ref(&value);
+        let uid = restore.uid.clone();
+        if !FINAL_PHASES.contains(&restore.phase.as_str()) {
+            return Ok((String::new(), Handled::Skipped("not finished")));
+        }
+        if restore.phase == "FailedValidation" {
+            return Ok((
+                uid,
+                Handled::Skipped("failed validation: nothing was restored"),
+            ));
+        }
+        if finished_long_ago(&value, self.settings.max_age) {
+            return Ok((
+                uid,
+                Handled::Skipped("finished longer ago than --companion-max-age"),
+            ));
+        }
+        let Some(resources) = discover(&self.client).await? else {
+            return Ok((uid, Handled::Skipped("VM Operator's API is not served")));
+        };
+        let prune = match value
+            .pointer(&format!(
+                "/metadata/annotations/{}",
+                PRUNE_ANNOTATION.replace('/', "~1")
+            ))
+            .and_then(Value::as_str)
+        {
+            Some("false") => false,
+            Some("true") => true,
+            _ => self.settings.prune_default,
+        };
+
+        let restored_groups: Vec<ObjectState> = list_labelled(
+            &self.client,
+            &resources.group,
+            "VirtualMachineGroup",
+            &restore,
+        )
+        .await?
+        .into_iter()
+        .filter(|group| group.restored_by(&restore))
+        .collect();
+        let namespaces: HashSet<&str> = restored_groups
+            .iter()
+            .map(|group| group.namespace.as_str())
+            .collect();
+        let mut acted = 0;
+        for namespace in namespaces {
+            let mut view = read_namespace(&self.client, &resources, namespace).await?;
+            let mut names: Vec<&str> = restored_groups
+                .iter()
+                .filter(|group| group.namespace == namespace)
+                .map(|group| group.name.as_str())
+                .collect();
+            names.sort_unstable();
+            for name in names {
+                if self
+                    .handle_group(&restore, prune, &resources, &mut view, name)
+                    .await?
+                {
+                    acted += 1;
+                }
+            }
+        }
+
+        let report = read_report(&self.client, &resources, &restore).await?;
+        let mut events = 0;
+        for (reason, message) in report.event_lines() {
+            let event = event_for(
+                &EventTarget {
+                    api_version: "velero.io/v1",
+                    kind: "Restore",
+                    namespace: &self.settings.velero_namespace,
+                    name: &restore.name,
+                    uid: &restore.uid,
+                },
+                &restore.uid,
+                reason,
+                &message,
+                "Normal",
+                &self.settings.instance,
+            );
+            if self.create_event(event).await? {
+                events += 1;
+            }
+        }
+        if events > 0 {
+            self.count(CompanionAction::Reported);
+        }
+        Ok((
+            uid,
+            Handled::Done {
+                groups: acted,
+                events,
+            },
+        ))
+    }
+
+    /// Plans, patches and records one group; re-reads it when another writer
+    /// got there first. Returns whether this replica changed it.
+    async fn handle_group(
+        &self,
+        restore: &RestoreRef,
+        prune: bool,
+        resources: &VmopResources,
+        view: &mut Namespace,
+        name: &str,
+    ) -> Result<bool, CompanionError> {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            namespace_of(view, name),
+            &resources.group,
+        );
+        let namespace = namespace_of(view, name).to_string();
+        for _ in 0..3 {
+            let Some(group) = view.groups.get(name).cloned() else {
+                return Ok(false);
+            };
+            let Some(plan) = aftercare::plan_group(restore, prune, &group, view) else {
+                return Ok(false);
+            };
+            let patch: json_patch::Patch = serde_json::from_value(Value::Array(plan.patch.clone()))
+                .map_err(|err| CompanionError::Api {
+                    what: format!("building the patch of VirtualMachineGroup {namespace}/{name}"),
+                    source: kube::Error::SerdeError(err),
+                })?;
+            match api
+                .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+            {
+                Ok(_) => {
+                    self.record(restore, &resources.group.api_version, &group, &plan)
+                        .await?;
+                    return Ok(true);
+                }
+                // The resourceVersion test failed, or the group went away:
+                // read it again and plan from what is there now.
+                Err(kube::Error::Api(status)) if [404, 409, 422].contains(&status.code) => {
+                    match api.get_opt(name).await.map_err(api_error(format!(
+                        "reading VirtualMachineGroup {namespace}/{name}"
+                    )))? {
+                        Some(fresh) => {
+                            let value = serde_json::to_value(&fresh).unwrap_or_default();
+                            let fresh = ObjectState::from_value("VirtualMachineGroup", &value);
+                            if fresh.resource_version == group.resource_version {
+                                // Not a race: the API server refused the change.
+                                return Err(CompanionError::Api {
+                                    what: format!(
+                                        "patching VirtualMachineGroup {namespace}/{name}"
+                                    ),
+                                    source: kube::Error::Api(status),
+                                });
+                            }
+                            view.groups.insert(name.to_string(), fresh);
+                        }
+                        None => {
+                            view.groups.remove(name);
+                            return Ok(false);
+                        }
+                    }
+                }
+                Err(err) => {
+                    return Err(CompanionError::Api {
+                        what: format!("patching VirtualMachineGroup {namespace}/{name}"),
+                        source: err,
+                    });
+                }
+            }
+        }
+        Err(CompanionError::KeptChanging {
+            namespace,
+            name: name.to_string(),
+        })
+    }
+
+    /// One log line and one Event on the group per thing done.
+    async fn record(
+        &self,
+        restore: &RestoreRef,
+        api_version: &str,
+        group: &ObjectState,
+        plan: &GroupPlan,
+    ) -> Result<(), CompanionError> {
+        let target = EventTarget {
+            api_version,
+            kind: "VirtualMachineGroup",
+            namespace: &group.namespace,
+            name: &group.name,
+            uid: &group.uid,
+        };
+        let object = group.label();
+        let mut lines = Vec::new();
+        if !plan.pruned.is_empty() {
+            let members: Vec<String> = plan.pruned.iter().map(|m| m.describe()).collect();
+            let message = format!(
+                "Velero Restore {} finished without these members, so VM Operator could never place the group: removed from spec.bootOrder: {}",
+                restore.name,
+                members.join(", ")
+            );
+            info!(restore = %restore.name, object = %object, members = %members.join(","), "companion pruned members missing after the restore");
+            self.count(CompanionAction::Pruned);
+            lines.push(("MembersPruned", message, "Warning"));
+        }
+        if let Some(state) = &plan.started {
+            let message = format!(
+                "Velero Restore {} finished: set spec.powerState to {state}; VM Operator powers the members on in boot order from now",
+                restore.name
+            );
+            info!(restore = %restore.name, object = %object, power_state = %state, "companion started the group in boot order");
+            self.count(CompanionAction::Started);
+            lines.push(("StartedInBootOrder", message, "Normal"));
+        }
+        if let Some(ancestor) = &plan.released_under {
+            info!(restore = %restore.name, object = %object, top = %ancestor,
+                "companion released the group's power hold: its power comes from the top of its tree");
+            self.count(CompanionAction::Released);
+        }
+        for (reason, message, kind) in lines {
+            let event = event_for(
+                &target,
+                &restore.uid,
+                reason,
+                &message,
+                kind,
+                &self.settings.instance,
+            );
+            self.create_event(event).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates an Event; `false` when one of that name exists already.
+    async fn create_event(&self, event: CoreEvent) -> Result<bool, CompanionError> {
+        let namespace = event.metadata.namespace.clone().unwrap_or_default();
+        let api: Api<CoreEvent> = Api::namespaced(self.client.clone(), &namespace);
+        match api.create(&PostParams::default(), &event).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(err) => Err(CompanionError::Api {
+                what: format!("creating an Event in {namespace}"),
+                source: err,
+            }),
+        }
+    }
+}
+
+fn namespace_of<'a>(view: &'a Namespace, name: &str) -> &'a str {
+    view.groups
+        .get(name)
+        .map(|group| group.namespace.as_str())
+        .unwrap_or_default()
+}
+
+pub fn restore_ref(value: &Value) -> RestoreRef {
+    let text = |pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    RestoreRef {
+        name: text("/metadata/name"),
+        uid: text("/metadata/uid"),
+        phase: text("/status/phase"),
+    }
+}
+
+fn finished_long_ago(value: &Value, max_age: Duration) -> bool {
+    let Some(completed) = value
+        .pointer("/status/completionTimestamp")
+        .and_then(Value::as_str)
+        .and_then(|text| text.parse::<k8s_openapi::jiff::Timestamp>().ok())
+    else {
+        return false;
+    };
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(completed);
+    age.as_secs() > 0 && age.unsigned_abs() > max_age
+}
+
+async fn list_labelled(
+    client: &Client,
+    resource: &ApiResource,
+    kind: &str,
+    restore: &RestoreRef,
+) -> Result<Vec<ObjectState>, CompanionError> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+    let params = ListParams::default().labels(&format!("{RESTORE_NAME_LABEL}={}", restore.label()));
+    let list = api.list(&params).await.map_err(api_error(format!(
+        "listing {kind}s of Restore {}",
+        restore.name
+    )))?;
+    Ok(list
+        .items
+        .iter()
+        .map(|item| ObjectState::from_value(kind, &serde_json::to_value(item).unwrap_or_default()))
+        .collect())
+}
+
+/// Every group, and the names of every VM, in one namespace.
+async fn read_namespace(
+    client: &Client,
+    resources: &VmopResources,
+    namespace: &str,
+) -> Result<Namespace, CompanionError> {
+    let groups: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &resources.group);
+    let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resources.vm);
+    let groups = groups
+        .list(&ListParams::default())
+        .await
+        .map_err(api_error(format!(
+            "listing VirtualMachineGroups in {namespace}"
+        )))?;
+    let vms = vms
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(api_error(format!("listing VirtualMachines in {namespace}")))?;
+    let names: Vec<String> = vms
+        .items
+        .into_iter()
+        .filter_map(|vm| vm.metadata.name)
+        .collect();
+    Ok(Namespace::new(
+        groups.items.iter().map(|group| {
+            ObjectState::from_value(
+                "VirtualMachineGroup",
+                &serde_json::to_value(group).unwrap_or_default(),
+            )
+        }),
+        names.iter().map(String::as_str),
+    ))
+}
+
+/// The report of one Restore, read from the cluster.
+pub async fn read_report(
+    client: &Client,
+    resources: &VmopResources,
+    restore: &RestoreRef,
+) -> Result<Report, CompanionError> {
+    let mut restored = list_labelled(client, &resources.vm, "VirtualMachine", restore).await?;
+    restored.extend(list_labelled(client, &resources.group, "VirtualMachineGroup", restore).await?);
+    let pvc = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("", "v1", "PersistentVolumeClaim"),
+        "persistentvolumeclaims",
+    );
+    restored.extend(list_labelled(client, &pvc, "PersistentVolumeClaim", restore).await?);
+    let namespaces: HashSet<String> = restored
+        .iter()
+        .filter(|object| object.kind == "VirtualMachine")
+        .map(|object| object.namespace.clone())
+        .collect();
+    let mut views = HashMap::new();
+    for namespace in namespaces {
+        let view = read_namespace(client, resources, &namespace).await?;
+        views.insert(namespace, view);
+    }
+    Ok(aftercare::build_report(restore, &restored, &views))
+}
+
+/// `report RESTORE`: the Restore's report, from the cluster.
+pub async fn report(
+    client: &Client,
+    velero_namespace: &str,
+    name: &str,
+) -> Result<Report, CompanionError> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), velero_namespace, &restore_resource());
+    let object = api
+        .get_opt(name)
+        .await
+        .map_err(api_error(format!(
+            "reading Velero Restore {name} in namespace {velero_namespace}"
+        )))?
+        .ok_or_else(|| CompanionError::RestoreNotFound(format!("{velero_namespace}/{name}")))?;
+    let restore = restore_ref(&serde_json::to_value(&object).unwrap_or_default());
+    match discover(client).await? {
+        Some(resources) => read_report(client, &resources, &restore).await,
+        None => Ok(aftercare::build_report(&restore, &[], &HashMap::new())),
+    }
+}
+
+struct EventTarget<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    namespace: &'a str,
+    name: &'a str,
+    uid: &'a str,
+}
+
+/// An Event whose name follows from the target, the Restore's UID and the
+/// reason: the same fact is recorded once, whoever records it.
+fn event_for(
+    target: &EventTarget,
+    restore_uid: &str,
+    reason: &str,
+    message: &str,
+    event_type: &str,
+    instance: &str,
+) -> CoreEvent {
+    let digest = Sha256::digest(
+        format!(
+            "{}/{}/{}/{restore_uid}/{reason}",
+            target.kind, target.namespace, target.name
+        )
+        .as_bytes(),
+    );
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let prefix: String = target.name.chars().take(200).collect();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut involved = json!({
+        "apiVersion": target.api_version, "kind": target.kind,
+        "namespace": target.namespace, "name": target.name,
+    });
+    if !target.uid.is_empty() {
+        involved["uid"] = json!(target.uid);
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("{prefix}.vmrw-{hex}"), "namespace": target.namespace},
+        "involvedObject": involved,
+        "reason": reason,
+        "message": message,
+        "type": event_type,
+        "count": 1,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": instance,
+    }))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_depend_on_target_restore_and_reason_only() {
+        let target = EventTarget {
+            api_version: "velero.io/v1",
+            kind: "Restore",
+            namespace: "velero",
+            name: "r1",
+            uid: "u1",
+        };
+        let a = event_for(&target, "u1", "VMRestoreCleaned", "one", "Normal", "pod-a");
+        let b = event_for(&target, "u1", "VMRestoreCleaned", "two", "Normal", "pod-b");
+        let c = event_for(&target, "u2", "VMRestoreCleaned", "one", "Normal", "pod-a");
+        assert_eq!(a.metadata.name, b.metadata.name);
+        assert_ne!(a.metadata.name, c.metadata.name);
+        assert_eq!(a.involved_object.uid.as_deref(), Some("u1"));
+        assert_eq!(a.reason.as_deref(), Some("VMRestoreCleaned"));
+        assert!(a.first_timestamp.is_some(), "timestamps parse");
+    }
+
+    #[test]
+    fn old_restores_are_left_alone() {
+        let old = json!({"status": {"completionTimestamp": "2020-01-01T00:00:00Z"}});
+        assert!(finished_long_ago(&old, Duration::from_secs(3600)));
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let recent = json!({"status": {"completionTimestamp": now}});
+        assert!(!finished_long_ago(&recent, Duration::from_secs(3600)));
+        assert!(!finished_long_ago(&json!({}), Duration::from_secs(1)));
+    }
+}
