@@ -1,8 +1,8 @@
 //! The live reference source: one GET of metadata per reference a restored
 //! VM makes (zone, class instance, image), bounded by the request's deadline
-//! by the caller. A resource the API server does not serve answers 404 (as
-//! plain text, not a Status), the same as a missing object: the reference
-//! cannot resolve in this cluster.
+//! by the caller. A resource the API server does not serve answers 404 as
+//! plain text, not a `NotFound` Status: the reference cannot resolve in this
+//! cluster either, but for zones it tells which API to ask instead.
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -17,6 +17,16 @@ pub struct LiveRefs {
     client: Client,
 }
 
+/// What one GET found.
+#[derive(Debug, PartialEq, Eq)]
+enum Lookup {
+    Found,
+    /// The API is served and the object does not exist.
+    Missing,
+    /// The API server does not serve this resource at all.
+    NotServed,
+}
+
 impl LiveRefs {
     pub fn new(client: Client) -> LiveRefs {
         LiveRefs { client }
@@ -27,16 +37,20 @@ impl LiveRefs {
         resource: ApiResource,
         namespace: Option<&str>,
         name: &str,
-    ) -> Result<bool, String> {
+    ) -> Result<Lookup, String> {
         let api: Api<DynamicObject> = match namespace {
             Some(namespace) => Api::namespaced_with(self.client.clone(), namespace, &resource),
             None => Api::all_with(self.client.clone(), &resource),
         };
         match api.get_metadata_opt(name).await {
-            Ok(found) => Ok(found.is_some()),
+            Ok(Some(_)) => Ok(Lookup::Found),
+            Ok(None) => Ok(Lookup::Missing),
             // A group nobody serves answers a plain-text "404 page not found"
-            // (no Status body): the reference cannot resolve here either.
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            // (no NotFound Status).
+            Err(kube::Error::Api(status)) if status.code == 404 && status.reason == "NotFound" => {
+                Ok(Lookup::Missing)
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Lookup::NotServed),
             Err(err) => Err(err.to_string()),
         }
     }
@@ -70,8 +84,11 @@ impl RefFacts for LiveRefs {
         async move {
             let name = reference.name.as_str();
             let found = match reference.kind {
-                // A Zone in the namespace (workload domain isolation), or a
-                // cluster-wide AvailabilityZone of that name.
+                // VM Operator 1.10 turns workload domain isolation on for
+                // every VM that is not a Kubernetes node
+                // (GetContextWithWorkloadDomainIsolation): the zone must be a
+                // Zone in the VM's namespace. Only a cluster that does not
+                // serve Zones at all checks the cluster-wide AvailabilityZone.
                 RefKind::Zone => match self
                     .get(
                         resource(TOPOLOGY, "v1alpha1", "Zone", "zones"),
@@ -80,8 +97,7 @@ impl RefFacts for LiveRefs {
                     )
                     .await
                 {
-                    Ok(true) => Ok(true),
-                    _ => {
+                    Ok(Lookup::NotServed) => {
                         self.get(
                             resource(
                                 TOPOLOGY,
@@ -94,6 +110,7 @@ impl RefFacts for LiveRefs {
                         )
                         .await
                     }
+                    other => other,
                 },
                 RefKind::ClassInstance => {
                     self.get(
@@ -113,8 +130,8 @@ impl RefFacts for LiveRefs {
                 }
             };
             match found {
-                Ok(true) => GroupPresence::Present,
-                Ok(false) => GroupPresence::Missing,
+                Ok(Lookup::Found) => GroupPresence::Present,
+                Ok(Lookup::Missing | Lookup::NotServed) => GroupPresence::Missing,
                 Err(err) => GroupPresence::Unknown(err),
             }
         }
@@ -128,12 +145,27 @@ mod tests {
     use axum::http::{Request, Response};
     use http_body_util::Full;
 
-    /// A fake API server: zones are an unknown group (plain-text 404), the
-    /// class instance `small` exists, images are forbidden, the rest 404.
+    /// A fake API server: in namespace `wdi` Zones are served (and none
+    /// exists); elsewhere the Zone API is not served (plain-text 404) and the
+    /// AvailabilityZone `zone-a` exists. The class instance `small` exists,
+    /// images are forbidden, the rest 404 NotFound.
     fn refs_on_fake_api() -> LiveRefs {
         let service = tower::service_fn(|request: Request<kube::client::Body>| async move {
             let path = request.uri().path().to_string();
-            let (code, body, json) = if path.contains("/topology.tanzu.vmware.com/") {
+            let object = |name: &str| {
+                serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": name}})
+                .to_string()
+            };
+            let not_found =
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "not found", "reason": "NotFound", "code": 404})
+                .to_string();
+            let (code, body, json) = if path.contains("/namespaces/wdi/zones/") {
+                (404, not_found, true)
+            } else if path.ends_with("/availabilityzones/zone-a") {
+                (200, object("zone-a"), true)
+            } else if path.contains("/topology.tanzu.vmware.com/") {
                 (404, "404 page not found".to_string(), false)
             } else if path.ends_with("/virtualmachineclassinstances/small") {
                 (200, serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
@@ -178,8 +210,21 @@ mod tests {
             kind,
             name: name.to_string(),
         };
+        // No Zone API: the cluster-wide AvailabilityZone decides.
         assert_eq!(
             refs.exists("prod", &reference(RefKind::Zone, "zone-a"))
+                .await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &reference(RefKind::Zone, "zone-b"))
+                .await,
+            GroupPresence::Missing
+        );
+        // Zones served: VM Operator needs the namespace's Zone, whatever
+        // AvailabilityZones exist.
+        assert_eq!(
+            refs.exists("wdi", &reference(RefKind::Zone, "zone-a"))
                 .await,
             GroupPresence::Missing
         );

@@ -4,8 +4,10 @@ chart's rendered MutatingWebhookConfiguration, a real Velero server and CLI,
 and an S3-compatible object store. Everything binds 127.0.0.1 on free ports,
 lives in one temp dir, and is killed and removed on exit, failure or signal.
 
-Stand-ins (what cannot run here): vCenter and VM Operator's controllers and
-webhooks. Objects are only stored by the API server; nothing reconciles them.
+Stand-ins (what cannot run here): vCenter. VM Operator's own webhooks,
+conversion and VirtualMachineGroup controller (with its fake VM provider) run
+from its Go module once `start_vm_operator` is called (test_vmop.py); before
+that, objects are only stored by the API server.
 """
 
 from __future__ import annotations
@@ -71,8 +73,19 @@ def webhook_binary() -> Path:
 
 
 def vmop_crd_dir() -> Path:
+    return vmop_config_dir() / "crd" / "bases"
+
+
+def vmop_config_dir() -> Path:
+    """VM Operator's own `config/` (CRDs, webhook configurations), from the module."""
     result = run(["go", "mod", "download", "-json", VMOP_MODULE], env={**os.environ, "GOFLAGS": "-mod=mod"})
-    return Path(json.loads(result.stdout)["Dir"]) / "config" / "crd" / "bases"
+    return Path(json.loads(result.stdout)["Dir"]) / "config"
+
+
+# The CRDs VM Operator serves conversion for on a Supervisor
+# (config/crd/kustomization.yaml's webhook_in_* patches).
+VMOP_CONVERTED = ["virtualmachines", "virtualmachineclasses", "virtualmachineimages", "clustervirtualmachineimages",
+                  "virtualmachinepublishrequests", "virtualmachineservices", "virtualmachinesetresourcepolicies"]
 
 
 class Openssl:
@@ -374,6 +387,51 @@ class Cluster:
                 pass
         return entries
 
+    # -- VM Operator's own admission code -----------------------------------------
+    def start_vm_operator(self, group_controller: bool = True) -> None:
+        """VM Operator v1.10.0's VirtualMachine and VirtualMachineGroup webhooks,
+        its conversion webhook and (optionally) its group controller, built
+        from the module (tools/vmop), registered as on a Supervisor: its own
+        webhook configurations under their real names, and `conversion:
+        Webhook` on the CRDs it converts. Stand-in: the fake VM provider
+        (no vCenter)."""
+        config = vmop_config_dir()
+        crds = sorted((config / "crd" / "bases").glob("*.yaml")) + sorted((config / "crd" / "external-crds").glob("*.yaml"))
+        for path in crds:
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", path)
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        certs = self.tmp / "vmop-certs"
+        run([REPO / "certs" / "gen-certs.sh", "--out", certs, "--namespace", "vmware-system-vmop",
+             "--service", "vmware-system-vmop-webhook-service", "--days", "2"])
+        self.vmop_port = free_port()
+        self.spawn("vmop-host", [self.bin / "vmop-host", "--cert-dir", certs, "--port", str(self.vmop_port),
+                                 "--health-addr", f"127.0.0.1:{free_port()}",
+                                 f"--group-controller={'true' if group_controller else 'false'}"],
+                   env={**os.environ, "KUBECONFIG": str(self.admin_kubeconfig)})
+        wait_until(lambda: socket.create_connection(("127.0.0.1", self.vmop_port), timeout=1).close() is None, 60,
+                   "VM Operator's webhook server", process=self.processes["vmop-host"])
+        ca = base64.b64encode((certs / "ca.crt").read_bytes()).decode()
+        self.vmop_configs = []
+        for doc in yaml.safe_load_all((config / "webhook" / "manifests.yaml").read_text()):
+            if not doc or doc.get("kind") not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+                continue
+            hooks = [h for h in doc["webhooks"]
+                     if any(r in ("virtualmachines", "virtualmachinegroups") for rule in h["rules"] for r in rule["resources"])]
+            for hook in hooks:
+                path = hook["clientConfig"]["service"]["path"]
+                hook["clientConfig"] = {"url": f"https://127.0.0.1:{self.vmop_port}{path}", "caBundle": ca}
+            doc["webhooks"] = hooks
+            doc["metadata"] = {"name": "vmware-system-vmop-" + doc["metadata"]["name"]}
+            self.vmop_configs.append(doc)
+        self.apply(self.vmop_configs)
+        for crd in VMOP_CONVERTED:
+            patch = {"spec": {"conversion": {"strategy": "Webhook", "webhook": {
+                "clientConfig": {"url": f"https://127.0.0.1:{self.vmop_port}/convert", "caBundle": ca},
+                "conversionReviewVersions": ["v1", "v1beta1"]}}}}
+            self.kubectl("patch", "crd", f"{crd}.vmoperator.vmware.com", "--type", "merge", "-p", json.dumps(patch))
+        time.sleep(2)  # the API server's webhook informers pick the configurations up
+        log(f"VM Operator's webhooks registered ({', '.join(d['metadata']['name'] for d in self.vmop_configs)})")
+
     # -- object store and Velero ---------------------------------------------------
     def start_object_store(self) -> None:
         self.s3_port = free_port()
@@ -398,10 +456,21 @@ class Cluster:
                     "spec": {"replicas": 0, "selector": {"matchLabels": {"component": "velero"}},
                              "template": {"metadata": {"labels": {"component": "velero"}},
                                           "spec": {"containers": [{"name": "velero", "image": "velero/velero:v1.18.3"}]}}}})
+        # Velero runs as its own ServiceAccount bound to cluster-admin, as
+        # `velero install` sets it up: not system:masters, so not a privileged
+        # user in VM Operator's sense.
+        if not hasattr(self, "velero_kubeconfig"):
+            self.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "velero", "namespace": VELERO_NS}},
+                        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                         "metadata": {"name": "velero"},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                         "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": VELERO_NS}]}])
+            crt, key = self.clients.client("velero", f"system:serviceaccount:{VELERO_NS}:velero", "system:serviceaccounts")
+            self.velero_kubeconfig = kubeconfig(self.tmp / "velero.kubeconfig", self.server, self.server_ca, crt, key)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
                "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
         self.velero_env = env
-        self.spawn("velero", [self.bin / "velero", "server", "--kubeconfig", self.admin_kubeconfig,
+        self.spawn("velero", [self.bin / "velero", "server", "--kubeconfig", self.velero_kubeconfig,
                               "--namespace", VELERO_NS, "--plugin-dir", plugins,
                               "--metrics-address", f"127.0.0.1:{free_port()}",
                               "--profiler-address", f"127.0.0.1:{free_port()}",

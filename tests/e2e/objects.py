@@ -169,3 +169,38 @@ def boot_workload(ns):
         vm(ns, "db-1", "stack", 31), vm(ns, "db-2", "stack", 32),
         vm(ns, "app-1", "stack", 33), vm(ns, "web-1", "stack", 34),
     ]
+
+
+def supervisor(ns, zones=("zone-a",)):
+    """What a Supervisor namespace has before any VM: a storage class assigned
+    to it through a ResourceQuota, a VM class, a content-library image, and a
+    Zone per vSphere Zone it spans (with the cluster-scoped AvailabilityZone)."""
+    docs = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "wcpglobal-storage-profile"},
+         "provisioner": "csi.vsphere.vmware.com", "parameters": {"storagePolicyID": "aa6d5a82-1c88-45da-85d3-3d74b91a5bad"}},
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": f"{ns}-storagequota", "namespace": ns},
+         "spec": {"hard": {"wcpglobal-storage-profile.storageclass.storage.k8s.io/requests.storage": "9223372036854775807"}}},
+        {"apiVersion": V, "kind": "VirtualMachineClass", "metadata": {"name": "best-effort-small", "namespace": ns},
+         "spec": {"hardware": {"cpus": 2, "memory": "4Gi"}}},
+        {"apiVersion": V, "kind": "VirtualMachineImage", "metadata": {"name": "vmi-0a0044d7c690bcbea", "namespace": ns},
+         "spec": {"providerRef": {"apiVersion": "imageregistry.vmware.com/v1alpha1", "kind": "ContentLibraryItem",
+                                  "name": "clitem-0a0044d7c690bcbea"}}},
+    ]
+    for zone in zones:
+        docs.append({"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "kind": "AvailabilityZone",
+                     "metadata": {"name": zone}, "spec": {"clusterComputeResourceMoIDs": [f"domain-c{len(zone)}"]}})
+        docs.append({"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "kind": "Zone",
+                     "metadata": {"name": zone, "namespace": ns},
+                     "spec": {"availabilityZoneReference": {"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "name": zone},
+                              "managedVMs": {"folderMoID": "group-v1001", "poolMoIDs": ["resgroup-1001"]}}})
+    return docs
+
+
+def supervisor_vm(ns, name, group_name, index, zone="zone-a"):
+    """A VM as a VPC Supervisor stores it: its interface on the namespace's
+    SubnetSet, and the zone VM Operator placed it in."""
+    out = vm(ns, name, group_name, index, labels={"topology.kubernetes.io/zone": zone})
+    out["spec"]["network"]["interfaces"][0]["network"] = {
+        "apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet", "name": "vm-default"}
+    return out

@@ -13,7 +13,7 @@ export CGO_ENABLED=0
 build() {
   local mod=$1 name=$2 pkg=$3 ldflags=${4:-}
   local key
-  key=$( (cat "$here/tools/$mod/go.mod" "$here/tools/$mod/go.sum"; echo "$pkg $ldflags") | sha256sum | cut -c1-16)
+  key=$( (cat "$here/tools/$mod/go.mod" "$here/tools/$mod/go.sum"; find "$here/tools/$mod" -name '*.go' -print0 | sort -z | xargs -0 cat; echo "$pkg $ldflags") | sha256sum | cut -c1-16)
   local out="$cache_root/$mod-$key/$name"
   if [[ -x $out ]]; then
     echo "e2e tools: $name cached ($out)" >&2
@@ -43,6 +43,20 @@ if [[ -d $here/tools/velero ]]; then
   has velero-plugin-for-aws && build velero velero-plugin-for-aws github.com/vmware-tanzu/velero-plugin-for-aws/velero-plugin-for-aws
 fi
 [[ -d $here/tools/s3 ]] && { has s3server && build s3 s3server ./cmd/s3server; }
+if [[ -d $here/tools/vmop ]] && has vmop-host; then
+  # VM Operator v1.10.0 needs a govmomi pseudo-version and nested modules the
+  # module proxy here refuses; ../shared/goproxy serves exactly those (a user
+  # with normal internet access gets them from proxy.golang.org).
+  shared_proxy=
+  for candidate in "${VMRW_SHARED_GOPROXY:-}" "$here/../../../../shared/goproxy" /work/shared/goproxy; do
+    if [[ -n $candidate && -d $candidate ]]; then shared_proxy=$(cd "$candidate" && pwd); break; fi
+  done
+  if [[ -n $shared_proxy ]]; then
+    GOPROXY="file://$shared_proxy,$(go env GOPROXY)" build vmop vmop-host ./cmd/vmop-host
+  else
+    build vmop vmop-host ./cmd/vmop-host
+  fi
+fi
 helm_ver='-X helm.sh/helm/v3/internal/version.version=v3.19.0 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=34'
 [[ -d $here/tools/helm ]] && { has helm && build helm helm helm.sh/helm/v3/cmd/helm "$helm_ver"; }
 echo "$cache_root/bin"

@@ -1,0 +1,224 @@
+"""VM Operator v1.10.0's own admission code in the loop: its VirtualMachine
+and VirtualMachineGroup mutating and validating webhooks and its conversion
+webhook, built from the module (tools/vmop) and registered under their real
+configuration names, and its VirtualMachineGroup controller. Velero runs as its
+own ServiceAccount, so VM Operator treats it as a non-privileged user, as on a
+Supervisor. Stand-ins: VM Operator's fake VM provider (no vCenter), and the
+Supervisor objects a namespace starts with (storage class and quota, VM class,
+image, zones), created by hand. These scenarios run after test_restore.py and
+leave VM Operator registered."""
+
+import datetime
+import json
+import time
+
+import harness
+import objects as o
+from harness import RESTORE_LABEL, VELERO_NS, wait_until
+
+REPORT: dict = {}
+UUIDS = ("instanceUUID", "biosUUID")
+MARKER = "velero-vm-restore-webhook/reviewed-for-restore"
+STARTED = "velero-vm-restore-webhook/power-started-for-restore"
+APPLY_TIME = "vmoperator.vmware.com.protected/apply-power-state-time"
+BASE_TIME = "vmoperator.vmware.com.protected/last-updated-power-state-time"
+
+
+def source_workload(ns):
+    """A Supervisor namespace spanning zone-a and zone-b, with a group whose
+    VMs carry what a running Supervisor adds: zones, holds, instance storage."""
+    web = o.supervisor_vm(ns, "web-1", "app", 51)
+    web["metadata"]["annotations"].update({
+        "poweron.check.vmoperator.vmware.com/backup": "hold",
+        "delete.check.vmoperator.vmware.com/backup": "hold",
+        "mgmt.proxy.vmware.com/allowlist": "10.0.0.0/8",
+    })
+    web["spec"]["volumes"] = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "web-1-data"}},
+        {"name": "instance-storage-0", "persistentVolumeClaim": {
+            "claimName": "web-1-instance-storage-0",
+            "instanceVolumeClaim": {"storageClass": "wcpglobal-storage-profile", "size": "8Gi"}}},
+    ]
+    db = o.supervisor_vm(ns, "db-1", "app", 52, zone="zone-b")
+    return [
+        o.secret(ns, "web-1-cloud-init"), o.secret(ns, "db-1-cloud-init"),
+        o.pvc(ns, "web-1-data", health=True), o.resource_policy(ns, "web-policy"),
+        o.boot_group(ns, "app", [(["db-1"], None), (["web-1"], "10s")]),
+        web, db,
+    ]
+
+
+def prepare_supervisor(cluster, ns, zones=("zone-a",)):
+    """Creates a namespace's Supervisor objects and waits until VM Operator's
+    webhooks see them: its client reads a cache, which lags behind creates."""
+    cluster.apply(o.supervisor(ns, zones=zones))
+    probe = json.dumps(o.supervisor_vm(ns, "probe", None, 99, zone=zones[0]))
+
+    def admitted():
+        return cluster.kubectl("create", "--dry-run=server", "-f", "-", input=probe, check=False).returncode == 0
+
+    wait_until(admitted, 30, f"VM Operator to see the Supervisor objects of {ns}")
+
+
+# Supervisor objects are made by the Supervisor, not restored.
+EXCLUDE = "zones.topology.tanzu.vmware.com,availabilityzones.topology.tanzu.vmware.com"
+
+
+def restored_uuids(cluster, ns):
+    return {vm["metadata"]["name"]: {k: vm["spec"].get(k) for k in UUIDS}
+            for vm in cluster.get_json("virtualmachines", "-n", ns)["items"]}
+
+
+def vm_operator_said(cluster, restore):
+    """VM Operator's own decisions on this restore's objects, from its log."""
+    lines = []
+    for line in (cluster.tmp / "vmop-host.log").read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "validation denied" in entry.get("msg", "") or "denied" in entry.get("reason", ""):
+            lines.append(entry.get("reason", entry.get("msg")))
+    return lines
+
+
+def test_vmop_1_every_restored_object_is_admitted_by_vm_operator(cluster):
+    """A backup of a Supervisor namespace, restored beside it into a namespace
+    that has zone-a only: VM Operator's webhooks admit every object, the VMs
+    get VM Operator's fresh instanceUUID and biosUUID, and the zone label is
+    kept where the Zone exists and dropped where it does not."""
+    cluster.start_vm_operator()
+    whoami = json.loads(cluster.kubectl("auth", "whoami", "-o", "json", kubeconfig_path=cluster.velero_kubeconfig).stdout)
+    user = whoami["status"]["userInfo"]
+    assert user["username"] == f"system:serviceaccount:{VELERO_NS}:velero", user
+    assert "system:masters" not in user.get("groups", []), "Velero must not be privileged in VM Operator's sense"
+
+    src, dst = "sv-src", "sv-dst"
+    prepare_supervisor(cluster, src, zones=("zone-a", "zone-b"))
+    cluster.apply(source_workload(src))
+    original = {vm["metadata"]["name"]: vm for vm in cluster.get_json("virtualmachines", "-n", src)["items"]}
+    assert set(original) == {"web-1", "db-1"}, "VM Operator admitted the source objects (created by an admin)"
+    cluster.backup("b-sv", src)
+    prepare_supervisor(cluster, dst)
+    restore = cluster.restore("r-sv", "b-sv", "--namespace-mappings", f"{src}:{dst}", "--exclude-resources", EXCLUDE)
+    details = cluster.restore_describe("r-sv")
+    assert restore["status"]["phase"] == "Completed", details + "\n".join(vm_operator_said(cluster, "r-sv"))
+    assert restore["status"].get("errors", 0) == 0, details
+
+    restored = {vm["metadata"]["name"]: vm for vm in cluster.get_json("virtualmachines", "-n", dst)["items"]}
+    assert set(restored) == {"web-1", "db-1"}
+    assert {g["metadata"]["name"] for g in cluster.get_json("virtualmachinegroups", "-n", dst)["items"]} == {"app"}
+    for name, vm in restored.items():
+        for key in UUIDS:
+            fresh = vm["spec"].get(key)
+            assert fresh and fresh != original[name]["spec"][key], f"{name} {key}: {fresh!r} (original {original[name]['spec'][key]!r})"
+        annotations = vm["metadata"]["annotations"]
+        assert not any(k.startswith(("poweron.check.", "delete.check.", "mgmt.proxy.")) for k in annotations), annotations
+        # VM Operator's own defaults on create survived our reinvocation.
+        assert annotations.get("vmoperator.vmware.com/created-at-schema-version") == "v1alpha5", annotations
+        assert annotations[MARKER].startswith("r-sv/")
+    assert restored["web-1"]["metadata"]["labels"]["topology.kubernetes.io/zone"] == "zone-a"
+    assert "topology.kubernetes.io/zone" not in restored["db-1"]["metadata"]["labels"], "zone-b does not exist in the target"
+    assert [v["name"] for v in restored["web-1"]["spec"]["volumes"]] == ["data"]
+    REPORT["uuids"] = {"original": {n: {k: v["spec"][k] for k in UUIDS} for n, v in original.items()},
+                       "restored": restored_uuids(cluster, dst)}
+    print(f"\n[e2e] VM Operator admitted every object of r-sv; UUIDs: {json.dumps(REPORT['uuids'])}")
+
+
+def test_vmop_2_a_v1alpha3_vm_keeps_its_fields_through_real_conversion(cluster):
+    """A v1alpha3 VirtualMachine created the way Velero creates a restored one
+    (its own ServiceAccount, the restore label) into a cluster storing
+    v1alpha5: our webhook sees v1alpha3, VM Operator's webhooks see v1alpha5
+    through its conversion webhook, and the object reads back at both."""
+    ns = "sv-dst"
+    vm = o.supervisor_vm(ns, "legacy-1", None, 53)
+    vm["apiVersion"] = "vmoperator.vmware.com/v1alpha3"
+    # A restore label with no Restore behind it: not a copy, so the guest
+    # identity (MAC, addresses) stays and must survive the conversion.
+    vm["metadata"]["labels"][RESTORE_LABEL] = "r-v1alpha3"
+    result = cluster.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(vm),
+                             kubeconfig_path=cluster.velero_kubeconfig, check=False)
+    assert result.returncode == 0, result.stderr + "\n".join(vm_operator_said(cluster, "legacy"))
+    assert "removed spec.instanceUUID" in result.stderr, result.stderr
+    at_v3 = cluster.get_json("virtualmachines.v1alpha3.vmoperator.vmware.com", "legacy-1", "-n", ns)
+    at_v5 = cluster.get_json("virtualmachines.v1alpha5.vmoperator.vmware.com", "legacy-1", "-n", ns)
+    assert at_v3["apiVersion"].endswith("v1alpha3") and at_v5["apiVersion"].endswith("v1alpha5")
+    for got in (at_v3, at_v5):
+        assert got["spec"]["className"] == "best-effort-small"
+        interface = got["spec"]["network"]["interfaces"][0]
+        assert interface["macAddr"] == "00:50:56:9a:4b:35" and interface["addresses"] == ["192.168.10.73/24"], interface
+        assert interface["network"]["kind"] == "SubnetSet"
+        assert got["spec"]["instanceUUID"] and got["spec"]["instanceUUID"] != vm["spec"]["instanceUUID"]
+        assert got["metadata"]["labels"]["topology.kubernetes.io/zone"] == "zone-a"
+    assert at_v5["spec"]["image"] == {"kind": "VirtualMachineImage", "name": "vmi-0a0044d7c690bcbea"}
+
+
+def test_vmop_3_without_our_webhook_vm_operator_refuses_the_restore(cluster):
+    """Negative control: the same restore with our MutatingWebhookConfiguration
+    removed is PartiallyFailed, and VM Operator's own denials are in
+    `velero restore describe`."""
+    dst = "sv-neg"
+    prepare_supervisor(cluster, dst)
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", cluster.mwc["metadata"]["name"])
+    try:
+        time.sleep(2)
+        restore = cluster.restore("r-sv-neg", "b-sv", "--namespace-mappings", f"sv-src:{dst}", "--exclude-resources", EXCLUDE)
+        details = cluster.restore_describe("r-sv-neg")
+        assert restore["status"]["phase"] == "PartiallyFailed", details
+        denials = [line.strip() for line in details.splitlines() if "vmoperator.vmware.com" in line and "denied" in line]
+        REPORT["negative_control"] = denials
+        print("\n[e2e] without our webhook, VM Operator said:\n  " + "\n  ".join(denials))
+        text = "\n".join(denials)
+        # VM Operator's mutating webhook refuses the first thing it meets:
+        # the original's instanceUUID, which only privileged users may set.
+        for vm in ("web-1", "db-1"):
+            assert any(f"{dst}/{vm}" in line and "spec.instanceUUID: Forbidden: only privileged users may set this field" in line
+                       for line in denials), details
+        assert cluster.get_json("virtualmachines", "-n", dst)["items"] == [], "VM Operator refused every VM"
+    finally:
+        cluster.apply(cluster.mwc)
+        time.sleep(2)
+
+
+def parse_time(text):
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_vmop_4_vm_operators_group_controller_applies_the_boot_order(cluster):
+    """Issue 9 with VM Operator's own group controller (fake VM provider): a
+    group with a three-step boot order is restored; the companion sets its
+    power state once the Restore has finished; VM Operator's mutating webhook
+    stamps the power base then, and its controller gives each member an apply
+    time of base + the cumulative delays: db-1 and db-2 +0s, app-1 +45s,
+    web-1 +65s."""
+    src, dst = "boot-src", "boot-dst"
+    prepare_supervisor(cluster, src)
+    docs = []
+    docs.append(o.boot_group(src, "stack", [(["db-1", "db-2"], None), (["app-1"], "45s"), (["web-1"], "20s")]))
+    docs += [o.supervisor_vm(src, name, "stack", 60 + i) for i, name in enumerate(["db-1", "db-2", "app-1", "web-1"])]
+    cluster.apply(docs)
+    cluster.backup("b-boot-sv", src)
+    prepare_supervisor(cluster, dst)
+    restore = cluster.restore("r-boot-sv", "b-boot-sv", "--namespace-mappings", f"{src}:{dst}", "--exclude-resources", EXCLUDE)
+    assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-boot-sv")
+    cluster.wait_for_companion("r-boot-sv")
+    completed = parse_time(cluster.get_json("restore", "r-boot-sv", "-n", VELERO_NS)["status"]["completionTimestamp"])
+
+    def pushed():
+        vms = cluster.get_json("virtualmachines", "-n", dst)["items"]
+        return len(vms) == 4 and all(APPLY_TIME in vm["metadata"].get("annotations", {}) for vm in vms)
+
+    wait_until(pushed, 60, "VM Operator's group controller to push power to the members")
+    group = cluster.get_json("virtualmachinegroup", "stack", "-n", dst)
+    assert group["spec"]["powerState"] == "PoweredOn" and group["metadata"]["annotations"][STARTED].startswith("r-boot-sv/")
+    base = parse_time(group["metadata"]["annotations"][BASE_TIME])
+    vms = {vm["metadata"]["name"]: vm for vm in cluster.get_json("virtualmachines", "-n", dst)["items"]}
+    created_last = max(parse_time(vm["metadata"]["creationTimestamp"]) for vm in vms.values())
+    # RFC 3339 timestamps of the API server have whole seconds.
+    assert base >= completed - datetime.timedelta(seconds=1), f"base {base} before the Restore finished at {completed}"
+    assert base >= created_last, f"base {base} before the last member was created at {created_last}"
+    offsets = {name: (parse_time(vm["metadata"]["annotations"][APPLY_TIME]) - base).total_seconds() for name, vm in vms.items()}
+    assert offsets == {"db-1": 0, "db-2": 0, "app-1": 45, "web-1": 65}, offsets
+    assert all(vm["spec"]["powerState"] == "PoweredOn" for vm in vms.values())
+    REPORT["boot_order"] = {"base": str(base), "restore_completed": str(completed), "offsets_s": offsets}
+    print(f"\n[e2e] VM Operator's group controller after r-boot-sv: {json.dumps(REPORT['boot_order'])}")
