@@ -14,7 +14,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults e2e chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults profile e2e chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -42,6 +42,10 @@ bench:
 
 # Certificate rotation, SIGTERM drain with two replicas, an attacker holding
 # group waits, worst-case memory: the release binary on loopback.
+# perf profile of one whole review (outside CI); PROFILE="logging off" for the other one.
+profile:
+	scripts/profile.sh "$(or $(PROFILE),logging as deployed)"
+
 bench-faults:
 	cargo bench --locked --bench faults
 

@@ -63,16 +63,41 @@ fn benches(c: &mut Criterion) {
         ReviewSettings::default(),
         Some(Arc::new(velero_vm_restore_webhook::metrics::Metrics::new())),
     );
-    c.bench_function("review: body to response, VirtualMachine v1alpha5", |b| {
-        b.iter(|| {
-            runtime
-                .block_on(reviewer.review(
-                    std::hint::black_box(&body),
-                    Deadline::after(std::time::Duration::from_secs(10)),
-                ))
-                .expect("review")
-        })
+    let review_to_bytes = || {
+        let reviewed = runtime
+            .block_on(reviewer.review(
+                std::hint::black_box(&body),
+                Deadline::after(std::time::Duration::from_secs(10)),
+            ))
+            .expect("review");
+        serde_json::to_vec(&admission::WireReview(&reviewed.review)).expect("encode")
+    };
+    c.bench_function(
+        "review: body to response bytes, VirtualMachine v1alpha5, logging off",
+        |b| b.iter(review_to_bytes),
+    );
+    // As deployed: JSON INFO lines (one per change) through the writer
+    // thread, here into a file.
+    let log_path = std::env::temp_dir().join(format!("vmrw-bench-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log_path).expect("log file");
+    let (subscriber, guard) = velero_vm_restore_webhook::telemetry::subscriber(
+        "info",
+        velero_vm_restore_webhook::settings::LogFormat::Json,
+        false,
+        std::io::BufWriter::new(log_file),
+    );
+    tracing::subscriber::with_default(subscriber, || {
+        c.bench_function(
+            "review: body to response bytes, VirtualMachine v1alpha5, logging as deployed",
+            |b| b.iter(review_to_bytes),
+        );
     });
+    drop(guard);
+    let lines = std::fs::read_to_string(&log_path)
+        .map(|text| text.lines().count())
+        .unwrap_or(0);
+    assert!(lines > 0, "the production subscriber wrote no line");
+    let _ = std::fs::remove_file(&log_path);
 }
 
 criterion_group!(name = rules; config = Criterion::default().sample_size(60); targets = benches);

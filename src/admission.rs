@@ -84,6 +84,55 @@ pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
     Ok(ReviewInput { request, object })
 }
 
+/// The AdmissionReview as it goes on the wire, with `response.patch` as the
+/// base64 string the admission API documents: kube's type serializes the
+/// patch bytes as a JSON array of numbers, about four times larger, which the
+/// API server then parses on every create. Only the response is written (the
+/// request is never echoed back).
+pub struct WireReview<'a>(pub &'a AdmissionReview<DynamicObject>);
+
+struct WireResponse<'a>(&'a AdmissionResponse);
+
+impl serde::Serialize for WireReview<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let review = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("apiVersion", &review.types.api_version)?;
+        map.serialize_entry("kind", &review.types.kind)?;
+        if let Some(response) = &review.response {
+            map.serialize_entry("response", &WireResponse(response))?;
+        }
+        map.end()
+    }
+}
+
+impl serde::Serialize for WireResponse<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        use serde::ser::SerializeMap;
+        let response = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("uid", &response.uid)?;
+        map.serialize_entry("allowed", &response.allowed)?;
+        map.serialize_entry("status", &response.result)?;
+        if let Some(patch) = &response.patch {
+            map.serialize_entry(
+                "patch",
+                &base64::engine::general_purpose::STANDARD.encode(patch),
+            )?;
+            map.serialize_entry("patchType", "JSONPatch")?;
+        }
+        if !response.audit_annotations.is_empty() {
+            map.serialize_entry("auditAnnotations", &response.audit_annotations)?;
+        }
+        if let Some(warnings) = &response.warnings {
+            map.serialize_entry("warnings", warnings)?;
+        }
+        map.end()
+    }
+}
+
 /// Whether a request is one the webhook changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -279,6 +328,41 @@ mod tests {
             scope(&input.request, input.object.as_ref()),
             Scope::Out(_)
         ));
+    }
+
+    #[test]
+    fn the_wire_form_has_a_base64_patch_and_the_same_other_fields() {
+        use base64::Engine as _;
+        let request = parse_review(&review(
+            json!({"metadata": {"name": "a"}, "spec": {"instanceUUID": "u"}}),
+            "CREATE",
+            "VirtualMachine",
+        ))
+        .unwrap()
+        .request;
+        let verdict = Verdict {
+            changes: vec![Change::remove(
+                vec!["spec".into(), "instanceUUID".into()],
+                "vm-instance-uuid",
+                "why",
+            )],
+            ..Default::default()
+        };
+        let review = respond(&request, &verdict).into_review();
+        let wire: Value = serde_json::to_value(WireReview(&review)).unwrap();
+        let mut kube: Value = serde_json::to_value(&review).unwrap();
+        let patch = wire["response"]["patch"].as_str().expect("a base64 string");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&decoded).unwrap(),
+            json!([{"op": "remove", "path": "/spec/instanceUUID"}])
+        );
+        // Everything else is what kube's own serialization writes.
+        kube["response"]["patch"] = json!(patch);
+        assert_eq!(wire, kube);
+        assert_eq!(wire["response"]["patchType"], "JSONPatch");
     }
 
     #[test]

@@ -144,7 +144,8 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         _ => "error",
     };
-    telemetry::init(
+    // Flushes the last log lines when main returns.
+    let _log_writer = telemetry::init(
         cli.log_level.as_deref().unwrap_or(default_level),
         cli.log_format,
     );
@@ -440,21 +441,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// A review's patch as the admission API documents it: base64 of the JSON Patch.
+/// A review as the server answers it: the patch in base64, as the admission
+/// API documents it.
 fn review_for_people(
     review: &kube::core::admission::AdmissionReview<kube::core::DynamicObject>,
 ) -> Value {
-    use base64::Engine as _;
-    let mut value = serde_json::to_value(review).unwrap_or(Value::Null);
-    if let Some(patch) = review
-        .response
-        .as_ref()
-        .and_then(|response| response.patch.as_ref())
-        && let Some(slot) = value.pointer_mut("/response/patch")
-    {
-        *slot = Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
-    }
-    value
+    serde_json::to_value(velero_vm_restore_webhook::admission::WireReview(review))
+        .unwrap_or(Value::Null)
 }
 
 /// The label of an object for the summary, from the review request.

@@ -18,9 +18,9 @@ pub struct LiveRefs {
 }
 
 /// What one GET found.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 enum Lookup {
-    Found,
+    Found(Box<kube::core::ObjectMeta>),
     /// The API is served and the object does not exist.
     Missing,
     /// The API server does not serve this resource at all.
@@ -43,7 +43,7 @@ impl LiveRefs {
             None => Api::all_with(self.client.clone(), &resource),
         };
         match api.get_metadata_opt(name).await {
-            Ok(Some(_)) => Ok(Lookup::Found),
+            Ok(Some(found)) => Ok(Lookup::Found(Box::new(found.metadata))),
             Ok(None) => Ok(Lookup::Missing),
             // A group nobody serves answers a plain-text "404 page not found"
             // (no NotFound Status).
@@ -54,6 +54,25 @@ impl LiveRefs {
             Err(err) => Err(err.to_string()),
         }
     }
+}
+
+/// The label VM Operator puts on the active instance of a class.
+const ACTIVE_INSTANCE_LABEL: &str = "vmoperator.vmware.com/active";
+
+fn is_active_instance_of(meta: &kube::core::ObjectMeta, class: Option<&str>) -> bool {
+    let active = meta
+        .labels
+        .as_ref()
+        .is_some_and(|labels| labels.contains_key(ACTIVE_INSTANCE_LABEL));
+    let owned = match class {
+        Some(class) => meta
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|owner| owner.kind == "VirtualMachineClass" && owner.name == class),
+        None => true,
+    };
+    active && owned
 }
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -112,14 +131,24 @@ impl RefFacts for LiveRefs {
                     }
                     other => other,
                 },
-                RefKind::ClassInstance => {
-                    self.get(
+                // VM Operator admits only an active instance of the class
+                // the VM names; Velero restores instances without their
+                // owner, so a restored one never qualifies.
+                RefKind::ClassInstance => self
+                    .get(
                         vmop_resource("VirtualMachineClassInstance"),
                         Some(namespace),
                         name,
                     )
                     .await
-                }
+                    .map(|found| match found {
+                        Lookup::Found(meta)
+                            if !is_active_instance_of(&meta, reference.owner.as_deref()) =>
+                        {
+                            Lookup::Missing
+                        }
+                        other => other,
+                    }),
                 RefKind::Image => {
                     self.get(vmop_resource("VirtualMachineImage"), Some(namespace), name)
                         .await
@@ -130,7 +159,7 @@ impl RefFacts for LiveRefs {
                 }
             };
             match found {
-                Ok(Lookup::Found) => GroupPresence::Present,
+                Ok(Lookup::Found(_)) => GroupPresence::Present,
                 Ok(Lookup::Missing | Lookup::NotServed) => GroupPresence::Missing,
                 Err(err) => GroupPresence::Unknown(err),
             }
@@ -168,8 +197,18 @@ mod tests {
             } else if path.contains("/topology.tanzu.vmware.com/") {
                 (404, "404 page not found".to_string(), false)
             } else if path.ends_with("/virtualmachineclassinstances/small") {
-                (200, serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                    "metadata": {"name": "small", "namespace": "prod"}}).to_string(), true)
+                let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": "small", "namespace": "prod",
+                        "labels": {"vmoperator.vmware.com/active": ""},
+                        "ownerReferences": [{"apiVersion": "vmoperator.vmware.com/v1alpha5",
+                            "kind": "VirtualMachineClass", "name": "best-effort-small", "uid": "c-1"}]}});
+                (200, meta.to_string(), true)
+            } else if path.ends_with("/virtualmachineclassinstances/restored") {
+                // As Velero restores one: labels kept, owner references gone.
+                let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": "restored", "namespace": "prod",
+                        "labels": {"vmoperator.vmware.com/active": ""}}});
+                (200, meta.to_string(), true)
             } else if path.contains("/virtualmachineimages/") {
                 (
                     403,
@@ -209,6 +248,7 @@ mod tests {
         let reference = |kind, name: &str| ClusterRef {
             kind,
             name: name.to_string(),
+            owner: None,
         };
         // No Zone API: the cluster-wide AvailabilityZone decides.
         assert_eq!(
@@ -228,10 +268,27 @@ mod tests {
                 .await,
             GroupPresence::Missing
         );
+        let instance = |name: &str, class: &str| ClusterRef {
+            kind: RefKind::ClassInstance,
+            name: name.to_string(),
+            owner: Some(class.to_string()),
+        };
+        // An active instance of the VM's class.
         assert_eq!(
-            refs.exists("prod", &reference(RefKind::ClassInstance, "small"))
+            refs.exists("prod", &instance("small", "best-effort-small"))
                 .await,
             GroupPresence::Present
+        );
+        // Of another class, or without its owner: VM Operator refuses it.
+        assert_eq!(
+            refs.exists("prod", &instance("small", "guaranteed-large"))
+                .await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.exists("prod", &instance("restored", "best-effort-small"))
+                .await,
+            GroupPresence::Missing
         );
         assert_eq!(
             refs.exists("prod", &reference(RefKind::ClassInstance, "large"))

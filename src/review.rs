@@ -265,7 +265,8 @@ impl Reviewer {
             Err(_) => RestoreFact::DeadlineExceeded,
         };
         if let RestoreFact::Lookup(crate::facts::RestoreLookup::Failed(err)) = &restore {
-            warn!(error = %err, "reading the Velero Restore failed");
+            warn!(restore = subject.restore_label, object = subject.object_label, error = %err,
+                "reading the Velero Restore failed");
         }
         let mut facts = Facts {
             restore,
@@ -381,6 +382,8 @@ impl Reviewer {
             )
         } else {
             info!(
+                restore = subject.restore_label,
+                object = subject.object_label,
                 group,
                 bound_ms = until
                     .saturating_duration_since(tokio::time::Instant::now())
@@ -397,6 +400,8 @@ impl Reviewer {
                 WaitOutcome::Appeared { waited } => {
                     self.observe_wait(WaitResult::Found, waited);
                     info!(
+                        restore = subject.restore_label,
+                        object = subject.object_label,
                         group,
                         waited_ms = waited.as_millis() as u64,
                         found = true,
@@ -423,6 +428,8 @@ impl Reviewer {
                 waited,
             );
             info!(
+                restore = subject.restore_label,
+                object = subject.object_label,
                 group,
                 waited_ms = waited.as_millis() as u64,
                 found,

@@ -195,7 +195,7 @@ async fn mutate(
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     match state.reviewer.review(&bytes, deadline).await {
-        Ok(reviewed) => json_response(StatusCode::OK, &reviewed.review),
+        Ok(reviewed) => json_response(StatusCode::OK, &admission::WireReview(&reviewed.review)),
         Err(err) => json_response(StatusCode::BAD_REQUEST, &admission::invalid(&err)),
     }
 }

@@ -1,32 +1,279 @@
 //! Logging: JSON lines (default) or text, filtered by `--log-level`/`RUST_LOG`.
+//!
+//! Lines go to stderr through a writer thread: a review formats its lines and
+//! hands them over, instead of taking the stderr lock and making one write
+//! call per line. The hand-over blocks when the queue is full rather than
+//! dropping lines, because every change must have its line.
 
+use std::io::{BufWriter, Write};
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::format::{FmtSpan, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::settings::LogFormat;
 
+/// Lines the writer thread may hold before a review waits for it.
+const QUEUED_LINES: usize = 16 * 1024;
+
+/// Stderr, written in batches: the writer thread flushes whenever its queue
+/// runs empty, so a line waits only while others are being written.
+struct BatchedStderr(BufWriter<std::io::Stderr>);
+
+impl Write for BatchedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Installs the global subscriber. `level` is an EnvFilter directive such as
 /// `info` or `velero_vm_restore_webhook=debug,kube=warn`; `RUST_LOG` wins.
-pub fn init(level: &str, format: LogFormat) {
+/// Keep the returned guard until exit: dropping it flushes the last lines.
+pub fn init(level: &str, format: LogFormat) -> Option<WorkerGuard> {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (subscriber, guard) = subscriber(
+        level,
+        format,
+        terminal,
+        BatchedStderr(BufWriter::with_capacity(64 * 1024, std::io::stderr())),
+    );
+    // A second init (tests) keeps the first subscriber.
+    tracing::subscriber::set_global_default(subscriber)
+        .ok()
+        .map(|_| guard)
+}
+
+/// The production subscriber, writing to `sink` through the writer thread
+/// (the benchmarks give it a file).
+pub fn subscriber(
+    level: &str,
+    format: LogFormat,
+    ansi: bool,
+    sink: impl Write + Send + 'static,
+) -> (Box<dyn tracing::Subscriber + Send + Sync>, WorkerGuard) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("log-writer")
+        .finish(sink);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_span_events(FmtSpan::NONE);
-    let result = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
+    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+        LogFormat::Json => Box::new(builder.event_format(JsonLines).finish()),
         // Colours only on a terminal: a file or a pipe gets plain text.
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
     };
-    // A second init (tests) keeps the first subscriber.
-    let _ = result;
+    (subscriber, guard)
+}
+
+/// One JSON object per line: `timestamp`, `level`, the event's fields at the
+/// top level (`message`, `restore`, `object`, `rule`, ...), and `target`.
+/// Written straight into the line buffer, with no map or intermediate value
+/// per field. Each line names what it is about, so the enclosing span is not
+/// repeated (re-serializing it was most of the cost of a line).
+pub struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _context: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let metadata = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(metadata.level().as_str())?;
+        writer.write_char('"')?;
+        let mut fields = JsonFields {
+            writer: &mut writer,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str(",\"target\":")?;
+        write_json_string(&mut writer, metadata.target())?;
+        writer.write_str("}\n")
+    }
+}
+
+struct JsonFields<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    result: fmt::Result,
+}
+
+impl JsonFields<'_, '_> {
+    fn key(&mut self, field: &Field) -> fmt::Result {
+        self.writer.write_char(',')?;
+        write_json_string(self.writer, field.name())?;
+        self.writer.write_char(':')
+    }
+
+    fn raw(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|_| self.writer.write_fmt(value));
+        }
+    }
+}
+
+impl Visit for JsonFields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_ok() {
+            self.result = self
+                .key(field)
+                .and_then(|_| write_json_string(self.writer, value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.raw(field, format_args!("{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.raw(field, format_args!("{value}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.raw(field, format_args!("{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // JSON has no NaN or infinity.
+        if value.is_finite() {
+            self.raw(field, format_args!("{value}"));
+        } else {
+            self.record_str(field, &value.to_string());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|_| {
+                self.writer.write_char('"')?;
+                write!(Escaped(self.writer), "{value:?}")?;
+                self.writer.write_char('"')
+            });
+        }
+    }
+}
+
+fn write_json_string(writer: &mut impl fmt::Write, text: &str) -> fmt::Result {
+    writer.write_char('"')?;
+    Escaped(writer).write_str(text)?;
+    writer.write_char('"')
+}
+
+/// Escapes what it is given as the inside of a JSON string.
+struct Escaped<'a, W: fmt::Write>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut start = 0;
+        for (index, byte) in text.bytes().enumerate() {
+            let escape = match byte {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&text[start..index])?;
+            if escape.is_empty() {
+                write!(self.0, "\\u{byte:04x}")?;
+            } else {
+                self.0.write_str(escape)?;
+            }
+            start = index + 1;
+        }
+        self.0.write_str(&text[start..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_are_json_with_every_field_escaped() {
+        let captured = Captured::default();
+        let (subscriber, guard) = subscriber("info", LogFormat::Json, false, captured.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let err = "quote \" backslash \\ newline \n bell \u{7} é";
+            tracing::info!(
+                restore = "r1",
+                object = "VirtualMachine prod/web-1",
+                dry_run = false,
+                waited_ms = 12u64,
+                delta = -3i64,
+                ratio = 0.5f64,
+                error = %err,
+                "removed {} ({})",
+                "spec.instanceUUID",
+                "identity of the original vSphere VM"
+            );
+            tracing::debug!("filtered out at info");
+        });
+        drop(guard);
+        let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(
+            line["message"],
+            "removed spec.instanceUUID (identity of the original vSphere VM)"
+        );
+        assert_eq!(line["restore"], "r1");
+        assert_eq!(line["object"], "VirtualMachine prod/web-1");
+        assert_eq!(line["dry_run"], false);
+        assert_eq!(line["waited_ms"], 12);
+        assert_eq!(line["delta"], -3);
+        assert_eq!(line["ratio"], 0.5);
+        assert_eq!(
+            line["error"],
+            "quote \" backslash \\ newline \n bell \u{7} é"
+        );
+        assert_eq!(line["target"], module_path!());
+        assert!(
+            line["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
 }

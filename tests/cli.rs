@@ -439,7 +439,9 @@ fn references_count_as_missing_unless_given_with_exists() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("removed spec.class (no such class instance in the target)"),
+        stderr.contains(
+            "removed spec.class (no active instance of this class by that name in the target)"
+        ),
         "{stderr}"
     );
     let out = run(

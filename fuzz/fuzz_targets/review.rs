@@ -58,6 +58,19 @@ fuzz_target!(|data: &[u8]| {
     let Ok(reviewed) = reviewed else {
         return;
     };
+    // What goes on the wire always encodes, and carries the same patch.
+    let wire: Value = serde_json::to_value(
+        velero_vm_restore_webhook::admission::WireReview(&reviewed.review),
+    )
+    .expect("the response encodes");
+    if let Some(encoded) = wire.pointer("/response/patch") {
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_str().expect("patch is a string"))
+            .expect("patch is base64");
+        let kept = reviewed.review.response.as_ref().and_then(|r| r.patch.as_ref());
+        assert_eq!(Some(&decoded), kept, "the wire patch is the response's patch");
+    }
     let response = reviewed
         .review
         .response

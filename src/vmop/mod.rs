@@ -231,6 +231,9 @@ impl RefKind {
 pub struct ClusterRef {
     pub kind: RefKind,
     pub name: String,
+    /// For a class instance: the VirtualMachineClass it must be an active
+    /// instance of (`spec.className`), as VM Operator checks.
+    pub owner: Option<String>,
 }
 
 /// Choices that depend on the restore and the operator, not on the object.

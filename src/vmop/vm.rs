@@ -167,8 +167,8 @@ pub const RULES: &[RuleDoc] = &[
     RuleDoc {
         id: R_CLASS_INSTANCE,
         kind: "VirtualMachine",
-        what: "remove `spec.class` when that VirtualMachineClassInstance does not exist in the target namespace",
-        why: "class instances are named per cluster; VM Operator picks the instance of `spec.className` again",
+        what: "remove `spec.class` unless the target namespace has that VirtualMachineClassInstance, active and owned by the class `spec.className` names",
+        why: "class instances are named per cluster, and Velero restores them without their owner; VM Operator refuses any other and picks the active instance of `spec.className` again",
     },
     RuleDoc {
         id: R_IMAGE_REF,
@@ -287,7 +287,7 @@ fn object_changes(
             RefKind::ClassInstance => (
                 R_CLASS_INSTANCE,
                 "class",
-                "no such class instance in the target",
+                "no active instance of this class by that name in the target",
             ),
             RefKind::Image | RefKind::ClusterImage => {
                 (R_IMAGE_REF, "image", "no such image in the target")
@@ -367,6 +367,9 @@ fn spec_refs(spec: &Map<String, Value>) -> Result<Vec<ClusterRef>, ShapeError> {
         refs.push(ClusterRef {
             kind: RefKind::ClassInstance,
             name: name.to_string(),
+            owner: shape::string(spec, "spec", "className")?
+                .filter(|class| !class.is_empty())
+                .map(str::to_string),
         });
     }
     if shape::is_set(shape::string(spec, "spec", "imageName")?)
@@ -380,6 +383,7 @@ fn spec_refs(spec: &Map<String, Value>) -> Result<Vec<ClusterRef>, ShapeError> {
         refs.push(ClusterRef {
             kind,
             name: name.to_string(),
+            owner: None,
         });
     }
     Ok(refs)
@@ -399,6 +403,7 @@ pub fn cluster_refs(object: &Value) -> Result<Vec<ClusterRef>, ShapeError> {
         refs.push(ClusterRef {
             kind: RefKind::Zone,
             name: zone.to_string(),
+            owner: None,
         });
     }
     if let Some(spec) = shape::map(root, "", "spec")? {

@@ -309,11 +309,12 @@ pub async fn post_review(client: &reqwest::Client, url: &str, body: &Value) -> A
     let response = client.post(url).json(body).send().await.expect("request");
     let status = response.status().as_u16();
     let body: Value = response.json().await.expect("JSON answer");
-    let patch = body["response"]["patch"].as_array().map(|bytes| {
-        let bytes: Vec<u8> = bytes
-            .iter()
-            .map(|b| b.as_u64().unwrap_or(0) as u8)
-            .collect();
+    // The admission API's form: base64 of the JSON Patch.
+    let patch = body["response"]["patch"].as_str().map(|text| {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("patch is base64");
         serde_json::from_slice(&bytes).expect("patch is JSON Patch")
     });
     Answer {

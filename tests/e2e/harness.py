@@ -294,7 +294,7 @@ class Cluster:
         crds = vmop_crd_dir()
         for name in ["virtualmachines", "virtualmachinegroups", "virtualmachinesetresourcepolicies",
                      "virtualmachinesnapshots", "virtualmachinepublishrequests", "virtualmachineclassinstances",
-                     "virtualmachineimages", "clustervirtualmachineimages"]:
+                     "virtualmachineimages", "clustervirtualmachineimages", "virtualmachineclasses"]:
             self.kubectl("apply", "--server-side", "-f", crds / f"vmoperator.vmware.com_{name}.yaml")
         velero_crds = run([self.bin / "velero", "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
         self.kubectl("apply", "--server-side", "-f", "-", input=velero_crds)
@@ -302,7 +302,7 @@ class Cluster:
                     "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "virtualmachinesnapshots.vmoperator.vmware.com",
                     "virtualmachinepublishrequests.vmoperator.vmware.com", "virtualmachineclassinstances.vmoperator.vmware.com",
                     "virtualmachineimages.vmoperator.vmware.com", "clustervirtualmachineimages.vmoperator.vmware.com",
-                    "restores.velero.io", "backups.velero.io"]:
+                    "virtualmachineclasses.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io"]:
             self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         log(f"CRDs installed from {crds}")
 

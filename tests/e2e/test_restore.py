@@ -473,10 +473,24 @@ def test_10_what_vm_operator_refuses_is_removed_or_denied(cluster):
 def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
     """The zone label, spec.class and spec.image are kept when the target has
     them and removed otherwise, checked live with the chart's RBAC. The class
-    instance and image CRDs are VM Operator's; no module ships the Zone CRD, so
-    the zone here never exists (the API is not served)."""
+    instance and image CRDs are VM Operator's; the Zone CRD is not installed
+    yet (test_vmop.py installs it), so the zone here cannot resolve."""
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dryrun"}})
+    vm_class = {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClass",
+                "metadata": {"name": "best-effort-small", "namespace": "dryrun"}, "spec": {"hardware": {"cpus": 2}}}
+    cluster.apply(vm_class)
+    class_uid = cluster.get_json("virtualmachineclass", "best-effort-small", "-n", "dryrun")["metadata"]["uid"]
+    # An active instance of the VM's class, as VM Operator makes them.
     cluster.apply({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClassInstance",
-                   "metadata": {"name": "best-effort-small-5f4a", "namespace": "dryrun"}, "spec": {}})
+                   "metadata": {"name": "best-effort-small-5f4a", "namespace": "dryrun",
+                                "labels": {"vmoperator.vmware.com/active": ""},
+                                "ownerReferences": [{"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClass",
+                                                     "name": "best-effort-small", "uid": class_uid}]},
+                   "spec": {}})
+    # One as Velero restores it: labels kept, owner references dropped.
+    cluster.apply({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClassInstance",
+                   "metadata": {"name": "best-effort-small-restored", "namespace": "dryrun",
+                                "labels": {"vmoperator.vmware.com/active": ""}}, "spec": {}})
     cluster.apply({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineImage",
                    "metadata": {"name": "vmi-present", "namespace": "dryrun"}, "spec": {}})
 
@@ -495,10 +509,13 @@ def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
     assert "topology.kubernetes.io/zone" not in kept["metadata"]["labels"], "no Zone API here: the label cannot resolve"
     assert "removed metadata.labels[topology.kubernetes.io/zone] (no such zone in the target)" in warnings, warnings
 
+    orphan, warnings = dry_run("best-effort-small-restored", "vmi-present")
+    assert "class" not in orphan["spec"], "an instance without its class owner is refused by VM Operator"
+
     dropped, warnings = dry_run("small-from-another-cluster", "vmi-from-another-library")
     assert "class" not in dropped["spec"] and "image" not in dropped["spec"], warnings
     assert dropped["spec"]["imageName"] == "vmi-0a0044d7c690bcbea", "imageName stays for VM Operator to resolve"
-    assert "removed spec.class (no such class instance in the target)" in warnings, warnings
+    assert "removed spec.class (no active instance of this class by that name in the target)" in warnings, warnings
     assert "could not check" not in warnings, f"a lookup failed (RBAC?): {warnings}"
 
 
@@ -580,6 +597,7 @@ def test_12_boot_order_is_kept_through_the_restore(cluster):
     described = cluster.kubectl("describe", "restore", "-n", VELERO_NS, "r-boot").stdout
     assert "VMRestoreBootOrder" in described and "boot/stack PoweredOn" in described, described
     REPORT["boot_order_events"] = [f"{e['reason']}: {e['message']}" for e in events]
+    print("\n[e2e] kubectl describe restore r-boot, Events:\n  " + "\n  ".join(REPORT["boot_order_events"]))
 
 
 def test_13_a_member_left_out_by_a_selector_is_pruned(cluster):
@@ -672,3 +690,7 @@ def test_15_report_of_the_full_restore(cluster):
     missing = harness.run([cluster.webhook_bin, "report", "no-such-restore", "-n", VELERO_NS], env=env, check=False)
     assert missing.returncode == 1 and "Velero Restore velero/no-such-restore not found" in missing.stderr, missing.stderr
     print("\n[e2e] report r-copy:\n" + table)
+    boot = json.loads(harness.run([cluster.webhook_bin, "report", "r-boot", "-n", VELERO_NS, "-o", "json"], env=env).stdout)
+    assert [(g["namespace"], g["name"], g["power_state"]) for g in boot["started_in_boot_order"]] == [("boot", "stack", "PoweredOn")], boot
+    assert boot["started_in_boot_order"][0]["boot_order"] == ["db-1,db-2 after 0s", "app-1 after 45s", "web-1 after 20s"]
+    print("[e2e] report r-boot:\n" + harness.run([cluster.webhook_bin, "report", "r-boot", "-n", VELERO_NS], env=env).stdout)

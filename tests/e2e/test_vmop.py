@@ -52,10 +52,20 @@ def prepare_supervisor(cluster, ns, zones=("zone-a",)):
     """Creates a namespace's Supervisor objects and waits until VM Operator's
     webhooks see them: its client reads a cache, which lags behind creates."""
     cluster.apply(o.supervisor(ns, zones=zones))
+    # The class's active instance (ImmutableClasses): VM Operator names it in
+    # each VM's spec.class. Its name differs per namespace, as a hash does.
+    vm_class = cluster.get_json("virtualmachineclass", "best-effort-small", "-n", ns)
+    cluster.apply({"apiVersion": o.V, "kind": "VirtualMachineClassInstance",
+                   "metadata": {"name": f"best-effort-small-{ns}", "namespace": ns,
+                                "labels": {"vmoperator.vmware.com/active": ""},
+                                "ownerReferences": [{"apiVersion": o.V, "kind": "VirtualMachineClass",
+                                                     "name": "best-effort-small", "uid": vm_class["metadata"]["uid"]}]},
+                   "spec": vm_class["spec"]})
     probe = json.dumps(o.supervisor_vm(ns, "probe", None, 99, zone=zones[0]))
 
     def admitted():
-        return cluster.kubectl("create", "--dry-run=server", "-f", "-", input=probe, check=False).returncode == 0
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=probe, check=False)
+        return result.returncode == 0 and json.loads(result.stdout)["spec"].get("class", {}).get("name") == f"best-effort-small-{ns}"
 
     wait_until(admitted, 30, f"VM Operator to see the Supervisor objects of {ns}")
 
@@ -117,6 +127,11 @@ def test_vmop_1_every_restored_object_is_admitted_by_vm_operator(cluster):
         # VM Operator's own defaults on create survived our reinvocation.
         assert annotations.get("vmoperator.vmware.com/created-at-schema-version") == "v1alpha5", annotations
         assert annotations[MARKER].startswith("r-sv/")
+    # spec.class named the source's class instance, which the target does not
+    # have: removed, and VM Operator picked the target's active instance.
+    for name, vm in restored.items():
+        assert original[name]["spec"]["class"]["name"] == f"best-effort-small-{src}"
+        assert vm["spec"]["class"]["name"] == f"best-effort-small-{dst}", vm["spec"].get("class")
     assert restored["web-1"]["metadata"]["labels"]["topology.kubernetes.io/zone"] == "zone-a"
     assert "topology.kubernetes.io/zone" not in restored["db-1"]["metadata"]["labels"], "zone-b does not exist in the target"
     assert [v["name"] for v in restored["web-1"]["spec"]["volumes"]] == ["data"]

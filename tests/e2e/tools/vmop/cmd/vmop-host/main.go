@@ -30,6 +30,8 @@ func main() {
 	port := flag.Int("port", 9878, "webhook server port (127.0.0.1 is not enforced: bind is VM Operator's)")
 	healthAddr := flag.String("health-addr", "127.0.0.1:0", "health probe address")
 	groupController := flag.Bool("group-controller", true, "run the VirtualMachineGroup controller (fake VM provider)")
+	immutableClasses := flag.Bool("immutable-classes", true,
+		"VMs name a VirtualMachineClassInstance in spec.class (the ImmutableClasses capability)")
 	networkProvider := flag.String("network-provider", string(pkgcfg.NetworkProviderTypeVPC),
 		"the Supervisor's network provider: NSXT_VPC, NSXT, VSPHERE_NETWORK or NAMED")
 	flag.Parse()
@@ -37,6 +39,7 @@ func main() {
 
 	cfg := pkgcfg.Default()
 	cfg.Features.VMGroups = true
+	cfg.Features.ImmutableClasses = *immutableClasses
 	cfg.NetworkProviderType = pkgcfg.NetworkProviderType(*networkProvider)
 	ctx := pkgcfg.JoinContext(ctrl.SetupSignalHandler(), pkgcfg.WithConfig(cfg))
 
