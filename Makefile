@@ -14,7 +14,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults profile e2e chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-scale profile e2e chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -42,6 +42,16 @@ bench:
 
 # Certificate rotation, SIGTERM drain with two replicas, an attacker holding
 # group waits, worst-case memory: the release binary on loopback.
+# Create latency through the real kube-apiserver: no webhook, the no-op route
+# registered like ours, and ours, interleaved (outside CI; a few minutes).
+bench-latency: static
+	E2E_SCRIPT=bench_latency.py tests/e2e/run.sh
+
+# 10,000 groups in the cache, the group wait's wake-up, a 1,000-VM Velero
+# restore with and without the webhook (outside CI; several minutes).
+bench-scale: static
+	E2E_SCRIPT=bench_scale.py tests/e2e/run.sh
+
 # perf profile of one whole review (outside CI); PROFILE="logging off" for the other one.
 profile:
 	scripts/profile.sh "$(or $(PROFILE),logging as deployed)"

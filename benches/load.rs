@@ -1,5 +1,5 @@
 //! Load run over HTTPS against the release binary: a fixed number of requests
-//! at fixed concurrency to `/noop` (TLS + HTTP + body read, no review) and to
+//! at fixed concurrency to `/noop` (TLS + HTTP + body read + the request uid, a valid allow; no review) and to
 //! `/mutate` (a realistic VM review), measured in the same run, reported as
 //! ratios. Loopback only; bounded in count and time.
 //!

@@ -99,7 +99,11 @@ impl GroupCache {
         let api: Api<GroupMeta> = Api::all_with(client, &resource);
         let stream = reflector::reflector(
             writer,
-            watcher::watcher(api, watcher::Config::default()).default_backoff(),
+            watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                // Only names and annotations are read: managedFields are most
+                // of a group's metadata, and the cache holds every group.
+                .modify(|group| group.metadata.managed_fields = None),
         );
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {

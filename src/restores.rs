@@ -190,7 +190,9 @@ impl RestoreCache {
                     Api::namespaced_with(client, &cache.namespace, &restore_resource());
                 let stream = reflector::reflector(
                     writer,
-                    watcher::watcher(api, watcher::Config::default()).default_backoff(),
+                    watcher::watcher(api, watcher::Config::default())
+                        .default_backoff()
+                        .modify(|restore| restore.metadata.managed_fields = None),
                 );
                 futures::pin_mut!(stream);
                 while let Some(event) = stream.next().await {

@@ -200,17 +200,35 @@ async fn mutate(
     }
 }
 
+/// The least any webhook does: read the body, find the request's uid, and
+/// allow it unchanged. Registered like ours, it is the floor a webhook costs
+/// the API server; the load run uses it as the baseline route.
 async fn noop(State(state): State<AppState>, body: Body) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        uid: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Review {
+        request: Request,
+    }
     match Limited::new(body, state.limits.max_body_bytes)
         .collect()
         .await
     {
-        Ok(_) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            "{}",
-        )
-            .into_response(),
+        Ok(collected) => {
+            let uid = serde_json::from_slice::<Review>(&collected.to_bytes())
+                .map(|review| review.request.uid)
+                .unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "response": {"uid": uid, "allowed": true},
+                }),
+            )
+        }
         Err(_) => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
     }
 }

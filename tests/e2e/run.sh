@@ -18,4 +18,6 @@ if [[ -z ${VMRW_E2E_BINARY:-} ]]; then
   echo "e2e: webhook binary ready in $((SECONDS - start))s: $VMRW_E2E_BINARY"
 fi
 cd "$here"
+# E2E_SCRIPT runs one script instead of the tests (make bench-latency).
+if [[ -n ${E2E_SCRIPT:-} ]]; then exec python3 "$E2E_SCRIPT" "$@"; fi
 exec python3 -m pytest -v -s -p no:cacheprovider "$@"

@@ -1,0 +1,92 @@
+"""Create latency through the real kube-apiserver, three ways, interleaved:
+no webhook; the same binary's no-op route (`serve --no-kube
+--bench-noop-route`: reads the body and allows the request) registered
+exactly like ours; and ours. Labelled VM creates, in rounds, over several
+runs. Outside CI: `make bench-latency` (env LATENCY_CREATES per mode and run,
+LATENCY_RUNS, LATENCY_ROUND)."""
+
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+from harness import free_port, wait_until  # noqa: E402
+from test_restore import create_latencies  # noqa: E402
+
+CREATES = int(os.environ.get("LATENCY_CREATES", "500"))
+RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
+ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
+MODES = ["none", "noop", "ours"]
+
+
+def p99(values):
+    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
+
+
+if __name__ == "__main__":
+    cluster = harness.Cluster()
+    try:
+        cluster.start_control_plane()
+        cluster.install_crds()
+        cluster.start_webhook()
+        ours = cluster.register_webhook()
+        noop_port = free_port()
+        cluster.spawn("noop-webhook", [cluster.webhook_bin, "--log-level", "error", "serve", "--no-kube", "--bench-noop-route",
+                                       "--tls-cert-file", cluster.webhook_certs / "tls.crt",
+                                       "--tls-key-file", cluster.webhook_certs / "tls.key",
+                                       "--listen", f"127.0.0.1:{noop_port}", "--metrics-listen", f"127.0.0.1:{free_port()}"])
+        import socket
+        wait_until(lambda: socket.create_connection(("127.0.0.1", noop_port), timeout=1).close() is None, 30, "no-op webhook")
+        noop = copy.deepcopy(ours)
+        noop["metadata"] = {"name": "vmrw-noop"}
+        for hook in noop["webhooks"]:
+            hook["clientConfig"]["url"] = f"https://127.0.0.1:{noop_port}/noop"
+        ns = "latency"
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+
+        def use(mode):
+            for config in (ours, noop):
+                cluster.kubectl("delete", "mutatingwebhookconfiguration", config["metadata"]["name"], "--ignore-not-found")
+            if mode == "ours":
+                cluster.apply(ours)
+            elif mode == "noop":
+                cluster.apply(noop)
+            time.sleep(1.5)  # the API server's webhook informer picks the change up
+
+        use("ours")
+        create_latencies(cluster, ns, 20, "warmup")
+        results = {run: {mode: [] for mode in MODES} for run in range(RUNS)}
+        started = time.time()
+        for run in range(RUNS):
+            for round_index in range(CREATES // ROUND):
+                for mode in MODES:
+                    use(mode)
+                    latencies, failures = create_latencies(cluster, ns, ROUND, f"r{run}-{round_index}-{mode}")
+                    assert not failures, failures
+                    results[run][mode] += latencies
+        # The webhook was really in the path in "ours" only.
+        probe = cluster.get_json("virtualmachine", "r0-0-ours-0", "-n", ns)
+        assert "instanceUUID" not in probe["spec"], "our webhook was not in the path"
+        assert "instanceUUID" in cluster.get_json("virtualmachine", "r0-0-noop-0", "-n", ns)["spec"]
+        print(f"\ncreate latency through kube-apiserver, {CREATES} creates per mode per run, {RUNS} runs, "
+              f"interleaved in rounds of {ROUND} ({time.time() - started:.0f}s)")
+        print(f"{'run':>3} {'mode':>5} {'median ms':>10} {'p99 ms':>8}")
+        summary = []
+        for run in range(RUNS):
+            stats = {mode: (statistics.median(results[run][mode]) * 1000, p99(results[run][mode]) * 1000) for mode in MODES}
+            for mode in MODES:
+                print(f"{run:>3} {mode:>5} {stats[mode][0]:>10.3f} {stats[mode][1]:>8.3f}")
+            ratios = {
+                "ours/noop median": stats["ours"][0] / stats["noop"][0], "ours/noop p99": stats["ours"][1] / stats["noop"][1],
+                "ours/none median": stats["ours"][0] / stats["none"][0], "ours/none p99": stats["ours"][1] / stats["none"][1],
+                "noop/none median": stats["noop"][0] / stats["none"][0],
+            }
+            summary.append(ratios)
+            print("    " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        print(json.dumps({"runs": summary}))
+    finally:
+        cluster.close()
