@@ -2,8 +2,10 @@
 no webhook; the same binary's no-op route (`serve --no-kube
 --bench-noop-route`: reads the body and allows the request) registered
 exactly like ours; and ours. Labelled VM creates, in rounds, over several
-runs. Outside CI: `make bench-latency` (env LATENCY_CREATES per mode and run,
-LATENCY_RUNS, LATENCY_ROUND)."""
+runs. A fourth way, `ours-marker-only`, sends VMs with nothing to clean, so
+that our answer is a one-operation patch: against `ours` it shows what the
+size of the patch costs. Outside CI: `make bench-latency` (env
+LATENCY_CREATES per mode and run, LATENCY_RUNS, LATENCY_ROUND, LATENCY_MODES)."""
 
 import copy
 import json
@@ -15,12 +17,41 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 from harness import free_port, wait_until  # noqa: E402
-from test_restore import create_latencies  # noqa: E402
+import http.client  # noqa: E402
+import ssl  # noqa: E402
+
+import objects as o  # noqa: E402
+from harness import RESTORE_LABEL  # noqa: E402
+
+
+def create_latencies(cluster, ns, count, prefix, clean=False):
+    """Times labelled VM creates over one kept-alive connection."""
+    ctx = ssl.create_default_context(cafile=str(cluster.server_ca))
+    ctx.load_cert_chain(str(cluster.clients.dir / "admin.crt"), str(cluster.clients.dir / "admin.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", cluster.api_port, context=ctx, timeout=30)
+    latencies, failures = [], []
+    for i in range(count):
+        vm = o.vm(ns, f"{prefix}-{i}", None, i % 250, labels={RESTORE_LABEL: "latency"})
+        if clean:
+            # Nothing for the webhook to remove: its patch is the marker alone.
+            del vm["spec"]["instanceUUID"]
+            vm["metadata"]["annotations"] = {"owner": "team-web"}
+        body = json.dumps(vm)
+        start = time.perf_counter()
+        conn.request("POST", f"/apis/vmoperator.vmware.com/v1alpha5/namespaces/{ns}/virtualmachines", body,
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read()
+        latencies.append(time.perf_counter() - start)
+        if response.status != 201:
+            failures.append((response.status, payload[:300]))
+    conn.close()
+    return latencies, failures
 
 CREATES = int(os.environ.get("LATENCY_CREATES", "500"))
 RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
 ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
-MODES = ["none", "noop", "ours"]
+MODES = os.environ.get("LATENCY_MODES", "none,noop,ours,ours-marker-only").split(",")
 
 
 def p99(values):
@@ -51,7 +82,7 @@ if __name__ == "__main__":
         def use(mode):
             for config in (ours, noop):
                 cluster.kubectl("delete", "mutatingwebhookconfiguration", config["metadata"]["name"], "--ignore-not-found")
-            if mode == "ours":
+            if mode.startswith("ours"):
                 cluster.apply(ours)
             elif mode == "noop":
                 cluster.apply(noop)
@@ -65,7 +96,8 @@ if __name__ == "__main__":
             for round_index in range(CREATES // ROUND):
                 for mode in MODES:
                     use(mode)
-                    latencies, failures = create_latencies(cluster, ns, ROUND, f"r{run}-{round_index}-{mode}")
+                    latencies, failures = create_latencies(cluster, ns, ROUND, f"r{run}-{round_index}-{mode}",
+                                                           clean=mode == "ours-marker-only")
                     assert not failures, failures
                     results[run][mode] += latencies
         # The webhook was really in the path in "ours" only.
@@ -74,17 +106,20 @@ if __name__ == "__main__":
         assert "instanceUUID" in cluster.get_json("virtualmachine", "r0-0-noop-0", "-n", ns)["spec"]
         print(f"\ncreate latency through kube-apiserver, {CREATES} creates per mode per run, {RUNS} runs, "
               f"interleaved in rounds of {ROUND} ({time.time() - started:.0f}s)")
-        print(f"{'run':>3} {'mode':>5} {'median ms':>10} {'p99 ms':>8}")
+        print(f"{'run':>3} {'mode':>16} {'median ms':>10} {'p99 ms':>8}")
         summary = []
         for run in range(RUNS):
             stats = {mode: (statistics.median(results[run][mode]) * 1000, p99(results[run][mode]) * 1000) for mode in MODES}
             for mode in MODES:
-                print(f"{run:>3} {mode:>5} {stats[mode][0]:>10.3f} {stats[mode][1]:>8.3f}")
+                print(f"{run:>3} {mode:>16} {stats[mode][0]:>10.3f} {stats[mode][1]:>8.3f}")
             ratios = {
                 "ours/noop median": stats["ours"][0] / stats["noop"][0], "ours/noop p99": stats["ours"][1] / stats["noop"][1],
                 "ours/none median": stats["ours"][0] / stats["none"][0], "ours/none p99": stats["ours"][1] / stats["none"][1],
                 "noop/none median": stats["noop"][0] / stats["none"][0],
             }
+            if "ours-marker-only" in stats:
+                ratios["ours-marker-only/noop median"] = stats["ours-marker-only"][0] / stats["noop"][0]
+                ratios["ours-marker-only/noop p99"] = stats["ours-marker-only"][1] / stats["noop"][1]
             summary.append(ratios)
             print("    " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
         print(json.dumps({"runs": summary}))
