@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::admission::Verdict;
 use crate::facts::{GroupPresence, RestoreLookup};
+use crate::restores::RestoreInfo;
 use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind};
@@ -144,52 +145,56 @@ pub fn already_reviewed(subject: &Subject, restore: &RestoreFact) -> bool {
     vmop::marker_matches(subject.object, subject.restore_label, restore_uid(restore))
 }
 
-/// The group policy for this restore: the Restore's annotation, or the
-/// default. The note explains an annotation that could not be used.
-pub fn group_policy(
-    settings: &DecideSettings,
+/// A per-restore choice: the Restore's annotation (read by `chosen`), or
+/// `default`. The note explains an annotation that could not be used.
+fn restore_choice<T: Copy>(
+    default: T,
+    default_name: &str,
     restore: &RestoreFact,
-) -> (GroupPolicy, Option<String>) {
-    let default = settings.group_policy;
+    chosen: impl FnOnce(&RestoreInfo) -> Option<Result<T, String>>,
+) -> (T, Option<String>) {
     let RestoreFact::Lookup(RestoreLookup::Found(info)) = restore else {
         return (default, None);
     };
-    match info.group_policy() {
+    match chosen(info) {
         Some(Ok(chosen)) => (chosen, None),
         Some(Err(message)) => (
             default,
             Some(format!(
-                "Restore {}: {message}; using {}",
-                info.name,
-                default.as_str()
+                "Restore {}: {message}; using {default_name}",
+                info.name
             )),
         ),
         None => (default, None),
     }
 }
 
-/// The power policy for this restore: the Restore's annotation, or the
-/// default. The note explains an annotation that could not be used.
+/// The group policy for this restore.
+pub fn group_policy(
+    settings: &DecideSettings,
+    restore: &RestoreFact,
+) -> (GroupPolicy, Option<String>) {
+    let default = settings.group_policy;
+    restore_choice(
+        default,
+        default.as_str(),
+        restore,
+        RestoreInfo::group_policy,
+    )
+}
+
+/// The power policy for this restore.
 pub fn power_policy(
     settings: &DecideSettings,
     restore: &RestoreFact,
 ) -> (PowerPolicy, Option<String>) {
     let default = settings.power_policy;
-    let RestoreFact::Lookup(RestoreLookup::Found(info)) = restore else {
-        return (default, None);
-    };
-    match info.power_policy() {
-        Some(Ok(chosen)) => (chosen, None),
-        Some(Err(message)) => (
-            default,
-            Some(format!(
-                "Restore {}: {message}; using {}",
-                info.name,
-                default.as_str()
-            )),
-        ),
-        None => (default, None),
-    }
+    restore_choice(
+        default,
+        default.as_str(),
+        restore,
+        RestoreInfo::power_policy,
+    )
 }
 
 /// Whether the VM is denied whatever its group: facts about the group then

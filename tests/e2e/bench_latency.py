@@ -17,36 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 from harness import free_port, wait_until  # noqa: E402
-import http.client  # noqa: E402
-import ssl  # noqa: E402
-
-import objects as o  # noqa: E402
-from harness import RESTORE_LABEL  # noqa: E402
-
-
-def create_latencies(cluster, ns, count, prefix, clean=False):
-    """Times labelled VM creates over one kept-alive connection."""
-    ctx = ssl.create_default_context(cafile=str(cluster.server_ca))
-    ctx.load_cert_chain(str(cluster.clients.dir / "admin.crt"), str(cluster.clients.dir / "admin.key"))
-    conn = http.client.HTTPSConnection("127.0.0.1", cluster.api_port, context=ctx, timeout=30)
-    latencies, failures = [], []
-    for i in range(count):
-        vm = o.vm(ns, f"{prefix}-{i}", None, i % 250, labels={RESTORE_LABEL: "latency"})
-        if clean:
-            # Nothing for the webhook to remove: its patch is the marker alone.
-            del vm["spec"]["instanceUUID"]
-            vm["metadata"]["annotations"] = {"owner": "team-web"}
-        body = json.dumps(vm)
-        start = time.perf_counter()
-        conn.request("POST", f"/apis/vmoperator.vmware.com/v1alpha5/namespaces/{ns}/virtualmachines", body,
-                     {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        payload = response.read()
-        latencies.append(time.perf_counter() - start)
-        if response.status != 201:
-            failures.append((response.status, payload[:300]))
-    conn.close()
-    return latencies, failures
+from test_restore import create_latencies  # noqa: E402
 
 CREATES = int(os.environ.get("LATENCY_CREATES", "500"))
 RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
