@@ -298,15 +298,16 @@ def test_5_failure_policy(cluster):
         cluster.register_webhook("Fail")
 
 
-def create_latencies(cluster, ns, count, prefix, clean=False):
+def create_latencies(cluster, ns, count, prefix, clean=False, restore="latency"):
     """Times labelled VM creates over one kept-alive connection. `clean`: VMs
-    with nothing to remove, so the webhook's patch is its marker alone."""
+    with nothing to remove, so the webhook's patch is its marker alone;
+    `restore`: the restore label's value."""
     ctx = ssl.create_default_context(cafile=str(cluster.server_ca))
     ctx.load_cert_chain(str(cluster.clients.dir / "admin.crt"), str(cluster.clients.dir / "admin.key"))
     conn = http.client.HTTPSConnection("127.0.0.1", cluster.api_port, context=ctx, timeout=30)
     latencies, failures = [], []
     for i in range(count):
-        vm = o.vm(ns, f"{prefix}-{i}", None, i % 250, labels={RESTORE_LABEL: "latency"})
+        vm = o.vm(ns, f"{prefix}-{i}", None, i % 250, labels={RESTORE_LABEL: restore})
         if clean:
             del vm["spec"]["instanceUUID"]
             vm["metadata"]["annotations"] = {"owner": "team-web"}
