@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::aftercare::{self, FINAL_PHASES, GroupPlan, Namespace, ObjectState, Report, RestoreRef};
 use crate::metrics::{CompanionAction, Metrics};
-use crate::restores::PRUNE_ANNOTATION;
+use crate::restores::{RestoreInfo, restore_resource};
 use crate::vmop::{self, RESTORE_NAME_LABEL};
 
 /// The `component` of the Events the companion writes.
@@ -65,13 +65,6 @@ pub struct CompanionSettings {
     pub retry: Duration,
     /// `reportingInstance` of Events (the pod name).
     pub instance: String,
-}
-
-fn restore_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
-        "restores",
-    )
 }
 
 /// The served VirtualMachine and VirtualMachineGroup resources, if any.
@@ -238,17 +231,9 @@ impl Companion {
         let Some(resources) = discover(&self.client).await? else {
             return Ok((uid, Handled::Skipped("VM Operator's API is not served")));
         };
-        let prune = match value
-            .pointer(&format!(
-                "/metadata/annotations/{}",
-                PRUNE_ANNOTATION.replace('/', "~1")
-            ))
-            .and_then(Value::as_str)
-        {
-            Some("false") => false,
-            Some("true") => true,
-            _ => self.settings.prune_default,
-        };
+        let prune = RestoreInfo::from_object(&value)
+            .prune_missing_members()
+            .unwrap_or(self.settings.prune_default);
 
         let restored_groups: Vec<ObjectState> = list_labelled(
             &self.client,

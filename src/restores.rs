@@ -125,6 +125,16 @@ impl RestoreInfo {
             .map(|value| PowerPolicy::parse(value))
     }
 
+    /// The Restore's pruning choice: `Some(false)` for `"false"`,
+    /// `Some(true)` for `"true"`, otherwise none (the default applies).
+    pub fn prune_missing_members(&self) -> Option<bool> {
+        match self.annotations.get(PRUNE_ANNOTATION).map(String::as_str) {
+            Some("false") => Some(false),
+            Some("true") => Some(true),
+            _ => None,
+        }
+    }
+
     pub fn group_policy(&self) -> Option<Result<GroupPolicy, String>> {
         self.annotations
             .get(GROUP_POLICY_ANNOTATION)
@@ -147,7 +157,8 @@ pub fn label_value_for(name: &str) -> String {
     format!("{prefix}{}", &hex[..6])
 }
 
-fn restore_resource() -> ApiResource {
+/// `restores.velero.io`, the only version Velero serves.
+pub(crate) fn restore_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("velero.io", "v1", "Restore"),
         "restores",
@@ -309,6 +320,18 @@ fn is_not_found(err: &watcher::Error) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn pruning_follows_the_restore_annotation_or_the_default() {
+        let with = |value: &str| RestoreInfo {
+            annotations: [(PRUNE_ANNOTATION.to_string(), value.to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(with("false").prune_missing_members(), Some(false));
+        assert_eq!(with("true").prune_missing_members(), Some(true));
+        assert_eq!(with("maybe").prune_missing_members(), None);
+        assert_eq!(RestoreInfo::default().prune_missing_members(), None);
+    }
 
     #[test]
     fn long_names_match_velero() {
