@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build of a static binary on a distroless/static base.
+# Multi-stage build of a static binary on a distroless/static base. The
+# allocator, mimalloc, is C compiled by the mimalloc crate with the image's gcc.
 #
 # Static linking: crt-static against glibc (scripts/build-static.sh, the same
 # script the e2e suite builds with, so tests run the binary the image ships).

@@ -14,7 +14,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-scale profile e2e chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale profile e2e chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -46,6 +46,11 @@ bench:
 # registered like ours, and ours, interleaved (outside CI; a few minutes).
 bench-latency: static
 	E2E_SCRIPT=bench_latency.py tests/e2e/run.sh
+
+# Side by side with Kyverno (built from the Go module proxy on first use, about
+# 5 minutes): create latency through the same kube-apiserver, interleaved.
+bench-peers: static
+	E2E_SCRIPT=bench_peers.py tests/e2e/run.sh
 
 # 10,000 groups in the cache, the group wait's wake-up, a 1,000-VM Velero
 # restore with and without the webhook (outside CI; several minutes).

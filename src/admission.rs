@@ -41,6 +41,123 @@ pub struct ReviewInput {
 }
 
 pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
+    // One pass straight into the request for a well-formed review; anything
+    // else goes the general way, which gives each fault its own message.
+    if let Some(input) = parse_well_formed(body) {
+        return Ok(input);
+    }
+    parse_any(body)
+}
+
+/// The request as the API server sends it: the envelope typed, the object
+/// kept as raw JSON, `oldObject` skipped without building it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WellFormedRequest {
+    uid: String,
+    kind: kube::core::GroupVersionKind,
+    resource: kube::core::GroupVersionResource,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    request_kind: Option<kube::core::GroupVersionKind>,
+    #[serde(default)]
+    request_resource: Option<kube::core::GroupVersionResource>,
+    #[serde(default)]
+    request_sub_resource: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: Operation,
+    user_info: k8s_openapi::api::authentication::v1::UserInfo,
+    #[serde(default)]
+    object: Option<serde_json::Map<String, Value>>,
+    #[serde(default, rename = "oldObject")]
+    _old_object: serde::de::IgnoredAny,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    options: Option<k8s_openapi::apimachinery::pkg::runtime::RawExtension>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WellFormedReview {
+    api_version: String,
+    kind: String,
+    request: WellFormedRequest,
+    /// Never sent by the API server; the general way checks its shape.
+    #[serde(default)]
+    response: Option<serde::de::IgnoredAny>,
+}
+
+/// `None` unless the body is an `admission.k8s.io/v1` AdmissionReview whose
+/// request, and object if any, have the shapes [`parse_any`] accepts; then
+/// the same input it would return.
+fn parse_well_formed(body: &[u8]) -> Option<ReviewInput> {
+    let review: WellFormedReview = serde_json::from_slice(body).ok()?;
+    if review.api_version != REVIEW_API_VERSION
+        || review.kind != "AdmissionReview"
+        || review.response.is_some()
+    {
+        return None;
+    }
+    let wire = review.request;
+    let request = AdmissionRequest {
+        types: kube::core::TypeMeta {
+            api_version: review.api_version,
+            kind: review.kind,
+        },
+        uid: wire.uid,
+        kind: wire.kind,
+        resource: wire.resource,
+        sub_resource: wire.sub_resource,
+        request_kind: wire.request_kind,
+        request_resource: wire.request_resource,
+        request_sub_resource: wire.request_sub_resource,
+        name: wire.name,
+        namespace: wire.namespace,
+        operation: wire.operation,
+        user_info: wire.user_info,
+        object: None,
+        old_object: None,
+        dry_run: wire.dry_run,
+        options: wire.options,
+    };
+    Some(ReviewInput {
+        request,
+        object: wire.object.map(Value::Object),
+    })
+}
+
+/// For the fuzz target and tests: whether the one-pass parse, when it
+/// accepts `body`, returns exactly what the general parse returns.
+#[doc(hidden)]
+pub fn one_pass_parse_agrees(body: &[u8]) -> Result<bool, String> {
+    let Some(fast) = parse_well_formed(body) else {
+        return Ok(false);
+    };
+    let general = parse_any(body)
+        .map_err(|err| format!("the one pass accepted what the general way refuses: {err}"))?;
+    let as_json = |input: &ReviewInput| {
+        serde_json::to_value(&input.request).map(|request| (request, input.request.types.clone()))
+    };
+    let (fast_request, general_request) = (
+        as_json(&fast).map_err(|err| err.to_string())?,
+        as_json(&general).map_err(|err| err.to_string())?,
+    );
+    if fast_request != general_request || fast.object != general.object {
+        return Err(format!(
+            "the two parses differ: {fast_request:?} {:?} / {general_request:?} {:?}",
+            fast.object, general.object
+        ));
+    }
+    Ok(true)
+}
+
+/// Any body: each way it can fall short gets its own error.
+fn parse_any(body: &[u8]) -> Result<ReviewInput, ReviewError> {
     let mut value: Value =
         serde_json::from_slice(body).map_err(|err| ReviewError::NotJson(err.to_string()))?;
     let text = |key: &str| {
@@ -278,6 +395,79 @@ mod tests {
             }
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_one_pass_parse_returns_what_the_general_parse_returns() {
+        let example = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/admission-review-vm.json"
+        ))
+        .expect("example");
+        let base: Value = serde_json::from_slice(&example).expect("json");
+        let with = |pointer: &str, value: Value| {
+            let mut review = base.clone();
+            let (parent, key) = pointer.rsplit_once('/').expect(pointer);
+            let parent = if parent.is_empty() {
+                &mut review
+            } else {
+                review.pointer_mut(parent).expect(pointer)
+            };
+            parent
+                .as_object_mut()
+                .expect(pointer)
+                .insert(key.to_string(), value);
+            serde_json::to_vec(&review).expect("encode")
+        };
+        let without = |key: &str| {
+            let mut review = base.clone();
+            review["request"]
+                .as_object_mut()
+                .expect("request")
+                .remove(key);
+            serde_json::to_vec(&review).expect("encode")
+        };
+        // Taken by the one pass, with the same result.
+        let well_formed = [
+            example.clone(),
+            with("/request/dryRun", json!(true)),
+            with("/request/oldObject", json!({"spec": {"anything": [1, 2]}})),
+            with("/request/oldObject", json!("not even an object")),
+            with("/request/object", Value::Null),
+            with("/request/options", json!({"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"})),
+            with("/request/unknownField", json!({"x": 1})),
+            without("object"),
+            without("namespace"),
+            br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{"uid":"u","kind":{"group":"","version":"v1","kind":"PersistentVolumeClaim"},"resource":{"group":"","version":"v1","resource":"persistentvolumeclaims"},"operation":"CREATE","userInfo":{},"object":{"metadata":{"name":"a","name":"b"}}}}"#.to_vec(),
+        ];
+        for body in &well_formed {
+            assert_eq!(
+                one_pass_parse_agrees(body),
+                Ok(true),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Left to the general way, which names the fault.
+        let faulty = [
+            with("/apiVersion", json!("admission.k8s.io/v1beta1")),
+            with("/request/object", json!("a string")),
+            with("/request/object", json!([1])),
+            with("/request", Value::Null),
+            with("/request/operation", json!("PATCH")),
+            with("/response", json!({"uid": "u", "allowed": true})),
+            without("uid"),
+            b"{".to_vec(),
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{}}"#.to_vec(),
+        ];
+        for body in &faulty {
+            assert_eq!(
+                one_pass_parse_agrees(body),
+                Ok(false),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

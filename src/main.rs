@@ -25,6 +25,14 @@ use velero_vm_restore_webhook::vmop::RefKind;
 use velero_vm_restore_webhook::waits::WaitLimits;
 use velero_vm_restore_webhook::{offline, server, telemetry, tls, vmop};
 
+/// mimalloc rather than glibc's allocator: a review allocates and frees many
+/// small strings and maps, and glibc's malloc and free were about a third of
+/// a review in the profile; with mimalloc a review takes about 30 % less (the
+/// README's "Performance" section has the figures). Built with `no_thp`: with
+/// transparent huge pages its arenas doubled the idle RSS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

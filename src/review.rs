@@ -242,7 +242,7 @@ impl Reviewer {
             Some(_) => Outcome::Denied,
         };
         let patched = decision.verdict.denial.is_none() && !decision.verdict.changes.is_empty();
-        self.report(&subject, &decision);
+        crate::telemetry::batch(|| self.report(&subject, &decision));
         let review = admission::respond(request, &decision.verdict).into_review();
         let reviewed = Reviewed {
             review,

@@ -204,6 +204,20 @@ async fn mutate(
 /// allow it unchanged. Registered like ours, it is the floor a webhook costs
 /// the API server; the load run uses it as the baseline route.
 async fn noop(State(state): State<AppState>, body: Body) -> Response {
+    bench_answer(&state, body, None).await
+}
+
+/// The least a mutating webhook that changes something does: `/noop` with a
+/// fixed one-operation patch (a label), so that the API server applies a
+/// patch. With `/noop`, it splits what any patch costs the API server from
+/// what our review costs (`make bench-latency`, way `noop-patch`).
+async fn noop_patch(State(state): State<AppState>, body: Body) -> Response {
+    // [{"op":"add","path":"/metadata/labels/vmrw-bench-noop","value":"patched"}]
+    const PATCH: &str = "W3sib3AiOiJhZGQiLCJwYXRoIjoiL21ldGFkYXRhL2xhYmVscy92bXJ3LWJlbmNoLW5vb3AiLCJ2YWx1ZSI6InBhdGNoZWQifV0=";
+    bench_answer(&state, body, Some(PATCH)).await
+}
+
+async fn bench_answer(state: &AppState, body: Body, patch: Option<&str>) -> Response {
     #[derive(serde::Deserialize)]
     struct Request {
         uid: String,
@@ -220,12 +234,17 @@ async fn noop(State(state): State<AppState>, body: Body) -> Response {
             let uid = serde_json::from_slice::<Review>(&collected.to_bytes())
                 .map(|review| review.request.uid)
                 .unwrap_or_default();
+            let mut response = serde_json::json!({"uid": uid, "allowed": true});
+            if let Some(patch) = patch {
+                response["patchType"] = "JSONPatch".into();
+                response["patch"] = patch.into();
+            }
             json_response(
                 StatusCode::OK,
                 &serde_json::json!({
                     "apiVersion": "admission.k8s.io/v1",
                     "kind": "AdmissionReview",
-                    "response": {"uid": uid, "allowed": true},
+                    "response": response,
                 }),
             )
         }
@@ -332,7 +351,9 @@ impl Bound {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz));
         if limits.bench_noop_route {
-            app = app.route("/noop", post(noop));
+            app = app
+                .route("/noop", post(noop))
+                .route("/noop-patch", post(noop_patch));
         }
         let app = app.with_state(state.clone());
         let metrics_app = Router::new()

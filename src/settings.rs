@@ -205,8 +205,9 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_SHUTDOWN_TIMEOUT", value_parser = humantime_duration, default_value = "30s")]
     pub shutdown_timeout: Duration,
 
-    /// Serve POST /noop (reads the body, answers 200): the baseline route of
-    /// the load benchmark. Off in production.
+    /// Serve POST /noop (reads the body, allows the request unchanged) and
+    /// POST /noop-patch (the same with a fixed one-label patch): the baseline
+    /// routes of the benchmarks. Off in production.
     #[arg(long, env = "VMRW_BENCH_NOOP_ROUTE", default_value_t = false)]
     pub bench_noop_route: bool,
 

@@ -1,6 +1,7 @@
 //! Fuzzes the whole review handler: any body must produce a response or a
 //! clear error, never a panic, and an allowed response's patch must apply to
-//! the object it was computed for. An input starting with `?` carries the
+//! the object it was computed for. The one-pass parse must agree with the
+//! general one on every body it accepts. An input starting with `?` carries the
 //! URL's query string on its first line (the API server's `?timeout=`),
 //! which fixes the request's deadline.
 #![no_main]
@@ -40,6 +41,11 @@ fn harness() -> &'static Harness {
 
 fuzz_target!(|data: &[u8]| {
     let harness = harness();
+    // The one-pass parse of a well-formed review must return exactly what the
+    // general parse returns.
+    if let Err(divergence) = velero_vm_restore_webhook::admission::one_pass_parse_agrees(data) {
+        panic!("{divergence}");
+    }
     let (query, data) = match data.strip_prefix(b"?") {
         Some(rest) => match rest.iter().position(|&byte| byte == b'\n') {
             Some(end) => (std::str::from_utf8(&rest[..end]).ok(), &rest[end + 1..]),

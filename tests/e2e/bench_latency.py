@@ -1,7 +1,8 @@
 """Create latency through the real kube-apiserver, three ways, interleaved:
 no webhook; the same binary's no-op route (`serve --no-kube
 --bench-noop-route`: reads the body and allows the request) registered
-exactly like ours; and ours. Labelled VM creates, in rounds, over several
+exactly like ours; its `noop-patch` route, the same with a fixed one-label
+patch (what any patch costs the API server); and ours. Labelled VM creates, in rounds, over several
 runs. Two more ways isolate parts of ours: `ours-marker-only` sends VMs with
 nothing to clean, so that our answer is a one-operation patch, and
 `ours-known-restore` labels VMs with a Restore that exists, so that every
@@ -25,7 +26,7 @@ from test_restore import create_latencies  # noqa: E402
 CREATES = int(os.environ.get("LATENCY_CREATES", "500"))
 RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
 ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
-MODES = os.environ.get("LATENCY_MODES", "none,noop,ours,ours-marker-only,ours-known-restore").split(",")
+MODES = os.environ.get("LATENCY_MODES", "none,noop,noop-patch,ours,ours-marker-only,ours-known-restore").split(",")
 
 
 def p99(values):
@@ -50,6 +51,11 @@ if __name__ == "__main__":
         noop["metadata"] = {"name": "vmrw-noop"}
         for hook in noop["webhooks"]:
             hook["clientConfig"]["url"] = f"https://127.0.0.1:{noop_port}/noop"
+        # The same with a fixed one-label patch: what any patch costs the API server.
+        noop_patch = copy.deepcopy(noop)
+        noop_patch["metadata"] = {"name": "vmrw-noop-patch"}
+        for hook in noop_patch["webhooks"]:
+            hook["clientConfig"]["url"] = f"https://127.0.0.1:{noop_port}/noop-patch"
         ns = "latency"
         cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         # The Restore `ours-known-restore` names exists: its lookups hit the cache.
@@ -57,12 +63,14 @@ if __name__ == "__main__":
                        "metadata": {"name": "latency-known", "namespace": harness.VELERO_NS}, "spec": {"backupName": "none"}})
 
         def use(mode):
-            for config in (ours, noop):
+            for config in (ours, noop, noop_patch):
                 cluster.kubectl("delete", "mutatingwebhookconfiguration", config["metadata"]["name"], "--ignore-not-found")
             if mode.startswith("ours"):
                 cluster.apply(ours)
             elif mode == "noop":
                 cluster.apply(noop)
+            elif mode == "noop-patch":
+                cluster.apply(noop_patch)
             time.sleep(1.5)  # the API server's webhook informer picks the change up
 
         use("ours")
@@ -83,6 +91,10 @@ if __name__ == "__main__":
         assert "instanceUUID" not in probe["spec"], "our webhook was not in the path"
         if "noop" in MODES:
             assert "instanceUUID" in cluster.get_json("virtualmachine", "r0-0-noop-0", "-n", ns)["spec"]
+        if "noop-patch" in MODES:
+            patched = cluster.get_json("virtualmachine", "r0-0-noop-patch-0", "-n", ns)
+            assert patched["metadata"]["labels"].get("vmrw-bench-noop") == "patched", "the no-op patch was not applied"
+            assert "instanceUUID" in patched["spec"]
         print(f"\ncreate latency through kube-apiserver, {CREATES} creates per mode per run, {RUNS} runs, "
               f"interleaved in rounds of {ROUND} ({time.time() - started:.0f}s)")
         print(f"{'run':>3} {'mode':>16} {'median ms':>10} {'p99 ms':>8}")
@@ -92,9 +104,12 @@ if __name__ == "__main__":
             for mode in MODES:
                 print(f"{run:>3} {mode:>16} {stats[mode][0]:>10.3f} {stats[mode][1]:>8.3f}")
             ratios = {}
+            baselines = ["none", "noop", "noop-patch"]
             for mode in MODES:
-                for base in ("noop", "none"):
-                    if mode not in ("none", base) and base in stats:
+                # Each way against the ways below it: none < noop < noop-patch < ours.
+                below = baselines[:baselines.index(mode)] if mode in baselines else baselines
+                for base in below:
+                    if base in stats:
                         ratios[f"{mode}/{base} median"] = stats[mode][0] / stats[base][0]
                         ratios[f"{mode}/{base} p99"] = stats[mode][1] / stats[base][1]
             summary.append(ratios)

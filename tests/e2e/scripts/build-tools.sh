@@ -57,6 +57,11 @@ if [[ -d $here/tools/vmop ]] && has vmop-host; then
     build vmop vmop-host ./cmd/vmop-host
   fi
 fi
+# Kyverno's admission controller, for `make bench-peers` only: never part of
+# `all` (CI does not build it); ask for it by name.
+if [[ -d $here/tools/kyverno && " $want " == *" kyverno "* ]]; then
+  build kyverno kyverno github.com/kyverno/kyverno/cmd/kyverno
+fi
 helm_ver='-X helm.sh/helm/v3/internal/version.version=v3.19.0 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=34'
 [[ -d $here/tools/helm ]] && { has helm && build helm helm helm.sh/helm/v3/cmd/helm "$helm_ver"; }
 echo "$cache_root/bin"
