@@ -49,20 +49,23 @@ pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
     parse_any(body)
 }
 
-/// The request as the API server sends it: the envelope typed, the object
-/// kept as raw JSON, `oldObject` skipped without building it.
+/// The request as the API server sends it, every field named: an unknown
+/// one sends the body the general way. The small typed parts are taken as
+/// JSON values and converted as the general way converts them, and
+/// `oldObject` is parsed and dropped, so that both ways check the same text
+/// (skipping a value would not check its strings).
 #[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct WellFormedRequest {
     uid: String,
-    kind: kube::core::GroupVersionKind,
-    resource: kube::core::GroupVersionResource,
+    kind: Value,
+    resource: Value,
     #[serde(default)]
     sub_resource: Option<String>,
     #[serde(default)]
-    request_kind: Option<kube::core::GroupVersionKind>,
+    request_kind: Option<Value>,
     #[serde(default)]
-    request_resource: Option<kube::core::GroupVersionResource>,
+    request_resource: Option<Value>,
     #[serde(default)]
     request_sub_resource: Option<String>,
     #[serde(default)]
@@ -70,11 +73,11 @@ struct WellFormedRequest {
     #[serde(default)]
     namespace: Option<String>,
     operation: Operation,
-    user_info: k8s_openapi::api::authentication::v1::UserInfo,
+    user_info: Value,
     #[serde(default)]
     object: Option<serde_json::Map<String, Value>>,
     #[serde(default, rename = "oldObject")]
-    _old_object: serde::de::IgnoredAny,
+    _old_object: Option<Value>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -82,12 +85,13 @@ struct WellFormedRequest {
 }
 
 #[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct WellFormedReview {
     api_version: String,
     kind: String,
     request: WellFormedRequest,
-    /// Never sent by the API server; the general way checks its shape.
+    /// Never sent by the API server; any response sends the body the
+    /// general way, which checks its shape.
     #[serde(default)]
     response: Option<serde::de::IgnoredAny>,
 }
@@ -104,22 +108,31 @@ fn parse_well_formed(body: &[u8]) -> Option<ReviewInput> {
         return None;
     }
     let wire = review.request;
+    fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Option<T> {
+        serde_json::from_value(value).ok()
+    }
     let request = AdmissionRequest {
         types: kube::core::TypeMeta {
             api_version: review.api_version,
             kind: review.kind,
         },
         uid: wire.uid,
-        kind: wire.kind,
-        resource: wire.resource,
+        kind: typed(wire.kind)?,
+        resource: typed(wire.resource)?,
         sub_resource: wire.sub_resource,
-        request_kind: wire.request_kind,
-        request_resource: wire.request_resource,
+        request_kind: match wire.request_kind {
+            Some(kind) => Some(typed(kind)?),
+            None => None,
+        },
+        request_resource: match wire.request_resource {
+            Some(resource) => Some(typed(resource)?),
+            None => None,
+        },
         request_sub_resource: wire.request_sub_resource,
         name: wire.name,
         namespace: wire.namespace,
         operation: wire.operation,
-        user_info: wire.user_info,
+        user_info: typed(wire.user_info)?,
         object: None,
         old_object: None,
         dry_run: wire.dry_run,
@@ -427,6 +440,11 @@ mod tests {
                 .remove(key);
             serde_json::to_vec(&review).expect("encode")
         };
+        let lone_surrogate = |body: Vec<u8>| {
+            let text = String::from_utf8(body).expect("utf-8");
+            assert!(text.contains("\"placeholder\""));
+            text.replace("\"placeholder\"", r#""\ud800""#).into_bytes()
+        };
         // Taken by the one pass, with the same result.
         let well_formed = [
             example.clone(),
@@ -435,7 +453,6 @@ mod tests {
             with("/request/oldObject", json!("not even an object")),
             with("/request/object", Value::Null),
             with("/request/options", json!({"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"})),
-            with("/request/unknownField", json!({"x": 1})),
             without("object"),
             without("namespace"),
             br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{"uid":"u","kind":{"group":"","version":"v1","kind":"PersistentVolumeClaim"},"resource":{"group":"","version":"v1","resource":"persistentvolumeclaims"},"operation":"CREATE","userInfo":{},"object":{"metadata":{"name":"a","name":"b"}}}}"#.to_vec(),
@@ -448,8 +465,9 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        // Left to the general way, which names the fault.
+        // Left to the general way, which names the fault if there is one.
         let faulty = [
+            with("/request/unknownField", json!({"x": 1})),
             with("/apiVersion", json!("admission.k8s.io/v1beta1")),
             with("/request/object", json!("a string")),
             with("/request/object", json!([1])),
@@ -459,6 +477,13 @@ mod tests {
             without("uid"),
             b"{".to_vec(),
             br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{}}"#.to_vec(),
+            // Found by the fuzz target: a field the one pass used to skip,
+            // holding a string the general parse refuses (a lone surrogate).
+            lone_surrogate(with("/request/operatobject", json!("placeholder"))),
+            lone_surrogate(with("/request/kind/extra", json!("placeholder"))),
+            lone_surrogate(with("/request/userInfo/extra", json!({"x": ["placeholder"]}))),
+            lone_surrogate(with("/request/oldObject", json!({"a": "placeholder"}))),
+            lone_surrogate(with("/request/object/metadata/name", json!("placeholder"))),
         ];
         for body in &faulty {
             assert_eq!(
