@@ -20,17 +20,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
-from harness import free_port, wait_until  # noqa: E402
+from harness import free_port, p99, wait_until  # noqa: E402
 from test_restore import create_latencies  # noqa: E402
 
 CREATES = int(os.environ.get("LATENCY_CREATES", "500"))
 RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
 ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
 MODES = os.environ.get("LATENCY_MODES", "none,noop,noop-patch,ours,ours-marker-only,ours-known-restore").split(",")
-
-
-def p99(values):
-    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
 
 
 if __name__ == "__main__":

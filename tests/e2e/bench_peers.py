@@ -20,7 +20,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
-from harness import free_port, log, run, wait_until  # noqa: E402
+from harness import free_port, log, p99, run, wait_until  # noqa: E402
 from test_restore import create_latencies  # noqa: E402
 
 CREATES = int(os.environ.get("PEERS_CREATES", "500"))
@@ -29,10 +29,6 @@ ROUND = int(os.environ.get("PEERS_ROUND", "50"))
 WAYS = ["none", "ours", "kyverno"]
 KYVERNO_NS = "kyverno"
 HERE = Path(__file__).resolve().parent
-
-
-def p99(values):
-    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
 
 
 def kyverno_version() -> str:

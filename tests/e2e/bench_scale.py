@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 import objects as o  # noqa: E402
-from harness import RESTORE_LABEL, VELERO_NS, wait_until  # noqa: E402
+from harness import RESTORE_LABEL, VELERO_NS, p99, wait_until  # noqa: E402
 
 GROUPS = int(os.environ.get("SCALE_GROUPS", "10000"))
 VMS = int(os.environ.get("SCALE_VMS", "1000"))
@@ -35,10 +35,6 @@ def apply_in_batches(cluster, docs, batch=500):
     for start in range(0, len(docs), batch):
         cluster.kubectl("apply", "--server-side", "-f", "-", timeout=600,
                         input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs[start:start + batch]}))
-
-
-def p99(values):
-    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
 
 
 def main(cluster):

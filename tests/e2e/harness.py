@@ -45,6 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def p99(values) -> float:
+    """The 99th percentile of latencies, as every benchmark here reports it."""
+    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
+
+
 def run(cmd, *, check=True, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [str(c) for c in cmd], capture_output=True, text=True, env=env, input=input, timeout=timeout

@@ -14,7 +14,7 @@ import time
 
 import harness
 import objects as o
-from harness import RESTORE_LABEL, VELERO_NS, WEBHOOK_NS, wait_until
+from harness import RESTORE_LABEL, VELERO_NS, WEBHOOK_NS, p99, wait_until
 
 REPORT: dict = {}
 BACKUP: dict = {}
@@ -345,9 +345,6 @@ def test_6_latency_cost(cluster):
     assert "instanceUUID" not in patched["spec"], "the webhook was not in the path"
     unpatched = cluster.get_json("virtualmachine", "without-0-0", "-n", ns)
     assert "instanceUUID" in unpatched["spec"], "the webhook was still registered"
-
-    def p99(values):
-        return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
 
     REPORT["latency"] = {
         "creates_each": len(with_hook),
