@@ -32,10 +32,7 @@ MODES = os.environ.get("LATENCY_MODES", "none,noop,noop-patch,ours,ours-marker-o
 if __name__ == "__main__":
     cluster = harness.Cluster()
     try:
-        cluster.start_control_plane()
-        cluster.install_crds()
-        cluster.start_webhook()
-        ours = cluster.register_webhook()
+        ours = cluster.start_with_webhook()
         noop_port = free_port()
         cluster.spawn("noop-webhook", [cluster.webhook_bin, "--log-level", "error", "serve", "--no-kube", "--bench-noop-route",
                                        "--tls-cert-file", cluster.webhook_certs / "tls.crt",

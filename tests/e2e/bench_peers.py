@@ -99,10 +99,7 @@ def start_kyverno(cluster) -> None:
 if __name__ == "__main__":
     cluster = harness.Cluster()
     try:
-        cluster.start_control_plane()
-        cluster.install_crds()
-        cluster.start_webhook()
-        ours = cluster.register_webhook()
+        ours = cluster.start_with_webhook()
         # Ours answers only in its namespace (the chart's selectors, plus a label).
         ours = copy.deepcopy(ours)
         for hook in ours["webhooks"]:

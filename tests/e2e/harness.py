@@ -234,13 +234,19 @@ class Cluster:
 
     def start(self) -> None:
         started = time.time()
-        self.start_control_plane()
-        self.install_crds()
-        self.start_webhook()
-        self.register_webhook()
+        self.start_with_webhook()
         self.start_object_store()
         self.start_velero()
         log(f"environment ready in {time.time() - started:.1f}s (temp dir {self.tmp})")
+
+    def start_with_webhook(self) -> dict:
+        """The control plane, the CRDs and our webhook registered (no object
+        store, no Velero: what the benchmarks need). Returns the webhook
+        configuration as registered."""
+        self.start_control_plane()
+        self.install_crds()
+        self.start_webhook()
+        return self.register_webhook()
 
     # -- control plane ---------------------------------------------------------
     def start_control_plane(self) -> None:
