@@ -5,11 +5,11 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::Value;
 
-use velero_vm_restore_webhook::admission;
 use velero_vm_restore_webhook::deadline::Deadline;
-use velero_vm_restore_webhook::facts::{StaticGroups, StaticRestores};
-use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
+use velero_vm_restore_webhook::facts::given::{StaticGroups, StaticRestores};
 use velero_vm_restore_webhook::vmop::{self, ApiVersion, CleanupOptions, Kind};
+use velero_vm_restore_webhook::webhook::admission;
+use velero_vm_restore_webhook::webhook::review::{ReviewSettings, Reviewer};
 
 // The allocator the binary ships with (src/main.rs), so the figures are the
 // deployed ones.

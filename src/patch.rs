@@ -22,7 +22,7 @@ pub struct Change {
     /// JSON Pointer tokens from the object's root, unescaped.
     pub tokens: Vec<String>,
     pub edit: Edit,
-    /// Stable rule id, used as a metric label and in the README table.
+    /// Stable rule id, used as a metric label and in the rule table (docs/rules.md).
     pub rule: &'static str,
     /// Short reason a platform admin can act on.
     pub reason: &'static str,

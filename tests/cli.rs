@@ -178,15 +178,15 @@ fn review_rejects_bad_input() {
 }
 
 #[test]
-fn readme_rule_table_matches_the_code() {
+fn docs_rule_table_matches_the_code() {
     let out = run(&["rules"], None);
     assert!(out.status.success());
     let table = String::from_utf8(out.stdout).unwrap();
-    let readme =
-        std::fs::read_to_string(format!("{}/README.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let rules_page =
+        std::fs::read_to_string(format!("{}/docs/rules.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
     assert!(
-        readme.contains(&table),
-        "README's rule table differs from `velero-vm-restore-webhook rules`:\n{table}"
+        rules_page.contains(&table),
+        "docs/rules.md's rule table differs from `velero-vm-restore-webhook rules`:\n{table}"
     );
 }
 

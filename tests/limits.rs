@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use common::*;
 use velero_vm_restore_webhook::facts::{RestoreFacts, RestoreLookup};
-use velero_vm_restore_webhook::review::ReviewSettings;
-use velero_vm_restore_webhook::server::Limits;
+use velero_vm_restore_webhook::webhook::review::ReviewSettings;
+use velero_vm_restore_webhook::webhook::server::Limits;
 
 fn settings(wait: Duration) -> ReviewSettings {
     ReviewSettings {

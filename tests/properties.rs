@@ -2,7 +2,7 @@
 //! removals, and nothing else differs; a second review changes nothing.
 //!
 //! The expected object comes from `model`, an independent, deliberately naive
-//! restatement of the README's rule table.
+//! restatement of the rule table in docs/rules.md.
 
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -188,7 +188,7 @@ fn vm_object() -> impl Strategy<Value = (Value, u8)> {
         })
 }
 
-/// The README's table, restated naively.
+/// The rule table (docs/rules.md), restated naively.
 fn model(object: &Value, new_identity: bool, inside_copy: bool) -> Value {
     let mut out = object.clone();
     if let Some(annotations) = out

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::*;
-use velero_vm_restore_webhook::review::ReviewSettings;
 use velero_vm_restore_webhook::settings::GroupPolicy;
+use velero_vm_restore_webhook::webhook::review::ReviewSettings;
 
 fn settings(wait: Duration) -> ReviewSettings {
     ReviewSettings {

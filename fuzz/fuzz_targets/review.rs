@@ -12,8 +12,8 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 use velero_vm_restore_webhook::deadline::{Deadline, api_timeout_from_query};
-use velero_vm_restore_webhook::facts::{StaticGroups, StaticRestores};
-use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
+use velero_vm_restore_webhook::facts::given::{StaticGroups, StaticRestores};
+use velero_vm_restore_webhook::webhook::review::{ReviewSettings, Reviewer};
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let harness = harness();
     // The one-pass parse of a well-formed review must return exactly what the
     // general parse returns.
-    if let Err(divergence) = velero_vm_restore_webhook::admission::one_pass_parse_agrees(data) {
+    if let Err(divergence) = velero_vm_restore_webhook::webhook::admission::one_pass_parse_agrees(data) {
         panic!("{divergence}");
     }
     let (query, data) = match data.strip_prefix(b"?") {
@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // What goes on the wire always encodes, and carries the same patch.
     let wire: Value = serde_json::to_value(
-        velero_vm_restore_webhook::admission::WireReview(&reviewed.review),
+        velero_vm_restore_webhook::webhook::admission::WireReview(&reviewed.review),
     )
     .expect("the response encodes");
     if let Some(encoded) = wire.pointer("/response/patch") {

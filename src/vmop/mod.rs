@@ -309,7 +309,7 @@ pub fn group_name(kind: Kind, object: &serde_json::Value) -> Result<Option<Strin
     }
 }
 
-/// One documented rule: what the README's table and `--disable-rule` name.
+/// One documented rule: what the rule table (docs/rules.md) and `--disable-rule` name.
 #[derive(Debug, Clone, Copy)]
 pub struct RuleDoc {
     pub id: &'static str,
@@ -318,7 +318,7 @@ pub struct RuleDoc {
     pub why: &'static str,
 }
 
-/// Every rule, in the order the README lists them.
+/// Every rule, in the order docs/rules.md lists them.
 pub fn rule_docs() -> Vec<RuleDoc> {
     let mut docs = vm::RULES.to_vec();
     docs.extend_from_slice(group::RULES);

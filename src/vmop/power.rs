@@ -1,6 +1,6 @@
 //! Power on restore: which restored groups and VMs have their power state
 //! held back, so that the companion can start each group tree once every
-//! member exists, in boot order (see the README, "Boot order after a
+//! member exists, in boot order (see docs/restores.md, "Boot order after a
 //! restore").
 //!
 //! VM Operator gives each member of a group an apply time: the group's power

@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use velero_vm_restore_webhook::facts::{RestoreFacts, StaticGroups, StaticRestores};
+use velero_vm_restore_webhook::facts::RestoreFacts;
+use velero_vm_restore_webhook::facts::given::{StaticGroups, StaticRestores};
 use velero_vm_restore_webhook::metrics::Metrics;
-use velero_vm_restore_webhook::review::{ReviewSettings, Reviewer};
-use velero_vm_restore_webhook::server::{self, Limits};
-use velero_vm_restore_webhook::tls::ReloadingCert;
+use velero_vm_restore_webhook::webhook::review::{ReviewSettings, Reviewer};
+use velero_vm_restore_webhook::webhook::server::{self, Limits};
+use velero_vm_restore_webhook::webhook::tls::ReloadingCert;
 
 pub struct TestCa {
     pub ca_pem: String,

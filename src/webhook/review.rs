@@ -1,6 +1,6 @@
 //! One review from body to response, shared by `serve` and `review`:
 //! parse → scope → gather facts (each step bounded by the request's one
-//! deadline) → [`decide`](crate::decide::decide) (pure) → render the decision
+//! deadline) → [`decide`](crate::webhook::decide::decide) (pure) → render the decision
 //! once into the response, the log lines and the metrics.
 
 use std::collections::BTreeSet;
@@ -11,12 +11,9 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionReview, Operation};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use crate::admission::{self, ReviewError, Scope};
 use crate::deadline::Deadline;
-use crate::decide::{
-    self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
-};
-use crate::facts::{AllRefsExist, GroupFacts, GroupPresence, RefFacts, RestoreFacts};
+use crate::facts::given::AllRefsExist;
+use crate::facts::{GroupFacts, GroupPresence, RefFacts, RestoreFacts};
 use crate::metrics::{
     ChangeLabels, KindLabel, KindLabels, Metrics, OperationLabel, Outcome, ReviewLabels,
     WaitLabels, WaitResult,
@@ -24,7 +21,11 @@ use crate::metrics::{
 use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::Kind;
 use crate::vmop::power::PowerPolicy;
-use crate::waits::{GroupWaits, WaitLimits, WaitOutcome};
+use crate::webhook::admission::{self, ReviewError, Scope};
+use crate::webhook::decide::{
+    self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
+};
+use crate::webhook::waits::{GroupWaits, WaitLimits, WaitOutcome};
 
 /// The longest one reference check (zone, class instance, image) may take.
 const REF_CHECK_BOUND: Duration = Duration::from_secs(2);
@@ -78,7 +79,7 @@ pub struct Reviewed {
     pub object_label: Option<String>,
     /// What was decided, in full (the `review` command describes it; the
     /// server does not, so nothing is formatted twice on its path).
-    pub verdict: crate::admission::Verdict,
+    pub verdict: crate::webhook::admission::Verdict,
     /// Why the object was left alone, if it was (out of scope, a reinvocation).
     pub unchanged_because: Option<&'static str>,
 }
@@ -329,7 +330,7 @@ impl Reviewer {
         group: &str,
         deadline: Deadline,
         waited: Duration,
-        not_waited: Option<crate::waits::NoWait>,
+        not_waited: Option<crate::webhook::waits::NoWait>,
     ) -> GroupFact {
         let presence = deadline
             .run(self.groups.confirm(namespace, group))
@@ -378,7 +379,7 @@ impl Reviewer {
         } else if let Some(ago) = self.waits.recent_miss(namespace, group) {
             (
                 Duration::ZERO,
-                Some(crate::waits::NoWait::RecentMiss { ago }),
+                Some(crate::webhook::waits::NoWait::RecentMiss { ago }),
             )
         } else {
             info!(

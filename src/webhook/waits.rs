@@ -237,7 +237,7 @@ impl GroupWaits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::facts::StaticGroups;
+    use crate::facts::given::StaticGroups;
     use std::sync::Arc;
 
     fn limits(total: usize, per_namespace: usize) -> WaitLimits {

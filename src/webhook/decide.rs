@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::admission::Verdict;
+use crate::facts::RestoreInfo;
 use crate::facts::{GroupPresence, RestoreLookup};
-use crate::restores::RestoreInfo;
 use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind};
-use crate::waits::NoWait;
+use crate::webhook::admission::Verdict;
+use crate::webhook::waits::NoWait;
 
 /// The object under review, as the request names it.
 #[derive(Debug, Clone, Copy)]
@@ -396,7 +396,7 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::restores::RestoreInfo;
+    use crate::facts::RestoreInfo;
     use crate::vmop::{ApiVersion, REVIEWED_ANNOTATION};
     use serde_json::json;
 
@@ -682,7 +682,7 @@ mod tests {
             name: "r1".into(),
             uid: Some("uid-1".into()),
             annotations: [(
-                crate::restores::POWER_POLICY_ANNOTATION.to_string(),
+                crate::facts::restore::POWER_POLICY_ANNOTATION.to_string(),
                 policy.to_string(),
             )]
             .into(),

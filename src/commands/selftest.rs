@@ -2,11 +2,39 @@
 //! server-side dry-run create of a labelled VirtualMachine, checked for the
 //! webhook's cleanup. Nothing is stored.
 
+use std::process::ExitCode;
+
 use kube::Client;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
 use crate::vmop;
+
+#[derive(clap::Args)]
+pub struct SelftestArgs {
+    /// Namespace the dry-run VM is created in (nothing is stored).
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Name of the dry-run VM.
+    #[arg(long, default_value = "velero-vm-restore-webhook-selftest")]
+    name: String,
+}
+
+/// Prints each check that passed, or `FAIL:` and the reason (exit 1).
+pub async fn run(args: SelftestArgs) -> ExitCode {
+    match check(&args.namespace, &args.name).await {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            println!("FAIL: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Why the self-test failed; each message says what to check.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +54,7 @@ pub enum SelfTestError {
 const TEST_UUID: &str = "4210a6a4-0000-0000-0000-000000000001";
 
 /// Runs the check in `namespace`; returns the lines to print on success.
-pub async fn run(namespace: &str, name: &str) -> Result<Vec<String>, SelfTestError> {
+pub async fn check(namespace: &str, name: &str) -> Result<Vec<String>, SelfTestError> {
     let client = Client::try_default()
         .await
         .map_err(|err| SelfTestError::Client(err.to_string()))?;

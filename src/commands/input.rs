@@ -8,8 +8,8 @@ use std::io::Read;
 
 use serde_json::{Value, json};
 
-use crate::admission;
 use crate::vmop;
+use crate::webhook::admission;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {

@@ -1,13 +1,23 @@
 //! The restore companion: a loop over Velero Restores that, once a Restore
 //! has reached a final phase, prunes and starts the groups it restored and
 //! writes the per-restore report as Events on the Restore. The decisions are
-//! in [`crate::aftercare`]; this module only reads, patches and records.
+//! pure and live beside it: [`view`] (what was read), [`plan`] (what to do to
+//! each group) and [`report`] (the per-restore report); this module only
+//! reads, patches and records.
+//!
+//! Arrows: the `serve` and `report` commands use this module; it uses
+//! [`crate::facts`] (the Restore), [`crate::vmop`] and [`crate::metrics`],
+//! never the webhook path.
 //!
 //! Exactly once, with any number of replicas and across restarts, without a
 //! Lease: every group patch carries a `test` of the resourceVersion it was
 //! planned from and marks the group done for the Restore; a replica whose
 //! patch lost the race reads the group again and finds it done. Events have
 //! names derived from the Restore's UID, so a second create is refused.
+
+pub mod plan;
+pub mod report;
+pub mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,10 +36,13 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::aftercare::{self, FINAL_PHASES, GroupPlan, Namespace, ObjectState, Report, RestoreRef};
+use crate::facts::RestoreInfo;
+use crate::facts::restore_cache::restore_resource;
 use crate::metrics::{CompanionAction, Metrics};
-use crate::restores::{RestoreInfo, restore_resource};
 use crate::vmop::{self, RESTORE_NAME_LABEL};
+use plan::{GroupPlan, plan_group};
+use report::{Report, build_report};
+use view::{FINAL_PHASES, Namespace, ObjectState, RestoreRef};
 
 /// The `component` of the Events the companion writes.
 pub const COMPONENT: &str = "velero-vm-restore-webhook";
@@ -321,7 +334,7 @@ impl Companion {
             let Some(group) = view.groups.get(name).cloned() else {
                 return Ok(false);
             };
-            let Some(plan) = aftercare::plan_group(restore, prune, &group, view) else {
+            let Some(plan) = plan_group(restore, prune, &group, view) else {
                 return Ok(false);
             };
             let patch: json_patch::Patch = serde_json::from_value(Value::Array(plan.patch.clone()))
@@ -560,7 +573,7 @@ pub async fn read_report(
         let view = read_namespace(client, resources, &namespace).await?;
         views.insert(namespace, view);
     }
-    Ok(aftercare::build_report(restore, &restored, &views))
+    Ok(build_report(restore, &restored, &views))
 }
 
 /// `report RESTORE`: the Restore's report, from the cluster.
@@ -581,7 +594,7 @@ pub async fn report(
     let restore = restore_ref(&serde_json::to_value(&object).unwrap_or_default());
     match discover(client).await? {
         Some(resources) => read_report(client, &resources, &restore).await,
-        None => Ok(aftercare::build_report(&restore, &[], &HashMap::new())),
+        None => Ok(build_report(&restore, &[], &HashMap::new())),
     }
 }
 

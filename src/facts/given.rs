@@ -1,11 +1,5 @@
-//! The facts a review needs from the cluster, behind two small traits: does a
-//! VirtualMachineGroup exist, and what does the Velero Restore say. The live
-//! implementations are [`crate::groups::GroupCache`] and
-//! [`crate::restores::RestoreCache`]; the static ones here serve the `review`
-//! command and the tests, so the production types carry no test seams.
-//!
-//! Callers bound every call with the request's [`crate::deadline::Deadline`]:
-//! dropping a future cancels the live GET behind it.
+//! Facts given by hand: the groups and references `review --group` and
+//! `--exists` name, `serve --no-kube`, and the tests. Nothing here does I/O.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -14,67 +8,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::restores::RestoreInfo;
+use super::{
+    GroupFacts, GroupPresence, RefFacts, RestoreFacts, RestoreInfo, RestoreLookup, appeared_when,
+};
 use crate::vmop::{ClusterRef, RefKind};
-
-/// How a live check of a group ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GroupPresence {
-    Present,
-    Missing,
-    /// The live GET that should confirm a miss failed; the message says why.
-    Unknown(String),
-}
-
-/// How a Restore lookup ended.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum RestoreLookup {
-    Found(RestoreInfo),
-    #[default]
-    NotFound,
-    /// The API server could not be asked, or refused (RBAC); the message says why.
-    Failed(String),
-}
-
-pub trait GroupFacts: Send + Sync {
-    /// Whether the source can answer yet (readiness).
-    fn is_synced(&self) -> bool;
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Whether the group is known now (no I/O).
-    fn contains(&self, namespace: &str, name: &str) -> bool;
-    /// Resolves once the group is known; never, if it never comes. Woken by
-    /// changes, not by polling. `'static`, so concurrent waits can share it.
-    fn appeared(&self, namespace: &str, name: &str) -> BoxFuture<'static, ()>;
-    /// One live check of a miss: a cache can lag behind the API server.
-    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupPresence>;
-    /// An annotation of a known group (no I/O): whether its power is held.
-    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String>;
-}
-
-pub trait RestoreFacts: Send + Sync {
-    fn is_synced(&self) -> bool;
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Velero's namespace, where Restores live (for messages).
-    fn namespace(&self) -> &str;
-    /// The Restore whose `velero.io/restore-name` label value is `label`.
-    fn lookup<'a>(&'a self, label: &'a str) -> BoxFuture<'a, RestoreLookup>;
-}
-
-/// Whether the objects a VM refers to exist in the target cluster (zones,
-/// class instances, images): VM Operator refuses a VM naming a missing one.
-pub trait RefFacts: Send + Sync {
-    fn exists<'a>(
-        &'a self,
-        namespace: &'a str,
-        reference: &'a ClusterRef,
-    ) -> BoxFuture<'a, GroupPresence>;
-}
 
 /// References given by hand (`review --exists`); every other counts as missing.
 pub struct StaticRefs {
@@ -126,28 +63,6 @@ impl RefFacts for AllRefsExist {
     ) -> BoxFuture<'a, GroupPresence> {
         futures::future::ready(GroupPresence::Present).boxed()
     }
-}
-
-/// A future that resolves once `known()` holds, re-checked on every change
-/// published on `changes`. Subscribed before the first check, so a change
-/// between the check and the wait still wakes it.
-pub(crate) fn appeared_when(
-    mut changes: watch::Receiver<u64>,
-    known: impl Fn() -> bool + Send + 'static,
-) -> BoxFuture<'static, ()> {
-    async move {
-        loop {
-            changes.borrow_and_update();
-            if known() {
-                return;
-            }
-            if changes.changed().await.is_err() {
-                // The source is gone: nothing can make the group appear.
-                futures::future::pending::<()>().await;
-            }
-        }
-    }
-    .boxed()
 }
 
 type GroupKey = (String, String);

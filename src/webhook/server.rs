@@ -25,12 +25,12 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::admission::{self, ReviewError};
 use crate::deadline::Deadline;
 use crate::metrics::{Metrics, Outcome};
-use crate::review::Reviewer;
 use crate::settings::ServeArgs;
-use crate::tls::{ReloadingCert, TlsError};
+use crate::webhook::admission::{self, ReviewError};
+use crate::webhook::review::Reviewer;
+use crate::webhook::tls::{ReloadingCert, TlsError};
 
 /// The limits the server enforces, from [`ServeArgs`].
 #[derive(Debug, Clone)]

@@ -1,0 +1,502 @@
+//! `review`: what a restore through the webhook would do to the objects
+//! given (files, stdin, or a Velero backup tarball), offline: the same
+//! [`Reviewer`] as the server, with facts given by hand.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::input as offline;
+use super::{parse_groups, review_settings};
+use crate::deadline::Deadline;
+use crate::facts::RestoreInfo;
+use crate::facts::given::{StaticGroups, StaticRefs, StaticRestores};
+use crate::facts::restore::NEW_IDENTITY_ANNOTATION;
+use crate::settings::RuleArgs;
+use crate::vmop::RefKind;
+use crate::webhook::review::{Reviewed, Reviewer};
+
+/// Exit codes: 0 reviewed (denials included, unless --fail-on-deny);
+/// 1 an object was denied and --fail-on-deny was given; 2 unusable input.
+#[derive(clap::Args)]
+pub struct ReviewArgs {
+    /// A VirtualMachineGroup that exists, as NAMESPACE/NAME (repeatable). The
+    /// groups of a backup tarball count as existing.
+    #[arg(long = "group", value_name = "NAMESPACE/NAME")]
+    groups: Vec<String>,
+
+    /// An object a VM may refer to that exists in the target, as
+    /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME
+    /// or clusterimage/NAME (repeatable). References not given count as
+    /// missing and are removed, as they would be in a cluster without them.
+    #[arg(long = "exists", value_name = "KIND/[NAMESPACE/]NAME")]
+    exists: Vec<String>,
+
+    /// Same as `-o json` (kept for scripts).
+    #[arg(long, hide = true)]
+    patched: bool,
+
+    /// Review as a copy restored beside the original (as with a namespace
+    /// mapping): also clear biosUUID, cloud-init instanceID, MACs, addresses.
+    #[arg(long)]
+    new_identity: bool,
+
+    /// What to print on stdout; a summary of each object goes to stderr.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Response)]
+    output: Output,
+
+    /// Exit 1 when any object would be denied.
+    #[arg(long)]
+    fail_on_deny: bool,
+
+    #[command(flatten)]
+    rules: RuleArgs,
+
+    /// JSON or YAML: an object, a List (`kubectl get ... -o yaml`), several
+    /// documents, or an AdmissionReview; or a Velero backup tarball
+    /// (`velero backup download`). `-` reads stdin.
+    #[arg(default_value = "-")]
+    input: PathBuf,
+}
+
+/// `--exists` arguments.
+fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, String> {
+    values
+        .iter()
+        .map(|value| {
+            let parts: Vec<&str> = value.split('/').collect();
+            let kind = match parts.first().copied() {
+                Some("zone") => RefKind::Zone,
+                Some("classinstance") => RefKind::ClassInstance,
+                Some("image") => RefKind::Image,
+                Some("clusterimage") => RefKind::ClusterImage,
+                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, image or clusterimage")),
+            };
+            match (kind, parts.as_slice()) {
+                (RefKind::ClusterImage, [_, name]) if !name.is_empty() => Ok((kind, String::new(), name.to_string())),
+                (RefKind::ClusterImage, _) => Err(format!("--exists {value:?} must be clusterimage/NAME")),
+                (_, [_, namespace, name]) if !namespace.is_empty() && !name.is_empty() => {
+                    Ok((kind, namespace.to_string(), name.to_string()))
+                }
+                _ => Err(format!("--exists {value:?} must be KIND/NAMESPACE/NAME")),
+            }
+        })
+        .collect()
+}
+
+/// A review as the server answers it: the patch in base64, as the admission
+/// API documents it.
+fn review_for_people(
+    review: &kube::core::admission::AdmissionReview<kube::core::DynamicObject>,
+) -> Value {
+    serde_json::to_value(crate::webhook::admission::WireReview(review)).unwrap_or(Value::Null)
+}
+
+/// The label of an object for the summary, from the review request.
+fn request_label(review: &Value) -> String {
+    let request = &review["request"];
+    let kind = request
+        .pointer("/kind/kind")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
+    let name = request
+        .pointer("/object/metadata/name")
+        .or_else(|| request.get("name"))
+        .and_then(Value::as_str)
+        .filter(|name| !name.is_empty())
+        .unwrap_or("(unnamed)");
+    match request.get("namespace").and_then(Value::as_str) {
+        Some(namespace) if !namespace.is_empty() => format!("{kind} {namespace}/{name}"),
+        _ => format!("{kind} {name}"),
+    }
+}
+
+/// One reviewed item, for the outputs and the summary.
+struct ReviewedItem {
+    label: String,
+    kind: String,
+    namespace: String,
+    response: Value,
+    patch: Option<Value>,
+    patched: Option<Value>,
+    reviewed: Reviewed,
+}
+
+impl ReviewedItem {
+    fn summary(&self) -> String {
+        let reviewed = &self.reviewed;
+        let verdict = &reviewed.verdict;
+        let mut out = String::new();
+        if let Some(denial) = &verdict.denial {
+            out.push_str(&format!("{}: DENIED: {denial}\n", self.label));
+        } else if let Some(because) = reviewed.unchanged_because {
+            out.push_str(&format!("{}: unchanged: {because}\n", self.label));
+        } else if verdict.changes.is_empty() {
+            out.push_str(&format!("{}: unchanged: nothing to clean\n", self.label));
+        } else {
+            let count = verdict.changes.len();
+            out.push_str(&format!(
+                "{}: {count} change{}\n",
+                self.label,
+                if count == 1 { "" } else { "s" }
+            ));
+            for change in &verdict.changes {
+                out.push_str(&format!("  {}\n", change.describe()));
+            }
+        }
+        for note in &verdict.notes {
+            out.push_str(&format!("  warning: {note}\n"));
+        }
+        out
+    }
+}
+
+/// What `review` prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// The AdmissionReview response, with the patch as base64 (as the API server gets it).
+    Response,
+    /// The objects as they would be created, as JSON (a List for several); denied ones are left out.
+    Json,
+    /// The same as YAML.
+    Yaml,
+    /// The decoded JSON Patch of each object.
+    Patch,
+    /// The summary only, on stdout.
+    Summary,
+}
+
+fn read_input(input: &std::path::Path) -> Result<(Vec<u8>, String), String> {
+    if input.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|err| format!("cannot read stdin: {err}"))?;
+        Ok((bytes, "stdin".into()))
+    } else {
+        std::fs::read(input)
+            .map(|bytes| (bytes, input.display().to_string()))
+            .map_err(|err| format!("cannot read {}: {err}", input.display()))
+    }
+}
+
+/// What `review` was given.
+struct ReviewInput {
+    items: Vec<offline::Item>,
+    /// For a backup tarball, the groups it holds (a restore creates them
+    /// before the VMs), as (namespace, name).
+    backup_groups: Vec<(String, String)>,
+    from_backup: bool,
+}
+
+fn review_items(bytes: &[u8], source: &str) -> Result<ReviewInput, String> {
+    if offline::is_gzip(bytes) {
+        let objects = offline::backup_objects(bytes).map_err(|err| err.to_string())?;
+        let groups = objects
+            .iter()
+            .filter(|(_, object)| object["kind"] == "VirtualMachineGroup")
+            .filter_map(|(_, object)| {
+                Some((
+                    object.pointer("/metadata/namespace")?.as_str()?.to_string(),
+                    object.pointer("/metadata/name")?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let mut items = Vec::new();
+        for (path, object) in objects {
+            items.extend(
+                offline::items(vec![object], &format!("{source}:{path}"))
+                    .map_err(|err| err.to_string())?,
+            );
+        }
+        return Ok(ReviewInput {
+            items,
+            backup_groups: groups,
+            from_backup: true,
+        });
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("{source} is neither text nor a gzip tarball"))?;
+    let documents = offline::parse_documents(text).map_err(|err| err.to_string())?;
+    let items = offline::items(documents, source).map_err(|err| err.to_string())?;
+    Ok(ReviewInput {
+        items,
+        backup_groups: Vec::new(),
+        from_backup: false,
+    })
+}
+
+/// Counts per namespace and kind for a backup: (objects, changed, denied).
+fn backup_summary(items: &[ReviewedItem]) -> String {
+    let mut by_namespace: std::collections::BTreeMap<
+        &str,
+        std::collections::BTreeMap<&str, (usize, usize, usize)>,
+    > = Default::default();
+    for item in items {
+        let counts = by_namespace
+            .entry(item.namespace.as_str())
+            .or_default()
+            .entry(item.kind.as_str())
+            .or_default();
+        counts.0 += 1;
+        if item.reviewed.verdict.denial.is_some() {
+            counts.2 += 1;
+        } else if !item.reviewed.verdict.changes.is_empty() {
+            counts.1 += 1;
+        }
+    }
+    let mut out = format!(
+        "What a restore of this backup would change ({} objects in {} namespaces):\n",
+        items.len(),
+        by_namespace.len()
+    );
+    for (namespace, kinds) in &by_namespace {
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|(kind, (total, changed, denied))| {
+                format!("{kind}: {total} ({changed} changed, {denied} denied)")
+            })
+            .collect();
+        out.push_str(&format!("  namespace {namespace}: {}\n", parts.join(", ")));
+    }
+    let denied: Vec<&ReviewedItem> = items
+        .iter()
+        .filter(|item| item.reviewed.verdict.denial.is_some())
+        .collect();
+    if !denied.is_empty() {
+        out.push_str("Denied (would not be restored):\n");
+        for item in denied {
+            out.push_str(&format!(
+                "  {}: {}\n",
+                item.label,
+                item.reviewed.verdict.denial.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    out
+}
+
+pub async fn run(args: ReviewArgs) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("velero-vm-restore-webhook review: {message}");
+        ExitCode::from(2)
+    };
+    let output = if args.patched {
+        Output::Json
+    } else {
+        args.output
+    };
+    let (bytes, source) = match read_input(&args.input) {
+        Ok(read) => read,
+        Err(err) => return fail(err),
+    };
+    let ReviewInput {
+        mut items,
+        backup_groups,
+        from_backup,
+    } = match review_items(&bytes, &source) {
+        Ok(found) => found,
+        Err(err) => return fail(err),
+    };
+    // A backup is restored groups first, so that VMs see whether their
+    // group's power is held.
+    if from_backup {
+        items.sort_by_key(|item| {
+            item.review
+                .pointer("/request/kind/kind")
+                .and_then(Value::as_str)
+                != Some("VirtualMachineGroup")
+        });
+    }
+    let mut settings = match review_settings(&args.rules) {
+        Ok(settings) => settings,
+        Err(err) => return fail(err),
+    };
+    // Offline there is nobody to create a group meanwhile: never wait.
+    settings.group_wait_timeout = Duration::ZERO;
+    let mut groups = match parse_groups(&args.groups) {
+        Ok(groups) => groups,
+        Err(err) => return fail(err),
+    };
+    groups.extend(
+        backup_groups
+            .iter()
+            .map(|(namespace, name)| (namespace.as_str(), name.as_str())),
+    );
+    let restore = RestoreInfo {
+        name: "review".into(),
+        annotations: if args.new_identity {
+            [(NEW_IDENTITY_ANNOTATION.to_string(), "true".to_string())].into()
+        } else {
+            Default::default()
+        },
+        ..Default::default()
+    };
+    let exists = match parse_exists(&args.exists) {
+        Ok(exists) => exists,
+        Err(err) => return fail(err),
+    };
+    let static_groups = StaticGroups::new(groups);
+    let reviewer = Reviewer::new(
+        static_groups.clone(),
+        StaticRestores::found(restore),
+        settings,
+        None,
+    )
+    .with_refs(StaticRefs::new(exists));
+
+    let mut reviewed_items = Vec::new();
+    for item in items {
+        let body = match serde_json::to_vec(&item.review) {
+            Ok(body) => body,
+            Err(err) => return fail(err.to_string()),
+        };
+        let reviewed = match reviewer
+            .review(&body, Deadline::after(Duration::from_secs(10)))
+            .await
+        {
+            Ok(reviewed) => reviewed,
+            Err(err) => return fail(format!("{}: {err}", item.source)),
+        };
+        let Some(response) = reviewed.review.response.as_ref() else {
+            return fail(format!("{}: no response", item.source));
+        };
+        let patch: Option<json_patch::Patch> = match &response.patch {
+            Some(bytes) => match serde_json::from_slice(bytes) {
+                Ok(patch) => Some(patch),
+                Err(err) => {
+                    return fail(format!(
+                        "{}: the patch is not a JSON Patch: {err}",
+                        item.source
+                    ));
+                }
+            },
+            None => None,
+        };
+        // The patch never touches the restore label, so it applies to the
+        // object as given (without the label `review` adds to a bare object).
+        let patched = if response.allowed && !item.original.is_null() {
+            let mut object = item.original.clone();
+            if let Some(patch) = &patch
+                && let Err(err) = json_patch::patch(&mut object, patch)
+            {
+                return fail(format!("{}: the patch does not apply: {err}", item.source));
+            }
+            Some(object)
+        } else {
+            None
+        };
+        // A backup's group as it would be created: its VMs read its annotations.
+        if from_backup
+            && let Some(group) = &patched
+            && group["kind"] == "VirtualMachineGroup"
+            && let (Some(namespace), Some(name)) = (
+                group.pointer("/metadata/namespace").and_then(Value::as_str),
+                group.pointer("/metadata/name").and_then(Value::as_str),
+            )
+        {
+            let annotations = group
+                .pointer("/metadata/annotations")
+                .and_then(Value::as_object)
+                .map(|map| {
+                    map.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            static_groups.insert_annotated(namespace, name, annotations);
+        }
+        reviewed_items.push(ReviewedItem {
+            label: reviewed
+                .object_label
+                .clone()
+                .unwrap_or_else(|| request_label(&item.review)),
+            kind: item
+                .review
+                .pointer("/request/kind/kind")
+                .and_then(Value::as_str)
+                .unwrap_or("object")
+                .to_string(),
+            namespace: item
+                .review
+                .pointer("/request/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            response: review_for_people(&reviewed.review),
+            patch: patch.map(|patch| serde_json::to_value(patch).unwrap_or(Value::Null)),
+            patched,
+            reviewed,
+        });
+    }
+
+    let mut summary: String = reviewed_items.iter().map(ReviewedItem::summary).collect();
+    if from_backup {
+        summary.push_str(&backup_summary(&reviewed_items));
+    }
+    let single = reviewed_items.len() == 1;
+    // One object prints as itself; anything else (several, or none, as for a
+    // DELETE) as a List that kubectl reads back.
+    let many = |values: Vec<Value>| -> Value {
+        if single && values.len() == 1 {
+            values.into_iter().next().unwrap_or(Value::Null)
+        } else {
+            json!({"apiVersion": "v1", "kind": "List", "items": values})
+        }
+    };
+    let printed = match output {
+        Output::Summary => {
+            print!("{summary}");
+            None
+        }
+        Output::Response => Some(many(
+            reviewed_items
+                .iter()
+                .map(|item| item.response.clone())
+                .collect(),
+        )),
+        Output::Patch => Some(if single {
+            reviewed_items[0].patch.clone().unwrap_or(json!([]))
+        } else {
+            Value::Array(
+                reviewed_items
+                    .iter()
+                    .map(|item| json!({"object": item.label, "patch": item.patch.clone().unwrap_or(json!([]))}))
+                    .collect(),
+            )
+        }),
+        Output::Json | Output::Yaml => Some(many(
+            reviewed_items
+                .iter()
+                .filter_map(|item| item.patched.clone())
+                .collect(),
+        )),
+    };
+    if output != Output::Summary {
+        eprint!("{summary}");
+    }
+    if let Some(value) = printed {
+        let text = if output == Output::Yaml {
+            serde_yaml_ng::to_string(&value).map_err(|err| err.to_string())
+        } else {
+            serde_json::to_string_pretty(&value)
+                .map(|text| text + "\n")
+                .map_err(|err| err.to_string())
+        };
+        match text {
+            Ok(text) => print!("{text}"),
+            Err(err) => return fail(err),
+        }
+    }
+    let denied = reviewed_items
+        .iter()
+        .any(|item| item.reviewed.verdict.denial.is_some());
+    if denied && args.fail_on_deny {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,180 @@
+//! `serve`: the webhook's HTTPS server, its caches and, unless turned off,
+//! the restore companion, wired together from the flags.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::{parse_groups, review_settings};
+use crate::companion::{Companion, CompanionSettings};
+use crate::facts::given::{StaticGroups, StaticRestores};
+use crate::facts::group_cache::GroupCache;
+use crate::facts::live_refs::LiveRefs;
+use crate::facts::restore_cache::RestoreCache;
+use crate::facts::{GroupFacts, RefFacts, RestoreFacts};
+use crate::metrics::Metrics;
+use crate::settings::{GroupPolicy, ServeArgs};
+use crate::webhook::review::Reviewer;
+use crate::webhook::waits::WaitLimits;
+use crate::webhook::{server, tls};
+
+pub async fn run(args: ServeArgs) -> ExitCode {
+    let mut settings = match review_settings(&args.rules) {
+        Ok(settings) => settings,
+        Err(err) => {
+            error!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    // Waiting VMs hold review slots: keep at least half of the slots for
+    // reviews that need no wait.
+    let max_waits = (args.max_group_waits as usize).min(args.max_concurrent_reviews as usize / 2);
+    if max_waits < args.max_group_waits as usize {
+        warn!(
+            max_group_waits = max_waits,
+            "--max-group-waits lowered to half of --max-concurrent-reviews, so waits never hold every review slot"
+        );
+    }
+    settings.wait_limits = WaitLimits {
+        max_total: max_waits,
+        max_per_namespace: args.max_group_waits_per_namespace as usize,
+        miss_memory: args.group_miss_memory,
+    };
+    if settings.group_wait_timeout + settings.timeout_margin > Duration::from_secs(30) {
+        warn!(
+            group_wait_timeout = ?settings.group_wait_timeout,
+            "the group wait plus margin exceeds 30s, the largest webhook timeoutSeconds; each wait is cut to the request's deadline anyway"
+        );
+    }
+    let certificate = match tls::ReloadingCert::load(&args.tls_cert_file, &args.tls_key_file) {
+        Ok(certificate) => certificate,
+        Err(err) => {
+            error!(error = %err, "cannot load the serving certificate");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let mut refs: Option<Arc<dyn RefFacts>> = None;
+    let (groups, restores): (Arc<dyn GroupFacts>, Arc<dyn RestoreFacts>) = if args.no_kube {
+        let listed = match parse_groups(&args.groups) {
+            Ok(listed) => listed,
+            Err(err) => {
+                error!("{err}");
+                return ExitCode::from(2);
+            }
+        };
+        warn!(
+            groups = ?args.groups,
+            "--no-kube: only the groups given with --group exist and no Velero Restore is found; {}",
+            group_policy_summary(settings.group_policy)
+        );
+        (
+            StaticGroups::new(listed),
+            StaticRestores::new(&args.velero_namespace, Default::default()),
+        )
+    } else {
+        let client = match kube::Client::try_default().await {
+            Ok(client) => client,
+            Err(err) => {
+                error!(
+                    error = %err,
+                    "cannot build a Kubernetes client from the in-cluster config or KUBECONFIG (~/.kube/config). \
+                     To try the webhook without a cluster, run `serve --no-kube --group NAMESPACE/NAME ...`"
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        refs = Some(Arc::new(LiveRefs::new(client.clone())));
+        let (groups, group_runner) = GroupCache::live(client.clone());
+        let (restores, restore_runner) = RestoreCache::live(client.clone(), &args.velero_namespace);
+        tokio::spawn(group_runner);
+        tokio::spawn(restore_runner);
+        if args.companion.disabled {
+            warn!(
+                "--no-companion: held groups are not started, missing members are not pruned, and no report Events are written"
+            );
+        } else {
+            let companion = Companion::new(
+                client,
+                CompanionSettings {
+                    velero_namespace: args.velero_namespace.clone(),
+                    prune_default: args.companion.prune_missing_members,
+                    max_age: args.companion.max_age,
+                    retry: args.companion.retry,
+                    instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
+                },
+                Some(metrics.clone()),
+            );
+            info!(
+                prune_missing_members = args.companion.prune_missing_members,
+                power_policy = settings.power_policy.as_str(),
+                "restore companion on: acts on each Velero Restore once it has finished"
+            );
+            tokio::spawn(companion.run());
+        }
+        info!("{}", group_policy_summary(settings.group_policy));
+        (groups, restores)
+    };
+    tokio::spawn(
+        certificate
+            .clone()
+            .watch(args.tls_reload_interval, Some(metrics.clone())),
+    );
+    let mut reviewer = Reviewer::new(groups, restores, settings, Some(metrics.clone()));
+    if let Some(refs) = refs {
+        reviewer = reviewer.with_refs(refs);
+    }
+    let reviewer = Arc::new(reviewer);
+    let bound = match server::bind(args.listen, args.metrics_listen).await {
+        Ok(bound) => bound,
+        Err(err) => {
+            error!(error = %err, listen = %args.listen, metrics_listen = %args.metrics_listen, "cannot bind");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limits = server::Limits::from(&args);
+    match bound
+        .run(reviewer, metrics, certificate, limits, shutdown_signal())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = %err, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a VM naming a missing group gets, for the startup log.
+fn group_policy_summary(policy: GroupPolicy) -> &'static str {
+    match policy {
+        GroupPolicy::WaitThenDeny => "VMs naming a missing group wait for it, then are denied",
+        GroupPolicy::Deny => "VMs naming a missing group are denied",
+        GroupPolicy::AllowWithWarning => "VMs naming a missing group are admitted with a warning",
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
