@@ -4,6 +4,8 @@
 //! change for a location that exists, because the API server fails the whole
 //! request on a `remove` of an absent path (and `failurePolicy` does not apply).
 
+use std::borrow::Cow;
+
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use serde_json::Value;
@@ -24,24 +26,34 @@ pub struct Change {
     pub edit: Edit,
     /// Stable rule id, used as a metric label and in the rule table (docs/rules.md).
     pub rule: &'static str,
-    /// Short reason a platform admin can act on.
-    pub reason: &'static str,
+    /// Short reason a platform admin can act on; most are fixed text, a
+    /// mapping names the entry it applied.
+    pub reason: Cow<'static, str>,
     /// Set when the change is inside the hidden copy in the conversion annotation.
     pub in_conversion_copy: bool,
 }
 
 impl Change {
-    fn new(tokens: Vec<String>, edit: Edit, rule: &'static str, reason: &'static str) -> Self {
+    fn new(
+        tokens: Vec<String>,
+        edit: Edit,
+        rule: &'static str,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Change {
             tokens,
             edit,
             rule,
-            reason,
+            reason: reason.into(),
             in_conversion_copy: false,
         }
     }
 
-    pub fn remove(tokens: Vec<String>, rule: &'static str, reason: &'static str) -> Self {
+    pub fn remove(
+        tokens: Vec<String>,
+        rule: &'static str,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Change::new(tokens, Edit::Remove, rule, reason)
     }
 
@@ -49,7 +61,7 @@ impl Change {
         tokens: Vec<String>,
         value: Value,
         rule: &'static str,
-        reason: &'static str,
+        reason: impl Into<Cow<'static, str>>,
     ) -> Self {
         Change::new(tokens, Edit::Replace(value), rule, reason)
     }
@@ -58,7 +70,7 @@ impl Change {
         tokens: Vec<String>,
         value: Value,
         rule: &'static str,
-        reason: &'static str,
+        reason: impl Into<Cow<'static, str>>,
     ) -> Self {
         Change::new(tokens, Edit::Add(value), rule, reason)
     }

@@ -469,3 +469,84 @@ fn references_count_as_missing_unless_given_with_exists() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be KIND/NAMESPACE/NAME"));
 }
+
+#[test]
+fn review_maps_a_vm_by_configmaps_given_as_files() {
+    let dir = std::env::temp_dir().join(format!("vmrw-cli-mapping-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mappings.yaml");
+    // Velero's own change-storage-class ConfigMap and ours, as an admin
+    // would `kubectl apply -n velero` them.
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: change-storage-class\n  labels:\n    velero.io/plugin-config: \"\"\n    velero.io/change-storage-class: RestoreItemAction\ndata:\n  wcpglobal-storage-profile: site-b-gold\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: vm-mappings\n  labels:\n    velero.io/plugin-config: \"\"\n    velero-vm-restore-webhook/vm-mappings: RestoreItemAction\ndata:\n  classes: |\n    best-effort-small: site-b-small\n",
+    )
+    .unwrap();
+    let vm: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("vm-v1alpha5.json")).unwrap())
+            .unwrap();
+    let (class, storage) = (
+        vm["spec"]["className"].clone(),
+        vm["spec"]["storageClass"].clone(),
+    );
+    assert_eq!(
+        (class.as_str(), storage.as_str()),
+        (Some("best-effort-small"), Some("wcpglobal-storage-profile"))
+    );
+    let mapping = file.to_str().unwrap();
+    let out = run(
+        &[
+            "review",
+            "--group",
+            "prod/web-tier",
+            "--mapping",
+            mapping,
+            "-o",
+            "json",
+            &example("vm-v1alpha5.json"),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(patched["spec"]["storageClass"], "site-b-gold");
+    assert_eq!(patched["spec"]["className"], "site-b-small");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("set spec.storageClass to \"site-b-gold\" (wcpglobal-storage-profile -> site-b-gold, ConfigMap velero/change-storage-class)"),
+        "{stderr}"
+    );
+
+    // A malformed one denies the VM and names the ConfigMap and the key.
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: vm-mappings\n  namespace: backup-system\n  labels:\n    velero.io/plugin-config: \"\"\n    velero-vm-restore-webhook/vm-mappings: RestoreItemAction\ndata:\n  networks: |\n    Wire/a: b\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "review",
+            "--group",
+            "prod/web-tier",
+            "--mapping",
+            mapping,
+            "--fail-on-deny",
+            "-o",
+            "summary",
+            &example("vm-v1alpha5.json"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("DENIED: VirtualMachine prod/web-1: the mappings for Velero Restore nightly-20261125 cannot be used: ConfigMap backup-system/vm-mappings, key networks: source \"Wire/a\": unknown network kind \"Wire\""),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

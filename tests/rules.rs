@@ -395,7 +395,7 @@ fn missing_references_are_removed_at_every_version() {
                 add(copy);
             });
         }
-        let refs = vmop::vm::cluster_refs(&object).unwrap();
+        let refs = vmop::vm::cluster_refs(&object, &Default::default()).unwrap();
         assert_eq!(refs.len(), 3, "v1alpha{version}: {refs:?}");
         let version_kind = Kind::VirtualMachine(ApiVersion(version));
         let plan = vmop::plan(version_kind, &object, &all_missing).unwrap();

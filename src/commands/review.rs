@@ -12,11 +12,15 @@ use serde_json::{Value, json};
 use super::input as offline;
 use super::{parse_groups, review_settings};
 use crate::deadline::Deadline;
+use std::sync::Arc;
+
 use crate::facts::RestoreInfo;
 use crate::facts::given::{StaticGroups, StaticRefs, StaticRestores};
+use crate::facts::mapping_cache::MappingCache;
 use crate::facts::restore::NEW_IDENTITY_ANNOTATION;
 use crate::settings::RuleArgs;
 use crate::vmop::RefKind;
+use crate::vmop::mapping::ConfigMapData;
 use crate::webhook::review::{Reviewed, Reviewer};
 
 /// Exit codes: 0 reviewed (denials included, unless --fail-on-deny);
@@ -27,6 +31,13 @@ pub struct ReviewArgs {
     /// groups of a backup tarball count as existing.
     #[arg(long = "group", value_name = "NAMESPACE/NAME")]
     groups: Vec<String>,
+
+    /// A YAML or JSON file of ConfigMaps, as for `kubectl apply` (repeatable):
+    /// Velero's change-storage-class ConfigMap and ours (label
+    /// `velero-vm-restore-webhook/vm-mappings: RestoreItemAction`), found by
+    /// label as in the cluster. VMs are reviewed with their mappings.
+    #[arg(long = "mapping", value_name = "FILE")]
+    mappings: Vec<PathBuf>,
 
     /// An object a VM may refer to that exists in the target, as
     /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME
@@ -60,6 +71,43 @@ pub struct ReviewArgs {
     /// (`velero backup download`). `-` reads stdin.
     #[arg(default_value = "-")]
     input: PathBuf,
+}
+
+/// The ConfigMaps of `--mapping` files, all taken as in Velero's namespace
+/// (the one they name, else `velero`), as `kubectl apply -n` would put them.
+fn mapping_files(files: &[PathBuf]) -> Result<Arc<MappingCache>, String> {
+    let mut maps = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|err| format!("--mapping {}: {err}", file.display()))?;
+        let documents = offline::parse_documents(&text)
+            .map_err(|err| format!("--mapping {}: {err}", file.display()))?;
+        let objects = documents.into_iter().flat_map(|document| {
+            match document.get("items").and_then(Value::as_array) {
+                Some(items) if document["kind"] == "List" => items.clone(),
+                _ => vec![document],
+            }
+        });
+        for object in objects {
+            if object["kind"] != "ConfigMap" {
+                return Err(format!(
+                    "--mapping {}: holds a {}, not a ConfigMap",
+                    file.display(),
+                    object["kind"].as_str().unwrap_or("document without a kind")
+                ));
+            }
+            maps.push(ConfigMapData::from_value(&object));
+        }
+    }
+    let namespace = maps
+        .iter()
+        .map(|map| map.namespace.clone())
+        .find(|namespace| !namespace.is_empty())
+        .unwrap_or_else(|| "velero".to_string());
+    for map in &mut maps {
+        map.namespace = namespace.clone();
+    }
+    Ok(MappingCache::given(&namespace, maps))
 }
 
 /// `--exists` arguments.
@@ -347,6 +395,14 @@ pub async fn run(args: ReviewArgs) -> ExitCode {
         None,
     )
     .with_refs(StaticRefs::new(exists));
+    let reviewer = if args.mappings.is_empty() {
+        reviewer
+    } else {
+        match mapping_files(&args.mappings) {
+            Ok(given) => reviewer.with_mappings(given),
+            Err(err) => return fail(err),
+        }
+    };
 
     let mut reviewed_items = Vec::new();
     for item in items {

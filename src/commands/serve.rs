@@ -12,8 +12,9 @@ use crate::companion::{Companion, CompanionSettings};
 use crate::facts::given::{StaticGroups, StaticRestores};
 use crate::facts::group_cache::GroupCache;
 use crate::facts::live_refs::LiveRefs;
+use crate::facts::mapping_cache::MappingCache;
 use crate::facts::restore_cache::RestoreCache;
-use crate::facts::{GroupFacts, RefFacts, RestoreFacts};
+use crate::facts::{GroupFacts, MappingFacts, RefFacts, RestoreFacts};
 use crate::metrics::Metrics;
 use crate::settings::{GroupPolicy, ServeArgs};
 use crate::webhook::review::Reviewer;
@@ -57,6 +58,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     };
     let metrics = Arc::new(Metrics::new());
     let mut refs: Option<Arc<dyn RefFacts>> = None;
+    let mut mappings: Option<Arc<dyn MappingFacts>> = None;
     let (groups, restores): (Arc<dyn GroupFacts>, Arc<dyn RestoreFacts>) = if args.no_kube {
         let listed = match parse_groups(&args.groups) {
             Ok(listed) => listed,
@@ -87,6 +89,10 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             }
         };
         refs = Some(Arc::new(LiveRefs::new(client.clone())));
+        let (mapping_cache, mapping_runner) =
+            MappingCache::live(client.clone(), &args.velero_namespace);
+        tokio::spawn(mapping_runner);
+        mappings = Some(mapping_cache);
         let (groups, group_runner) = GroupCache::live(client.clone());
         let (restores, restore_runner) = RestoreCache::live(client.clone(), &args.velero_namespace);
         tokio::spawn(group_runner);
@@ -125,6 +131,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let mut reviewer = Reviewer::new(groups, restores, settings, Some(metrics.clone()));
     if let Some(refs) = refs {
         reviewer = reviewer.with_refs(refs);
+    }
+    if let Some(mappings) = mappings {
+        reviewer = reviewer.with_mappings(mappings);
     }
     let reviewer = Arc::new(reviewer);
     let bound = match server::bind(args.listen, args.metrics_listen).await {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Event as CoreEvent;
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use crate::facts::RestoreInfo;
 use crate::facts::restore_cache::restore_resource;
 use crate::metrics::{CompanionAction, Metrics};
+use crate::vmop::mapping::{self, ConfigMapData};
 use crate::vmop::{self, RESTORE_NAME_LABEL};
 use plan::{GroupPlan, plan_group};
 use report::{Report, build_report};
@@ -46,6 +47,9 @@ use view::{FINAL_PHASES, Namespace, ObjectState, RestoreRef};
 
 /// The `component` of the Events the companion writes.
 pub const COMPONENT: &str = "velero-vm-restore-webhook";
+
+/// The Event reason on a Restore whose mapping ConfigMaps are malformed.
+pub const MAPPING_INVALID_REASON: &str = "VMRestoreMappingInvalid";
 
 #[derive(Debug, Error)]
 pub enum CompanionError {
@@ -302,6 +306,27 @@ impl Companion {
                 events += 1;
             }
         }
+        if let Some(problem) = self.mapping_problem(&value).await {
+            let event = event_for(
+                &EventTarget {
+                    api_version: "velero.io/v1",
+                    kind: "Restore",
+                    namespace: &self.settings.velero_namespace,
+                    name: &restore.name,
+                    uid: &restore.uid,
+                },
+                &restore.uid,
+                MAPPING_INVALID_REASON,
+                &format!(
+                    "the mappings for this restore cannot be used, so the webhook denied each of its VirtualMachines: {problem}"
+                ),
+                "Warning",
+                &self.settings.instance,
+            );
+            if self.create_event(event).await? {
+                events += 1;
+            }
+        }
         if events > 0 {
             self.count(CompanionAction::Reported);
         }
@@ -312,6 +337,36 @@ impl Companion {
                 events,
             },
         ))
+    }
+
+    /// Why the restore's mapping ConfigMaps cannot be used, if they cannot:
+    /// the same selection the webhook made, read again now. A failed read
+    /// is logged, not reported.
+    async fn mapping_problem(&self, restore: &Value) -> Option<String> {
+        let api: Api<ConfigMap> =
+            Api::namespaced(self.client.clone(), &self.settings.velero_namespace);
+        let maps = match api.list(&ListParams::default()).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .map(|map| {
+                    ConfigMapData::from_value(&serde_json::to_value(map).unwrap_or_default())
+                })
+                .collect::<Vec<_>>(),
+            Err(err) => {
+                warn!(error = %err, namespace = %self.settings.velero_namespace,
+                    "cannot list ConfigMaps to check the restore's mappings");
+                return None;
+            }
+        };
+        let info = RestoreInfo::from_object(restore);
+        let named = info
+            .annotations
+            .get(mapping::MAPPINGS_ANNOTATION)
+            .map(String::as_str);
+        mapping::select(&maps, &self.settings.velero_namespace, named)
+            .err()
+            .map(|err| err.to_string())
     }
 
     /// Plans, patches and records one group; re-reads it when another writer

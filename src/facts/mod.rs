@@ -16,6 +16,7 @@
 pub mod given;
 pub mod group_cache;
 pub mod live_refs;
+pub mod mapping_cache;
 pub mod restore;
 pub mod restore_cache;
 
@@ -25,7 +26,10 @@ use tokio::sync::watch;
 
 pub use restore::RestoreInfo;
 
+use std::sync::Arc;
+
 use crate::vmop::ClusterRef;
+use crate::vmop::mapping::{MappingError, Mappings};
 
 /// How a live check of a group ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +88,15 @@ pub trait RefFacts: Send + Sync {
         namespace: &'a str,
         reference: &'a ClusterRef,
     ) -> BoxFuture<'a, GroupPresence>;
+}
+
+/// The mappings of a restore into another Supervisor (Velero's
+/// change-storage-class ConfigMap and ours), as read now (no I/O).
+pub trait MappingFacts: Send + Sync {
+    fn is_synced(&self) -> bool;
+    /// The mappings `restore` selects (its annotation may name a ConfigMap),
+    /// or why they cannot be used.
+    fn for_restore(&self, restore: Option<&RestoreInfo>) -> Result<Arc<Mappings>, MappingError>;
 }
 
 /// A future that resolves once `known()` holds, re-checked on every change

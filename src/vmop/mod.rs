@@ -4,6 +4,7 @@
 //! so that fields this crate does not model pass through untouched.
 
 pub mod group;
+pub mod mapping;
 pub mod power;
 pub mod pvc;
 pub mod refused;
@@ -251,6 +252,8 @@ pub struct CleanupOptions {
     pub power_policy: power::PowerPolicy,
     /// The group the object names (`spec.groupName`) has its power held.
     pub named_group_holds_power: bool,
+    /// The renames this restore asks for ([`mapping`]).
+    pub mappings: Arc<mapping::Mappings>,
 }
 
 impl CleanupOptions {
@@ -321,6 +324,7 @@ pub struct RuleDoc {
 /// Every rule, in the order docs/rules.md lists them.
 pub fn rule_docs() -> Vec<RuleDoc> {
     let mut docs = vm::RULES.to_vec();
+    docs.extend_from_slice(mapping::RULES);
     docs.extend_from_slice(group::RULES);
     docs.extend_from_slice(pvc::RULES);
     docs.extend_from_slice(refused::RULES);

@@ -13,6 +13,7 @@
 
 use serde_json::{Map, Value};
 
+use super::mapping;
 use super::power::{self, PowerPolicy};
 use super::shape::{self, ShapeError};
 use super::{
@@ -268,21 +269,37 @@ fn object_changes(
     }
 
     if let Some(labels) = meta.labels
-        && labels.contains_key(ZONE_LABEL)
-        && options.missing_refs.contains(&RefKind::Zone)
-        && options.enabled(R_ZONE_LABEL)
+        && let Some(zone) = labels.get(ZONE_LABEL)
     {
-        changes.push(Change::remove(
-            tokens(&["metadata", "labels", ZONE_LABEL]),
-            R_ZONE_LABEL,
-            "no such zone in the target",
-        ));
+        let label = tokens(&["metadata", "labels", ZONE_LABEL]);
+        // The zone checked is the mapped one: a mapping to a zone the target
+        // lacks still ends in the removal.
+        if options.missing_refs.contains(&RefKind::Zone) {
+            if options.enabled(R_ZONE_LABEL) {
+                changes.push(Change::remove(
+                    label,
+                    R_ZONE_LABEL,
+                    "no such zone in the target",
+                ));
+            }
+        } else if let Some(zone) = zone.as_str()
+            && options.enabled(mapping::R_MAP_ZONE)
+            && let Some(change) = mapping::zone_change(zone, &options.mappings, label)
+        {
+            changes.push(change);
+        }
     }
 
     let Some(spec) = shape::map(object, "", "spec")? else {
         return Ok(changes);
     };
-    for found in spec_refs(spec)? {
+    mapping::vm_changes(
+        spec,
+        &options.mappings,
+        |rule| options.enabled(rule),
+        &mut changes,
+    )?;
+    for found in spec_refs(spec, &options.mappings)? {
         let (rule, key, reason) = match found.kind {
             RefKind::ClassInstance => (
                 R_CLASS_INSTANCE,
@@ -358,10 +375,19 @@ fn object_changes(
 
 const R_INSTANCE_UUID_KEY: &str = "instanceUUID";
 
-/// `spec.class`, and `spec.image` when `spec.imageName` is also set.
-fn spec_refs(spec: &Map<String, Value>) -> Result<Vec<ClusterRef>, ShapeError> {
+/// `spec.class`, and `spec.image` when `spec.imageName` is also set; not
+/// when a mapping renames the class or the image (the mapping removes them).
+fn spec_refs(
+    spec: &Map<String, Value>,
+    mappings: &mapping::Mappings,
+) -> Result<Vec<ClusterRef>, ShapeError> {
     let mut refs = Vec::new();
-    if let Some(class) = shape::map(spec, "spec", "class")?
+    let class_name = shape::string(spec, "spec", "className")?;
+    let image_name = shape::string(spec, "spec", "imageName")?;
+    let class_mapped = class_name.is_some_and(|class| mappings.class(class).is_some());
+    let image_mapped = image_name.is_some_and(|image| mappings.image(image).is_some());
+    if !class_mapped
+        && let Some(class) = shape::map(spec, "spec", "class")?
         && let Some(name) = shape::string(class, "spec.class", "name")?.filter(|n| !n.is_empty())
     {
         refs.push(ClusterRef {
@@ -372,7 +398,8 @@ fn spec_refs(spec: &Map<String, Value>) -> Result<Vec<ClusterRef>, ShapeError> {
                 .map(str::to_string),
         });
     }
-    if shape::is_set(shape::string(spec, "spec", "imageName")?)
+    if !image_mapped
+        && shape::is_set(image_name)
         && let Some(image) = shape::map(spec, "spec", "image")?
         && let Some(name) = shape::string(image, "spec.image", "name")?.filter(|n| !n.is_empty())
     {
@@ -390,8 +417,12 @@ fn spec_refs(spec: &Map<String, Value>) -> Result<Vec<ClusterRef>, ShapeError> {
 }
 
 /// The cluster-bound references a VM makes (its zone label, `spec.class`,
-/// `spec.image`), for the facts a review gathers before it decides.
-pub fn cluster_refs(object: &Value) -> Result<Vec<ClusterRef>, ShapeError> {
+/// `spec.image`), after `mappings`, for the facts a review gathers before
+/// it decides.
+pub fn cluster_refs(
+    object: &Value,
+    mappings: &mapping::Mappings,
+) -> Result<Vec<ClusterRef>, ShapeError> {
     let root = shape::root(object)?;
     let mut refs = Vec::new();
     if let Some(zone) = shape::meta(root)?
@@ -402,12 +433,12 @@ pub fn cluster_refs(object: &Value) -> Result<Vec<ClusterRef>, ShapeError> {
     {
         refs.push(ClusterRef {
             kind: RefKind::Zone,
-            name: zone.to_string(),
+            name: mappings.zone(zone).unwrap_or(zone).to_string(),
             owner: None,
         });
     }
     if let Some(spec) = shape::map(root, "", "spec")? {
-        refs.extend(spec_refs(spec)?);
+        refs.extend(spec_refs(spec, mappings)?);
     }
     Ok(refs)
 }

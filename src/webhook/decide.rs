@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::facts::RestoreInfo;
 use crate::facts::{GroupPresence, RestoreLookup};
 use crate::settings::{GroupPolicy, RestoreUnreadable};
+use crate::vmop::mapping::{MappingError, Mappings};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind};
 use crate::webhook::admission::Verdict;
@@ -63,6 +64,10 @@ pub struct Facts {
     /// The group the object names holds its power until the restore ends
     /// (it carries [`vmop::power::POWER_HELD_ANNOTATION`]).
     pub group_holds_power: bool,
+    /// The renames the restore's ConfigMaps ask for (VMs only).
+    pub mappings: Arc<Mappings>,
+    /// The restore's ConfigMaps cannot be used: the VM is denied.
+    pub mapping_error: Option<MappingError>,
 }
 
 impl Default for RestoreFact {
@@ -96,6 +101,8 @@ pub enum DenyReason {
     RestoreUnreadable,
     /// The request's deadline came before the facts were in.
     Deadline,
+    /// The restore's mapping ConfigMaps are malformed or ambiguous.
+    MappingInvalid,
 }
 
 impl DenyReason {
@@ -106,6 +113,7 @@ impl DenyReason {
             DenyReason::GroupMissing => "group_missing",
             DenyReason::RestoreUnreadable => "restore_unreadable",
             DenyReason::Deadline => "deadline",
+            DenyReason::MappingInvalid => "mapping_invalid",
         }
     }
 }
@@ -231,6 +239,7 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
         missing_refs: Default::default(),
         power_policy,
         named_group_holds_power: facts.group_holds_power,
+        mappings: facts.mappings.clone(),
     };
     for (reference, presence) in &facts.refs {
         match presence {
@@ -288,6 +297,16 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
                     "could not read Velero Restore {restore}: guest identity kept"
                 )),
             }
+        }
+        if let Some(err) = &facts.mapping_error {
+            return Decision::deny(
+                verdict,
+                DenyReason::MappingInvalid,
+                format!(
+                    "{label}: the mappings for Velero Restore {restore} cannot be used: {err}. \
+                     Fix that ConfigMap (or remove it), then restore again (existing objects are skipped)"
+                ),
+            );
         }
     }
 
@@ -586,7 +605,7 @@ mod tests {
                 "annotations": {"vmoperator.vmware.com/conversion": copy.to_string()}},
             "spec": {"class": {"kind": "VirtualMachineClassInstance", "name": "small-x1"},
                      "imageName": "ubuntu", "image": {"kind": "ClusterVirtualMachineImage", "name": "vmi-1"}}});
-        let refs = crate::vmop::vm::cluster_refs(&object).unwrap();
+        let refs = crate::vmop::vm::cluster_refs(&object, &Default::default()).unwrap();
         assert_eq!(
             refs.iter().map(|r| r.kind).collect::<Vec<_>>(),
             vec![RefKind::Zone, RefKind::ClassInstance, RefKind::ClusterImage]
@@ -629,6 +648,86 @@ mod tests {
                 .is_none()
         );
         assert_eq!(cleaned["spec"]["class"]["name"], "small-x1");
+    }
+
+    fn mappings(data: Value) -> Result<Arc<Mappings>, MappingError> {
+        use crate::vmop::mapping::{self, ConfigMapData};
+        let map = ConfigMapData::from_value(&json!({
+            "metadata": {"name": "site-b", "namespace": "velero", "labels": {
+                mapping::PLUGIN_CONFIG_LABEL: "", mapping::VM_MAPPINGS_LABEL: mapping::RESTORE_ITEM_ACTION}},
+            "data": data}));
+        mapping::select(&[map], "velero", None).map(Arc::new)
+    }
+
+    #[test]
+    fn a_malformed_mapping_denies_the_vm_naming_the_configmap_and_the_key() {
+        let object = vm();
+        let facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            mapping_error: mappings(json!({"classes": "small: ''"})).err(),
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::MappingInvalid));
+        let message = decision.verdict.denial.unwrap();
+        assert!(
+            message.starts_with("VirtualMachine prod/vm1: the mappings for Velero Restore r1 cannot be used: ConfigMap velero/site-b, key classes: the target of \"small\" is empty."),
+            "{message}"
+        );
+        assert!(
+            message.contains("Fix that ConfigMap (or remove it), then restore again"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_zone_is_mapped_when_the_target_has_it_and_removed_when_not() {
+        let mut object = vm();
+        object["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("zone-a");
+        object["spec"]["className"] = json!("small");
+        object["spec"]["class"] = json!({"name": "small-instance"});
+        let selected =
+            mappings(json!({"zones": "zone-a: az-1", "classes": "small: medium"})).unwrap();
+        // The reference checked is the mapped zone; the class instance is not
+        // checked at all: the mapping removes it.
+        let refs = crate::vmop::vm::cluster_refs(&object, &selected).unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(
+            (refs[0].kind, refs[0].name.as_str()),
+            (crate::vmop::RefKind::Zone, "az-1")
+        );
+        let mut facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            mappings: selected,
+            refs: vec![(refs[0].clone(), GroupPresence::Present)],
+            ..Facts::default()
+        };
+        let patched = apply(&subject(&object), &facts);
+        assert_eq!(
+            patched["metadata"]["labels"]["topology.kubernetes.io/zone"],
+            "az-1"
+        );
+        assert_eq!(patched["spec"]["className"], "medium");
+        assert!(patched["spec"].get("class").is_none());
+        let rules = patched["metadata"]["annotations"]
+            [crate::vmop::power::APPLIED_RULES_ANNOTATION]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            rules.contains("vm-map-zone") && rules.contains("vm-map-class"),
+            "{rules}"
+        );
+
+        facts.refs = vec![(refs[0].clone(), GroupPresence::Missing)];
+        let patched = apply(&subject(&object), &facts);
+        assert!(
+            patched["metadata"]["labels"]
+                .get("topology.kubernetes.io/zone")
+                .is_none()
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::deadline::Deadline;
 use crate::facts::given::AllRefsExist;
-use crate::facts::{GroupFacts, GroupPresence, RefFacts, RestoreFacts};
+use crate::facts::{GroupFacts, GroupPresence, MappingFacts, RefFacts, RestoreFacts};
 use crate::metrics::{
     ChangeLabels, KindLabel, KindLabels, Metrics, OperationLabel, Outcome, ReviewLabels,
     WaitLabels, WaitResult,
@@ -65,6 +65,8 @@ pub struct Reviewer {
     pub metrics: Option<Arc<Metrics>>,
     /// Whether the zones, class instances and images VMs name exist.
     refs: Arc<dyn RefFacts>,
+    /// The restore's mappings; none: nothing is mapped.
+    mappings: Option<Arc<dyn MappingFacts>>,
     waits: GroupWaits,
     decide_settings: DecideSettings,
 }
@@ -119,6 +121,7 @@ impl Reviewer {
         };
         Reviewer {
             refs: Arc::new(AllRefsExist),
+            mappings: None,
             waits: GroupWaits::new(settings.wait_limits),
             groups,
             restores,
@@ -133,6 +136,20 @@ impl Reviewer {
     pub fn with_refs(mut self, refs: Arc<dyn RefFacts>) -> Reviewer {
         self.refs = refs;
         self
+    }
+
+    /// Maps VMs' storage classes, classes, images, networks and zones by
+    /// the restore's ConfigMaps.
+    pub fn with_mappings(mut self, mappings: Arc<dyn MappingFacts>) -> Reviewer {
+        self.mappings = Some(mappings);
+        self
+    }
+
+    /// Whether the mapping ConfigMaps have been read (readiness).
+    pub fn mappings_synced(&self) -> bool {
+        self.mappings
+            .as_ref()
+            .is_none_or(|mappings| mappings.is_synced())
     }
 
     /// Group waits in progress now (for the metrics gauge).
@@ -279,7 +296,25 @@ impl Reviewer {
             return facts;
         }
         if let Kind::VirtualMachine(_) = subject.kind
-            && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object)
+            && let Some(mappings) = &self.mappings
+        {
+            let restore = match &facts.restore {
+                RestoreFact::Lookup(crate::facts::RestoreLookup::Found(info)) => Some(info),
+                _ => None,
+            };
+            match mappings.for_restore(restore) {
+                Ok(selected) => facts.mappings = selected,
+                Err(err) => {
+                    warn!(restore = subject.restore_label, object = subject.object_label, error = %err,
+                        "the restore's mappings cannot be used");
+                    // `decide` denies the VM, naming the ConfigMap and key.
+                    facts.mapping_error = Some(err);
+                    return facts;
+                }
+            }
+        }
+        if let Kind::VirtualMachine(_) = subject.kind
+            && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object, &facts.mappings)
         {
             for reference in references {
                 // Each check gets a short share of the deadline, so a slow one

@@ -93,6 +93,7 @@ impl AppState {
         !self.shutting_down.load(Ordering::SeqCst)
             && self.reviewer.groups.is_synced()
             && self.reviewer.restores.is_synced()
+            && self.reviewer.mappings_synced()
     }
 }
 

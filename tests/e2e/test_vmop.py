@@ -237,3 +237,139 @@ def test_vmop_4_vm_operators_group_controller_applies_the_boot_order(cluster):
     assert all(vm["spec"]["powerState"] == "PoweredOn" for vm in vms.values())
     REPORT["boot_order"] = {"base": str(base), "restore_completed": str(completed), "offsets_s": offsets}
     print(f"\n[e2e] VM Operator's group controller after r-boot-sv: {json.dumps(REPORT['boot_order'])}")
+
+
+def prepare_site_b(cluster, ns):
+    """A namespace of "another Supervisor": every name a VM refers to is
+    different from the source's (storage class and its quota, VM class with
+    its active instance, image, zone). Waits until VM Operator admits a VM
+    that uses them."""
+    cluster.apply([
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "site-b-gold"},
+         "provisioner": "csi.vsphere.vmware.com", "parameters": {"storagePolicyID": "bb6d5a82-1c88-45da-85d3-3d74b91a5bad"}},
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": f"{ns}-storagequota", "namespace": ns},
+         "spec": {"hard": {"site-b-gold.storageclass.storage.k8s.io/requests.storage": "9223372036854775807"}}},
+        {"apiVersion": o.V, "kind": "VirtualMachineClass", "metadata": {"name": "site-b-small", "namespace": ns},
+         "spec": {"hardware": {"cpus": 2, "memory": "4Gi"}}},
+        {"apiVersion": o.V, "kind": "VirtualMachineImage", "metadata": {"name": "vmi-5b1e000000000000b", "namespace": ns},
+         "spec": {"providerRef": {"apiVersion": "imageregistry.vmware.com/v1alpha1", "kind": "ContentLibraryItem",
+                                  "name": "clitem-5b1e000000000000b"}}},
+        {"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "kind": "AvailabilityZone",
+         "metadata": {"name": "az-1"}, "spec": {"clusterComputeResourceMoIDs": ["domain-c9"]}},
+        {"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "kind": "Zone", "metadata": {"name": "az-1", "namespace": ns},
+         "spec": {"availabilityZoneReference": {"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "name": "az-1"},
+                  "managedVMs": {"folderMoID": "group-v1001", "poolMoIDs": ["resgroup-1001"]}}},
+    ])
+    vm_class = cluster.get_json("virtualmachineclass", "site-b-small", "-n", ns)
+    cluster.apply({"apiVersion": o.V, "kind": "VirtualMachineClassInstance",
+                   "metadata": {"name": f"site-b-small-{ns}", "namespace": ns,
+                                "labels": {"vmoperator.vmware.com/active": ""},
+                                "ownerReferences": [{"apiVersion": o.V, "kind": "VirtualMachineClass",
+                                                     "name": "site-b-small", "uid": vm_class["metadata"]["uid"]}]},
+                   "spec": vm_class["spec"]})
+    probe = o.supervisor_vm(ns, "probe", None, 98, zone="az-1")
+    probe["spec"].update({"storageClass": "site-b-gold", "className": "site-b-small", "imageName": "vmi-5b1e000000000000b"})
+    probe["spec"].pop("class", None)
+    probe["spec"].pop("image", None)
+
+    def admitted():
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe), check=False)
+        return result.returncode == 0 and json.loads(result.stdout)["spec"].get("class", {}).get("name") == f"site-b-small-{ns}"
+
+    wait_until(admitted, 30, f"VM Operator to see the site-B objects of {ns}")
+
+
+def plugin_configmap(name, label, data):
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": VELERO_NS,
+                         "labels": {"velero.io/plugin-config": "", label: "RestoreItemAction"}},
+            "data": data}
+
+
+SITE_B_STORAGE = plugin_configmap("change-storage-class", "velero.io/change-storage-class",
+                                  {"wcpglobal-storage-profile": "site-b-gold"})
+SITE_B_REFERENCES = plugin_configmap("vm-mappings", "velero-vm-restore-webhook/vm-mappings", {
+    "classes": "best-effort-small: site-b-small\n",
+    "images": "vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b\n",
+    "networks": "SubnetSet/vm-default: SubnetSet/site-b-subnets\n",
+    "zones": "zone-a: az-1\nzone-b: az-1\n",
+})
+
+
+def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(cluster):
+    """Issue 18, mappings: the Supervisor backup of test_vmop_1 restored into
+    a namespace where every name differs. Without mappings VM Operator's own
+    webhooks refuse the VMs; with Velero's change-storage-class ConfigMap and
+    ours, every VM is admitted with site B's storage class, class, image,
+    network and zone, and its PVC got site B's class from Velero's own action.
+    A malformed ConfigMap denies the VMs with a message naming it and the key."""
+    plain, mapped, broken = "sv-b-plain", "sv-b-mapped", "sv-b-broken"
+    for ns in (plain, mapped, broken):
+        prepare_site_b(cluster, ns)
+
+    restore = cluster.restore("r-b-plain", "b-sv", "--namespace-mappings", f"sv-src:{plain}", "--exclude-resources", EXCLUDE)
+    details = cluster.restore_describe("r-b-plain")
+    assert restore["status"]["phase"] == "PartiallyFailed", details
+    said = sorted({line.strip() for line in details.splitlines() if "denied the request" in line})
+    REPORT["site_b_without_mappings"] = said
+    print("\n[e2e] site B without mappings, VM Operator said:\n  " + "\n  ".join(said))
+    # VM Operator's mutating webhook runs first and refuses the image name;
+    # its validator would then refuse the storage class.
+    for vm in ("web-1", "db-1"):
+        assert any(f"{plain}/{vm}" in line and "vmoperator.vmware.com" in line
+                   and ("no VM image exists" in line or "Storage policy" in line) for line in said), details
+    assert cluster.get_json("virtualmachines", "-n", plain)["items"] == []
+
+    cluster.apply([SITE_B_STORAGE, SITE_B_REFERENCES])
+    try:
+        time.sleep(2)  # the webhook's ConfigMap watch
+        restore = cluster.restore("r-b-mapped", "b-sv", "--namespace-mappings", f"sv-src:{mapped}", "--exclude-resources", EXCLUDE)
+        details = cluster.restore_describe("r-b-mapped")
+        assert restore["status"]["phase"] == "Completed", details + "\n".join(vm_operator_said(cluster, "r-b-mapped"))
+        vms = {vm["metadata"]["name"]: vm for vm in cluster.get_json("virtualmachines", "-n", mapped)["items"]}
+        assert set(vms) == {"web-1", "db-1"}
+        stored = {}
+        for name, vm in vms.items():
+            spec = vm["spec"]
+            stored[name] = {"storageClass": spec["storageClass"], "className": spec["className"],
+                            "class": spec.get("class", {}).get("name"), "imageName": spec["imageName"],
+                            "image": spec.get("image", {}).get("name"),
+                            "network": spec["network"]["interfaces"][0]["network"],
+                            "zone": vm["metadata"]["labels"].get("topology.kubernetes.io/zone"),
+                            "applied": vm["metadata"]["annotations"]["velero-vm-restore-webhook/applied-rules"]}
+            assert spec["storageClass"] == "site-b-gold", stored[name]
+            assert spec["className"] == "site-b-small" and spec["class"]["name"] == f"site-b-small-{mapped}", stored[name]
+            assert spec["imageName"] == "vmi-5b1e000000000000b", stored[name]
+            assert spec["network"]["interfaces"][0]["network"]["name"] == "site-b-subnets", stored[name]
+            assert vm["metadata"]["labels"]["topology.kubernetes.io/zone"] == "az-1", stored[name]
+            for rule in ("vm-map-storage-class", "vm-map-class", "vm-map-image", "vm-map-network", "vm-map-zone"):
+                assert rule in stored[name]["applied"], stored[name]
+        pvc = cluster.get_json("persistentvolumeclaim", "web-1-data", "-n", mapped)
+        assert pvc["spec"]["storageClassName"] == "site-b-gold", "Velero's own action maps the PVC"
+        REPORT["site_b_with_mappings"] = stored
+        print(f"\n[e2e] site B with mappings, stored: {json.dumps(stored)}")
+        cluster.wait_for_companion("r-b-mapped")
+        cleaned = [e["message"] for e in cluster.restore_events("r-b-mapped") if e["reason"] == "VMRestoreCleaned"]
+        assert any("vm-map-storage-class" in message for message in cleaned), cleaned
+
+        cluster.apply(plugin_configmap("vm-mappings", "velero-vm-restore-webhook/vm-mappings",
+                                       {"networks": "Wire/vm-default: SubnetSet/site-b-subnets\n"}))
+        time.sleep(2)
+        restore = cluster.restore("r-b-broken", "b-sv", "--namespace-mappings", f"sv-src:{broken}", "--exclude-resources", EXCLUDE)
+        details = cluster.restore_describe("r-b-broken")
+        assert restore["status"]["phase"] == "PartiallyFailed", details
+        denials = [line.strip() for line in details.splitlines() if "restore.velero-vm-restore-webhook.io" in line]
+        REPORT["site_b_malformed"] = denials
+        for vm in ("web-1", "db-1"):
+            assert any(f"VirtualMachine {broken}/{vm}: the mappings for Velero Restore r-b-broken cannot be used: "
+                       f"ConfigMap {VELERO_NS}/vm-mappings, key networks: source \"Wire/vm-default\": unknown network kind"
+                       in line for line in denials), details
+        assert cluster.get_json("virtualmachines", "-n", broken)["items"] == []
+        # The companion puts the reason on the Restore, for `kubectl describe restore`.
+        wait_until(lambda: any(e["reason"] == "VMRestoreMappingInvalid" for e in cluster.restore_events("r-b-broken")),
+                   60, "the companion's VMRestoreMappingInvalid Event on r-b-broken")
+        event = next(e for e in cluster.restore_events("r-b-broken") if e["reason"] == "VMRestoreMappingInvalid")
+        assert event["type"] == "Warning" and "key networks" in event["message"], event
+    finally:
+        cluster.kubectl("delete", "configmap", "-n", VELERO_NS, "change-storage-class", "vm-mappings", "--ignore-not-found")
