@@ -3,8 +3,8 @@
 //! a companion that acts once a Restore has finished.
 //!
 //! Three parts around one core; arrows point down this list, never up:
-//! - [`commands`]: one module per subcommand (`serve`, `review`, `rules`,
-//!   `selftest`, `report`); `main.rs` only parses and dispatches.
+//! - [`commands`]: one module per subcommand (`serve`, `review`, `plan`,
+//!   `rules`, `selftest`, `report`); `main.rs` only parses and dispatches.
 //! - [`webhook`]: the path of one AdmissionReview, from the HTTPS server to
 //!   the pure decision and back.
 //! - [`companion`]: what runs once a Restore has finished: group boot order,

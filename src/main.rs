@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use velero_vm_restore_webhook::commands::{report, review, rules, selftest, serve};
+use velero_vm_restore_webhook::commands::{plan, report, review, rules, selftest, serve};
 use velero_vm_restore_webhook::settings::{LogFormat, ServeArgs};
 use velero_vm_restore_webhook::telemetry;
 
@@ -48,6 +48,11 @@ enum Command {
     /// Check an installed webhook (what `helm test` runs): a server-side
     /// dry-run create of a labelled VM must come back cleaned.
     Selftest(selftest::SelftestArgs),
+    /// What a restore of a Velero backup into this cluster would do, before
+    /// it runs: the backup fetched through Velero, its namespace mapping and
+    /// mapping ConfigMaps applied, the target's groups and references read
+    /// live. Writes nothing but a DownloadRequest, which it deletes.
+    Plan(plan::PlanArgs),
     /// What a Velero Restore did to VM Operator objects, read from the
     /// cluster: objects cleaned per kind and rule, groups started in boot
     /// order, members pruned, VMs still waiting for a group.
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Report(args) => runtime.block_on(report::run(args)),
+        Command::Plan(args) => runtime.block_on(plan::run(args)),
         Command::Selftest(args) => runtime.block_on(selftest::run(args)),
     }
 }

@@ -4,6 +4,7 @@
 //! settings from the same rule flags.
 
 pub mod input;
+pub mod plan;
 pub mod report;
 pub mod review;
 pub mod rules;

@@ -163,18 +163,18 @@ fn request_label(review: &Value) -> String {
 }
 
 /// One reviewed item, for the outputs and the summary.
-struct ReviewedItem {
-    label: String,
-    kind: String,
-    namespace: String,
+pub(crate) struct ReviewedItem {
+    pub(crate) label: String,
+    pub(crate) kind: String,
+    pub(crate) namespace: String,
     response: Value,
     patch: Option<Value>,
     patched: Option<Value>,
-    reviewed: Reviewed,
+    pub(crate) reviewed: Reviewed,
 }
 
 impl ReviewedItem {
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let reviewed = &self.reviewed;
         let verdict = &reviewed.verdict;
         let mut out = String::new();
@@ -232,17 +232,36 @@ fn read_input(input: &std::path::Path) -> Result<(Vec<u8>, String), String> {
 }
 
 /// What `review` was given.
-struct ReviewInput {
-    items: Vec<offline::Item>,
+pub(crate) struct ReviewInput {
+    pub(crate) items: Vec<offline::Item>,
     /// For a backup tarball, the groups it holds (a restore creates them
     /// before the VMs), as (namespace, name).
-    backup_groups: Vec<(String, String)>,
-    from_backup: bool,
+    pub(crate) backup_groups: Vec<(String, String)>,
+    pub(crate) from_backup: bool,
 }
 
 fn review_items(bytes: &[u8], source: &str) -> Result<ReviewInput, String> {
     if offline::is_gzip(bytes) {
         let objects = offline::backup_objects(bytes).map_err(|err| err.to_string())?;
+        return backup_input(objects, source);
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("{source} is neither text nor a gzip tarball"))?;
+    let documents = offline::parse_documents(text).map_err(|err| err.to_string())?;
+    let items = offline::items(documents, source).map_err(|err| err.to_string())?;
+    Ok(ReviewInput {
+        items,
+        backup_groups: Vec::new(),
+        from_backup: false,
+    })
+}
+
+/// The objects of a backup tarball as a restore creates them: groups first.
+pub(crate) fn backup_input(
+    objects: Vec<(String, Value)>,
+    source: &str,
+) -> Result<ReviewInput, String> {
+    {
         let groups = objects
             .iter()
             .filter(|(_, object)| object["kind"] == "VirtualMachineGroup")
@@ -260,25 +279,24 @@ fn review_items(bytes: &[u8], source: &str) -> Result<ReviewInput, String> {
                     .map_err(|err| err.to_string())?,
             );
         }
-        return Ok(ReviewInput {
+        // A backup is restored groups first, so that VMs see whether their
+        // group's power is held.
+        items.sort_by_key(|item| {
+            item.review
+                .pointer("/request/kind/kind")
+                .and_then(Value::as_str)
+                != Some("VirtualMachineGroup")
+        });
+        Ok(ReviewInput {
             items,
             backup_groups: groups,
             from_backup: true,
-        });
+        })
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| format!("{source} is neither text nor a gzip tarball"))?;
-    let documents = offline::parse_documents(text).map_err(|err| err.to_string())?;
-    let items = offline::items(documents, source).map_err(|err| err.to_string())?;
-    Ok(ReviewInput {
-        items,
-        backup_groups: Vec::new(),
-        from_backup: false,
-    })
 }
 
 /// Counts per namespace and kind for a backup: (objects, changed, denied).
-fn backup_summary(items: &[ReviewedItem]) -> String {
+pub(crate) fn backup_summary(items: &[ReviewedItem]) -> String {
     let mut by_namespace: std::collections::BTreeMap<
         &str,
         std::collections::BTreeMap<&str, (usize, usize, usize)>,
@@ -327,104 +345,36 @@ fn backup_summary(items: &[ReviewedItem]) -> String {
     out
 }
 
-pub async fn run(args: ReviewArgs) -> ExitCode {
-    let fail = |message: String| {
-        eprintln!("velero-vm-restore-webhook review: {message}");
-        ExitCode::from(2)
-    };
-    let output = if args.patched {
-        Output::Json
-    } else {
-        args.output
-    };
-    let (bytes, source) = match read_input(&args.input) {
-        Ok(read) => read,
-        Err(err) => return fail(err),
-    };
-    let ReviewInput {
-        mut items,
-        backup_groups,
-        from_backup,
-    } = match review_items(&bytes, &source) {
-        Ok(found) => found,
-        Err(err) => return fail(err),
-    };
-    // A backup is restored groups first, so that VMs see whether their
-    // group's power is held.
-    if from_backup {
-        items.sort_by_key(|item| {
-            item.review
-                .pointer("/request/kind/kind")
-                .and_then(Value::as_str)
-                != Some("VirtualMachineGroup")
-        });
-    }
-    let mut settings = match review_settings(&args.rules) {
-        Ok(settings) => settings,
-        Err(err) => return fail(err),
-    };
-    // Offline there is nobody to create a group meanwhile: never wait.
-    settings.group_wait_timeout = Duration::ZERO;
-    let mut groups = match parse_groups(&args.groups) {
-        Ok(groups) => groups,
-        Err(err) => return fail(err),
-    };
-    groups.extend(
-        backup_groups
-            .iter()
-            .map(|(namespace, name)| (namespace.as_str(), name.as_str())),
-    );
-    let restore = RestoreInfo {
-        name: "review".into(),
-        annotations: if args.new_identity {
-            [(NEW_IDENTITY_ANNOTATION.to_string(), "true".to_string())].into()
-        } else {
-            Default::default()
-        },
-        ..Default::default()
-    };
-    let exists = match parse_exists(&args.exists) {
-        Ok(exists) => exists,
-        Err(err) => return fail(err),
-    };
-    let static_groups = StaticGroups::new(groups);
-    let reviewer = Reviewer::new(
-        static_groups.clone(),
-        StaticRestores::found(restore),
-        settings,
-        None,
-    )
-    .with_refs(StaticRefs::new(exists));
-    let reviewer = if args.mappings.is_empty() {
-        reviewer
-    } else {
-        match mapping_files(&args.mappings) {
-            Ok(given) => reviewer.with_mappings(given),
-            Err(err) => return fail(err),
-        }
-    };
-
+/// Reviews each item with `reviewer`, in order. For a backup, each group is
+/// recorded as created (with its annotations) before the VMs after it are
+/// reviewed, as a restore creates it.
+pub(crate) async fn review_each(
+    reviewer: &Reviewer,
+    items: Vec<offline::Item>,
+    static_groups: &StaticGroups,
+    from_backup: bool,
+) -> Result<Vec<ReviewedItem>, String> {
     let mut reviewed_items = Vec::new();
     for item in items {
         let body = match serde_json::to_vec(&item.review) {
             Ok(body) => body,
-            Err(err) => return fail(err.to_string()),
+            Err(err) => return Err(err.to_string()),
         };
         let reviewed = match reviewer
             .review(&body, Deadline::after(Duration::from_secs(10)))
             .await
         {
             Ok(reviewed) => reviewed,
-            Err(err) => return fail(format!("{}: {err}", item.source)),
+            Err(err) => return Err(format!("{}: {err}", item.source)),
         };
         let Some(response) = reviewed.review.response.as_ref() else {
-            return fail(format!("{}: no response", item.source));
+            return Err(format!("{}: no response", item.source));
         };
         let patch: Option<json_patch::Patch> = match &response.patch {
             Some(bytes) => match serde_json::from_slice(bytes) {
                 Ok(patch) => Some(patch),
                 Err(err) => {
-                    return fail(format!(
+                    return Err(format!(
                         "{}: the patch is not a JSON Patch: {err}",
                         item.source
                     ));
@@ -439,7 +389,7 @@ pub async fn run(args: ReviewArgs) -> ExitCode {
             if let Some(patch) = &patch
                 && let Err(err) = json_patch::patch(&mut object, patch)
             {
-                return fail(format!("{}: the patch does not apply: {err}", item.source));
+                return Err(format!("{}: the patch does not apply: {err}", item.source));
             }
             Some(object)
         } else {
@@ -488,6 +438,81 @@ pub async fn run(args: ReviewArgs) -> ExitCode {
             reviewed,
         });
     }
+
+    Ok(reviewed_items)
+}
+
+pub async fn run(args: ReviewArgs) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("velero-vm-restore-webhook review: {message}");
+        ExitCode::from(2)
+    };
+    let output = if args.patched {
+        Output::Json
+    } else {
+        args.output
+    };
+    let (bytes, source) = match read_input(&args.input) {
+        Ok(read) => read,
+        Err(err) => return fail(err),
+    };
+    let ReviewInput {
+        items,
+        backup_groups,
+        from_backup,
+    } = match review_items(&bytes, &source) {
+        Ok(found) => found,
+        Err(err) => return fail(err),
+    };
+    let mut settings = match review_settings(&args.rules) {
+        Ok(settings) => settings,
+        Err(err) => return fail(err),
+    };
+    // Offline there is nobody to create a group meanwhile: never wait.
+    settings.group_wait_timeout = Duration::ZERO;
+    let mut groups = match parse_groups(&args.groups) {
+        Ok(groups) => groups,
+        Err(err) => return fail(err),
+    };
+    groups.extend(
+        backup_groups
+            .iter()
+            .map(|(namespace, name)| (namespace.as_str(), name.as_str())),
+    );
+    let restore = RestoreInfo {
+        name: "review".into(),
+        annotations: if args.new_identity {
+            [(NEW_IDENTITY_ANNOTATION.to_string(), "true".to_string())].into()
+        } else {
+            Default::default()
+        },
+        ..Default::default()
+    };
+    let exists = match parse_exists(&args.exists) {
+        Ok(exists) => exists,
+        Err(err) => return fail(err),
+    };
+    let static_groups = StaticGroups::new(groups);
+    let reviewer = Reviewer::new(
+        static_groups.clone(),
+        StaticRestores::found(restore),
+        settings,
+        None,
+    )
+    .with_refs(StaticRefs::new(exists));
+    let reviewer = if args.mappings.is_empty() {
+        reviewer
+    } else {
+        match mapping_files(&args.mappings) {
+            Ok(given) => reviewer.with_mappings(given),
+            Err(err) => return fail(err),
+        }
+    };
+
+    let reviewed_items = match review_each(&reviewer, items, &static_groups, from_backup).await {
+        Ok(reviewed) => reviewed,
+        Err(err) => return fail(err),
+    };
 
     let mut summary: String = reviewed_items.iter().map(ReviewedItem::summary).collect();
     if from_backup {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent};
+use k8s_openapi::api::core::v1::Event as CoreEvent;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
@@ -37,9 +37,10 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::facts::RestoreInfo;
+use crate::facts::mapping_cache::list_configmaps;
 use crate::facts::restore_cache::restore_resource;
 use crate::metrics::{CompanionAction, Metrics};
-use crate::vmop::mapping::{self, ConfigMapData};
+use crate::vmop::mapping;
 use crate::vmop::{self, RESTORE_NAME_LABEL};
 use plan::{GroupPlan, plan_group};
 use report::{Report, build_report};
@@ -287,42 +288,18 @@ impl Companion {
 
         let report = read_report(&self.client, &resources, &restore).await?;
         let mut events = 0;
-        for (reason, message) in report.event_lines() {
-            let event = event_for(
-                &EventTarget {
-                    api_version: "velero.io/v1",
-                    kind: "Restore",
-                    namespace: &self.settings.velero_namespace,
-                    name: &restore.name,
-                    uid: &restore.uid,
-                },
-                &restore.uid,
-                reason,
-                &message,
-                "Normal",
-                &self.settings.instance,
-            );
+        for (reason, subject, message) in report.event_lines() {
+            let event = self.restore_event(&restore, reason, &subject, &message, "Normal");
             if self.create_event(event).await? {
                 events += 1;
             }
         }
         if let Some(problem) = self.mapping_problem(&value).await {
-            let event = event_for(
-                &EventTarget {
-                    api_version: "velero.io/v1",
-                    kind: "Restore",
-                    namespace: &self.settings.velero_namespace,
-                    name: &restore.name,
-                    uid: &restore.uid,
-                },
-                &restore.uid,
-                MAPPING_INVALID_REASON,
-                &format!(
-                    "the mappings for this restore cannot be used, so the webhook denied each of its VirtualMachines: {problem}"
-                ),
-                "Warning",
-                &self.settings.instance,
+            let message = format!(
+                "the mappings for this restore cannot be used, so the webhook denied each of its VirtualMachines: {problem}"
             );
+            let event =
+                self.restore_event(&restore, MAPPING_INVALID_REASON, "", &message, "Warning");
             if self.create_event(event).await? {
                 events += 1;
             }
@@ -339,20 +316,38 @@ impl Companion {
         ))
     }
 
+    /// An Event on the Restore itself.
+    fn restore_event(
+        &self,
+        restore: &RestoreRef,
+        reason: &str,
+        subject: &str,
+        message: &str,
+        event_type: &str,
+    ) -> CoreEvent {
+        event_for(
+            &EventTarget {
+                api_version: "velero.io/v1",
+                kind: "Restore",
+                namespace: &self.settings.velero_namespace,
+                name: &restore.name,
+                uid: &restore.uid,
+            },
+            &restore.uid,
+            reason,
+            subject,
+            message,
+            event_type,
+            &self.settings.instance,
+        )
+    }
+
     /// Why the restore's mapping ConfigMaps cannot be used, if they cannot:
     /// the same selection the webhook made, read again now. A failed read
     /// is logged, not reported.
     async fn mapping_problem(&self, restore: &Value) -> Option<String> {
-        let api: Api<ConfigMap> =
-            Api::namespaced(self.client.clone(), &self.settings.velero_namespace);
-        let maps = match api.list(&ListParams::default()).await {
-            Ok(list) => list
-                .items
-                .iter()
-                .map(|map| {
-                    ConfigMapData::from_value(&serde_json::to_value(map).unwrap_or_default())
-                })
-                .collect::<Vec<_>>(),
+        let maps = match list_configmaps(&self.client, &self.settings.velero_namespace).await {
+            Ok(maps) => maps,
             Err(err) => {
                 warn!(error = %err, namespace = %self.settings.velero_namespace,
                     "cannot list ConfigMaps to check the restore's mappings");
@@ -493,6 +488,7 @@ impl Companion {
                 &target,
                 &restore.uid,
                 reason,
+                "",
                 &message,
                 kind,
                 &self.settings.instance,
@@ -661,23 +657,28 @@ struct EventTarget<'a> {
     uid: &'a str,
 }
 
-/// An Event whose name follows from the target, the Restore's UID and the
-/// reason: the same fact is recorded once, whoever records it.
+/// An Event whose name follows from the target, the Restore's UID, the
+/// reason and the subject (what tells apart lines of one reason, such as the
+/// kind of a `VMRestoreCleaned` line; empty where a reason has one line): the
+/// same fact is recorded once, whoever records it.
 fn event_for(
     target: &EventTarget,
     restore_uid: &str,
     reason: &str,
+    subject: &str,
     message: &str,
     event_type: &str,
     instance: &str,
 ) -> CoreEvent {
-    let digest = Sha256::digest(
-        format!(
-            "{}/{}/{}/{restore_uid}/{reason}",
-            target.kind, target.namespace, target.name
-        )
-        .as_bytes(),
+    let mut key = format!(
+        "{}/{}/{}/{restore_uid}/{reason}",
+        target.kind, target.namespace, target.name
     );
+    if !subject.is_empty() {
+        key.push('/');
+        key.push_str(subject);
+    }
+    let digest = Sha256::digest(key.as_bytes());
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let prefix: String = target.name.chars().take(200).collect();
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
@@ -709,7 +710,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn event_names_depend_on_target_restore_and_reason_only() {
+    fn event_names_depend_on_target_restore_reason_and_subject_only() {
         let target = EventTarget {
             api_version: "velero.io/v1",
             kind: "Restore",
@@ -717,11 +718,25 @@ mod tests {
             name: "r1",
             uid: "u1",
         };
-        let a = event_for(&target, "u1", "VMRestoreCleaned", "one", "Normal", "pod-a");
-        let b = event_for(&target, "u1", "VMRestoreCleaned", "two", "Normal", "pod-b");
-        let c = event_for(&target, "u2", "VMRestoreCleaned", "one", "Normal", "pod-a");
+        let cleaned = |uid, subject, message, instance| {
+            event_for(
+                &target,
+                uid,
+                "VMRestoreCleaned",
+                subject,
+                message,
+                "Normal",
+                instance,
+            )
+        };
+        let a = cleaned("u1", "VirtualMachine", "one", "pod-a");
+        let b = cleaned("u1", "VirtualMachine", "two", "pod-b");
+        let c = cleaned("u2", "VirtualMachine", "one", "pod-a");
+        // One Event per kind: the PVC line must not take the VM line's name.
+        let d = cleaned("u1", "PersistentVolumeClaim", "one", "pod-a");
         assert_eq!(a.metadata.name, b.metadata.name);
         assert_ne!(a.metadata.name, c.metadata.name);
+        assert_ne!(a.metadata.name, d.metadata.name);
         assert_eq!(a.involved_object.uid.as_deref(), Some("u1"));
         assert_eq!(a.reason.as_deref(), Some("VMRestoreCleaned"));
         assert!(a.first_timestamp.is_some(), "timestamps parse");

@@ -208,8 +208,10 @@ fn bounded_list(items: &[String], limit: usize) -> String {
 const EVENT_MESSAGE_LIMIT: usize = 900;
 
 impl Report {
-    /// The report as Events on the Restore: `(reason, message)`.
-    pub fn event_lines(&self) -> Vec<(&'static str, String)> {
+    /// The report as Events on the Restore: `(reason, subject, message)`.
+    /// The subject tells apart lines of one reason (one `VMRestoreCleaned`
+    /// per kind), so each becomes its own Event.
+    pub fn event_lines(&self) -> Vec<(&'static str, String, String)> {
         let mut lines = Vec::new();
         for kind in &self.kinds {
             let rules: Vec<String> = kind
@@ -219,6 +221,7 @@ impl Report {
                 .collect();
             lines.push((
                 "VMRestoreCleaned",
+                kind.kind.clone(),
                 format!(
                     "{}: {} of {} restored changed by velero-vm-restore-webhook{}",
                     kind.kind,
@@ -248,6 +251,7 @@ impl Report {
                 .collect();
             lines.push((
                 "VMRestoreBootOrder",
+                String::new(),
                 format!(
                     "started in boot order: {}",
                     bounded_list(&groups, EVENT_MESSAGE_LIMIT)
@@ -269,6 +273,7 @@ impl Report {
                 .collect();
             lines.push((
                 "VMRestorePrunedMembers",
+                String::new(),
                 format!(
                     "members not restored, removed from spec.bootOrder so the others are placed: {}",
                     bounded_list(&groups, EVENT_MESSAGE_LIMIT)
@@ -278,6 +283,7 @@ impl Report {
         if !self.left_powered_off.is_empty() {
             lines.push((
                 "VMRestorePoweredOff",
+                String::new(),
                 format!(
                     "power policy off: left PoweredOff for you to check and start (set spec.powerState): {}",
                     bounded_list(&self.left_powered_off, EVENT_MESSAGE_LIMIT)
@@ -292,6 +298,7 @@ impl Report {
                 .collect();
             lines.push((
                 "VMRestoreWaitingForGroup",
+                String::new(),
                 format!(
                     "VMs waiting for a group: {}",
                     bounded_list(&vms, EVENT_MESSAGE_LIMIT)
@@ -456,7 +463,7 @@ mod tests {
         let reasons: Vec<&str> = report
             .event_lines()
             .iter()
-            .map(|(reason, _)| *reason)
+            .map(|(reason, _, _)| *reason)
             .collect();
         assert_eq!(
             reasons,

@@ -128,6 +128,16 @@ impl MappingCache {
     }
 }
 
+/// The ConfigMaps of `namespace`, read once (for `plan` and the companion).
+pub async fn list_configmaps(
+    client: &Client,
+    namespace: &str,
+) -> Result<Vec<ConfigMapData>, kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let list = api.list(&kube::api::ListParams::default()).await?;
+    Ok(list.items.iter().map(data_of).collect())
+}
+
 fn data_of(map: &ConfigMap) -> ConfigMapData {
     ConfigMapData {
         namespace: map.metadata.namespace.clone().unwrap_or_default(),

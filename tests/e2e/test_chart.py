@@ -247,6 +247,8 @@ def test_chart_rbac_is_minimal(helm):
                                                      "clustervirtualmachineimages"), ("get",)),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachinegroups",), ("get", "list", "watch")),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
+        # The mapping ConfigMaps, in Velero's namespace only.
+        ("Role", ("",), ("configmaps",), ("get", "list", "watch")),
     ]
     docs, rules = rules_of()
     assert rules == sorted(read_only + [

@@ -10,6 +10,7 @@ leave VM Operator registered."""
 
 import datetime
 import json
+import os
 import time
 
 import harness
@@ -61,13 +62,20 @@ def prepare_supervisor(cluster, ns, zones=("zone-a",)):
                                 "ownerReferences": [{"apiVersion": o.V, "kind": "VirtualMachineClass",
                                                      "name": "best-effort-small", "uid": vm_class["metadata"]["uid"]}]},
                    "spec": vm_class["spec"]})
-    probe = json.dumps(o.supervisor_vm(ns, "probe", None, 99, zone=zones[0]))
+    wait_admitted(cluster, o.supervisor_vm(ns, "probe", None, 99, zone=zones[0]), f"best-effort-small-{ns}",
+                  f"VM Operator to see the Supervisor objects of {ns}")
+
+
+def wait_admitted(cluster, probe, class_instance, what):
+    """Until VM Operator admits `probe` (a server-side dry run) and picks
+    `class_instance` for it."""
+    text = json.dumps(probe)
 
     def admitted():
-        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=probe, check=False)
-        return result.returncode == 0 and json.loads(result.stdout)["spec"].get("class", {}).get("name") == f"best-effort-small-{ns}"
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=text, check=False)
+        return result.returncode == 0 and json.loads(result.stdout)["spec"].get("class", {}).get("name") == class_instance
 
-    wait_until(admitted, 30, f"VM Operator to see the Supervisor objects of {ns}")
+    wait_until(admitted, 30, what)
 
 
 # Supervisor objects are made by the Supervisor, not restored.
@@ -272,12 +280,19 @@ def prepare_site_b(cluster, ns):
     probe["spec"].update({"storageClass": "site-b-gold", "className": "site-b-small", "imageName": "vmi-5b1e000000000000b"})
     probe["spec"].pop("class", None)
     probe["spec"].pop("image", None)
+    wait_admitted(cluster, probe, f"site-b-small-{ns}", f"VM Operator to see the site-B objects of {ns}")
 
-    def admitted():
-        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe), check=False)
-        return result.returncode == 0 and json.loads(result.stdout)["spec"].get("class", {}).get("name") == f"site-b-small-{ns}"
 
-    wait_until(admitted, 30, f"VM Operator to see the site-B objects of {ns}")
+def plan(cluster, backup, mappings):
+    """`plan BACKUP` against the live cluster, as JSON, by object label."""
+    result = harness.run([cluster.webhook_bin, "plan", backup, "--namespace-mappings", mappings, "-o", "json"],
+                         check=False, env={**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    planned = json.loads(result.stdout)
+    assert planned["backup"] == backup
+    left = cluster.get_json("downloadrequests", "-n", VELERO_NS)["items"]
+    assert not [r for r in left if "-vmrw-plan-" in r["metadata"]["name"]], "plan deletes its DownloadRequest"
+    return {entry["object"]: entry for entry in planned["objects"]}
 
 
 def plugin_configmap(name, label, data):
@@ -297,6 +312,14 @@ SITE_B_REFERENCES = plugin_configmap("vm-mappings", "velero-vm-restore-webhook/v
 })
 
 
+# Into another Supervisor, the namespace's Supervisor-made objects (its
+# storage quota, VM classes and their instances, images) stay the target's:
+# restored from the source, they would hide exactly what differs.
+SITE_B_EXCLUDE = ",".join([EXCLUDE, "resourcequotas", "virtualmachineclasses.vmoperator.vmware.com",
+                           "virtualmachineclassinstances.vmoperator.vmware.com",
+                           "virtualmachineimages.vmoperator.vmware.com"])
+
+
 def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(cluster):
     """Issue 18, mappings: the Supervisor backup of test_vmop_1 restored into
     a namespace where every name differs. Without mappings VM Operator's own
@@ -308,7 +331,7 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
     for ns in (plain, mapped, broken):
         prepare_site_b(cluster, ns)
 
-    restore = cluster.restore("r-b-plain", "b-sv", "--namespace-mappings", f"sv-src:{plain}", "--exclude-resources", EXCLUDE)
+    restore = cluster.restore("r-b-plain", "b-sv", "--namespace-mappings", f"sv-src:{plain}", "--exclude-resources", SITE_B_EXCLUDE)
     details = cluster.restore_describe("r-b-plain")
     assert restore["status"]["phase"] == "PartiallyFailed", details
     said = sorted({line.strip() for line in details.splitlines() if "denied the request" in line})
@@ -321,10 +344,47 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
                    and ("no VM image exists" in line or "Storage policy" in line) for line in said), details
     assert cluster.get_json("virtualmachines", "-n", plain)["items"] == []
 
+    # Each reference alone left at the source's name, the others at site B's:
+    # what VM Operator says of that one reference (a server-side dry run as
+    # Velero's identity, through our webhook and VM Operator's).
+    per_reference = {}
+    for field, old in (("storageClass", "wcpglobal-storage-profile"), ("imageName", "vmi-0a0044d7c690bcbea"),
+                       ("className", "best-effort-small"), ("network", "vm-default"), ("zone", "zone-a")):
+        probe = o.supervisor_vm(plain, f"probe-{field.lower()}", None, 97, zone="az-1")
+        probe["metadata"]["labels"][RESTORE_LABEL] = "probe"
+        probe["spec"].update({"storageClass": "site-b-gold", "className": "site-b-small", "imageName": "vmi-5b1e000000000000b"})
+        probe["spec"].pop("class", None)
+        probe["spec"].pop("image", None)
+        probe["spec"]["network"]["interfaces"][0]["network"]["name"] = "site-b-subnets"
+        if field == "network":
+            probe["spec"]["network"]["interfaces"][0]["network"]["name"] = old
+        elif field == "zone":
+            probe["metadata"]["labels"]["topology.kubernetes.io/zone"] = old
+        else:
+            probe["spec"][field] = old
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe),
+                                 kubeconfig_path=cluster.velero_kubeconfig, check=False)
+        if result.returncode != 0:
+            per_reference[field] = "denied: " + result.stderr.strip().split("denied the request: ", 1)[-1]
+        else:
+            created = json.loads(result.stdout)
+            per_reference[field] = ("admitted; spec.class " + json.dumps(created["spec"].get("class"))
+                                    + ", zone label " + json.dumps(created["metadata"]["labels"].get("topology.kubernetes.io/zone")))
+    REPORT["site_b_per_reference"] = per_reference
+    print(f"\n[e2e] site B, one reference unmapped at a time: {json.dumps(per_reference, indent=1)}")
+    assert "Storage policy is not associated with the namespace" in per_reference["storageClass"], per_reference
+    assert 'no VM image exists for "vmi-0a0044d7c690bcbea" in namespace or cluster scope' in per_reference["imageName"], per_reference
+    # Admitted, but with no class instance: VM Operator would never deploy it.
+    assert per_reference["className"].startswith("admitted; spec.class null"), per_reference
+    assert per_reference["network"].startswith("admitted"), per_reference
+    # Our webhook removes a zone label the target lacks; VM Operator places the VM.
+    assert per_reference["zone"].endswith("zone label null"), per_reference
+
     cluster.apply([SITE_B_STORAGE, SITE_B_REFERENCES])
     try:
         time.sleep(2)  # the webhook's ConfigMap watch
-        restore = cluster.restore("r-b-mapped", "b-sv", "--namespace-mappings", f"sv-src:{mapped}", "--exclude-resources", EXCLUDE)
+        planned = plan(cluster, "b-sv", f"sv-src:{mapped}")
+        restore = cluster.restore("r-b-mapped", "b-sv", "--namespace-mappings", f"sv-src:{mapped}", "--exclude-resources", SITE_B_EXCLUDE)
         details = cluster.restore_describe("r-b-mapped")
         assert restore["status"]["phase"] == "Completed", details + "\n".join(vm_operator_said(cluster, "r-b-mapped"))
         vms = {vm["metadata"]["name"]: vm for vm in cluster.get_json("virtualmachines", "-n", mapped)["items"]}
@@ -345,6 +405,13 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
             assert vm["metadata"]["labels"]["topology.kubernetes.io/zone"] == "az-1", stored[name]
             for rule in ("vm-map-storage-class", "vm-map-class", "vm-map-image", "vm-map-network", "vm-map-zone"):
                 assert rule in stored[name]["applied"], stored[name]
+        # `plan` predicted each VM's changes: the same rules as were applied.
+        for name, vm in vms.items():
+            predicted = planned[f"VirtualMachine {mapped}/{name}"]
+            assert predicted["outcome"] == "changed", predicted
+            rules = {c["rule"] for c in predicted["changes"]} - {"applied-rules", "reviewed-marker"}
+            assert rules == set(stored[name]["applied"].split(",")), (rules, stored[name]["applied"])
+        REPORT["site_b_plan_rules"] = {name: sorted(stored[name]["applied"].split(",")) for name in vms}
         pvc = cluster.get_json("persistentvolumeclaim", "web-1-data", "-n", mapped)
         assert pvc["spec"]["storageClassName"] == "site-b-gold", "Velero's own action maps the PVC"
         REPORT["site_b_with_mappings"] = stored
@@ -356,7 +423,8 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
         cluster.apply(plugin_configmap("vm-mappings", "velero-vm-restore-webhook/vm-mappings",
                                        {"networks": "Wire/vm-default: SubnetSet/site-b-subnets\n"}))
         time.sleep(2)
-        restore = cluster.restore("r-b-broken", "b-sv", "--namespace-mappings", f"sv-src:{broken}", "--exclude-resources", EXCLUDE)
+        planned = plan(cluster, "b-sv", f"sv-src:{broken}")
+        restore = cluster.restore("r-b-broken", "b-sv", "--namespace-mappings", f"sv-src:{broken}", "--exclude-resources", SITE_B_EXCLUDE)
         details = cluster.restore_describe("r-b-broken")
         assert restore["status"]["phase"] == "PartiallyFailed", details
         denials = [line.strip() for line in details.splitlines() if "restore.velero-vm-restore-webhook.io" in line]
@@ -366,6 +434,12 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
                        f"ConfigMap {VELERO_NS}/vm-mappings, key networks: source \"Wire/vm-default\": unknown network kind"
                        in line for line in denials), details
         assert cluster.get_json("virtualmachines", "-n", broken)["items"] == []
+        # `plan` predicted exactly these denials, for the same reason.
+        predicted = {label: entry["denial"].split("cannot be used: ", 1)[1]
+                     for label, entry in planned.items() if entry["outcome"] == "denied"}
+        assert set(predicted) == {f"VirtualMachine {broken}/web-1", f"VirtualMachine {broken}/db-1"}, predicted
+        for label, reason in predicted.items():
+            assert any(label in line and reason in line for line in denials), (label, reason, denials)
         # The companion puts the reason on the Restore, for `kubectl describe restore`.
         wait_until(lambda: any(e["reason"] == "VMRestoreMappingInvalid" for e in cluster.restore_events("r-b-broken")),
                    60, "the companion's VMRestoreMappingInvalid Event on r-b-broken")

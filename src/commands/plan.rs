@@ -1,0 +1,423 @@
+//! `plan BACKUP`: what a restore of a Velero backup into this cluster would
+//! do, before it runs. It fetches the backup through Velero's DownloadRequest
+//! API (as `velero backup download` does), applies the restore's namespace
+//! mapping and the mapping ConfigMaps of Velero's namespace, and reviews
+//! every object as the webhook would, with the target's groups, zones, class
+//! instances and images looked up live. It writes nothing but the
+//! DownloadRequest, which it deletes.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, discovery};
+use serde_json::{Value, json};
+
+use super::review::{ReviewedItem, backup_input, backup_summary, review_each};
+use super::review_settings;
+use crate::facts::given::{StaticGroups, StaticRestores};
+use crate::facts::live_refs::LiveRefs;
+use crate::facts::mapping_cache::{MappingCache, list_configmaps};
+use crate::facts::{GroupPresence, RefFacts, RestoreInfo};
+use crate::settings::RuleArgs;
+use crate::vmop::{self, ClusterRef};
+use crate::webhook::review::Reviewer;
+
+/// How long Velero may take to answer the DownloadRequest.
+const DOWNLOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// Exit codes: 0 planned (denials included, unless --fail-on-deny); 1 an
+/// object would be denied and --fail-on-deny was given; 2 the plan could not
+/// be made (the message says why).
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// The Velero Backup to restore.
+    backup: String,
+    /// Velero's namespace (Backups, DownloadRequests, mapping ConfigMaps).
+    #[arg(
+        short = 'n',
+        long = "namespace",
+        env = "VMRW_VELERO_NAMESPACE",
+        default_value = "velero"
+    )]
+    velero_namespace: String,
+    /// As `velero restore create --namespace-mappings`: SRC1:DST1,SRC2:DST2.
+    #[arg(long = "namespace-mappings", value_name = "SRC:DST,...")]
+    namespace_mappings: Option<String>,
+    /// An annotation the Restore will carry, KEY=VALUE (repeatable), e.g.
+    /// velero-vm-restore-webhook/mappings=site-b.
+    #[arg(long = "restore-annotation", value_name = "KEY=VALUE")]
+    restore_annotations: Vec<String>,
+    /// `table` (per object and per namespace) or `json`.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanOutput::Table)]
+    output: PlanOutput,
+    /// Exit 1 when any object would be denied.
+    #[arg(long)]
+    fail_on_deny: bool,
+    #[command(flatten)]
+    rules: RuleArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanOutput {
+    Table,
+    Json,
+}
+
+pub async fn run(args: PlanArgs) -> ExitCode {
+    match plan(&args).await {
+        Ok((items, lookups)) => print(&args, &items, lookups),
+        Err(err) => {
+            eprintln!("velero-vm-restore-webhook plan: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `SRC:DST,...`.
+fn parse_namespace_mappings(text: Option<&str>) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in text
+        .unwrap_or_default()
+        .split(',')
+        .filter(|pair| !pair.is_empty())
+    {
+        match pair.split_once(':') {
+            Some((source, target)) if !source.is_empty() && !target.is_empty() => {
+                out.insert(source.to_string(), target.to_string());
+            }
+            _ => return Err(format!("--namespace-mappings {pair:?} must be SRC:DST")),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_annotations(values: &[String]) -> Result<BTreeMap<String, String>, String> {
+    values
+        .iter()
+        .map(|value| match value.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+            _ => Err(format!("--restore-annotation {value:?} must be KEY=VALUE")),
+        })
+        .collect()
+}
+
+async fn plan(args: &PlanArgs) -> Result<(Vec<ReviewedItem>, usize), String> {
+    let namespace_mapping = parse_namespace_mappings(args.namespace_mappings.as_deref())?;
+    let annotations = parse_annotations(&args.restore_annotations)?;
+    let mut settings = review_settings(&args.rules)?;
+    // Groups in the backup count as created before the VMs: nothing to wait for.
+    settings.group_wait_timeout = Duration::ZERO;
+    let client = Client::try_default().await.map_err(|err| {
+        format!("cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}")
+    })?;
+    let bytes = download(&client, &args.velero_namespace, &args.backup).await?;
+    let mut objects = super::input::backup_objects(&bytes)
+        .map_err(|err| format!("backup {}: {err}", args.backup))?;
+    for (_, object) in &mut objects {
+        if let Some(namespace) = object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            && let Some(target) = namespace_mapping.get(namespace)
+        {
+            object["metadata"]["namespace"] = json!(target);
+        }
+    }
+    let input = backup_input(objects, &format!("backup {}", args.backup))?;
+    let mut groups: Vec<(String, String)> = input.backup_groups.clone();
+    groups.extend(live_groups(&client, &input.backup_groups).await?);
+    let static_groups =
+        StaticGroups::new(groups.iter().map(|(ns, name)| (ns.as_str(), name.as_str())));
+    let maps = list_configmaps(&client, &args.velero_namespace)
+        .await
+        .map_err(|err| format!("cannot list ConfigMaps in {}: {err}", args.velero_namespace))?;
+    let refs = Arc::new(LookedUpOnce::new(LiveRefs::new(client.clone())));
+    let restore = RestoreInfo {
+        name: format!("plan-of-{}", args.backup),
+        namespace_mapping,
+        annotations,
+        ..Default::default()
+    };
+    let reviewer = Reviewer::new(
+        static_groups.clone(),
+        StaticRestores::found(restore),
+        settings,
+        None,
+    )
+    .with_refs(refs.clone())
+    .with_mappings(MappingCache::given(&args.velero_namespace, maps));
+    let items = review_each(&reviewer, input.items, &static_groups, true).await?;
+    Ok((items, refs.lookups()))
+}
+
+/// The VirtualMachineGroups that exist now in the namespaces the backup's
+/// groups go to (a restore skips those, and VMs may name them).
+async fn live_groups(
+    client: &Client,
+    backup_groups: &[(String, String)],
+) -> Result<Vec<(String, String)>, String> {
+    let Ok(group) = discovery::group(client, vmop::GROUP).await else {
+        return Ok(Vec::new());
+    };
+    let Some((resource, _)) = group.recommended_kind("VirtualMachineGroup") else {
+        return Ok(Vec::new());
+    };
+    let mut namespaces: Vec<&str> = backup_groups.iter().map(|(ns, _)| ns.as_str()).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let mut out = Vec::new();
+    for namespace in namespaces {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|err| format!("cannot list VirtualMachineGroups in {namespace}: {err}"))?;
+        out.extend(
+            list.items
+                .into_iter()
+                .filter_map(|group| Some((namespace.to_string(), group.metadata.name?))),
+        );
+    }
+    Ok(out)
+}
+
+fn download_request_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("velero.io", "v1", "DownloadRequest"),
+        "downloadrequests",
+    )
+}
+
+/// The backup's contents through a DownloadRequest, deleted afterwards.
+async fn download(client: &Client, namespace: &str, backup: &str) -> Result<Vec<u8>, String> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &download_request_resource());
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis())
+        .unwrap_or_default();
+    let prefix: String = backup.chars().take(200).collect();
+    let name = format!("{prefix}-vmrw-plan-{suffix}");
+    let request: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "velero.io/v1", "kind": "DownloadRequest",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"target": {"kind": "BackupContents", "name": backup}}}))
+    .map_err(|err| err.to_string())?;
+    api.create(&PostParams::default(), &request)
+        .await
+        .map_err(|err| {
+            format!(
+                "cannot create a DownloadRequest in {namespace} (is Velero installed there?): {err}"
+            )
+        })?;
+    let fetched = fetch_when_ready(&api, &name, backup).await;
+    if let Err(err) = api.delete(&name, &DeleteParams::default()).await {
+        eprintln!(
+            "velero-vm-restore-webhook plan: could not delete DownloadRequest {namespace}/{name}: {err}"
+        );
+    }
+    fetched
+}
+
+async fn fetch_when_ready(
+    api: &Api<DynamicObject>,
+    name: &str,
+    backup: &str,
+) -> Result<Vec<u8>, String> {
+    let started = tokio::time::Instant::now();
+    let url = loop {
+        let request = api.get(name).await.map_err(|err| err.to_string())?;
+        let status = request.data.get("status");
+        if let Some(url) = status
+            .and_then(|status| status.get("downloadURL"))
+            .and_then(Value::as_str)
+            .filter(|url| !url.is_empty())
+        {
+            break url.to_string();
+        }
+        if started.elapsed() > DOWNLOAD_WAIT {
+            return Err(format!(
+                "Velero did not answer DownloadRequest {name} within {}s: does Backup {backup} exist, and is Velero running?",
+                DOWNLOAD_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // reqwest is built without a crypto provider; kube's ring is the one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::get(&url)
+        .await
+        .map_err(|err| format!("cannot download backup {backup}: {err}"))?;
+    if !response.status().is_success() {
+        return Err(format!(
+            "cannot download backup {backup}: the object store answered {}",
+            response.status()
+        ));
+    }
+    response
+        .bytes()
+        .await
+        .map(|bytes| bytes.to_vec())
+        .map_err(|err| format!("cannot download backup {backup}: {err}"))
+}
+
+/// Live reference checks, each distinct reference looked up once.
+struct LookedUpOnce<R> {
+    inner: R,
+    seen: Mutex<BTreeMap<(String, ClusterRef), GroupPresence>>,
+}
+
+impl<R> LookedUpOnce<R> {
+    fn new(inner: R) -> Self {
+        LookedUpOnce {
+            inner,
+            seen: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lookups(&self) -> usize {
+        self.seen.lock().map(|seen| seen.len()).unwrap_or(0)
+    }
+}
+
+impl<R: RefFacts> RefFacts for LookedUpOnce<R> {
+    fn exists<'a>(
+        &'a self,
+        namespace: &'a str,
+        reference: &'a ClusterRef,
+    ) -> BoxFuture<'a, GroupPresence> {
+        async move {
+            let key = (namespace.to_string(), reference.clone());
+            if let Some(known) = self
+                .seen
+                .lock()
+                .ok()
+                .and_then(|seen| seen.get(&key).cloned())
+            {
+                return known;
+            }
+            let presence = self.inner.exists(namespace, reference).await;
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.insert(key, presence.clone());
+            }
+            presence
+        }
+        .boxed()
+    }
+}
+
+fn print(args: &PlanArgs, items: &[ReviewedItem], lookups: usize) -> ExitCode {
+    let denied = items
+        .iter()
+        .any(|item| item.reviewed.verdict.denial.is_some());
+    match args.output {
+        PlanOutput::Table => {
+            let mut out: String = items.iter().map(ReviewedItem::summary).collect();
+            out.push_str(&backup_summary(items));
+            out.push_str(&format!(
+                "Checked against the live target: {lookups} distinct references looked up.\n"
+            ));
+            print!("{out}");
+        }
+        PlanOutput::Json => {
+            let objects: Vec<Value> = items
+                .iter()
+                .map(|item| {
+                    let verdict = &item.reviewed.verdict;
+                    let outcome = if verdict.denial.is_some() {
+                        "denied"
+                    } else if verdict.changes.is_empty() {
+                        "unchanged"
+                    } else {
+                        "changed"
+                    };
+                    json!({
+                        "object": item.label, "kind": item.kind, "namespace": item.namespace,
+                        "outcome": outcome, "denial": verdict.denial,
+                        "changes": verdict.changes.iter().map(|change| json!({
+                            "rule": change.rule, "change": change.describe()})).collect::<Vec<_>>(),
+                        "warnings": verdict.notes,
+                    })
+                })
+                .collect();
+            let text = serde_json::to_string_pretty(&json!({
+                "backup": args.backup, "objects": objects, "referenceLookups": lookups}))
+            .unwrap_or_default();
+            println!("{text}");
+        }
+    }
+    if denied && args.fail_on_deny {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmop::RefKind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(AtomicUsize);
+
+    impl RefFacts for Counting {
+        fn exists<'a>(
+            &'a self,
+            _namespace: &'a str,
+            reference: &'a ClusterRef,
+        ) -> BoxFuture<'a, GroupPresence> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let presence = if reference.name == "there" {
+                GroupPresence::Present
+            } else {
+                GroupPresence::Missing
+            };
+            futures::future::ready(presence).boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_distinct_reference_is_looked_up_once() {
+        let refs = LookedUpOnce::new(Counting(AtomicUsize::new(0)));
+        let zone = |name: &str| ClusterRef {
+            kind: RefKind::Zone,
+            name: name.to_string(),
+            owner: None,
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                refs.exists("prod", &zone("there")).await,
+                GroupPresence::Present
+            );
+            assert_eq!(
+                refs.exists("prod", &zone("gone")).await,
+                GroupPresence::Missing
+            );
+            assert_eq!(
+                refs.exists("dev", &zone("there")).await,
+                GroupPresence::Present
+            );
+        }
+        assert_eq!(refs.inner.0.load(Ordering::SeqCst), 3);
+        assert_eq!(refs.lookups(), 3);
+    }
+
+    #[test]
+    fn namespace_mappings_and_annotations_parse_as_velero_takes_them() {
+        let mapped = parse_namespace_mappings(Some("prod:prod-b,dev:dev-b")).unwrap();
+        assert_eq!(mapped["prod"], "prod-b");
+        assert_eq!(mapped.len(), 2);
+        assert!(parse_namespace_mappings(Some("prod")).is_err());
+        assert!(parse_namespace_mappings(None).unwrap().is_empty());
+        let annotations =
+            parse_annotations(&["velero-vm-restore-webhook/mappings=site-b".into()]).unwrap();
+        assert_eq!(annotations["velero-vm-restore-webhook/mappings"], "site-b");
+        assert!(parse_annotations(&["=x".into()]).is_err());
+    }
+}
