@@ -14,7 +14,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale profile e2e chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan profile e2e chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -56,6 +56,11 @@ bench-peers: static
 # restore with and without the webhook (outside CI; several minutes).
 bench-scale: static
 	E2E_SCRIPT=bench_scale.py tests/e2e/run.sh
+
+# `plan` of a 1,000-VM backup in 10 namespaces against the live target: time,
+# API requests, and the ratio to `velero backup download` (outside CI).
+bench-plan: static
+	E2E_SCRIPT=bench_plan.py tests/e2e/run.sh
 
 # perf profile of one whole review (outside CI); PROFILE="logging off" for the other one.
 profile:

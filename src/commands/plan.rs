@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use crate::facts::live_refs::LiveRefs;
 use crate::facts::mapping_cache::{MappingCache, list_configmaps};
 use crate::facts::{GroupPresence, RefFacts, RestoreInfo};
 use crate::settings::RuleArgs;
-use crate::vmop::{self, ClusterRef};
+use crate::vmop::{self, ClusterRef, RefKind};
 use crate::webhook::review::Reviewer;
 
 /// How long Velero may take to answer the DownloadRequest.
@@ -71,7 +72,7 @@ pub enum PlanOutput {
 
 pub async fn run(args: PlanArgs) -> ExitCode {
     match plan(&args).await {
-        Ok((items, lookups)) => print(&args, &items, lookups),
+        Ok(planned) => print(&args, &planned),
         Err(err) => {
             eprintln!("velero-vm-restore-webhook plan: {err}");
             ExitCode::from(2)
@@ -107,13 +108,14 @@ fn parse_annotations(values: &[String]) -> Result<BTreeMap<String, String>, Stri
         .collect()
 }
 
-async fn plan(args: &PlanArgs) -> Result<(Vec<ReviewedItem>, usize), String> {
+async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     let namespace_mapping = parse_namespace_mappings(args.namespace_mappings.as_deref())?;
     let annotations = parse_annotations(&args.restore_annotations)?;
     let mut settings = review_settings(&args.rules)?;
     // Groups in the backup count as created before the VMs: nothing to wait for.
     settings.group_wait_timeout = Duration::ZERO;
-    let client = Client::try_default().await.map_err(|err| {
+    let api_requests = Arc::new(AtomicUsize::new(0));
+    let client = counting_client(api_requests.clone()).await.map_err(|err| {
         format!("cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}")
     })?;
     let bytes = download(&client, &args.velero_namespace, &args.backup).await?;
@@ -152,7 +154,32 @@ async fn plan(args: &PlanArgs) -> Result<(Vec<ReviewedItem>, usize), String> {
     .with_refs(refs.clone())
     .with_mappings(MappingCache::given(&args.velero_namespace, maps));
     let items = review_each(&reviewer, input.items, &static_groups, true).await?;
-    Ok((items, refs.lookups()))
+    Ok(Planned {
+        items,
+        reference_lookups: refs.lookups(),
+        api_requests: api_requests.load(Ordering::SeqCst),
+    })
+}
+
+/// What a plan found, and what it cost the API server.
+struct Planned {
+    items: Vec<ReviewedItem>,
+    reference_lookups: usize,
+    api_requests: usize,
+}
+
+/// The user's client, counting every request it sends (the plan reports it).
+async fn counting_client(count: Arc<AtomicUsize>) -> Result<Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let counter = tower::util::MapRequestLayer::new(move |request| {
+        count.fetch_add(1, Ordering::SeqCst);
+        request
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&counter)
+        .build())
 }
 
 /// The VirtualMachineGroups that exist now in the namespaces the backup's
@@ -309,9 +336,14 @@ impl<R: RefFacts> RefFacts for LookedUpOnce<R> {
         }
         .boxed()
     }
+
+    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
+        self.inner.alternatives(namespace, kind)
+    }
 }
 
-fn print(args: &PlanArgs, items: &[ReviewedItem], lookups: usize) -> ExitCode {
+fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
+    let items = &planned.items;
     let denied = items
         .iter()
         .any(|item| item.reviewed.verdict.denial.is_some());
@@ -320,7 +352,8 @@ fn print(args: &PlanArgs, items: &[ReviewedItem], lookups: usize) -> ExitCode {
             let mut out: String = items.iter().map(ReviewedItem::summary).collect();
             out.push_str(&backup_summary(items));
             out.push_str(&format!(
-                "Checked against the live target: {lookups} distinct references looked up.\n"
+                "Checked against the live target: {} distinct references looked up, {} API requests in all.\n",
+                planned.reference_lookups, planned.api_requests
             ));
             print!("{out}");
         }
@@ -346,7 +379,8 @@ fn print(args: &PlanArgs, items: &[ReviewedItem], lookups: usize) -> ExitCode {
                 })
                 .collect();
             let text = serde_json::to_string_pretty(&json!({
-                "backup": args.backup, "objects": objects, "referenceLookups": lookups}))
+                "backup": args.backup, "objects": objects,
+                "referenceLookups": planned.reference_lookups, "apiRequests": planned.api_requests}))
             .unwrap_or_default();
             println!("{text}");
         }
@@ -361,8 +395,6 @@ fn print(args: &PlanArgs, items: &[ReviewedItem], lookups: usize) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmop::RefKind;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Counting(AtomicUsize);
 

@@ -40,9 +40,12 @@ pub struct ReviewArgs {
     mappings: Vec<PathBuf>,
 
     /// An object a VM may refer to that exists in the target, as
-    /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME
-    /// or clusterimage/NAME (repeatable). References not given count as
-    /// missing and are removed, as they would be in a cluster without them.
+    /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME,
+    /// clusterimage/NAME or class/NAMESPACE/NAME (a VirtualMachineClass with
+    /// an active instance there) (repeatable). References not given count as
+    /// missing and are removed, as they would be in a cluster without them;
+    /// a class is checked only in a namespace given some classes, and a VM
+    /// naming another one is denied.
     #[arg(long = "exists", value_name = "KIND/[NAMESPACE/]NAME")]
     exists: Vec<String>,
 
@@ -121,7 +124,8 @@ fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, Str
                 Some("classinstance") => RefKind::ClassInstance,
                 Some("image") => RefKind::Image,
                 Some("clusterimage") => RefKind::ClusterImage,
-                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, image or clusterimage")),
+                Some("class") => RefKind::Class,
+                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, image or clusterimage")),
             };
             match (kind, parts.as_slice()) {
                 (RefKind::ClusterImage, [_, name]) if !name.is_empty() => Ok((kind, String::new(), name.to_string())),

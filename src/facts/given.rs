@@ -42,12 +42,31 @@ impl RefFacts for StaticRefs {
             namespace.to_string(),
             reference.name.clone(),
         );
-        let presence = if self.present.contains(&key) {
+        // Classes are checked only in a namespace given some: elsewhere
+        // there is nothing to compare with, as in a live namespace without
+        // classes.
+        let unchecked = reference.kind == RefKind::Class
+            && !self
+                .present
+                .iter()
+                .any(|(kind, ns, _)| *kind == RefKind::Class && ns == namespace);
+        let presence = if unchecked || self.present.contains(&key) {
             GroupPresence::Present
         } else {
             GroupPresence::Missing
         };
         futures::future::ready(presence).boxed()
+    }
+
+    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
+        let mut names: Vec<String> = self
+            .present
+            .iter()
+            .filter(|(given, ns, _)| *given == kind && ns == namespace)
+            .map(|(_, _, name)| name.clone())
+            .collect();
+        names.sort();
+        futures::future::ready(names).boxed()
     }
 }
 
@@ -210,6 +229,37 @@ impl RestoreFacts for StaticRestores {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn classes_are_checked_only_in_a_namespace_given_some() {
+        use crate::vmop::RefKind;
+        let refs = StaticRefs::new([
+            (RefKind::Class, "prod".to_string(), "small".to_string()),
+            (RefKind::Class, "prod".to_string(), "large".to_string()),
+        ]);
+        let class = |name: &str| ClusterRef {
+            kind: RefKind::Class,
+            name: name.to_string(),
+            owner: None,
+        };
+        assert_eq!(
+            refs.exists("prod", &class("small")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &class("tiny")).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.exists("dev", &class("tiny")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.alternatives("prod", RefKind::Class).await,
+            ["large", "small"]
+        );
+        assert!(refs.alternatives("dev", RefKind::Class).await.is_empty());
+    }
 
     #[tokio::test]
     async fn static_groups_find_inserted_groups() {

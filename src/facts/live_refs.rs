@@ -56,6 +56,63 @@ impl LiveRefs {
     }
 }
 
+impl LiveRefs {
+    /// The classes of `namespace` a VM can run with: each VirtualMachineClass
+    /// with an active instance, or every class where the namespace has no
+    /// instances (ImmutableClasses off). `None` when the namespace has no
+    /// classes, or the API is not served: nothing to check against.
+    async fn usable_classes(&self, namespace: &str) -> Result<Option<Vec<String>>, String> {
+        let Some(classes) = self
+            .list_names(vmop_resource("VirtualMachineClass"), namespace)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if classes.is_empty() {
+            return Ok(None);
+        }
+        let names = classes
+            .iter()
+            .filter_map(|meta| meta.name.clone())
+            .collect::<Vec<_>>();
+        let instances = self
+            .list_names(vmop_resource("VirtualMachineClassInstance"), namespace)
+            .await?
+            .unwrap_or_default();
+        if instances.is_empty() {
+            return Ok(Some(names));
+        }
+        Ok(Some(
+            names
+                .into_iter()
+                .filter(|class| {
+                    instances
+                        .iter()
+                        .any(|meta| is_active_instance_of(meta, Some(class)))
+                })
+                .collect(),
+        ))
+    }
+
+    /// The metadata of every object of `resource` in `namespace`; `None` when
+    /// the API server does not serve the resource.
+    async fn list_names(
+        &self,
+        resource: ApiResource,
+        namespace: &str,
+    ) -> Result<Option<Vec<kube::core::ObjectMeta>>, String> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &resource);
+        match api.list_metadata(&kube::api::ListParams::default()).await {
+            Ok(list) => Ok(Some(
+                list.items.into_iter().map(|item| item.metadata).collect(),
+            )),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}
+
 /// The label VM Operator puts on the active instance of a class.
 const ACTIVE_INSTANCE_LABEL: &str = "vmoperator.vmware.com/active";
 
@@ -80,14 +137,16 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
 }
 
 /// A vmoperator.vmware.com kind, at the version VM Operator 1.10 and later
-/// all serve; its plural is the lowercased kind plus "s".
+/// all serve; its plural is the lowercased kind plus "s" (or "es" after an
+/// "s": virtualmachineclasses).
 fn vmop_resource(kind: &str) -> ApiResource {
-    resource(
-        vmop::GROUP,
-        VMOP_VERSION,
-        kind,
-        &format!("{}s", kind.to_lowercase()),
-    )
+    let lower = kind.to_lowercase();
+    let plural = if lower.ends_with('s') {
+        format!("{lower}es")
+    } else {
+        format!("{lower}s")
+    };
+    resource(vmop::GROUP, VMOP_VERSION, kind, &plural)
 }
 
 const TOPOLOGY: &str = "topology.tanzu.vmware.com";
@@ -157,11 +216,41 @@ impl RefFacts for LiveRefs {
                     self.get(vmop_resource("ClusterVirtualMachineImage"), None, name)
                         .await
                 }
+                RefKind::Class => {
+                    return match self.usable_classes(namespace).await {
+                        // Nothing to compare with: VM Operator's own answer stands.
+                        Ok(None) => GroupPresence::Present,
+                        Ok(Some(classes)) if classes.iter().any(|class| class == name) => {
+                            GroupPresence::Present
+                        }
+                        Ok(Some(_)) => GroupPresence::Missing,
+                        Err(err) => GroupPresence::Unknown(err),
+                    };
+                }
             };
             match found {
                 Ok(Lookup::Found(_)) => GroupPresence::Present,
                 Ok(Lookup::Missing | Lookup::NotServed) => GroupPresence::Missing,
                 Err(err) => GroupPresence::Unknown(err),
+            }
+        }
+        .boxed()
+    }
+
+    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
+        async move {
+            match kind {
+                RefKind::Class => {
+                    let mut names = self
+                        .usable_classes(namespace)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    names.sort();
+                    names
+                }
+                _ => Vec::new(),
             }
         }
         .boxed()
@@ -173,6 +262,23 @@ mod tests {
     use super::*;
     use axum::http::{Request, Response};
     use http_body_util::Full;
+
+    /// Object metadata as a list item; an active instance when `owner` names its class.
+    fn json_meta(name: &str, owner: Option<&str>) -> serde_json::Value {
+        let mut meta = serde_json::json!({"name": name});
+        if let Some(owner) = owner {
+            meta["labels"] = serde_json::json!({"vmoperator.vmware.com/active": ""});
+            meta["ownerReferences"] = serde_json::json!([{"apiVersion": "vmoperator.vmware.com/v1alpha5",
+                "kind": "VirtualMachineClass", "name": owner, "uid": "c-1"}]);
+        }
+        serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": meta})
+    }
+
+    fn list(items: &[serde_json::Value]) -> String {
+        serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": {}, "items": items})
+        .to_string()
+    }
 
     /// A fake API server: in namespace `wdi` Zones are served (and none
     /// exists); elsewhere the Zone API is not served (plain-text 404) and the
@@ -196,6 +302,27 @@ mod tests {
                 (200, object("zone-a"), true)
             } else if path.contains("/topology.tanzu.vmware.com/") {
                 (404, "404 page not found".to_string(), false)
+            } else if path.ends_with("/namespaces/prod/virtualmachineclasses") {
+                (
+                    200,
+                    list(&[
+                        json_meta("best-effort-small", None),
+                        json_meta("guaranteed-large", None),
+                    ]),
+                    true,
+                )
+            } else if path.ends_with("/namespaces/prod/virtualmachineclassinstances") {
+                (
+                    200,
+                    list(&[json_meta("small", Some("best-effort-small"))]),
+                    true,
+                )
+            } else if path.ends_with("/namespaces/flat/virtualmachineclasses") {
+                (200, list(&[json_meta("only", None)]), true)
+            } else if path.ends_with("/namespaces/flat/virtualmachineclassinstances")
+                || path.ends_with("/namespaces/bare/virtualmachineclasses")
+            {
+                (200, list(&[]), true)
             } else if path.ends_with("/virtualmachineclassinstances/small") {
                 let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                     "metadata": {"name": "small", "namespace": "prod",
@@ -302,6 +429,51 @@ mod tests {
         );
         assert!(
             matches!(refs.exists("prod", &reference(RefKind::Image, "vmi-1")).await, GroupPresence::Unknown(message) if message.contains("forbidden"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_class_counts_with_an_active_instance_and_only_where_classes_exist() {
+        let refs = refs_on_fake_api();
+        let class = |name: &str| ClusterRef {
+            kind: RefKind::Class,
+            name: name.to_string(),
+            owner: None,
+        };
+        // prod: two classes, only best-effort-small has an active instance.
+        assert_eq!(
+            refs.exists("prod", &class("best-effort-small")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &class("guaranteed-large")).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.exists("prod", &class("gone")).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.alternatives("prod", RefKind::Class).await,
+            ["best-effort-small"]
+        );
+        // flat: no instances at all (ImmutableClasses off): every class counts.
+        assert_eq!(
+            refs.exists("flat", &class("only")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("flat", &class("gone")).await,
+            GroupPresence::Missing
+        );
+        // bare: no classes, and elsewhere the list is not served: nothing to check against.
+        assert_eq!(
+            refs.exists("bare", &class("any")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("other", &class("any")).await,
+            GroupPresence::Present
         );
     }
 }

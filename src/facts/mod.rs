@@ -28,8 +28,8 @@ pub use restore::RestoreInfo;
 
 use std::sync::Arc;
 
-use crate::vmop::ClusterRef;
 use crate::vmop::mapping::{MappingError, Mappings};
+use crate::vmop::{ClusterRef, RefKind};
 
 /// How a live check of a group ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +88,16 @@ pub trait RefFacts: Send + Sync {
         namespace: &'a str,
         reference: &'a ClusterRef,
     ) -> BoxFuture<'a, GroupPresence>;
+
+    /// What the namespace has instead, for a denial's message (only asked
+    /// for a reference that is missing). Empty when nobody knows.
+    fn alternatives<'a>(
+        &'a self,
+        _namespace: &'a str,
+        _kind: RefKind,
+    ) -> BoxFuture<'a, Vec<String>> {
+        futures::future::ready(Vec::new()).boxed()
+    }
 }
 
 /// The mappings of a restore into another Supervisor (Velero's

@@ -214,6 +214,11 @@ pub enum RefKind {
     Image,
     /// `spec.image` of kind ClusterVirtualMachineImage (when `spec.imageName` is set).
     ClusterImage,
+    /// `spec.className`: a VirtualMachineClass in the namespace, with an
+    /// active instance where the namespace has instances. VM Operator admits
+    /// a VM naming a class the namespace lacks and never deploys it, so a
+    /// missing class denies the VM instead of being removed.
+    Class,
 }
 
 impl RefKind {
@@ -223,6 +228,7 @@ impl RefKind {
             RefKind::ClassInstance => "VirtualMachineClassInstance",
             RefKind::Image => "VirtualMachineImage",
             RefKind::ClusterImage => "ClusterVirtualMachineImage",
+            RefKind::Class => "VirtualMachineClass",
         }
     }
 }

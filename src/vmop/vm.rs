@@ -309,7 +309,7 @@ fn object_changes(
             RefKind::Image | RefKind::ClusterImage => {
                 (R_IMAGE_REF, "image", "no such image in the target")
             }
-            RefKind::Zone => continue,
+            RefKind::Zone | RefKind::Class => continue,
         };
         if options.missing_refs.contains(&found.kind) && options.enabled(rule) {
             changes.push(Change::remove(tokens(&["spec", key]), rule, reason));
@@ -439,6 +439,14 @@ pub fn cluster_refs(
     }
     if let Some(spec) = shape::map(root, "", "spec")? {
         refs.extend(spec_refs(spec, mappings)?);
+        // The class a VM will run with: after mapping.
+        if let Some(class) = shape::string(spec, "spec", "className")?.filter(|c| !c.is_empty()) {
+            refs.push(ClusterRef {
+                kind: RefKind::Class,
+                name: mappings.class(class).unwrap_or(class).to_string(),
+                owner: None,
+            });
+        }
     }
     Ok(refs)
 }

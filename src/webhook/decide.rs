@@ -14,7 +14,7 @@ use crate::facts::{GroupPresence, RestoreLookup};
 use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::mapping::{MappingError, Mappings};
 use crate::vmop::power::PowerPolicy;
-use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind};
+use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind, RefKind};
 use crate::webhook::admission::Verdict;
 use crate::webhook::waits::NoWait;
 
@@ -68,6 +68,8 @@ pub struct Facts {
     pub mappings: Arc<Mappings>,
     /// The restore's ConfigMaps cannot be used: the VM is denied.
     pub mapping_error: Option<MappingError>,
+    /// What the namespace has instead of a missing class (for the denial).
+    pub alternatives: Vec<String>,
 }
 
 impl Default for RestoreFact {
@@ -103,6 +105,8 @@ pub enum DenyReason {
     Deadline,
     /// The restore's mapping ConfigMaps are malformed or ambiguous.
     MappingInvalid,
+    /// The VM names a class the target namespace does not have.
+    ReferenceMissing,
 }
 
 impl DenyReason {
@@ -114,6 +118,7 @@ impl DenyReason {
             DenyReason::RestoreUnreadable => "restore_unreadable",
             DenyReason::Deadline => "deadline",
             DenyReason::MappingInvalid => "mapping_invalid",
+            DenyReason::ReferenceMissing => "reference_missing",
         }
     }
 }
@@ -137,6 +142,42 @@ impl Decision {
             unchanged_because: None,
         }
     }
+}
+
+/// A class the namespace lacks: what it has, and the mapping entry to add.
+fn missing_class_message(
+    label: &str,
+    namespace: &str,
+    class: &str,
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> String {
+    let has = if facts.alternatives.is_empty() {
+        "no class with an active instance".to_string()
+    } else {
+        facts.alternatives.join(", ")
+    };
+    let example = facts
+        .alternatives
+        .first()
+        .map(String::as_str)
+        .unwrap_or("<class>");
+    let configmap = if facts.mappings.classes.source.is_empty() {
+        format!(
+            "a ConfigMap in namespace {} labelled {}=\"\" and {}={}",
+            settings.velero_namespace,
+            vmop::mapping::PLUGIN_CONFIG_LABEL,
+            vmop::mapping::VM_MAPPINGS_LABEL,
+            vmop::mapping::RESTORE_ITEM_ACTION
+        )
+    } else {
+        facts.mappings.classes.source.replace(" key classes", "")
+    };
+    format!(
+        "{label}: spec.className {class:?} names no VirtualMachineClass with an active instance in namespace {namespace}, \
+         so VM Operator would admit the VM and never deploy it. The namespace has: {has}. Map the class: add \
+         `{class}: {example}` under key classes of {configmap}, then restore again (existing objects are skipped)"
+    )
 }
 
 /// The Restore's UID, when the lookup found it.
@@ -297,6 +338,15 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
                     "could not read Velero Restore {restore}: guest identity kept"
                 )),
             }
+        }
+        if let Some((reference, _)) = facts.refs.iter().find(|(reference, presence)| {
+            reference.kind == RefKind::Class && *presence == GroupPresence::Missing
+        }) {
+            return Decision::deny(
+                verdict,
+                DenyReason::ReferenceMissing,
+                missing_class_message(label, subject.namespace, &reference.name, facts, settings),
+            );
         }
         if let Some(err) = &facts.mapping_error {
             return Decision::deny(
@@ -689,13 +739,16 @@ mod tests {
         object["spec"]["class"] = json!({"name": "small-instance"});
         let selected =
             mappings(json!({"zones": "zone-a: az-1", "classes": "small: medium"})).unwrap();
-        // The reference checked is the mapped zone; the class instance is not
-        // checked at all: the mapping removes it.
+        // The references checked are the mapped zone and the mapped class;
+        // the class instance is not checked at all: the mapping removes it.
         let refs = crate::vmop::vm::cluster_refs(&object, &selected).unwrap();
-        assert_eq!(refs.len(), 1);
+        let checked: Vec<_> = refs.iter().map(|r| (r.kind, r.name.as_str())).collect();
         assert_eq!(
-            (refs[0].kind, refs[0].name.as_str()),
-            (crate::vmop::RefKind::Zone, "az-1")
+            checked,
+            [
+                (crate::vmop::RefKind::Zone, "az-1"),
+                (crate::vmop::RefKind::Class, "medium")
+            ]
         );
         let mut facts = Facts {
             restore: found("u1", None),
@@ -727,6 +780,64 @@ mod tests {
             patched["metadata"]["labels"]
                 .get("topology.kubernetes.io/zone")
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_class_the_namespace_lacks_denies_the_vm_with_what_it_has_and_the_entry_to_add() {
+        use crate::vmop::RefKind;
+        let mut object = vm();
+        object["spec"]["className"] = json!("best-effort-small");
+        let class = ClusterRef {
+            kind: RefKind::Class,
+            name: "best-effort-small".into(),
+            owner: None,
+        };
+        let mut facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            refs: vec![(class.clone(), GroupPresence::Missing)],
+            alternatives: vec!["site-b-large".into(), "site-b-small".into()],
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::ReferenceMissing));
+        let message = decision.verdict.denial.unwrap();
+        assert_eq!(
+            message,
+            "VirtualMachine prod/vm1: spec.className \"best-effort-small\" names no VirtualMachineClass with an active \
+             instance in namespace prod, so VM Operator would admit the VM and never deploy it. The namespace has: \
+             site-b-large, site-b-small. Map the class: add `best-effort-small: site-b-large` under key classes of a \
+             ConfigMap in namespace velero labelled velero.io/plugin-config=\"\" and \
+             velero-vm-restore-webhook/vm-mappings=RestoreItemAction, then restore again (existing objects are skipped)"
+        );
+        // With a mappings ConfigMap in effect, the message names it.
+        facts.mappings = mappings(json!({"zones": "a: b"})).unwrap();
+        let message = decide(&subject(&object), &facts, &settings())
+            .verdict
+            .denial
+            .unwrap();
+        assert!(
+            message.contains("under key classes of ConfigMap velero/site-b, then"),
+            "{message}"
+        );
+        // Present, or unknown (kept, with a warning): admitted.
+        facts.refs = vec![(class.clone(), GroupPresence::Present)];
+        assert!(
+            decide(&subject(&object), &facts, &settings())
+                .verdict
+                .denial
+                .is_none()
+        );
+        facts.refs = vec![(class, GroupPresence::Unknown("timeout".into()))];
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert!(decision.verdict.denial.is_none());
+        assert!(
+            decision
+                .verdict
+                .notes
+                .iter()
+                .any(|note| note.contains("could not check VirtualMachineClass"))
         );
     }
 

@@ -331,17 +331,21 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
     for ns in (plain, mapped, broken):
         prepare_site_b(cluster, ns)
 
+    planned = plan(cluster, "b-sv", f"sv-src:{plain}")
     restore = cluster.restore("r-b-plain", "b-sv", "--namespace-mappings", f"sv-src:{plain}", "--exclude-resources", SITE_B_EXCLUDE)
     details = cluster.restore_describe("r-b-plain")
     assert restore["status"]["phase"] == "PartiallyFailed", details
     said = sorted({line.strip() for line in details.splitlines() if "denied the request" in line})
     REPORT["site_b_without_mappings"] = said
-    print("\n[e2e] site B without mappings, VM Operator said:\n  " + "\n  ".join(said))
-    # VM Operator's mutating webhook runs first and refuses the image name;
-    # its validator would then refuse the storage class.
+    print("\n[e2e] site B without mappings, the restore said:\n  " + "\n  ".join(said))
+    # Our webhook runs first: the class the namespace lacks denies each VM,
+    # naming what the namespace has and the mapping entry to add.
+    fix = "The namespace has: site-b-small. Map the class: add `best-effort-small: site-b-small` under key classes"
     for vm in ("web-1", "db-1"):
-        assert any(f"{plain}/{vm}" in line and "vmoperator.vmware.com" in line
-                   and ("no VM image exists" in line or "Storage policy" in line) for line in said), details
+        assert any(f"{plain}/{vm}" in line and "restore.velero-vm-restore-webhook.io" in line and fix in line
+                   for line in said), details
+        # `plan` predicted the same denial, for the same reason.
+        assert fix in (planned[f"VirtualMachine {plain}/{vm}"]["denial"] or ""), planned
     assert cluster.get_json("virtualmachines", "-n", plain)["items"] == []
 
     # Each reference alone left at the source's name, the others at site B's:
@@ -374,8 +378,10 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
     print(f"\n[e2e] site B, one reference unmapped at a time: {json.dumps(per_reference, indent=1)}")
     assert "Storage policy is not associated with the namespace" in per_reference["storageClass"], per_reference
     assert 'no VM image exists for "vmi-0a0044d7c690bcbea" in namespace or cluster scope' in per_reference["imageName"], per_reference
-    # Admitted, but with no class instance: VM Operator would never deploy it.
-    assert per_reference["className"].startswith("admitted; spec.class null"), per_reference
+    # VM Operator would admit it with no class instance and never deploy it:
+    # our webhook denies it instead, with the entry that fixes it.
+    assert "names no VirtualMachineClass with an active instance in namespace sv-b-plain" in per_reference["className"], per_reference
+    assert "`best-effort-small: site-b-small`" in per_reference["className"], per_reference
     assert per_reference["network"].startswith("admitted"), per_reference
     # Our webhook removes a zone label the target lacks; VM Operator places the VM.
     assert per_reference["zone"].endswith("zone label null"), per_reference
