@@ -3,7 +3,8 @@
 #   make static     the static binary the container ships (scripts/build-static.sh)
 #   make test       everything CI runs: lint, unit + integration, fuzz (bounded), chart and e2e
 #   make test-fast  unit + integration tests only
-#   make bench / bench-faults / fuzz-long   benchmarks and long runs, outside CI
+#   make bench / bench-faults / bench-cluster / fuzz-long   benchmarks and long runs, outside CI
+#   make e2e-cluster  the one-node cluster scenarios alone
 #   make container / push   honour REGISTRY, IMAGE and VERSION
 SHELL := /bin/bash
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
@@ -14,7 +15,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan profile e2e chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan bench-cluster profile e2e e2e-cluster chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -61,6 +62,16 @@ bench-scale: static
 # API requests, and the ratio to `velero backup download` (outside CI).
 bench-plan: static
 	E2E_SCRIPT=bench_plan.py tests/e2e/run.sh
+
+# The one-node cluster (kubelet, containerd, Velero and the chart as pods):
+# a 1,000-VM restore with and without the webhook, and create latency through
+# the chart's Service against its no-op route (outside CI; several minutes).
+bench-cluster: static
+	E2E_SCRIPT=bench_cluster.py tests/e2e/run.sh
+
+# Only the one-node cluster scenarios (test_cluster.py; also part of `make test`).
+e2e-cluster: static
+	tests/e2e/run.sh test_cluster.py $(E2E_PYTEST_ARGS)
 
 # perf profile of one whole review (outside CI); PROFILE="logging off" for the other one.
 profile:

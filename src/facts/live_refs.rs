@@ -4,17 +4,44 @@
 //! plain text, not a `NotFound` Status: the reference cannot resolve in this
 //! cluster either, but for zones it tells which API to ask instead.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use kube::Client;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
+use tokio::time::Instant;
 
 use crate::facts::{GroupPresence, RefFacts};
 use crate::vmop::{self, ClusterRef, RefKind};
 
 pub struct LiveRefs {
     client: Client,
+    /// References found lately, by `remembered_key`: a restore names the
+    /// same class, image and zone in VM after VM, and each lookup is an API
+    /// round trip (measured in a pod: about 80 ms a VM for five of them).
+    /// Only finds are remembered: a reference that was missing is asked
+    /// again, so one created meanwhile admits the next VM at once.
+    found_lately: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a found reference is believed without asking again. One deleted
+/// in that window is admitted, as it was before these checks existed; VM
+/// Operator's own checks then decide.
+pub const REMEMBER_FOUND: Duration = Duration::from_secs(10);
+/// Bounds the memory of finds; past it, expired entries are dropped, then all.
+const REMEMBERED_AT_MOST: usize = 4096;
+
+fn remembered_key(namespace: &str, reference: &ClusterRef) -> String {
+    format!(
+        "{:?}\u{0}{namespace}\u{0}{}\u{0}{}",
+        reference.kind,
+        reference.name,
+        reference.owner.as_deref().unwrap_or_default()
+    )
 }
 
 /// What one GET found.
@@ -29,7 +56,28 @@ enum Lookup {
 
 impl LiveRefs {
     pub fn new(client: Client) -> LiveRefs {
-        LiveRefs { client }
+        LiveRefs {
+            client,
+            found_lately: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn found_lately(&self, key: &str) -> bool {
+        let found = self.found_lately.lock().unwrap_or_else(|e| e.into_inner());
+        found
+            .get(key)
+            .is_some_and(|at| at.elapsed() < REMEMBER_FOUND)
+    }
+
+    fn remember_found(&self, key: String) {
+        let mut found = self.found_lately.lock().unwrap_or_else(|e| e.into_inner());
+        if found.len() >= REMEMBERED_AT_MOST {
+            found.retain(|_, at| at.elapsed() < REMEMBER_FOUND);
+            if found.len() >= REMEMBERED_AT_MOST {
+                found.clear();
+            }
+        }
+        found.insert(key, Instant::now());
     }
 
     async fn get(
@@ -160,6 +208,43 @@ impl RefFacts for LiveRefs {
         reference: &'a ClusterRef,
     ) -> BoxFuture<'a, GroupPresence> {
         async move {
+            let key = remembered_key(namespace, reference);
+            if self.found_lately(&key) {
+                return GroupPresence::Present;
+            }
+            let presence = self.look_up(namespace, reference).await;
+            if presence == GroupPresence::Present {
+                self.remember_found(key);
+            }
+            presence
+        }
+        .boxed()
+    }
+
+    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
+        async move {
+            match kind {
+                RefKind::Class => {
+                    let mut names = self
+                        .usable_classes(namespace)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    names.sort();
+                    names
+                }
+                _ => Vec::new(),
+            }
+        }
+        .boxed()
+    }
+}
+
+impl LiveRefs {
+    /// One reference asked of the API server.
+    async fn look_up(&self, namespace: &str, reference: &ClusterRef) -> GroupPresence {
+        {
             let name = reference.name.as_str();
             let found = match reference.kind {
                 // VM Operator 1.10 turns workload domain isolation on for
@@ -234,32 +319,15 @@ impl RefFacts for LiveRefs {
                 Err(err) => GroupPresence::Unknown(err),
             }
         }
-        .boxed()
-    }
-
-    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
-        async move {
-            match kind {
-                RefKind::Class => {
-                    let mut names = self
-                        .usable_classes(namespace)
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    names.sort();
-                    names
-                }
-                _ => Vec::new(),
-            }
-        }
-        .boxed()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use axum::http::{Request, Response};
     use http_body_util::Full;
 
@@ -285,88 +353,157 @@ mod tests {
     /// AvailabilityZone `zone-a` exists. The class instance `small` exists,
     /// images are forbidden, the rest 404 NotFound.
     fn refs_on_fake_api() -> LiveRefs {
-        let service = tower::service_fn(|request: Request<kube::client::Body>| async move {
-            let path = request.uri().path().to_string();
-            let object = |name: &str| {
-                serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        refs_on_counted_fake_api().0
+    }
+
+    /// The same, with the number of requests it has answered.
+    fn refs_on_counted_fake_api() -> (LiveRefs, Arc<AtomicUsize>) {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let path = request.uri().path().to_string();
+                let object = |name: &str| {
+                    serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                     "metadata": {"name": name}})
                 .to_string()
-            };
-            let not_found =
-                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                };
+                let not_found =
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "message": "not found", "reason": "NotFound", "code": 404})
-                .to_string();
-            let (code, body, json) = if path.contains("/namespaces/wdi/zones/") {
-                (404, not_found, true)
-            } else if path.ends_with("/availabilityzones/zone-a") {
-                (200, object("zone-a"), true)
-            } else if path.contains("/topology.tanzu.vmware.com/") {
-                (404, "404 page not found".to_string(), false)
-            } else if path.ends_with("/namespaces/prod/virtualmachineclasses") {
-                (
-                    200,
-                    list(&[
-                        json_meta("best-effort-small", None),
-                        json_meta("guaranteed-large", None),
-                    ]),
-                    true,
-                )
-            } else if path.ends_with("/namespaces/prod/virtualmachineclassinstances") {
-                (
-                    200,
-                    list(&[json_meta("small", Some("best-effort-small"))]),
-                    true,
-                )
-            } else if path.ends_with("/namespaces/flat/virtualmachineclasses") {
-                (200, list(&[json_meta("only", None)]), true)
-            } else if path.ends_with("/namespaces/flat/virtualmachineclassinstances")
-                || path.ends_with("/namespaces/bare/virtualmachineclasses")
-            {
-                (200, list(&[]), true)
-            } else if path.ends_with("/virtualmachineclassinstances/small") {
-                let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    .to_string();
+                let (code, body, json) = if path.contains("/namespaces/wdi/zones/") {
+                    (404, not_found, true)
+                } else if path.ends_with("/availabilityzones/zone-a") {
+                    (200, object("zone-a"), true)
+                } else if path.contains("/topology.tanzu.vmware.com/") {
+                    (404, "404 page not found".to_string(), false)
+                } else if path.ends_with("/namespaces/prod/virtualmachineclasses") {
+                    (
+                        200,
+                        list(&[
+                            json_meta("best-effort-small", None),
+                            json_meta("guaranteed-large", None),
+                        ]),
+                        true,
+                    )
+                } else if path.ends_with("/namespaces/prod/virtualmachineclassinstances") {
+                    (
+                        200,
+                        list(&[json_meta("small", Some("best-effort-small"))]),
+                        true,
+                    )
+                } else if path.ends_with("/namespaces/flat/virtualmachineclasses") {
+                    (200, list(&[json_meta("only", None)]), true)
+                } else if path.ends_with("/namespaces/flat/virtualmachineclassinstances")
+                    || path.ends_with("/namespaces/bare/virtualmachineclasses")
+                {
+                    (200, list(&[]), true)
+                } else if path.ends_with("/virtualmachineclassinstances/small") {
+                    let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                     "metadata": {"name": "small", "namespace": "prod",
                         "labels": {"vmoperator.vmware.com/active": ""},
                         "ownerReferences": [{"apiVersion": "vmoperator.vmware.com/v1alpha5",
                             "kind": "VirtualMachineClass", "name": "best-effort-small", "uid": "c-1"}]}});
-                (200, meta.to_string(), true)
-            } else if path.ends_with("/virtualmachineclassinstances/restored") {
-                // As Velero restores one: labels kept, owner references gone.
-                let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    (200, meta.to_string(), true)
+                } else if path.ends_with("/virtualmachineclassinstances/restored") {
+                    // As Velero restores one: labels kept, owner references gone.
+                    let meta = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                     "metadata": {"name": "restored", "namespace": "prod",
                         "labels": {"vmoperator.vmware.com/active": ""}}});
-                (200, meta.to_string(), true)
-            } else if path.contains("/virtualmachineimages/") {
-                (
+                    (200, meta.to_string(), true)
+                } else if path.contains("/virtualmachineimages/") {
+                    (
                     403,
                     serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                     "message": "forbidden", "reason": "Forbidden", "code": 403})
                     .to_string(),
                     true,
                 )
-            } else {
-                (
+                } else {
+                    (
                     404,
                     serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                     "message": "not found", "reason": "NotFound", "code": 404})
                     .to_string(),
                     true,
                 )
-            };
-            let content_type = if json {
-                "application/json"
-            } else {
-                "text/plain"
-            };
-            Ok::<_, std::convert::Infallible>(
-                Response::builder()
-                    .status(code)
-                    .header("content-type", content_type)
-                    .body(Full::new(bytes::Bytes::from(body)))
-                    .expect("response"),
-            )
+                };
+                let content_type = if json {
+                    "application/json"
+                } else {
+                    "text/plain"
+                };
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", content_type)
+                        .body(Full::new(bytes::Bytes::from(body)))
+                        .expect("response"),
+                )
+            }
         });
-        LiveRefs::new(Client::new(service, "default"))
+        (LiveRefs::new(Client::new(service, "default")), requests)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finds_are_remembered_for_a_while_and_misses_asked_again() {
+        let (refs, requests) = refs_on_counted_fake_api();
+        let class = |name: &str| ClusterRef {
+            kind: RefKind::Class,
+            name: name.to_string(),
+            owner: None,
+        };
+        let instance = ClusterRef {
+            kind: RefKind::ClassInstance,
+            name: "small".to_string(),
+            owner: Some("best-effort-small".to_string()),
+        };
+        let asked = || requests.load(Ordering::SeqCst);
+        assert_eq!(
+            refs.exists("prod", &class("best-effort-small")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(refs.exists("prod", &instance).await, GroupPresence::Present);
+        let first = asked();
+        assert_eq!(
+            first, 3,
+            "two lists for the class, one GET for the instance"
+        );
+        for _ in 0..100 {
+            assert_eq!(
+                refs.exists("prod", &class("best-effort-small")).await,
+                GroupPresence::Present
+            );
+            assert_eq!(refs.exists("prod", &instance).await, GroupPresence::Present);
+        }
+        assert_eq!(asked(), first, "found lately: no request");
+        // Another namespace, owner or name is another reference.
+        let other_owner = ClusterRef {
+            owner: Some("guaranteed-large".to_string()),
+            ..instance.clone()
+        };
+        assert_eq!(
+            refs.exists("prod", &other_owner).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.exists("flat", &class("best-effort-small")).await,
+            GroupPresence::Missing
+        );
+        let after_others = asked();
+        assert!(after_others > first);
+        // A miss is asked again every time.
+        assert_eq!(
+            refs.exists("prod", &other_owner).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(asked(), after_others + 1);
+        // Past the window, a find is asked again.
+        tokio::time::advance(REMEMBER_FOUND + Duration::from_millis(1)).await;
+        assert_eq!(refs.exists("prod", &instance).await, GroupPresence::Present);
+        assert_eq!(asked(), after_others + 2);
     }
 
     #[tokio::test]

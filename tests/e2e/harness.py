@@ -266,6 +266,7 @@ class Cluster:
                             "--initial-cluster", f"e2e=http://127.0.0.1:{peer_port}",
                             "--unsafe-no-fsync", "--log-level", "warn"])
         self.api_port = free_port()
+        self.api_host = "127.0.0.1"
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.spawn("kube-apiserver", [
             self.bin / "kube-apiserver", f"--etcd-servers=http://127.0.0.1:{etcd_port}",

@@ -49,7 +49,9 @@ existing Secret (found with `lookup`) while the CA has more than
 certificates.helm.renewBeforeDays left, so the caBundle does not change under
 running pods. A new pair is made on install, when the Secret is gone or
 incomplete, or when the CA nears its end; the Secret records the CA's end in
-an annotation because templates cannot parse certificates. `helm template`
+an annotation because templates cannot parse certificates. A renewal's
+caBundle (and the Secret's ca.crt) holds the new CA first and the one it
+replaces second, so pods still serving the old certificate stay trusted. `helm template`
 has no cluster to look in and always makes a new pair.
 */}}
 {{- define "vmrw.helmCerts" -}}
@@ -74,7 +76,17 @@ has no cluster to look in and always makes a new pair.
 {{- $ca := genCA (printf "%s-ca" $fullname) $days -}}
 {{- $cert := genSignedCert $host nil (list $host (printf "%s.%s" $fullname .Release.Namespace) $fullname (printf "%s.cluster.local" $host)) $days $ca -}}
 {{- $notAfter := now | dateModify (printf "+%dh" (mul $days 24)) | date "2006-01-02T15:04:05Z07:00" -}}
-{{- dict "ca" ($ca.Cert | b64enc) "crt" ($cert.Cert | b64enc) "key" ($cert.Key | b64enc) "notAfter" $notAfter "reused" false | toJson -}}
+{{- /* A renewal keeps trusting the CA it replaces: the API server reads the
+new caBundle at once, while each pod serves the old certificate until kubelet
+refreshes the mounted Secret (up to a minute or more) and the pod reloads it. */ -}}
+{{- $bundle := $ca.Cert -}}
+{{- if and $existing $existing.data (index $existing.data "ca.crt") -}}
+{{- $previous := regexFind "(?s)-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----" (index $existing.data "ca.crt" | b64dec) -}}
+{{- if $previous -}}
+{{- $bundle = printf "%s\n%s\n" (trimSuffix "\n" $ca.Cert) $previous -}}
+{{- end -}}
+{{- end -}}
+{{- dict "ca" ($bundle | b64enc) "crt" ($cert.Cert | b64enc) "key" ($cert.Key | b64enc) "notAfter" $notAfter "reused" false | toJson -}}
 {{- end -}}
 {{- end -}}
 

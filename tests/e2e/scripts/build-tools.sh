@@ -37,6 +37,16 @@ has etcd && build kube etcd ./cmd/etcd
 has kube-apiserver && build kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kube_ver"
 has kube-controller-manager && build kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kube_ver"
 has kubectl && build kube kubectl k8s.io/kubernetes/cmd/kubectl "$kube_ver"
+# The one-node cluster mode (test_cluster.py): kubelet, kube-scheduler and
+# kube-proxy at kube-apiserver's version, the pause program and the plugin
+# image's cp. Their own module, so adding them left the control plane's key alone.
+if [[ -d $here/tools/node ]]; then
+  has kubelet && build node kubelet k8s.io/kubernetes/cmd/kubelet "$kube_ver"
+  has kube-scheduler && build node kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$kube_ver"
+  has kube-proxy && build node kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$kube_ver"
+  has pause && build node pause ./cmd/pause
+  has cp && build node cp ./cmd/cp
+fi
 if [[ -d $here/tools/velero ]]; then
   velero_ver='-X github.com/vmware-tanzu/velero/pkg/buildinfo.Version=v1.18.3'
   has velero && build velero velero github.com/vmware-tanzu/velero/cmd/velero "$velero_ver"
