@@ -468,6 +468,43 @@ fn references_count_as_missing_unless_given_with_exists() {
     let bad = run(&["review", "--exists", "zone/only-one", "-"], Some(&input));
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be KIND/NAMESPACE/NAME"));
+
+    // A namespace given storage classes: one it is not assigned denies the
+    // VM with the entry for Velero's ConfigMap; its own is admitted.
+    let storage = vm["spec"]["storageClass"].as_str().unwrap().to_string();
+    let review_with = |assigned: &str| {
+        run(
+            &[
+                "review",
+                "--group",
+                "prod/web-tier",
+                "--exists",
+                &format!("storageclass/prod/{assigned}"),
+                "--fail-on-deny",
+                "-o",
+                "json",
+                "-",
+            ],
+            Some(&input),
+        )
+    };
+    let denied = review_with("site-b-gold");
+    assert_eq!(denied.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&denied.stderr).to_string()
+        + &String::from_utf8_lossy(&denied.stdout);
+    assert!(
+        said.contains(&format!(
+            "add `{storage}: site-b-gold` to Velero's change-storage-class ConfigMap"
+        )),
+        "{said}"
+    );
+    let admitted = review_with(&storage);
+    assert_eq!(
+        admitted.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
 }
 
 #[test]

@@ -397,7 +397,8 @@ fn missing_references_are_removed_at_every_version() {
         }
         let refs = vmop::vm::cluster_refs(&object, &Default::default()).unwrap();
         // Zone, class instance and image are removed when missing; the class
-        // itself is checked too, but a missing one denies (decide's tests).
+        // and the storage class are checked too, but a missing one denies
+        // (decide's tests).
         let kinds: Vec<RefKind> = refs.iter().map(|r| r.kind).collect();
         assert_eq!(
             kinds,
@@ -405,7 +406,8 @@ fn missing_references_are_removed_at_every_version() {
                 RefKind::Zone,
                 RefKind::ClassInstance,
                 RefKind::Image,
-                RefKind::Class
+                RefKind::Class,
+                RefKind::StorageClass
             ],
             "v1alpha{version}: {refs:?}"
         );

@@ -41,11 +41,12 @@ pub struct ReviewArgs {
 
     /// An object a VM may refer to that exists in the target, as
     /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME,
-    /// clusterimage/NAME or class/NAMESPACE/NAME (a VirtualMachineClass with
-    /// an active instance there) (repeatable). References not given count as
-    /// missing and are removed, as they would be in a cluster without them;
-    /// a class is checked only in a namespace given some classes, and a VM
-    /// naming another one is denied.
+    /// clusterimage/NAME, class/NAMESPACE/NAME (a VirtualMachineClass with
+    /// an active instance there) or storageclass/NAMESPACE/NAME (a storage
+    /// class assigned to the namespace) (repeatable). References not given
+    /// count as missing and are removed, as they would be in a cluster
+    /// without them; classes and storage classes are checked only in a
+    /// namespace given some, and a VM naming another one is denied.
     #[arg(long = "exists", value_name = "KIND/[NAMESPACE/]NAME")]
     exists: Vec<String>,
 
@@ -125,7 +126,8 @@ fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, Str
                 Some("image") => RefKind::Image,
                 Some("clusterimage") => RefKind::ClusterImage,
                 Some("class") => RefKind::Class,
-                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, image or clusterimage")),
+                Some("storageclass") => RefKind::StorageClass,
+                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, storageclass, image or clusterimage")),
             };
             match (kind, parts.as_slice()) {
                 (RefKind::ClusterImage, [_, name]) if !name.is_empty() => Ok((kind, String::new(), name.to_string())),

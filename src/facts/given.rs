@@ -42,14 +42,14 @@ impl RefFacts for StaticRefs {
             namespace.to_string(),
             reference.name.clone(),
         );
-        // Classes are checked only in a namespace given some: elsewhere
-        // there is nothing to compare with, as in a live namespace without
-        // classes.
-        let unchecked = reference.kind == RefKind::Class
+        // Classes and storage classes are checked only in a namespace given
+        // some: elsewhere there is nothing to compare with, as in a live
+        // namespace without classes or storage quota.
+        let unchecked = matches!(reference.kind, RefKind::Class | RefKind::StorageClass)
             && !self
                 .present
                 .iter()
-                .any(|(kind, ns, _)| *kind == RefKind::Class && ns == namespace);
+                .any(|(kind, ns, _)| *kind == reference.kind && ns == namespace);
         let presence = if unchecked || self.present.contains(&key) {
             GroupPresence::Present
         } else {
@@ -259,6 +259,37 @@ mod tests {
             ["large", "small"]
         );
         assert!(refs.alternatives("dev", RefKind::Class).await.is_empty());
+        // Storage classes the same way, apart from classes.
+        let refs = StaticRefs::new([
+            (
+                RefKind::StorageClass,
+                "prod".to_string(),
+                "gold".to_string(),
+            ),
+            (RefKind::Class, "dev".to_string(), "small".to_string()),
+        ]);
+        let storage = |name: &str| ClusterRef {
+            kind: RefKind::StorageClass,
+            name: name.to_string(),
+            owner: None,
+        };
+        assert_eq!(
+            refs.exists("prod", &storage("gold")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &storage("silver")).await,
+            GroupPresence::Missing
+        );
+        // A namespace given classes but no storage class: storage is not checked.
+        assert_eq!(
+            refs.exists("dev", &storage("silver")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.alternatives("prod", RefKind::StorageClass).await,
+            ["gold"]
+        );
     }
 
     #[tokio::test]

@@ -142,6 +142,36 @@ impl LiveRefs {
         ))
     }
 
+    /// The storage classes assigned to `namespace`: those its ResourceQuotas
+    /// name in a `<class>.storageclass.storage.k8s.io/…` key, which is what
+    /// VM Operator checks (`validateStorageClass`). `None` when no quota
+    /// names one: nothing to check against (not a Supervisor namespace).
+    async fn assigned_storage_classes(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<Vec<String>>, String> {
+        let api: Api<k8s_openapi::api::core::v1::ResourceQuota> =
+            Api::namespaced(self.client.clone(), namespace);
+        let quotas = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut classes = quotas
+            .items
+            .iter()
+            .filter_map(|quota| quota.spec.as_ref()?.hard.as_ref())
+            .flat_map(|hard| hard.keys())
+            .filter_map(|key| {
+                key.split_once(STORAGE_QUOTA_INFIX)
+                    .map(|(class, _)| class.to_string())
+            })
+            .filter(|class| !class.is_empty())
+            .collect::<Vec<_>>();
+        classes.sort();
+        classes.dedup();
+        Ok((!classes.is_empty()).then_some(classes))
+    }
+
     /// The metadata of every object of `resource` in `namespace`; `None` when
     /// the API server does not serve the resource.
     async fn list_names(
@@ -160,6 +190,9 @@ impl LiveRefs {
         }
     }
 }
+
+/// What joins a storage class's name to the resource in a quota key.
+const STORAGE_QUOTA_INFIX: &str = ".storageclass.storage.k8s.io/";
 
 /// The label VM Operator puts on the active instance of a class.
 const ACTIVE_INSTANCE_LABEL: &str = "vmoperator.vmware.com/active";
@@ -234,6 +267,12 @@ impl RefFacts for LiveRefs {
                     names.sort();
                     names
                 }
+                RefKind::StorageClass => self
+                    .assigned_storage_classes(namespace)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
                 _ => Vec::new(),
             }
         }
@@ -300,6 +339,16 @@ impl LiveRefs {
                 RefKind::ClusterImage => {
                     self.get(vmop_resource("ClusterVirtualMachineImage"), None, name)
                         .await
+                }
+                RefKind::StorageClass => {
+                    return match self.assigned_storage_classes(namespace).await {
+                        Ok(None) => GroupPresence::Present,
+                        Ok(Some(classes)) if classes.iter().any(|class| class == name) => {
+                            GroupPresence::Present
+                        }
+                        Ok(Some(_)) => GroupPresence::Missing,
+                        Err(err) => GroupPresence::Unknown(err),
+                    };
                 }
                 RefKind::Class => {
                     return match self.usable_classes(namespace).await {
@@ -394,6 +443,25 @@ mod tests {
                         list(&[json_meta("small", Some("best-effort-small"))]),
                         true,
                     )
+                } else if path.ends_with("/namespaces/prod/resourcequotas") {
+                    let quota = |name: &str, keys: &[&str]| {
+                        let hard: serde_json::Map<String, serde_json::Value> = keys
+                            .iter()
+                            .map(|k| (k.to_string(), serde_json::json!("10Gi")))
+                            .collect();
+                        serde_json::json!({"metadata": {"name": name, "namespace": "prod"}, "spec": {"hard": hard}})
+                    };
+                    let list = serde_json::json!({"apiVersion": "v1", "kind": "ResourceQuotaList", "metadata": {},
+                    "items": [
+                        quota("prod-storagequota", &["site-b-gold.storageclass.storage.k8s.io/requests.storage",
+                            "site-b-gold.storageclass.storage.k8s.io/persistentvolumeclaims"]),
+                        quota("more", &["site-b-silver.storageclass.storage.k8s.io/requests.storage", "pods"]),
+                    ]});
+                    (200, list.to_string(), true)
+                } else if path.ends_with("/resourcequotas") {
+                    let list = serde_json::json!({"apiVersion": "v1", "kind": "ResourceQuotaList", "metadata": {},
+                    "items": [{"metadata": {"name": "compute"}, "spec": {"hard": {"pods": "10"}}}]});
+                    (200, list.to_string(), true)
                 } else if path.ends_with("/namespaces/flat/virtualmachineclasses") {
                     (200, list(&[json_meta("only", None)]), true)
                 } else if path.ends_with("/namespaces/flat/virtualmachineclassinstances")
@@ -445,6 +513,43 @@ mod tests {
             }
         });
         (LiveRefs::new(Client::new(service, "default")), requests)
+    }
+
+    #[tokio::test]
+    async fn a_storage_class_counts_when_a_quota_of_the_namespace_names_it() {
+        let refs = refs_on_fake_api();
+        let storage = |name: &str| ClusterRef {
+            kind: RefKind::StorageClass,
+            name: name.to_string(),
+            owner: None,
+        };
+        assert_eq!(
+            refs.exists("prod", &storage("site-b-gold")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &storage("site-b-silver")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &storage("wcpglobal-storage-profile"))
+                .await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.alternatives("prod", RefKind::StorageClass).await,
+            ["site-b-gold", "site-b-silver"]
+        );
+        // No quota names a storage class: not a Supervisor namespace, nothing to check.
+        assert_eq!(
+            refs.exists("dev", &storage("anything")).await,
+            GroupPresence::Present
+        );
+        assert!(
+            refs.alternatives("dev", RefKind::StorageClass)
+                .await
+                .is_empty()
+        );
     }
 
     #[tokio::test(start_paused = true)]

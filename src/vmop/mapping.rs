@@ -214,6 +214,10 @@ impl Mappings {
         self.zones.entries.get(zone).map(String::as_str)
     }
 
+    pub fn storage_class(&self, class: &str) -> Option<&str> {
+        self.storage_classes.entries.get(class).map(String::as_str)
+    }
+
     pub fn class(&self, class: &str) -> Option<&str> {
         self.classes.entries.get(class).map(String::as_str)
     }

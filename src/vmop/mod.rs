@@ -219,6 +219,11 @@ pub enum RefKind {
     /// a VM naming a class the namespace lacks and never deploys it, so a
     /// missing class denies the VM instead of being removed.
     Class,
+    /// `spec.storageClass`: a storage class assigned to the namespace (a
+    /// ResourceQuota key `<class>.storageclass.storage.k8s.io/…`, as VM
+    /// Operator checks). VM Operator refuses a VM with one the namespace
+    /// lacks; a missing one denies the VM, naming the fix.
+    StorageClass,
 }
 
 impl RefKind {
@@ -229,7 +234,14 @@ impl RefKind {
             RefKind::Image => "VirtualMachineImage",
             RefKind::ClusterImage => "ClusterVirtualMachineImage",
             RefKind::Class => "VirtualMachineClass",
+            RefKind::StorageClass => "StorageClass",
         }
+    }
+
+    /// A missing reference of this kind denies the VM (there is nothing VM
+    /// Operator could pick instead) rather than being removed.
+    pub fn denies_when_missing(self) -> bool {
+        matches!(self, RefKind::Class | RefKind::StorageClass)
     }
 }
 

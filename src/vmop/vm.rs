@@ -309,7 +309,7 @@ fn object_changes(
             RefKind::Image | RefKind::ClusterImage => {
                 (R_IMAGE_REF, "image", "no such image in the target")
             }
-            RefKind::Zone | RefKind::Class => continue,
+            RefKind::Zone | RefKind::Class | RefKind::StorageClass => continue,
         };
         if options.missing_refs.contains(&found.kind) && options.enabled(rule) {
             changes.push(Change::remove(tokens(&["spec", key]), rule, reason));
@@ -417,7 +417,7 @@ fn spec_refs(
 }
 
 /// The cluster-bound references a VM makes (its zone label, `spec.class`,
-/// `spec.image`), after `mappings`, for the facts a review gathers before
+/// `spec.image`, `spec.className`, `spec.storageClass`), after `mappings`, for the facts a review gathers before
 /// it decides.
 pub fn cluster_refs(
     object: &Value,
@@ -444,6 +444,14 @@ pub fn cluster_refs(
             refs.push(ClusterRef {
                 kind: RefKind::Class,
                 name: mappings.class(class).unwrap_or(class).to_string(),
+                owner: None,
+            });
+        }
+        if let Some(class) = shape::string(spec, "spec", "storageClass")?.filter(|c| !c.is_empty())
+        {
+            refs.push(ClusterRef {
+                kind: RefKind::StorageClass,
+                name: mappings.storage_class(class).unwrap_or(class).to_string(),
                 owner: None,
             });
         }

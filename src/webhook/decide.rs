@@ -180,6 +180,45 @@ fn missing_class_message(
     )
 }
 
+/// A storage class the namespace is not assigned: what it has, and the entry
+/// to add to Velero's own change-storage-class ConfigMap (which also maps the
+/// VM's PVCs).
+fn missing_storage_class_message(
+    label: &str,
+    namespace: &str,
+    class: &str,
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> String {
+    let has = if facts.alternatives.is_empty() {
+        "no storage class".to_string()
+    } else {
+        facts.alternatives.join(", ")
+    };
+    let example = facts
+        .alternatives
+        .first()
+        .map(String::as_str)
+        .unwrap_or("<storage class>");
+    let configmap = if facts.mappings.storage_classes.source.is_empty() {
+        format!(
+            "Velero's change-storage-class ConfigMap (in namespace {}, labelled {}=\"\" and {}={})",
+            settings.velero_namespace,
+            vmop::mapping::PLUGIN_CONFIG_LABEL,
+            vmop::mapping::CHANGE_STORAGE_CLASS_LABEL,
+            vmop::mapping::RESTORE_ITEM_ACTION
+        )
+    } else {
+        facts.mappings.storage_classes.source.clone()
+    };
+    format!(
+        "{label}: spec.storageClass {class:?} is not assigned to namespace {namespace} (no ResourceQuota there names it), \
+         so VM Operator would refuse the VM (\"Storage policy is not associated with the namespace\"). The namespace has: {has}. \
+         Map the storage class: add `{class}: {example}` to {configmap}, which maps the VM's PVCs too, \
+         then restore again (existing objects are skipped)"
+    )
+}
+
 /// The Restore's UID, when the lookup found it.
 pub fn restore_uid(restore: &RestoreFact) -> Option<&str> {
     match restore {
@@ -340,13 +379,20 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
             }
         }
         if let Some((reference, _)) = facts.refs.iter().find(|(reference, presence)| {
-            reference.kind == RefKind::Class && *presence == GroupPresence::Missing
+            reference.kind.denies_when_missing() && *presence == GroupPresence::Missing
         }) {
-            return Decision::deny(
-                verdict,
-                DenyReason::ReferenceMissing,
-                missing_class_message(label, subject.namespace, &reference.name, facts, settings),
-            );
+            let message = if reference.kind == RefKind::StorageClass {
+                missing_storage_class_message(
+                    label,
+                    subject.namespace,
+                    &reference.name,
+                    facts,
+                    settings,
+                )
+            } else {
+                missing_class_message(label, subject.namespace, &reference.name, facts, settings)
+            };
+            return Decision::deny(verdict, DenyReason::ReferenceMissing, message);
         }
         if let Some(err) = &facts.mapping_error {
             return Decision::deny(
@@ -838,6 +884,66 @@ mod tests {
                 .notes
                 .iter()
                 .any(|note| note.contains("could not check VirtualMachineClass"))
+        );
+    }
+
+    #[test]
+    fn a_storage_class_the_namespace_lacks_denies_the_vm_naming_velero_s_configmap() {
+        use crate::vmop::RefKind;
+        let mut object = vm();
+        object["spec"]["storageClass"] = json!("wcpglobal-storage-profile");
+        object["spec"]["className"] = json!("best-effort-small");
+        let storage = ClusterRef {
+            kind: RefKind::StorageClass,
+            name: "wcpglobal-storage-profile".into(),
+            owner: None,
+        };
+        let class = ClusterRef {
+            kind: RefKind::Class,
+            name: "best-effort-small".into(),
+            owner: None,
+        };
+        let mut facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            refs: vec![
+                (class.clone(), GroupPresence::Present),
+                (storage.clone(), GroupPresence::Missing),
+            ],
+            alternatives: vec!["site-b-gold".into(), "site-b-silver".into()],
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::ReferenceMissing));
+        assert_eq!(
+            decision.verdict.denial.unwrap(),
+            "VirtualMachine prod/vm1: spec.storageClass \"wcpglobal-storage-profile\" is not assigned to namespace prod \
+             (no ResourceQuota there names it), so VM Operator would refuse the VM (\"Storage policy is not associated \
+             with the namespace\"). The namespace has: site-b-gold, site-b-silver. Map the storage class: add \
+             `wcpglobal-storage-profile: site-b-gold` to Velero's change-storage-class ConfigMap (in namespace velero, \
+             labelled velero.io/plugin-config=\"\" and velero.io/change-storage-class=RestoreItemAction), which maps the \
+             VM's PVCs too, then restore again (existing objects are skipped)"
+        );
+        // The first missing reference that denies is the one named.
+        facts.refs = vec![
+            (class.clone(), GroupPresence::Missing),
+            (storage.clone(), GroupPresence::Missing),
+        ];
+        let message = decide(&subject(&object), &facts, &settings())
+            .verdict
+            .denial
+            .unwrap();
+        assert!(message.contains("spec.className"), "{message}");
+        // Assigned, or not checkable: admitted, the class unchanged.
+        facts.refs = vec![(storage.clone(), GroupPresence::Present)];
+        let patched = apply(&subject(&object), &facts);
+        assert_eq!(patched["spec"]["storageClass"], "wcpglobal-storage-profile");
+        facts.refs = vec![(storage, GroupPresence::Unknown("forbidden".into()))];
+        assert!(
+            decide(&subject(&object), &facts, &settings())
+                .verdict
+                .denial
+                .is_none()
         );
     }
 

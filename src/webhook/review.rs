@@ -19,8 +19,8 @@ use crate::metrics::{
     WaitLabels, WaitResult,
 };
 use crate::settings::{GroupPolicy, RestoreUnreadable};
+use crate::vmop::Kind;
 use crate::vmop::power::PowerPolicy;
-use crate::vmop::{Kind, RefKind};
 use crate::webhook::admission::{self, ReviewError, Scope};
 use crate::webhook::decide::{
     self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
@@ -328,10 +328,17 @@ impl Reviewer {
                             "the check did not finish before the deadline".into(),
                         )
                     });
-                if reference.kind == RefKind::Class && presence == GroupPresence::Missing {
+                // What the target has instead, for the one missing reference
+                // `decide` will deny the VM for (the first).
+                if reference.kind.denies_when_missing()
+                    && presence == GroupPresence::Missing
+                    && !facts.refs.iter().any(|(earlier, presence)| {
+                        earlier.kind.denies_when_missing() && *presence == GroupPresence::Missing
+                    })
+                {
                     facts.alternatives = deadline
                         .min_after(REF_CHECK_BOUND)
-                        .run(self.refs.alternatives(subject.namespace, RefKind::Class))
+                        .run(self.refs.alternatives(subject.namespace, reference.kind))
                         .await
                         .unwrap_or_default();
                 }

@@ -247,6 +247,7 @@ def test_chart_rbac_is_minimal(helm):
                                                      "clustervirtualmachineimages"), ("get",)),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachinegroups",), ("get", "list", "watch")),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachineclasses", "virtualmachineclassinstances"), ("list",)),
+        ("ClusterRole", ("",), ("resourcequotas",), ("list",)),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
         # The mapping ConfigMaps, in Velero's namespace only.
         ("Role", ("",), ("configmaps",), ("get", "list", "watch")),

@@ -376,7 +376,13 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
                                     + ", zone label " + json.dumps(created["metadata"]["labels"].get("topology.kubernetes.io/zone")))
     REPORT["site_b_per_reference"] = per_reference
     print(f"\n[e2e] site B, one reference unmapped at a time: {json.dumps(per_reference, indent=1)}")
-    assert "Storage policy is not associated with the namespace" in per_reference["storageClass"], per_reference
+    # VM Operator would refuse it ("Storage policy is not associated with the
+    # namespace"): our webhook denies it first, naming the namespace's storage
+    # classes and the entry for Velero's own ConfigMap (which maps the PVCs too).
+    assert "spec.storageClass \"wcpglobal-storage-profile\" is not assigned to namespace sv-b-plain" \
+        in per_reference["storageClass"], per_reference
+    assert "The namespace has: site-b-gold. Map the storage class: add `wcpglobal-storage-profile: site-b-gold` to " \
+        "Velero's change-storage-class ConfigMap" in per_reference["storageClass"], per_reference
     assert 'no VM image exists for "vmi-0a0044d7c690bcbea" in namespace or cluster scope' in per_reference["imageName"], per_reference
     # VM Operator would admit it with no class instance and never deploy it:
     # our webhook denies it instead, with the entry that fixes it.
