@@ -468,6 +468,12 @@ fn references_count_as_missing_unless_given_with_exists() {
     let bad = run(&["review", "--exists", "zone/only-one", "-"], Some(&input));
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be KIND/NAMESPACE/NAME"));
+    let bad = run(
+        &["review", "--exists", "network/prod/vm-default", "-"],
+        Some(&input),
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be network/NAMESPACE/KIND/NAME"));
 
     // A namespace given storage classes: one it is not assigned denies the
     // VM with the entry for Velero's ConfigMap; its own is admitted.
@@ -505,6 +511,160 @@ fn references_count_as_missing_unless_given_with_exists() {
         "{}",
         String::from_utf8_lossy(&admitted.stderr)
     );
+
+    // Images given: an image name that resolves to none of them denies the
+    // VM, naming the images and the entry to add; a cluster image of that
+    // name admits it.
+    let image = vm["spec"]["imageName"].as_str().unwrap().to_string();
+    let review_with_image = |given: &str| {
+        run(
+            &[
+                "review",
+                "--group",
+                "prod/web-tier",
+                "--exists",
+                given,
+                "--fail-on-deny",
+                "-o",
+                "json",
+                "-",
+            ],
+            Some(&input),
+        )
+    };
+    let denied = review_with_image("image/prod/vmi-5b1e");
+    assert_eq!(denied.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&denied.stderr).to_string()
+        + &String::from_utf8_lossy(&denied.stdout);
+    assert!(
+        said.contains(&format!("add `{image}: vmi-5b1e` under key images")),
+        "{said}"
+    );
+    let admitted = review_with_image(&format!("clusterimage/{image}"));
+    assert_eq!(
+        admitted.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
+}
+
+#[test]
+fn one_denial_names_every_missing_reference_and_the_summary_gathers_the_entries() {
+    let out = run(
+        &[
+            "review",
+            "--group",
+            "prod/web-tier",
+            "--exists",
+            "image/prod/vmi-5b1e",
+            "--exists",
+            "class/prod/site-b-small",
+            "--exists",
+            "storageclass/prod/site-b-gold",
+            "--exists",
+            "storageclass/prod/site-b-silver",
+            "--exists",
+            "network/prod/SubnetSet/site-b-subnets",
+            "-o",
+            "summary",
+            &example("vm-v1alpha5.json"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let denial = stdout
+        .lines()
+        .find(|line| line.contains("DENIED"))
+        .unwrap_or_default();
+    for clause in [
+        "spec.imageName \"vmi-0a0044d7c690bcbea\" resolves to no VirtualMachineImage",
+        "; and spec.className \"best-effort-small\" names no VirtualMachineClass",
+        "; and spec.storageClass \"wcpglobal-storage-profile\" is not assigned",
+        "; and an interface's network \"SubnetSet/primary\" (spec.network.interfaces[].network) is not in namespace prod",
+    ] {
+        assert!(denial.contains(clause), "{clause}: {stdout}");
+    }
+    // The entries once each, by where they go.
+    let expected = "Mapping entries that would admit them (the target's first choice; each denial lists the others), then restore again:\n\
+        \x20 Velero's change-storage-class ConfigMap (in namespace velero, labelled velero.io/plugin-config=\"\" and velero.io/change-storage-class=RestoreItemAction):\n\
+        \x20   wcpglobal-storage-profile: site-b-gold    (1 VM)\n\
+        \x20 key classes of a ConfigMap in namespace velero labelled velero.io/plugin-config=\"\" and velero-vm-restore-webhook/vm-mappings=RestoreItemAction:\n\
+        \x20   best-effort-small: site-b-small    (1 VM)\n\
+        \x20 key images of a ConfigMap in namespace velero labelled velero.io/plugin-config=\"\" and velero-vm-restore-webhook/vm-mappings=RestoreItemAction:\n\
+        \x20   vmi-0a0044d7c690bcbea: vmi-5b1e    (1 VM)\n\
+        \x20 key networks of a ConfigMap in namespace velero labelled velero.io/plugin-config=\"\" and velero-vm-restore-webhook/vm-mappings=RestoreItemAction:\n\
+        \x20   SubnetSet/primary: SubnetSet/site-b-subnets    (1 VM)\n";
+    assert!(stdout.ends_with(expected), "{stdout}");
+}
+
+#[test]
+fn review_restores_into_the_namespaces_a_namespace_mapping_names() {
+    let review = |extra: &[&str]| {
+        let mut args = vec![
+            "review",
+            "--group",
+            "prod-b/web-tier",
+            "--group",
+            "prod/web-tier",
+            "--exists",
+            "class/prod-b/site-b-small",
+            "-o",
+            "summary",
+        ];
+        args.extend_from_slice(extra);
+        let file = example("vm-v1alpha5.json");
+        args.push(&file);
+        let out = run(&args, None);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mapped = review(&["--namespace-mappings", "prod:prod-b,dev:dev-b"]);
+    assert!(
+        mapped.contains("VirtualMachine prod-b/web-1: DENIED: VirtualMachine prod-b/web-1: spec.className \"best-effort-small\" names no VirtualMachineClass with an active instance in namespace prod-b"),
+        "{mapped}"
+    );
+    // Into another namespace, it is a copy beside its original.
+    let file = example("vm-v1alpha5.json");
+    let copy = run(
+        &[
+            "review",
+            "--group",
+            "prod-b/web-tier",
+            "--namespace-mappings",
+            "prod:prod-b",
+            "-o",
+            "summary",
+            &file,
+        ],
+        None,
+    );
+    let copy = String::from_utf8_lossy(&copy.stdout);
+    assert!(
+        copy.contains("removed spec.biosUUID (copy beside the original)"),
+        "{copy}"
+    );
+    // In its own namespace, given no class: not checked, and not a copy.
+    let unmapped = review(&[]);
+    assert!(!unmapped.contains("DENIED"), "{unmapped}");
+    assert!(!unmapped.contains("vm-copy-network-identity"), "{unmapped}");
+    let bad = run(
+        &[
+            "review",
+            "--namespace-mappings",
+            "prod",
+            &example("vm-v1alpha5.json"),
+        ],
+        None,
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be SRC:DST"));
 }
 
 #[test]

@@ -396,9 +396,9 @@ fn missing_references_are_removed_at_every_version() {
             });
         }
         let refs = vmop::vm::cluster_refs(&object, &Default::default()).unwrap();
-        // Zone, class instance and image are removed when missing; the class
-        // and the storage class are checked too, but a missing one denies
-        // (decide's tests).
+        // Zone, class instance and image are removed when missing; the image
+        // name, the class, the storage class and the network are checked
+        // too, but a missing one denies (decide's tests).
         let kinds: Vec<RefKind> = refs.iter().map(|r| r.kind).collect();
         assert_eq!(
             kinds,
@@ -406,9 +406,16 @@ fn missing_references_are_removed_at_every_version() {
                 RefKind::Zone,
                 RefKind::ClassInstance,
                 RefKind::Image,
+                RefKind::ImageName,
                 RefKind::Class,
-                RefKind::StorageClass
+                RefKind::StorageClass,
+                RefKind::Network
             ],
+            "v1alpha{version}: {refs:?}"
+        );
+        // v1alpha1 names the network only; later versions give its kind where set.
+        assert!(
+            refs[6].name == "primary" || refs[6].name.ends_with("/primary"),
             "v1alpha{version}: {refs:?}"
         );
         let version_kind = Kind::VirtualMachine(ApiVersion(version));

@@ -19,7 +19,10 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, discovery};
 use serde_json::{Value, json};
 
-use super::review::{ReviewedItem, backup_input, backup_summary, review_each};
+use super::review::{
+    ReviewedItem, backup_input, backup_summary, map_namespace, parse_namespace_mappings,
+    review_each,
+};
 use super::review_settings;
 use crate::facts::given::{StaticGroups, StaticRestores};
 use crate::facts::live_refs::LiveRefs;
@@ -80,24 +83,6 @@ pub async fn run(args: PlanArgs) -> ExitCode {
     }
 }
 
-/// `SRC:DST,...`.
-fn parse_namespace_mappings(text: Option<&str>) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for pair in text
-        .unwrap_or_default()
-        .split(',')
-        .filter(|pair| !pair.is_empty())
-    {
-        match pair.split_once(':') {
-            Some((source, target)) if !source.is_empty() && !target.is_empty() => {
-                out.insert(source.to_string(), target.to_string());
-            }
-            _ => return Err(format!("--namespace-mappings {pair:?} must be SRC:DST")),
-        }
-    }
-    Ok(out)
-}
-
 fn parse_annotations(values: &[String]) -> Result<BTreeMap<String, String>, String> {
     values
         .iter()
@@ -122,13 +107,7 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     let mut objects = super::input::backup_objects(&bytes)
         .map_err(|err| format!("backup {}: {err}", args.backup))?;
     for (_, object) in &mut objects {
-        if let Some(namespace) = object
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            && let Some(target) = namespace_mapping.get(namespace)
-        {
-            object["metadata"]["namespace"] = json!(target);
-        }
+        map_namespace(object, &namespace_mapping);
     }
     let input = backup_input(objects, &format!("backup {}", args.backup))?;
     let mut groups: Vec<(String, String)> = input.backup_groups.clone();
@@ -342,6 +321,15 @@ impl<R: RefFacts> RefFacts for LookedUpOnce<R> {
     }
 }
 
+fn fixes_json(fixes: &[crate::webhook::admission::MappingFix]) -> Vec<Value> {
+    fixes
+        .iter()
+        .map(
+            |fix| json!({"place": fix.place, "entry": fix.entry(), "old": fix.old, "new": fix.new}),
+        )
+        .collect()
+}
+
 fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
     let items = &planned.items;
     let denied = items
@@ -375,11 +363,18 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
                         "changes": verdict.changes.iter().map(|change| json!({
                             "rule": change.rule, "change": change.describe()})).collect::<Vec<_>>(),
                         "warnings": verdict.notes,
+                        "fixes": fixes_json(&verdict.fixes),
                     })
                 })
                 .collect();
+            let mut all_fixes: Vec<_> = items
+                .iter()
+                .flat_map(|item| item.reviewed.verdict.fixes.iter().cloned())
+                .collect();
+            all_fixes.sort();
+            all_fixes.dedup();
             let text = serde_json::to_string_pretty(&json!({
-                "backup": args.backup, "objects": objects,
+                "backup": args.backup, "objects": objects, "fixes": fixes_json(&all_fixes),
                 "referenceLookups": planned.reference_lookups, "apiRequests": planned.api_requests}))
             .unwrap_or_default();
             println!("{text}");

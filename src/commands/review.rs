@@ -2,6 +2,7 @@
 //! given (files, stdin, or a Velero backup tarball), offline: the same
 //! [`Reviewer`] as the server, with facts given by hand.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,14 +40,21 @@ pub struct ReviewArgs {
     #[arg(long = "mapping", value_name = "FILE")]
     mappings: Vec<PathBuf>,
 
+    /// As `velero restore create --namespace-mappings`: SRC1:DST1,SRC2:DST2.
+    /// Objects are reviewed in their target namespace, and a VM restored
+    /// into another namespace is a copy (as with --new-identity).
+    #[arg(long = "namespace-mappings", value_name = "SRC:DST,...")]
+    namespace_mappings: Option<String>,
+
     /// An object a VM may refer to that exists in the target, as
     /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME,
     /// clusterimage/NAME, class/NAMESPACE/NAME (a VirtualMachineClass with
-    /// an active instance there) or storageclass/NAMESPACE/NAME (a storage
-    /// class assigned to the namespace) (repeatable). References not given
-    /// count as missing and are removed, as they would be in a cluster
-    /// without them; classes and storage classes are checked only in a
-    /// namespace given some, and a VM naming another one is denied.
+    /// an active instance there), storageclass/NAMESPACE/NAME (a storage
+    /// class assigned to the namespace) or network/NAMESPACE/KIND/NAME
+    /// (repeatable). References not given count as missing and are removed,
+    /// as they would be in a cluster without them; image names, classes,
+    /// storage classes and networks are checked only in a namespace given
+    /// some, and a VM naming another one is denied.
     #[arg(long = "exists", value_name = "KIND/[NAMESPACE/]NAME")]
     exists: Vec<String>,
 
@@ -127,9 +135,16 @@ fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, Str
                 Some("clusterimage") => RefKind::ClusterImage,
                 Some("class") => RefKind::Class,
                 Some("storageclass") => RefKind::StorageClass,
-                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, storageclass, image or clusterimage")),
+                Some("network") => RefKind::Network,
+                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, storageclass, image, clusterimage or network")),
             };
             match (kind, parts.as_slice()) {
+                (RefKind::Network, [_, namespace, kind, name])
+                    if !namespace.is_empty() && !kind.is_empty() && !name.is_empty() =>
+                {
+                    Ok((RefKind::Network, namespace.to_string(), format!("{kind}/{name}")))
+                }
+                (RefKind::Network, _) => Err(format!("--exists {value:?} must be network/NAMESPACE/KIND/NAME")),
                 (RefKind::ClusterImage, [_, name]) if !name.is_empty() => Ok((kind, String::new(), name.to_string())),
                 (RefKind::ClusterImage, _) => Err(format!("--exists {value:?} must be clusterimage/NAME")),
                 (_, [_, namespace, name]) if !namespace.is_empty() && !name.is_empty() => {
@@ -246,14 +261,56 @@ pub(crate) struct ReviewInput {
     pub(crate) from_backup: bool,
 }
 
-fn review_items(bytes: &[u8], source: &str) -> Result<ReviewInput, String> {
+/// `SRC:DST,...`, as `velero restore create --namespace-mappings` takes it.
+pub(crate) fn parse_namespace_mappings(
+    text: Option<&str>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in text
+        .unwrap_or_default()
+        .split(',')
+        .filter(|pair| !pair.is_empty())
+    {
+        match pair.split_once(':') {
+            Some((source, target)) if !source.is_empty() && !target.is_empty() => {
+                out.insert(source.to_string(), target.to_string());
+            }
+            _ => return Err(format!("--namespace-mappings {pair:?} must be SRC:DST")),
+        }
+    }
+    Ok(out)
+}
+
+/// Moves `object` to its namespace's target under `mapping`, as a restore
+/// with `--namespace-mappings` creates it.
+pub(crate) fn map_namespace(object: &mut Value, mapping: &BTreeMap<String, String>) {
+    if let Some(namespace) = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        && let Some(target) = mapping.get(namespace)
+    {
+        object["metadata"]["namespace"] = Value::String(target.clone());
+    }
+}
+
+fn review_items(
+    bytes: &[u8],
+    source: &str,
+    namespace_mapping: &BTreeMap<String, String>,
+) -> Result<ReviewInput, String> {
     if offline::is_gzip(bytes) {
-        let objects = offline::backup_objects(bytes).map_err(|err| err.to_string())?;
+        let mut objects = offline::backup_objects(bytes).map_err(|err| err.to_string())?;
+        for (_, object) in &mut objects {
+            map_namespace(object, namespace_mapping);
+        }
         return backup_input(objects, source);
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|_| format!("{source} is neither text nor a gzip tarball"))?;
-    let documents = offline::parse_documents(text).map_err(|err| err.to_string())?;
+    let mut documents = offline::parse_documents(text).map_err(|err| err.to_string())?;
+    for document in &mut documents {
+        map_namespace(document, namespace_mapping);
+    }
     let items = offline::items(documents, source).map_err(|err| err.to_string())?;
     Ok(ReviewInput {
         items,
@@ -345,6 +402,43 @@ pub(crate) fn backup_summary(items: &[ReviewedItem]) -> String {
                 "  {}: {}\n",
                 item.label,
                 item.reviewed.verdict.denial.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    out.push_str(&fixes_summary(items));
+    out
+}
+
+/// The mapping entries that would admit the denied VMs, each once, by the
+/// ConfigMap (and key) it goes in, with how many VMs it admits or helps.
+pub(crate) fn fixes_summary(items: &[ReviewedItem]) -> String {
+    let mut by_place: std::collections::BTreeMap<
+        &str,
+        std::collections::BTreeMap<String, std::collections::BTreeSet<&str>>,
+    > = Default::default();
+    for item in items {
+        for fix in &item.reviewed.verdict.fixes {
+            by_place
+                .entry(fix.place.as_str())
+                .or_default()
+                .entry(fix.entry())
+                .or_default()
+                .insert(item.label.as_str());
+        }
+    }
+    if by_place.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "Mapping entries that would admit them (the target's first choice; each denial lists the others), then restore again:\n",
+    );
+    for (place, entries) in by_place {
+        out.push_str(&format!("  {place}:\n"));
+        for (entry, vms) in entries {
+            let count = vms.len();
+            out.push_str(&format!(
+                "    {entry}    ({count} VM{})\n",
+                if count == 1 { "" } else { "s" }
             ));
         }
     }
@@ -462,11 +556,15 @@ pub async fn run(args: ReviewArgs) -> ExitCode {
         Ok(read) => read,
         Err(err) => return fail(err),
     };
+    let namespace_mapping = match parse_namespace_mappings(args.namespace_mappings.as_deref()) {
+        Ok(mapping) => mapping,
+        Err(err) => return fail(err),
+    };
     let ReviewInput {
         items,
         backup_groups,
         from_backup,
-    } = match review_items(&bytes, &source) {
+    } = match review_items(&bytes, &source, &namespace_mapping) {
         Ok(found) => found,
         Err(err) => return fail(err),
     };
@@ -487,6 +585,7 @@ pub async fn run(args: ReviewArgs) -> ExitCode {
     );
     let restore = RestoreInfo {
         name: "review".into(),
+        namespace_mapping,
         annotations: if args.new_identity {
             [(NEW_IDENTITY_ANNOTATION.to_string(), "true".to_string())].into()
         } else {
@@ -523,6 +622,8 @@ pub async fn run(args: ReviewArgs) -> ExitCode {
     let mut summary: String = reviewed_items.iter().map(ReviewedItem::summary).collect();
     if from_backup {
         summary.push_str(&backup_summary(&reviewed_items));
+    } else {
+        summary.push_str(&fixes_summary(&reviewed_items));
     }
     let single = reviewed_items.len() == 1;
     // One object prints as itself; anything else (several, or none, as for a

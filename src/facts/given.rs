@@ -33,6 +33,26 @@ impl RefFacts for StaticRefs {
         namespace: &'a str,
         reference: &'a ClusterRef,
     ) -> BoxFuture<'a, GroupPresence> {
+        if reference.kind == RefKind::ImageName {
+            return futures::future::ready(self.image_name(namespace, &reference.name)).boxed();
+        }
+        if reference.kind == RefKind::Network {
+            // Given as `network/NS/KIND/NAME`; checked only where some is given.
+            let networks: Vec<String> = self
+                .present
+                .iter()
+                .filter(|(kind, ns, _)| *kind == RefKind::Network && ns == namespace)
+                .map(|(_, _, name)| name.clone())
+                .collect();
+            let presence = if networks.is_empty()
+                || crate::vmop::mapping::network_found(&networks, &reference.name)
+            {
+                GroupPresence::Present
+            } else {
+                GroupPresence::Missing
+            };
+            return futures::future::ready(presence).boxed();
+        }
         let namespace = match reference.kind {
             RefKind::ClusterImage => "",
             _ => namespace,
@@ -62,11 +82,38 @@ impl RefFacts for StaticRefs {
         let mut names: Vec<String> = self
             .present
             .iter()
-            .filter(|(given, ns, _)| *given == kind && ns == namespace)
+            .filter(|(given, ns, _)| match kind {
+                RefKind::ImageName => {
+                    (*given == RefKind::Image && ns == namespace) || *given == RefKind::ClusterImage
+                }
+                _ => *given == kind && ns == namespace,
+            })
             .map(|(_, _, name)| name.clone())
             .collect();
+        names.dedup();
         names.sort();
         futures::future::ready(names).boxed()
+    }
+}
+
+impl StaticRefs {
+    /// An image name resolves to an image given in the namespace
+    /// (`image/NS/NAME`) or a cluster image (`clusterimage/NAME`) of that
+    /// name; it is checked only where some image is given (display names
+    /// cannot be given by hand).
+    fn image_name(&self, namespace: &str, name: &str) -> GroupPresence {
+        let visible = |(kind, ns, _): &&(RefKind, String, String)| {
+            (*kind == RefKind::Image && ns == namespace) || *kind == RefKind::ClusterImage
+        };
+        let mut images = self.present.iter().filter(visible).peekable();
+        if images.peek().is_none() {
+            return GroupPresence::Present;
+        }
+        if images.any(|(_, _, given)| given == name) {
+            GroupPresence::Present
+        } else {
+            GroupPresence::Missing
+        }
     }
 }
 
@@ -289,6 +336,76 @@ mod tests {
         assert_eq!(
             refs.alternatives("prod", RefKind::StorageClass).await,
             ["gold"]
+        );
+    }
+
+    #[tokio::test]
+    async fn image_names_resolve_to_given_images_in_the_namespace_or_the_cluster() {
+        let refs = StaticRefs::new([
+            (RefKind::Image, "prod".to_string(), "vmi-a".to_string()),
+            (RefKind::ClusterImage, String::new(), "vmi-c".to_string()),
+        ]);
+        let image_name = |name: &str| ClusterRef {
+            kind: RefKind::ImageName,
+            name: name.to_string(),
+            owner: None,
+        };
+        assert_eq!(
+            refs.exists("prod", &image_name("vmi-a")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("dev", &image_name("vmi-c")).await,
+            GroupPresence::Present
+        );
+        // vmi-a is prod's, not dev's.
+        assert_eq!(
+            refs.exists("dev", &image_name("vmi-a")).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.alternatives("prod", RefKind::ImageName).await,
+            ["vmi-a", "vmi-c"]
+        );
+        // No image given at all: image names are not checked.
+        let none = StaticRefs::new([(RefKind::Class, "prod".to_string(), "small".to_string())]);
+        assert_eq!(
+            none.exists("prod", &image_name("vmi-x")).await,
+            GroupPresence::Present
+        );
+    }
+
+    #[tokio::test]
+    async fn networks_match_by_kind_and_name_or_by_name_alone() {
+        let refs = StaticRefs::new([(
+            RefKind::Network,
+            "prod".to_string(),
+            "SubnetSet/site-b-subnets".to_string(),
+        )]);
+        let network = |name: &str| ClusterRef {
+            kind: RefKind::Network,
+            name: name.to_string(),
+            owner: None,
+        };
+        for (namespace, name, expected) in [
+            ("prod", "SubnetSet/site-b-subnets", GroupPresence::Present),
+            ("prod", "site-b-subnets", GroupPresence::Present),
+            ("prod", "Subnet/site-b-subnets", GroupPresence::Missing),
+            ("prod", "SubnetSet/vm-default", GroupPresence::Missing),
+            // A kind VM Operator does not attach to is not judged.
+            ("prod", "Wire/x", GroupPresence::Present),
+            // No network given in dev: not checked.
+            ("dev", "SubnetSet/vm-default", GroupPresence::Present),
+        ] {
+            assert_eq!(
+                refs.exists(namespace, &network(name)).await,
+                expected,
+                "{namespace} {name}"
+            );
+        }
+        assert_eq!(
+            refs.alternatives("prod", RefKind::Network).await,
+            ["SubnetSet/site-b-subnets"]
         );
     }
 

@@ -172,6 +172,64 @@ impl LiveRefs {
         Ok((!classes.is_empty()).then_some(classes))
     }
 
+    /// The images a VM in `namespace` can name: each VirtualMachineImage
+    /// there and each ClusterVirtualMachineImage, with its display name
+    /// (`status.name`). `None` when there are none, or the APIs are not
+    /// served: nothing to check against.
+    async fn visible_images(&self, namespace: &str) -> Result<Option<Vec<VisibleImage>>, String> {
+        let mut images = Vec::new();
+        for (kind, scope) in [
+            ("VirtualMachineImage", Some(namespace)),
+            ("ClusterVirtualMachineImage", None),
+        ] {
+            let resource = vmop_resource(kind);
+            let api: Api<DynamicObject> = match scope {
+                Some(namespace) => Api::namespaced_with(self.client.clone(), namespace, &resource),
+                None => Api::all_with(self.client.clone(), &resource),
+            };
+            match api.list(&kube::api::ListParams::default()).await {
+                Ok(list) => images.extend(list.items.into_iter().filter_map(|item| {
+                    Some(VisibleImage {
+                        name: item.metadata.name?,
+                        display_name: item
+                            .data
+                            .pointer("/status/name")
+                            .and_then(serde_json::Value::as_str)
+                            .filter(|name| !name.is_empty())
+                            .map(str::to_string),
+                        namespaced: scope.is_some(),
+                    })
+                })),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(err.to_string()),
+            }
+        }
+        Ok((!images.is_empty()).then_some(images))
+    }
+
+    /// The networks of `namespace`, as `KIND/NAME`, of every kind VM Operator
+    /// attaches to (`NETWORK_KINDS`) that the API server serves. `None` when
+    /// there are none: nothing to check against.
+    async fn namespace_networks(&self, namespace: &str) -> Result<Option<Vec<String>>, String> {
+        let mut networks = Vec::new();
+        for (kind, api_version) in vmop::mapping::NETWORK_KINDS {
+            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+            let plural = format!("{}s", kind.to_lowercase());
+            let listed = self
+                .list_names(resource(group, version, kind, &plural), namespace)
+                .await?;
+            networks.extend(
+                listed
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|meta| meta.name)
+                    .map(|name| format!("{kind}/{name}")),
+            );
+        }
+        networks.sort();
+        Ok((!networks.is_empty()).then_some(networks))
+    }
+
     /// The metadata of every object of `resource` in `namespace`; `None` when
     /// the API server does not serve the resource.
     async fn list_names(
@@ -189,6 +247,41 @@ impl LiveRefs {
             Err(err) => Err(err.to_string()),
         }
     }
+}
+
+/// One image a namespace can name in `spec.imageName`.
+#[derive(Debug, Clone, PartialEq)]
+struct VisibleImage {
+    name: String,
+    display_name: Option<String>,
+    /// A VirtualMachineImage in the namespace (else a ClusterVirtualMachineImage).
+    namespaced: bool,
+}
+
+/// Whether `image_name` resolves among `images` the way VM Operator's
+/// `ResolveImageName` resolves it. A display name that several images share
+/// counts as resolving: VM Operator refuses it with its own message
+/// ("multiple VM images exist"), which names the problem better than ours.
+fn image_name_resolves(images: &[VisibleImage], image_name: &str) -> bool {
+    if image_name.starts_with("vmi-") {
+        return images.iter().any(|image| image.name == image_name);
+    }
+    images
+        .iter()
+        .any(|image| image.display_name.as_deref() == Some(image_name))
+}
+
+/// The images as a denial lists them: the name to map to, and the display
+/// name an admin recognises. Namespace images first, as VM Operator looks there first.
+fn image_alternatives(mut images: Vec<VisibleImage>) -> Vec<String> {
+    images.sort_by(|a, b| (!a.namespaced, &a.name).cmp(&(!b.namespaced, &b.name)));
+    images
+        .into_iter()
+        .map(|image| match image.display_name {
+            Some(display) => format!("{} ({display})", image.name),
+            None => image.name,
+        })
+        .collect()
 }
 
 /// What joins a storage class's name to the resource in a quota key.
@@ -267,6 +360,19 @@ impl RefFacts for LiveRefs {
                     names.sort();
                     names
                 }
+                RefKind::Network => self
+                    .namespace_networks(namespace)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+                RefKind::ImageName => self
+                    .visible_images(namespace)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(image_alternatives)
+                    .unwrap_or_default(),
                 RefKind::StorageClass => self
                     .assigned_storage_classes(namespace)
                     .await
@@ -339,6 +445,28 @@ impl LiveRefs {
                 RefKind::ClusterImage => {
                     self.get(vmop_resource("ClusterVirtualMachineImage"), None, name)
                         .await
+                }
+                RefKind::Network => {
+                    return match self.namespace_networks(namespace).await {
+                        // No networks at all: nothing to compare with.
+                        Ok(None) => GroupPresence::Present,
+                        Ok(Some(networks)) if vmop::mapping::network_found(&networks, name) => {
+                            GroupPresence::Present
+                        }
+                        Ok(Some(_)) => GroupPresence::Missing,
+                        Err(err) => GroupPresence::Unknown(err),
+                    };
+                }
+                RefKind::ImageName => {
+                    return match self.visible_images(namespace).await {
+                        // No images at all: nothing to compare with.
+                        Ok(None) => GroupPresence::Present,
+                        Ok(Some(images)) if image_name_resolves(&images, name) => {
+                            GroupPresence::Present
+                        }
+                        Ok(Some(_)) => GroupPresence::Missing,
+                        Err(err) => GroupPresence::Unknown(err),
+                    };
                 }
                 RefKind::StorageClass => {
                     return match self.assigned_storage_classes(namespace).await {
@@ -481,6 +609,25 @@ mod tests {
                     "metadata": {"name": "restored", "namespace": "prod",
                         "labels": {"vmoperator.vmware.com/active": ""}}});
                     (200, meta.to_string(), true)
+                } else if path.ends_with("/crd.nsx.vmware.com/v1alpha1/namespaces/prod/subnetsets")
+                {
+                    (200, list(&[json_meta("site-b-subnets", None)]), true)
+                } else if path
+                    .ends_with("/netoperator.vmware.com/v1alpha1/namespaces/prod/networks")
+                {
+                    (200, list(&[json_meta("vds-1", None)]), true)
+                } else if path.ends_with("/namespaces/prod/virtualmachineimages")
+                    || path.ends_with("/clustervirtualmachineimages")
+                {
+                    let image = |name: &str, display: &str| serde_json::json!({"metadata": {"name": name}, "status": {"name": display}});
+                    let items = if path.contains("/namespaces/") {
+                        vec![image("vmi-a", "ubuntu-22.04"), image("vmi-b", "photon")]
+                    } else {
+                        vec![image("vmi-c", "ubuntu-22.04"), image("vmi-d", "centos")]
+                    };
+                    let list = serde_json::json!({"apiVersion": "vmoperator.vmware.com/v1alpha5",
+                        "kind": "VirtualMachineImageList", "metadata": {}, "items": items});
+                    (200, list.to_string(), true)
                 } else if path.contains("/virtualmachineimages/") {
                     (
                     403,
@@ -549,6 +696,80 @@ mod tests {
             refs.alternatives("dev", RefKind::StorageClass)
                 .await
                 .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_image_name_resolves_by_object_name_or_display_name_as_vm_operator_does() {
+        let refs = refs_on_fake_api();
+        let image_name = |name: &str| ClusterRef {
+            kind: RefKind::ImageName,
+            name: name.to_string(),
+            owner: None,
+        };
+        for (namespace, name, expected) in [
+            ("prod", "vmi-a", GroupPresence::Present),
+            ("prod", "vmi-d", GroupPresence::Present),
+            ("prod", "vmi-zz", GroupPresence::Missing),
+            // Display names, in the namespace or the cluster.
+            ("prod", "photon", GroupPresence::Present),
+            ("prod", "centos", GroupPresence::Present),
+            ("prod", "windows", GroupPresence::Missing),
+            // Two images share it: VM Operator's own refusal names that.
+            ("prod", "ubuntu-22.04", GroupPresence::Present),
+            // A `vmi-` name is never a display name.
+            ("prod", "vmi-photon", GroupPresence::Missing),
+            // Another namespace sees only the cluster images.
+            ("dev", "vmi-a", GroupPresence::Missing),
+            ("dev", "vmi-c", GroupPresence::Present),
+            ("dev", "photon", GroupPresence::Missing),
+        ] {
+            assert_eq!(
+                refs.exists(namespace, &image_name(name)).await,
+                expected,
+                "{namespace}/{name}"
+            );
+        }
+        assert_eq!(
+            refs.alternatives("prod", RefKind::ImageName).await,
+            [
+                "vmi-a (ubuntu-22.04)",
+                "vmi-b (photon)",
+                "vmi-c (ubuntu-22.04)",
+                "vmi-d (centos)"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_network_counts_when_the_namespace_has_one_of_that_kind_and_name() {
+        let refs = refs_on_fake_api();
+        let network = |name: &str| ClusterRef {
+            kind: RefKind::Network,
+            name: name.to_string(),
+            owner: None,
+        };
+        for (namespace, name, expected) in [
+            ("prod", "SubnetSet/site-b-subnets", GroupPresence::Present),
+            ("prod", "Network/vds-1", GroupPresence::Present),
+            ("prod", "vds-1", GroupPresence::Present),
+            ("prod", "SubnetSet/vm-default", GroupPresence::Missing),
+            // Same name, another kind: a VDS backup on a VPC Supervisor.
+            ("prod", "Network/site-b-subnets", GroupPresence::Missing),
+            ("prod", "Subnet/site-b-subnets", GroupPresence::Missing),
+            ("prod", "VirtualNetwork/vds-1", GroupPresence::Missing),
+            // No networks in dev (nothing served there): not checked.
+            ("dev", "SubnetSet/vm-default", GroupPresence::Present),
+        ] {
+            assert_eq!(
+                refs.exists(namespace, &network(name)).await,
+                expected,
+                "{namespace} {name}"
+            );
+        }
+        assert_eq!(
+            refs.alternatives("prod", RefKind::Network).await,
+            ["Network/vds-1", "SubnetSet/site-b-subnets"]
         );
     }
 

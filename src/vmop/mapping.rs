@@ -94,6 +94,21 @@ pub const NETWORK_KINDS: &[(&str, &str)] = &[
     ("SubnetSet", "crd.nsx.vmware.com/v1alpha1"),
 ];
 
+/// Whether `reference` (`KIND/NAME`, or `NAME` where the VM gives no kind)
+/// is among `networks` (`KIND/NAME`). A kind VM Operator does not attach to
+/// is not ours to judge: found.
+pub fn network_found(networks: &[String], reference: &str) -> bool {
+    match reference.split_once('/') {
+        Some((kind, _)) if !NETWORK_KINDS.iter().any(|(k, _)| *k == kind) => true,
+        Some(_) => networks.iter().any(|network| network == reference),
+        None => networks.iter().any(|network| {
+            network
+                .split_once('/')
+                .is_some_and(|(_, name)| name == reference)
+        }),
+    }
+}
+
 /// A ConfigMap as read from the cluster or a file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConfigMapData {
@@ -476,6 +491,68 @@ pub fn vm_changes(
         network_changes(spec, mappings, changes)?;
     }
     Ok(())
+}
+
+/// The network of each interface that names one, after `mappings`: the kind
+/// where the VM (or the mapping) gives one. An interface with no network
+/// name gets the namespace's default network from VM Operator: not listed.
+pub fn interface_networks(
+    spec: &Map<String, Value>,
+    mappings: &Mappings,
+) -> Result<Vec<NetworkName>, ShapeError> {
+    let mut networks = Vec::new();
+    if let Some(network) = shape::map(spec, "spec", "network")?
+        && let Some(interfaces) = shape::array(network, "spec.network", "interfaces")?
+    {
+        for (index, interface) in interfaces.iter().enumerate() {
+            let field = format!("spec.network.interfaces[{index}]");
+            let Some(interface) = interface.as_object() else {
+                continue;
+            };
+            let Some(reference) = shape::map(interface, &field, "network")? else {
+                continue;
+            };
+            let field = format!("{field}.network");
+            let kind = shape::string(reference, &field, "kind")?.filter(|k| !k.is_empty());
+            let Some(name) = shape::string(reference, &field, "name")?.filter(|n| !n.is_empty())
+            else {
+                continue;
+            };
+            networks.push(match mappings.network(kind, name) {
+                Some(target) => NetworkName {
+                    kind: target.kind.clone().or(kind.map(str::to_string)),
+                    name: target.name.clone(),
+                },
+                None => NetworkName {
+                    kind: kind.map(str::to_string),
+                    name: name.to_string(),
+                },
+            });
+        }
+    }
+    if let Some(interfaces) = shape::array(spec, "spec", "networkInterfaces")? {
+        for (index, interface) in interfaces.iter().enumerate() {
+            let Some(interface) = interface.as_object() else {
+                continue;
+            };
+            let field = format!("spec.networkInterfaces[{index}]");
+            let Some(name) =
+                shape::string(interface, &field, "networkName")?.filter(|n| !n.is_empty())
+            else {
+                continue;
+            };
+            networks.push(NetworkName {
+                kind: None,
+                name: mappings
+                    .network(None, name)
+                    .map(|target| target.name.clone())
+                    .unwrap_or_else(|| name.to_string()),
+            });
+        }
+    }
+    networks.sort();
+    networks.dedup();
+    Ok(networks)
 }
 
 /// `spec.network.interfaces[].network` (v1alpha2+) and

@@ -224,6 +224,19 @@ pub enum RefKind {
     /// Operator checks). VM Operator refuses a VM with one the namespace
     /// lacks; a missing one denies the VM, naming the fix.
     StorageClass,
+    /// `spec.imageName`, resolved as VM Operator's mutator resolves it: a
+    /// `vmi-` name is a VirtualMachineImage in the namespace or a
+    /// ClusterVirtualMachineImage of that name; any other is the display name
+    /// (`status.name`) of one image in either scope. VM Operator refuses a VM
+    /// whose image name resolves to nothing; a missing one denies the VM,
+    /// naming the fix.
+    ImageName,
+    /// `spec.network.interfaces[].network` (v1alpha1:
+    /// `spec.networkInterfaces[].networkName`): a network object in the
+    /// namespace, named `KIND/NAME` (or `NAME` where the VM gives no kind).
+    /// VM Operator admits a VM whose network is missing and its NIC never
+    /// comes up, so a missing one denies the VM.
+    Network,
 }
 
 impl RefKind {
@@ -235,13 +248,18 @@ impl RefKind {
             RefKind::ClusterImage => "ClusterVirtualMachineImage",
             RefKind::Class => "VirtualMachineClass",
             RefKind::StorageClass => "StorageClass",
+            RefKind::ImageName => "VM image name",
+            RefKind::Network => "network",
         }
     }
 
     /// A missing reference of this kind denies the VM (there is nothing VM
     /// Operator could pick instead) rather than being removed.
     pub fn denies_when_missing(self) -> bool {
-        matches!(self, RefKind::Class | RefKind::StorageClass)
+        matches!(
+            self,
+            RefKind::Class | RefKind::StorageClass | RefKind::ImageName | RefKind::Network
+        )
     }
 }
 

@@ -309,7 +309,11 @@ fn object_changes(
             RefKind::Image | RefKind::ClusterImage => {
                 (R_IMAGE_REF, "image", "no such image in the target")
             }
-            RefKind::Zone | RefKind::Class | RefKind::StorageClass => continue,
+            RefKind::Zone
+            | RefKind::Class
+            | RefKind::StorageClass
+            | RefKind::ImageName
+            | RefKind::Network => continue,
         };
         if options.missing_refs.contains(&found.kind) && options.enabled(rule) {
             changes.push(Change::remove(tokens(&["spec", key]), rule, reason));
@@ -417,8 +421,9 @@ fn spec_refs(
 }
 
 /// The cluster-bound references a VM makes (its zone label, `spec.class`,
-/// `spec.image`, `spec.className`, `spec.storageClass`), after `mappings`, for the facts a review gathers before
-/// it decides.
+/// `spec.image`, `spec.imageName`, `spec.className`, `spec.storageClass`,
+/// each interface's network),
+/// after `mappings`, for the facts a review gathers before it decides.
 pub fn cluster_refs(
     object: &Value,
     mappings: &mapping::Mappings,
@@ -439,6 +444,15 @@ pub fn cluster_refs(
     }
     if let Some(spec) = shape::map(root, "", "spec")? {
         refs.extend(spec_refs(spec, mappings)?);
+        // The image VM Operator's mutator resolves first (before any
+        // validation), after mapping.
+        if let Some(image) = shape::string(spec, "spec", "imageName")?.filter(|i| !i.is_empty()) {
+            refs.push(ClusterRef {
+                kind: RefKind::ImageName,
+                name: mappings.image(image).unwrap_or(image).to_string(),
+                owner: None,
+            });
+        }
         // The class a VM will run with: after mapping.
         if let Some(class) = shape::string(spec, "spec", "className")?.filter(|c| !c.is_empty()) {
             refs.push(ClusterRef {
@@ -452,6 +466,13 @@ pub fn cluster_refs(
             refs.push(ClusterRef {
                 kind: RefKind::StorageClass,
                 name: mappings.storage_class(class).unwrap_or(class).to_string(),
+                owner: None,
+            });
+        }
+        for network in mapping::interface_networks(spec, mappings)? {
+            refs.push(ClusterRef {
+                kind: RefKind::Network,
+                name: network.to_string(),
                 owner: None,
             });
         }

@@ -315,6 +315,28 @@ pub struct Verdict {
     pub denial: Option<String>,
     /// Warnings that are not changes (e.g. a missing parent group).
     pub notes: Vec<String>,
+    /// The mapping entries that would admit a denied VM, one per missing
+    /// reference (for `plan` and `review`, which gather them).
+    pub fixes: Vec<MappingFix>,
+}
+
+/// One mapping entry that would admit a denied VM: `old: new` in `place`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MappingFix {
+    /// Where the entry goes, as the denial names it (a ConfigMap, and the
+    /// key within it where there is one).
+    pub place: String,
+    /// The name the VM has.
+    pub old: String,
+    /// The first of the target's alternatives (or a placeholder when it has
+    /// none): any of those the denial lists will do.
+    pub new: String,
+}
+
+impl MappingFix {
+    pub fn entry(&self) -> String {
+        format!("{}: {}", self.old, self.new)
+    }
 }
 
 /// `Kind ns/name`, for messages.
@@ -589,6 +611,7 @@ mod tests {
             changes: vec![Change::remove(vec!["spec".into(), "x".into()], "r", "why")],
             denial: Some("no".into()),
             notes: vec![],
+            fixes: vec![],
         };
         let response = respond(&input.request, &verdict);
         assert!(!response.allowed);

@@ -3,7 +3,7 @@
 //! calls [`decide`], and renders the [`Decision`] once into the response,
 //! the logs and the metrics.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::mapping::{MappingError, Mappings};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind, RefKind};
-use crate::webhook::admission::Verdict;
+use crate::webhook::admission::{MappingFix, Verdict};
 use crate::webhook::waits::NoWait;
 
 /// The object under review, as the request names it.
@@ -68,8 +68,9 @@ pub struct Facts {
     pub mappings: Arc<Mappings>,
     /// The restore's ConfigMaps cannot be used: the VM is denied.
     pub mapping_error: Option<MappingError>,
-    /// What the namespace has instead of a missing class (for the denial).
-    pub alternatives: Vec<String>,
+    /// What the namespace has instead, for each kind of reference that is
+    /// missing and denies the VM (for the denial).
+    pub alternatives: BTreeMap<RefKind, Vec<String>>,
 }
 
 impl Default for RestoreFact {
@@ -145,61 +146,64 @@ impl Decision {
 }
 
 /// A class the namespace lacks: what it has, and the mapping entry to add.
-fn missing_class_message(
-    label: &str,
+fn missing_class_clause(
     namespace: &str,
     class: &str,
+    has: &[String],
     facts: &Facts,
     settings: &DecideSettings,
-) -> String {
-    let has = if facts.alternatives.is_empty() {
+) -> (String, MappingFix) {
+    let listed = if has.is_empty() {
         "no class with an active instance".to_string()
     } else {
-        facts.alternatives.join(", ")
+        has.join(", ")
     };
-    let example = facts
-        .alternatives
-        .first()
-        .map(String::as_str)
-        .unwrap_or("<class>");
+    let example = has.first().map(String::as_str).unwrap_or("<class>");
     let configmap = if facts.mappings.classes.source.is_empty() {
-        format!(
-            "a ConfigMap in namespace {} labelled {}=\"\" and {}={}",
-            settings.velero_namespace,
-            vmop::mapping::PLUGIN_CONFIG_LABEL,
-            vmop::mapping::VM_MAPPINGS_LABEL,
-            vmop::mapping::RESTORE_ITEM_ACTION
-        )
+        our_configmap(settings)
     } else {
         facts.mappings.classes.source.replace(" key classes", "")
     };
+    let text = format!(
+        "spec.className {class:?} names no VirtualMachineClass with an active instance in namespace {namespace}, \
+         so VM Operator would admit the VM and never deploy it. The namespace has: {listed}. Map the class: add \
+         `{class}: {example}` under key classes of {configmap}"
+    );
+    let fix = MappingFix {
+        place: format!("key classes of {configmap}"),
+        old: class.to_string(),
+        new: example.to_string(),
+    };
+    (text, fix)
+}
+
+/// Where our mapping ConfigMap is looked for, for messages.
+fn our_configmap(settings: &DecideSettings) -> String {
     format!(
-        "{label}: spec.className {class:?} names no VirtualMachineClass with an active instance in namespace {namespace}, \
-         so VM Operator would admit the VM and never deploy it. The namespace has: {has}. Map the class: add \
-         `{class}: {example}` under key classes of {configmap}, then restore again (existing objects are skipped)"
+        "a ConfigMap in namespace {} labelled {}=\"\" and {}={}",
+        settings.velero_namespace,
+        vmop::mapping::PLUGIN_CONFIG_LABEL,
+        vmop::mapping::VM_MAPPINGS_LABEL,
+        vmop::mapping::RESTORE_ITEM_ACTION
     )
 }
 
 /// A storage class the namespace is not assigned: what it has, and the entry
 /// to add to Velero's own change-storage-class ConfigMap (which also maps the
 /// VM's PVCs).
-fn missing_storage_class_message(
-    label: &str,
+fn missing_storage_class_clause(
     namespace: &str,
     class: &str,
+    has: &[String],
     facts: &Facts,
     settings: &DecideSettings,
-) -> String {
-    let has = if facts.alternatives.is_empty() {
+) -> (String, MappingFix) {
+    let listed = if has.is_empty() {
         "no storage class".to_string()
     } else {
-        facts.alternatives.join(", ")
+        has.join(", ")
     };
-    let example = facts
-        .alternatives
-        .first()
-        .map(String::as_str)
-        .unwrap_or("<storage class>");
+    let example = has.first().map(String::as_str).unwrap_or("<storage class>");
     let configmap = if facts.mappings.storage_classes.source.is_empty() {
         format!(
             "Velero's change-storage-class ConfigMap (in namespace {}, labelled {}=\"\" and {}={})",
@@ -211,12 +215,131 @@ fn missing_storage_class_message(
     } else {
         facts.mappings.storage_classes.source.clone()
     };
-    format!(
-        "{label}: spec.storageClass {class:?} is not assigned to namespace {namespace} (no ResourceQuota there names it), \
-         so VM Operator would refuse the VM (\"Storage policy is not associated with the namespace\"). The namespace has: {has}. \
-         Map the storage class: add `{class}: {example}` to {configmap}, which maps the VM's PVCs too, \
-         then restore again (existing objects are skipped)"
-    )
+    let text = format!(
+        "spec.storageClass {class:?} is not assigned to namespace {namespace} (no ResourceQuota there names it), \
+         so VM Operator would refuse the VM (\"Storage policy is not associated with the namespace\"). The namespace has: {listed}. \
+         Map the storage class: add `{class}: {example}` to {configmap}, which maps the VM's PVCs too"
+    );
+    let fix = MappingFix {
+        place: configmap,
+        old: class.to_string(),
+        new: example.to_string(),
+    };
+    (text, fix)
+}
+
+/// How many of the namespace's images a denial lists: a Supervisor can hold
+/// hundreds of cluster images.
+const IMAGES_LISTED: usize = 10;
+
+/// An image name that resolves to no image the namespace can use: what it
+/// can use instead, and the mapping entry to add.
+fn missing_image_clause(
+    namespace: &str,
+    image: &str,
+    has: &[String],
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> (String, MappingFix) {
+    let listed = if has.is_empty() {
+        "no image".to_string()
+    } else if has.len() > IMAGES_LISTED {
+        format!(
+            "{} and {} more",
+            has[..IMAGES_LISTED].join(", "),
+            has.len() - IMAGES_LISTED
+        )
+    } else {
+        has.join(", ")
+    };
+    // Each alternative reads `name (display name)`; the entry maps to the name.
+    let example = has
+        .first()
+        .and_then(|first| first.split(' ').next())
+        .unwrap_or("<image>");
+    let configmap = if facts.mappings.images.source.is_empty() {
+        our_configmap(settings)
+    } else {
+        facts.mappings.images.source.replace(" key images", "")
+    };
+    let text = format!(
+        "spec.imageName {image:?} resolves to no VirtualMachineImage in namespace {namespace} and no \
+         ClusterVirtualMachineImage, so VM Operator would refuse the VM (\"no VM image exists\"). The namespace can use: {listed}. \
+         Map the image: add `{image}: {example}` under key images of {configmap}"
+    );
+    let fix = MappingFix {
+        place: format!("key images of {configmap}"),
+        old: image.to_string(),
+        new: example.to_string(),
+    };
+    (text, fix)
+}
+
+/// A network the namespace lacks: what it has, and the mapping entry to add.
+fn missing_network_clause(
+    namespace: &str,
+    network: &str,
+    has: &[String],
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> (String, MappingFix) {
+    let listed = if has.is_empty() {
+        "no network".to_string()
+    } else {
+        has.join(", ")
+    };
+    let example = has.first().map(String::as_str).unwrap_or("<KIND/NAME>");
+    let configmap = if facts.mappings.networks_source.is_empty() {
+        our_configmap(settings)
+    } else {
+        facts.mappings.networks_source.replace(" key networks", "")
+    };
+    let text = format!(
+        "an interface's network {network:?} (spec.network.interfaces[].network) is not in namespace {namespace}, \
+         so VM Operator would admit the VM and its interface would never come up (\"network interface is not ready\"). \
+         The namespace has: {listed}. Map the network: add `{network}: {example}` under key networks of {configmap}"
+    );
+    let fix = MappingFix {
+        place: format!("key networks of {configmap}"),
+        old: network.to_string(),
+        new: example.to_string(),
+    };
+    (text, fix)
+}
+
+/// Every missing reference that denies the VM, each with what the namespace
+/// has and the entry that fixes it, so one restore attempt shows them all.
+fn missing_references_message(
+    label: &str,
+    namespace: &str,
+    missing: &[&ClusterRef],
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> (String, Vec<MappingFix>) {
+    let (clauses, fixes): (Vec<String>, Vec<MappingFix>) = missing
+        .iter()
+        .map(|reference| {
+            let has = facts
+                .alternatives
+                .get(&reference.kind)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let name = reference.name.as_str();
+            match reference.kind {
+                RefKind::StorageClass => {
+                    missing_storage_class_clause(namespace, name, has, facts, settings)
+                }
+                RefKind::ImageName => missing_image_clause(namespace, name, has, facts, settings),
+                RefKind::Network => missing_network_clause(namespace, name, has, facts, settings),
+                _ => missing_class_clause(namespace, name, has, facts, settings),
+            }
+        })
+        .unzip();
+    let message = format!(
+        "{label}: {}, then restore again (existing objects are skipped)",
+        clauses.join("; and ")
+    );
+    (message, fixes)
 }
 
 /// The Restore's UID, when the lookup found it.
@@ -378,20 +501,18 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
                 )),
             }
         }
-        if let Some((reference, _)) = facts.refs.iter().find(|(reference, presence)| {
-            reference.kind.denies_when_missing() && *presence == GroupPresence::Missing
-        }) {
-            let message = if reference.kind == RefKind::StorageClass {
-                missing_storage_class_message(
-                    label,
-                    subject.namespace,
-                    &reference.name,
-                    facts,
-                    settings,
-                )
-            } else {
-                missing_class_message(label, subject.namespace, &reference.name, facts, settings)
-            };
+        let missing: Vec<&ClusterRef> = facts
+            .refs
+            .iter()
+            .filter(|(reference, presence)| {
+                reference.kind.denies_when_missing() && *presence == GroupPresence::Missing
+            })
+            .map(|(reference, _)| reference)
+            .collect();
+        if !missing.is_empty() {
+            let (message, fixes) =
+                missing_references_message(label, subject.namespace, &missing, facts, settings);
+            let verdict = Verdict { fixes, ..verdict };
             return Decision::deny(verdict, DenyReason::ReferenceMissing, message);
         }
         if let Some(err) = &facts.mapping_error {
@@ -704,7 +825,12 @@ mod tests {
         let refs = crate::vmop::vm::cluster_refs(&object, &Default::default()).unwrap();
         assert_eq!(
             refs.iter().map(|r| r.kind).collect::<Vec<_>>(),
-            vec![RefKind::Zone, RefKind::ClassInstance, RefKind::ClusterImage]
+            vec![
+                RefKind::Zone,
+                RefKind::ClassInstance,
+                RefKind::ClusterImage,
+                RefKind::ImageName
+            ]
         );
         let facts = Facts {
             restore: found("uid-1", None),
@@ -843,7 +969,11 @@ mod tests {
             restore: found("u1", None),
             group: present(),
             refs: vec![(class.clone(), GroupPresence::Missing)],
-            alternatives: vec!["site-b-large".into(), "site-b-small".into()],
+            alternatives: [(
+                RefKind::Class,
+                vec!["site-b-large".into(), "site-b-small".into()],
+            )]
+            .into(),
             ..Facts::default()
         };
         let decision = decide(&subject(&object), &facts, &settings());
@@ -910,7 +1040,11 @@ mod tests {
                 (class.clone(), GroupPresence::Present),
                 (storage.clone(), GroupPresence::Missing),
             ],
-            alternatives: vec!["site-b-gold".into(), "site-b-silver".into()],
+            alternatives: [(
+                RefKind::StorageClass,
+                vec!["site-b-gold".into(), "site-b-silver".into()],
+            )]
+            .into(),
             ..Facts::default()
         };
         let decision = decide(&subject(&object), &facts, &settings());
@@ -924,16 +1058,40 @@ mod tests {
              labelled velero.io/plugin-config=\"\" and velero.io/change-storage-class=RestoreItemAction), which maps the \
              VM's PVCs too, then restore again (existing objects are skipped)"
         );
-        // The first missing reference that denies is the one named.
+        // Every missing reference that denies is named, each with its own
+        // alternatives and entry, so one attempt shows every fix.
         facts.refs = vec![
             (class.clone(), GroupPresence::Missing),
             (storage.clone(), GroupPresence::Missing),
         ];
+        facts
+            .alternatives
+            .insert(RefKind::Class, vec!["site-b-small".into()]);
         let message = decide(&subject(&object), &facts, &settings())
             .verdict
             .denial
             .unwrap();
-        assert!(message.contains("spec.className"), "{message}");
+        assert!(
+            message.starts_with("VirtualMachine prod/vm1: spec.className \"best-effort-small\""),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "add `best-effort-small: site-b-small` under key classes of a ConfigMap in namespace velero \
+                 labelled velero.io/plugin-config=\"\" and velero-vm-restore-webhook/vm-mappings=RestoreItemAction; \
+                 and spec.storageClass \"wcpglobal-storage-profile\""
+            ),
+            "{message}"
+        );
+        assert!(
+            message.ends_with(
+                "add `wcpglobal-storage-profile: site-b-gold` to Velero's change-storage-class ConfigMap (in namespace \
+                 velero, labelled velero.io/plugin-config=\"\" and velero.io/change-storage-class=RestoreItemAction), \
+                 which maps the VM's PVCs too, then restore again (existing objects are skipped)"
+            ),
+            "{message}"
+        );
+        assert_eq!(message.matches("restore again").count(), 1, "{message}");
         // Assigned, or not checkable: admitted, the class unchanged.
         facts.refs = vec![(storage.clone(), GroupPresence::Present)];
         let patched = apply(&subject(&object), &facts);
@@ -944,6 +1102,103 @@ mod tests {
                 .verdict
                 .denial
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn an_image_name_that_resolves_to_nothing_denies_the_vm_listing_what_the_namespace_can_use() {
+        use crate::vmop::RefKind;
+        let mut object = vm();
+        object["spec"]["imageName"] = json!("vmi-0a0044d7c690bcbea");
+        let image = ClusterRef {
+            kind: RefKind::ImageName,
+            name: "vmi-0a0044d7c690bcbea".into(),
+            owner: None,
+        };
+        let mut facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            refs: vec![(image.clone(), GroupPresence::Missing)],
+            alternatives: [(
+                RefKind::ImageName,
+                vec![
+                    "vmi-5b1e000000000000b (ubuntu-22.04)".into(),
+                    "vmi-77".into(),
+                ],
+            )]
+            .into(),
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::ReferenceMissing));
+        // The entry, for plan's summary: mapped to the name, not the display name.
+        assert_eq!(
+            decision.verdict.fixes,
+            [MappingFix {
+                place: "key images of a ConfigMap in namespace velero labelled velero.io/plugin-config=\"\" and \
+                        velero-vm-restore-webhook/vm-mappings=RestoreItemAction"
+                    .into(),
+                old: "vmi-0a0044d7c690bcbea".into(),
+                new: "vmi-5b1e000000000000b".into(),
+            }]
+        );
+        assert_eq!(
+            decision.verdict.denial.unwrap(),
+            "VirtualMachine prod/vm1: spec.imageName \"vmi-0a0044d7c690bcbea\" resolves to no VirtualMachineImage in \
+             namespace prod and no ClusterVirtualMachineImage, so VM Operator would refuse the VM (\"no VM image \
+             exists\"). The namespace can use: vmi-5b1e000000000000b (ubuntu-22.04), vmi-77. Map the image: add \
+             `vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b` under key images of a ConfigMap in namespace velero \
+             labelled velero.io/plugin-config=\"\" and velero-vm-restore-webhook/vm-mappings=RestoreItemAction, then \
+             restore again (existing objects are skipped)"
+        );
+        // A long list is cut, saying how many more there are.
+        facts.alternatives = [(
+            RefKind::ImageName,
+            (0..13).map(|i| format!("vmi-{i:02}")).collect(),
+        )]
+        .into();
+        let message = decide(&subject(&object), &facts, &settings())
+            .verdict
+            .denial
+            .unwrap();
+        assert!(message.contains("vmi-09 and 3 more."), "{message}");
+        assert!(!message.contains("vmi-10"), "{message}");
+        // Resolves: admitted, the name unchanged.
+        facts.refs = vec![(image, GroupPresence::Present)];
+        let patched = apply(&subject(&object), &facts);
+        assert_eq!(patched["spec"]["imageName"], "vmi-0a0044d7c690bcbea");
+    }
+
+    #[test]
+    fn a_network_the_namespace_lacks_denies_the_vm_with_the_networks_entry() {
+        use crate::vmop::RefKind;
+        let object = vm();
+        let network = ClusterRef {
+            kind: RefKind::Network,
+            name: "SubnetSet/vm-default".into(),
+            owner: None,
+        };
+        let facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            refs: vec![(network, GroupPresence::Missing)],
+            alternatives: [(RefKind::Network, vec!["SubnetSet/site-b-subnets".into()])].into(),
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::ReferenceMissing));
+        assert_eq!(
+            decision.verdict.denial.unwrap(),
+            "VirtualMachine prod/vm1: an interface's network \"SubnetSet/vm-default\" (spec.network.interfaces[].network) \
+             is not in namespace prod, so VM Operator would admit the VM and its interface would never come up \
+             (\"network interface is not ready\"). The namespace has: SubnetSet/site-b-subnets. Map the network: add \
+             `SubnetSet/vm-default: SubnetSet/site-b-subnets` under key networks of a ConfigMap in namespace velero \
+             labelled velero.io/plugin-config=\"\" and velero-vm-restore-webhook/vm-mappings=RestoreItemAction, then \
+             restore again (existing objects are skipped)"
+        );
+        assert_eq!(
+            decision.verdict.fixes[0].entry(),
+            "SubnetSet/vm-default: SubnetSet/site-b-subnets"
         );
     }
 

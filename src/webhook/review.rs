@@ -328,19 +328,18 @@ impl Reviewer {
                             "the check did not finish before the deadline".into(),
                         )
                     });
-                // What the target has instead, for the one missing reference
-                // `decide` will deny the VM for (the first).
+                // What the target has instead, for each missing reference
+                // `decide` will deny the VM for.
                 if reference.kind.denies_when_missing()
                     && presence == GroupPresence::Missing
-                    && !facts.refs.iter().any(|(earlier, presence)| {
-                        earlier.kind.denies_when_missing() && *presence == GroupPresence::Missing
-                    })
+                    && !facts.alternatives.contains_key(&reference.kind)
                 {
-                    facts.alternatives = deadline
+                    let has = deadline
                         .min_after(REF_CHECK_BOUND)
                         .run(self.refs.alternatives(subject.namespace, reference.kind))
                         .await
                         .unwrap_or_default();
+                    facts.alternatives.insert(reference.kind, has);
                 }
                 facts.refs.push((reference, presence));
             }

@@ -409,6 +409,9 @@ class Cluster:
         (no vCenter)."""
         config = vmop_config_dir()
         crds = sorted((config / "crd" / "bases").glob("*.yaml")) + sorted((config / "crd" / "external-crds").glob("*.yaml"))
+        # NSX Operator's SubnetSet and Subnet, generated from its API types
+        # (build-tools.sh): the network kinds of a VPC Supervisor.
+        crds += [self.bin / "nsx-crds" / f"crd.nsx.vmware.com_{name}.yaml" for name in ("subnetsets", "subnets")]
         for path in crds:
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", path)
         self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
@@ -532,6 +535,23 @@ class Cluster:
         self.kubectl("delete", "namespace", name, "--wait=false", check=False)
         wait_until(lambda: self.kubectl("get", "namespace", name, check=False).returncode != 0, 120,
                    f"namespace {name} to be deleted")
+
+
+class SecondCluster(Cluster):
+    """Another cluster beside a first one: its own etcd, kube-apiserver, CRDs,
+    our webhook and Velero server, with a backup storage location on the
+    first one's object store (bucket `velero`), as two Supervisors backing up
+    to one bucket. Its Velero syncs the bucket's backups every 2 s."""
+
+    def __init__(self, s3_port: int):
+        super().__init__()
+        self.shared_s3_port = s3_port
+
+    def start_object_store(self) -> None:
+        self.s3_port = self.shared_s3_port
+
+    def start_velero(self, extra=()) -> None:
+        super().start_velero(("--backup-sync-period", "2s", *extra))
 
 
 class Watch:

@@ -246,7 +246,11 @@ def test_chart_rbac_is_minimal(helm):
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachineclassinstances", "virtualmachineimages",
                                                      "clustervirtualmachineimages"), ("get",)),
         ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachinegroups",), ("get", "list", "watch")),
-        ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachineclasses", "virtualmachineclassinstances"), ("list",)),
+        ("ClusterRole", ("vmoperator.vmware.com",), ("virtualmachineclasses", "virtualmachineclassinstances",
+                                                     "virtualmachineimages", "clustervirtualmachineimages"), ("list",)),
+        ("ClusterRole", ("netoperator.vmware.com",), ("networks",), ("list",)),
+        ("ClusterRole", ("vmware.com",), ("virtualnetworks",), ("list",)),
+        ("ClusterRole", ("crd.nsx.vmware.com",), ("subnets", "subnetsets"), ("list",)),
         ("ClusterRole", ("",), ("resourcequotas",), ("list",)),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
         # The mapping ConfigMaps, in Velero's namespace only.

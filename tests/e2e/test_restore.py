@@ -480,7 +480,9 @@ def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
     """The zone label, spec.class and spec.image are kept when the target has
     them and removed otherwise, checked live with the chart's RBAC. The class
     instance and image CRDs are VM Operator's; the Zone CRD is not installed
-    yet (test_vmop.py installs it), so the zone here cannot resolve."""
+    yet (test_vmop.py installs it), so the zone here cannot resolve. An
+    imageName that resolves to no image the namespace can use denies the VM
+    (VM Operator would refuse it), naming the images it has."""
     cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dryrun"}})
     vm_class = {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClass",
                 "metadata": {"name": "best-effort-small", "namespace": "dryrun"}, "spec": {"hardware": {"cpus": 2}}}
@@ -500,13 +502,17 @@ def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
     cluster.apply({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineImage",
                    "metadata": {"name": "vmi-present", "namespace": "dryrun"}, "spec": {}})
 
-    def dry_run(class_name, image):
+    def dry_run(class_name, image, image_name="vmi-present", check=True):
         vm = o.vm("dryrun", f"refs-{class_name}", None, 11, labels={RESTORE_LABEL: "manual",
                                                                       "topology.kubernetes.io/zone": "zone-a"})
         vm["spec"]["class"] = {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachineClassInstance",
                                "name": class_name}
         vm["spec"]["image"] = {"kind": "VirtualMachineImage", "name": image}
-        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm))
+        vm["spec"]["imageName"] = image_name
+        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm),
+                                 check=check)
+        if not check:
+            return result
         return json.loads(result.stdout), result.stderr
 
     kept, warnings = dry_run("best-effort-small-5f4a", "vmi-present")
@@ -520,9 +526,16 @@ def test_11_cluster_references_are_kept_only_when_they_exist(cluster):
 
     dropped, warnings = dry_run("small-from-another-cluster", "vmi-from-another-library")
     assert "class" not in dropped["spec"] and "image" not in dropped["spec"], warnings
-    assert dropped["spec"]["imageName"] == "vmi-0a0044d7c690bcbea", "imageName stays for VM Operator to resolve"
+    assert dropped["spec"]["imageName"] == "vmi-present", "imageName stays for VM Operator to resolve"
     assert "removed spec.class (no active instance of this class by that name in the target)" in warnings, warnings
     assert "could not check" not in warnings, f"a lookup failed (RBAC?): {warnings}"
+
+    unresolved = dry_run("best-effort-small-5f4a", "vmi-present", image_name="vmi-0a0044d7c690bcbea", check=False)
+    assert unresolved.returncode != 0, unresolved.stdout
+    assert ('spec.imageName "vmi-0a0044d7c690bcbea" resolves to no VirtualMachineImage in namespace dryrun and no '
+            "ClusterVirtualMachineImage") in unresolved.stderr, unresolved.stderr
+    assert "The namespace can use: vmi-present. Map the image: add `vmi-0a0044d7c690bcbea: vmi-present`" \
+        in unresolved.stderr, unresolved.stderr
 
 
 def final_phase_revision(watch, name):

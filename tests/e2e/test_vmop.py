@@ -11,7 +11,10 @@ leave VM Operator registered."""
 import datetime
 import json
 import os
+import re
 import time
+
+import yaml
 
 import harness
 import objects as o
@@ -263,6 +266,9 @@ def prepare_site_b(cluster, ns):
         {"apiVersion": o.V, "kind": "VirtualMachineImage", "metadata": {"name": "vmi-5b1e000000000000b", "namespace": ns},
          "spec": {"providerRef": {"apiVersion": "imageregistry.vmware.com/v1alpha1", "kind": "ContentLibraryItem",
                                   "name": "clitem-5b1e000000000000b"}}},
+        # Site B's network (NSX Operator's CRD; nothing reconciles it here).
+        {"apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet", "metadata": {"name": "site-b-subnets", "namespace": ns},
+         "spec": {}},
         {"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "kind": "AvailabilityZone",
          "metadata": {"name": "az-1"}, "spec": {"clusterComputeResourceMoIDs": ["domain-c9"]}},
         {"apiVersion": "topology.tanzu.vmware.com/v1alpha1", "kind": "Zone", "metadata": {"name": "az-1", "namespace": ns},
@@ -338,14 +344,37 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
     said = sorted({line.strip() for line in details.splitlines() if "denied the request" in line})
     REPORT["site_b_without_mappings"] = said
     print("\n[e2e] site B without mappings, the restore said:\n  " + "\n  ".join(said))
-    # Our webhook runs first: the class the namespace lacks denies each VM,
-    # naming what the namespace has and the mapping entry to add.
-    fix = "The namespace has: site-b-small. Map the class: add `best-effort-small: site-b-small` under key classes"
+    # Our webhook runs first: one denial per VM names every reference the
+    # namespace lacks (image, class, storage class), each with what the
+    # namespace has and the mapping entry to add.
+    fixes = ["The namespace can use: vmi-5b1e000000000000b. Map the image: add "
+             "`vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b` under key images",
+             "The namespace has: site-b-small. Map the class: add `best-effort-small: site-b-small` under key classes",
+             "The namespace has: site-b-gold. Map the storage class: add `wcpglobal-storage-profile: site-b-gold` to "
+             "Velero's change-storage-class ConfigMap",
+             "The namespace has: SubnetSet/site-b-subnets. Map the network: add "
+             "`SubnetSet/vm-default: SubnetSet/site-b-subnets` under key networks"]
     for vm in ("web-1", "db-1"):
-        assert any(f"{plain}/{vm}" in line and "restore.velero-vm-restore-webhook.io" in line and fix in line
-                   for line in said), details
-        # `plan` predicted the same denial, for the same reason.
-        assert fix in (planned[f"VirtualMachine {plain}/{vm}"]["denial"] or ""), planned
+        assert any(f"{plain}/{vm}" in line and "restore.velero-vm-restore-webhook.io" in line
+                   and all(fix in line for fix in fixes) for line in said), details
+        # `plan` predicted the same denial, for the same reasons, and the
+        # entries that fix it.
+        for fix in fixes:
+            assert fix in (planned[f"VirtualMachine {plain}/{vm}"]["denial"] or ""), planned
+        assert {f["entry"] for f in planned[f"VirtualMachine {plain}/{vm}"]["fixes"]} == {
+            "vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b", "best-effort-small: site-b-small",
+            "wcpglobal-storage-profile: site-b-gold", "SubnetSet/vm-default: SubnetSet/site-b-subnets"}, planned
+    # The same plan as an admin reads it: the entries gathered once, by ConfigMap.
+    table = harness.run([cluster.webhook_bin, "plan", "b-sv", "--namespace-mappings", f"sv-src:{plain}"],
+                        check=False, env={**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)})
+    assert table.returncode == 0, table.stdout + table.stderr
+    REPORT["site_b_plan_table"] = table.stdout
+    print(f"\n[e2e] plan b-sv --namespace-mappings sv-src:{plain}:\n{table.stdout}")
+    entries = table.stdout.split("Mapping entries that would admit them", 1)[-1]
+    for entry in ("wcpglobal-storage-profile: site-b-gold    (2 VMs)", "best-effort-small: site-b-small    (2 VMs)",
+                  "vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b    (2 VMs)",
+                  "SubnetSet/vm-default: SubnetSet/site-b-subnets    (2 VMs)"):
+        assert entry in entries, table.stdout
     assert cluster.get_json("virtualmachines", "-n", plain)["items"] == []
 
     # Each reference alone left at the source's name, the others at site B's:
@@ -383,12 +412,21 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
         in per_reference["storageClass"], per_reference
     assert "The namespace has: site-b-gold. Map the storage class: add `wcpglobal-storage-profile: site-b-gold` to " \
         "Velero's change-storage-class ConfigMap" in per_reference["storageClass"], per_reference
-    assert 'no VM image exists for "vmi-0a0044d7c690bcbea" in namespace or cluster scope' in per_reference["imageName"], per_reference
+    # VM Operator's mutator alone refuses it ('no VM image exists for
+    # "vmi-0a0044d7c690bcbea" in namespace or cluster scope', measured before
+    # our check existed): our webhook denies it first, with the entry to add.
+    assert 'spec.imageName "vmi-0a0044d7c690bcbea" resolves to no VirtualMachineImage in namespace sv-b-plain' \
+        in per_reference["imageName"], per_reference
+    assert "`vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b` under key images" in per_reference["imageName"], per_reference
     # VM Operator would admit it with no class instance and never deploy it:
     # our webhook denies it instead, with the entry that fixes it.
     assert "names no VirtualMachineClass with an active instance in namespace sv-b-plain" in per_reference["className"], per_reference
     assert "`best-effort-small: site-b-small`" in per_reference["className"], per_reference
-    assert per_reference["network"].startswith("admitted"), per_reference
+    # VM Operator alone admits it, and its NIC would never come up: our
+    # webhook denies it instead, with the entry that fixes it.
+    assert 'an interface\'s network "SubnetSet/vm-default" (spec.network.interfaces[].network) is not in namespace ' \
+        "sv-b-plain" in per_reference["network"], per_reference
+    assert "`SubnetSet/vm-default: SubnetSet/site-b-subnets` under key networks" in per_reference["network"], per_reference
     # Our webhook removes a zone label the target lacks; VM Operator places the VM.
     assert per_reference["zone"].endswith("zone label null"), per_reference
 
@@ -459,3 +497,118 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
         assert event["type"] == "Warning" and "key networks" in event["message"], event
     finally:
         cluster.kubectl("delete", "configmap", "-n", VELERO_NS, "change-storage-class", "vm-mappings", "--ignore-not-found")
+
+
+# `velero restore describe`'s line for an item an admission webhook denied.
+DENIED_LINE = re.compile(r'error restoring virtualmachines\.vmoperator\.vmware\.com/([^/]+)/([^:]+): '
+                         r'admission webhook "([^"]+)" denied the request: (.*)$')
+
+
+def review_tarball(cluster, tarball, namespace_mapping, *extra):
+    """`review -o summary` of a downloaded backup: each denied object's label and message."""
+    result = harness.run([cluster.webhook_bin, "review", "--namespace-mappings", namespace_mapping, "-o", "summary",
+                          *extra, tarball], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    denied = {}
+    for line in result.stdout.splitlines():
+        label, sep, message = line.partition(": DENIED: ")
+        if sep:
+            denied[label] = message
+    return denied, result.stdout
+
+
+def site_b_exists(ns):
+    """Site B's references, given by hand to `review --exists`."""
+    return ["--exists", f"class/{ns}/site-b-small", "--exists", f"storageclass/{ns}/site-b-gold",
+            "--exists", f"image/{ns}/vmi-5b1e000000000000b", "--exists", f"network/{ns}/SubnetSet/site-b-subnets",
+            "--exists", f"zone/{ns}/az-1", "--exists", f"classinstance/{ns}/site-b-small-{ns}"]
+
+
+def test_vmop_6_a_second_supervisor_restores_the_first_ones_backup(cluster):
+    """Issue 18, two Supervisors: site B is its own etcd and kube-apiserver,
+    with its own CRDs, our webhook, VM Operator v1.10.0's webhooks and a Velero
+    whose backup storage location is site A's bucket. The backup test_vmop_1
+    made on A is restored on B.
+    - Without mappings, `plan` on B predicts exactly the VMs the restore then
+      fails to bring back, with the very same denials; `review
+      --namespace-mappings` of the downloaded tarball, given B's objects by
+      hand, says the same.
+    - With both ConfigMaps on B, VM Operator on B admits every VM, stored with
+      B's storage class, class, image and network; the PVC got B's class from
+      Velero's own action; `review --mapping` applies the rules `plan` predicted."""
+    plain, mapped = "sv-b2-plain", "sv-b2-mapped"
+    # Velero's controller manager serves its metrics on a fixed :8080 (no flag
+    # changes it), so on this one host site A's Velero rests while B's runs.
+    cluster.processes.pop("velero").stop()
+    try:
+        with harness.SecondCluster(cluster.s3_port) as site_b:
+            two_supervisors(site_b, plain, mapped)
+    finally:
+        cluster.start_velero()
+
+
+def two_supervisors(site_b, plain, mapped):
+    """test_vmop_6 on site B."""
+    site_b.start_vm_operator(group_controller=False)
+    for ns in (plain, mapped):
+        prepare_site_b(site_b, ns)
+    wait_until(lambda: site_b.kubectl("get", "backup", "b-sv", "-n", VELERO_NS, check=False).returncode == 0, 120,
+               "site B's Velero to sync backup b-sv from the shared bucket", process=site_b.processes["velero"])
+    tarball = site_b.tmp / "b-sv.tar.gz"
+    site_b.velero("backup", "download", "b-sv", "-o", str(tarball))
+
+    planned = plan(site_b, "b-sv", f"sv-src:{plain}")
+    restore = site_b.restore("r-b2-plain", "b-sv", "--namespace-mappings", f"sv-src:{plain}",
+                             "--exclude-resources", SITE_B_EXCLUDE)
+    details = site_b.restore_describe("r-b2-plain")
+    assert restore["status"]["phase"] == "PartiallyFailed", details
+    failed = {}
+    for line in details.splitlines():
+        match = DENIED_LINE.search(line.strip())
+        if match:
+            ns, name, webhook, message = match.groups()
+            failed[f"VirtualMachine {ns}/{name}"] = (webhook, message)
+    predicted = {label: entry["denial"] for label, entry in planned.items() if entry["outcome"] == "denied"}
+    REPORT["two_supervisors_plan"] = sorted(predicted)
+    REPORT["two_supervisors_restore"] = sorted(failed)
+    print(f"\n[e2e] site B (its own API server): plan predicted {sorted(predicted)} denied; "
+          f"the restore failed {sorted(failed)}")
+    assert predicted and set(predicted) == set(failed), (predicted, details)
+    for label, message in predicted.items():
+        assert failed[label] == ("restore.velero-vm-restore-webhook.io", message), (label, failed[label], message)
+    assert site_b.get_json("virtualmachines", "-n", plain)["items"] == []
+
+    reviewed, summary = review_tarball(site_b, tarball, f"sv-src:{plain}", *site_b_exists(plain))
+    assert reviewed == predicted, summary
+
+    site_b.apply([SITE_B_STORAGE, SITE_B_REFERENCES])
+    time.sleep(2)  # the webhook's ConfigMap watch
+    planned = plan(site_b, "b-sv", f"sv-src:{mapped}")
+    assert not [label for label, entry in planned.items() if entry["outcome"] == "denied"], planned
+    restore = site_b.restore("r-b2-mapped", "b-sv", "--namespace-mappings", f"sv-src:{mapped}",
+                             "--exclude-resources", SITE_B_EXCLUDE)
+    details = site_b.restore_describe("r-b2-mapped")
+    assert restore["status"]["phase"] == "Completed", details + "\n".join(vm_operator_said(site_b, "r-b2-mapped"))
+    vms = {vm["metadata"]["name"]: vm for vm in site_b.get_json("virtualmachines", "-n", mapped)["items"]}
+    assert set(vms) == {"web-1", "db-1"}
+    for name, vm in vms.items():
+        spec = vm["spec"]
+        assert (spec["storageClass"], spec["className"], spec["imageName"]) == \
+            ("site-b-gold", "site-b-small", "vmi-5b1e000000000000b"), spec
+        assert spec["network"]["interfaces"][0]["network"]["name"] == "site-b-subnets", spec["network"]
+    pvc = site_b.get_json("persistentvolumeclaim", "web-1-data", "-n", mapped)
+    assert pvc["spec"]["storageClassName"] == "site-b-gold", "Velero's own action maps the PVC"
+
+    mappings_file = site_b.tmp / "site-b-mappings.yaml"
+    mappings_file.write_text(yaml.safe_dump_all([SITE_B_STORAGE, SITE_B_REFERENCES]))
+    reviewed, summary = review_tarball(site_b, tarball, f"sv-src:{mapped}", "--mapping", str(mappings_file),
+                                       *site_b_exists(mapped))
+    assert reviewed == {}, summary
+    for name in vms:
+        label = f"VirtualMachine {mapped}/{name}"
+        rules = {c["rule"] for c in planned[label]["changes"]} - {"applied-rules", "reviewed-marker"}
+        applied = set(vms[name]["metadata"]["annotations"]["velero-vm-restore-webhook/applied-rules"].split(","))
+        assert rules == applied, (label, rules, applied)
+        section = summary.split(f"{label}: ", 1)[1].split("\nVirtualMachine", 1)[0]
+        assert "velero-vm-restore-webhook/applied-rules] to \"" + ",".join(sorted(applied)) + "\"" in section, section
+    REPORT["two_supervisors_stored"] = {name: vm["spec"]["storageClass"] for name, vm in vms.items()}
