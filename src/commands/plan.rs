@@ -272,10 +272,13 @@ async fn fetch_when_ready(
         .map_err(|err| format!("cannot download backup {backup}: {err}"))
 }
 
-/// Live reference checks, each distinct reference looked up once.
+/// Live reference checks, each distinct reference looked up once, and each
+/// namespace's alternatives of a kind listed once (a backup whose VMs all
+/// lack the same class would otherwise list them for every VM).
 struct LookedUpOnce<R> {
     inner: R,
     seen: Mutex<BTreeMap<(String, ClusterRef), GroupPresence>>,
+    listed: Mutex<BTreeMap<(String, RefKind), Vec<String>>>,
 }
 
 impl<R> LookedUpOnce<R> {
@@ -283,6 +286,7 @@ impl<R> LookedUpOnce<R> {
         LookedUpOnce {
             inner,
             seen: Mutex::new(BTreeMap::new()),
+            listed: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -317,7 +321,23 @@ impl<R: RefFacts> RefFacts for LookedUpOnce<R> {
     }
 
     fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
-        self.inner.alternatives(namespace, kind)
+        async move {
+            let key = (namespace.to_string(), kind);
+            if let Some(known) = self
+                .listed
+                .lock()
+                .ok()
+                .and_then(|listed| listed.get(&key).cloned())
+            {
+                return known;
+            }
+            let names = self.inner.alternatives(namespace, kind).await;
+            if let Ok(mut listed) = self.listed.lock() {
+                listed.insert(key, names.clone());
+            }
+            names
+        }
+        .boxed()
     }
 }
 
@@ -407,6 +427,35 @@ mod tests {
             };
             futures::future::ready(presence).boxed()
         }
+
+        fn alternatives<'a>(
+            &'a self,
+            namespace: &'a str,
+            _kind: RefKind,
+        ) -> BoxFuture<'a, Vec<String>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            futures::future::ready(vec![format!("{namespace}-small")]).boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_namespace_s_alternatives_are_listed_once() {
+        let refs = LookedUpOnce::new(Counting(AtomicUsize::new(0)));
+        for _ in 0..3 {
+            assert_eq!(
+                refs.alternatives("prod", RefKind::Class).await,
+                ["prod-small"]
+            );
+            assert_eq!(
+                refs.alternatives("dev", RefKind::Class).await,
+                ["dev-small"]
+            );
+            assert_eq!(
+                refs.alternatives("dev", RefKind::ImageName).await,
+                ["dev-small"]
+            );
+        }
+        assert_eq!(refs.inner.0.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

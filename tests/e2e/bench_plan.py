@@ -1,7 +1,10 @@
 """`plan` of a large backup against the live target (outside CI: `make
 bench-plan`; env PLAN_VMS, PLAN_NAMESPACES, PLAN_RUNS): PLAN_VMS (1,000) VMs
-in PLAN_NAMESPACES (10) namespaces, each VM naming a zone, a class instance
-and an image, with both mapping ConfigMaps in Velero's namespace. Reports
+in PLAN_NAMESPACES (10) namespaces, each VM naming a zone, a class instance,
+an image, a class, a storage class and a network, with both mapping
+ConfigMaps in Velero's namespace, restored into namespaces that have site B's
+storage quota, class with its active instance, image and SubnetSet, so every
+check runs and passes. Reports
 each plan's wall time, its API requests and distinct reference lookups, and
 the ratio to `velero backup download` of the same backup, measured in the
 same run (the download is the part of a plan no tool can skip)."""
@@ -34,8 +37,34 @@ def main(cluster):
             vm = o.vm(ns, f"vm-{i}", "tier", i % 250, labels={"topology.kubernetes.io/zone": f"zone-{i % 3}"})
             vm["spec"]["class"] = {"apiVersion": o.V, "kind": "VirtualMachineClassInstance", "name": f"best-effort-small-{ns}"}
             vm["spec"]["image"] = {"kind": "VirtualMachineImage", "name": "vmi-0a0044d7c690bcbea"}
+            vm["spec"]["network"]["interfaces"][0]["network"] = {
+                "apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet", "name": "vm-default"}
             docs.append(vm)
     apply_in_batches(cluster, docs)
+    # The targets: site B's Supervisor objects, so every check has something to check against.
+    cluster.kubectl("apply", "--server-side", "-f", cluster.bin / "nsx-crds" / "crd.nsx.vmware.com_subnetsets.yaml")
+    cluster.kubectl("wait", "--for=condition=Established", "crd/subnetsets.crd.nsx.vmware.com", "--timeout=60s")
+    targets = []
+    for ns in (source.replace("src", "dst") for source in sources):
+        targets += [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+            {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": f"{ns}-storagequota", "namespace": ns},
+             "spec": {"hard": {"site-b-gold.storageclass.storage.k8s.io/requests.storage": "1Ti"}}},
+            {"apiVersion": o.V, "kind": "VirtualMachineClass", "metadata": {"name": "site-b-small", "namespace": ns},
+             "spec": {"hardware": {"cpus": 2, "memory": "4Gi"}}},
+            {"apiVersion": o.V, "kind": "VirtualMachineImage", "metadata": {"name": "vmi-5b1e000000000000b", "namespace": ns},
+             "spec": {}},
+            {"apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet",
+             "metadata": {"name": "site-b-subnets", "namespace": ns}, "spec": {}},
+        ]
+    cluster.apply(targets)
+    for ns in (source.replace("src", "dst") for source in sources):
+        uid = cluster.get_json("virtualmachineclass", "site-b-small", "-n", ns)["metadata"]["uid"]
+        cluster.apply({"apiVersion": o.V, "kind": "VirtualMachineClassInstance",
+                       "metadata": {"name": f"site-b-small-{ns}", "namespace": ns,
+                                    "labels": {"vmoperator.vmware.com/active": ""},
+                                    "ownerReferences": [{"apiVersion": o.V, "kind": "VirtualMachineClass",
+                                                         "name": "site-b-small", "uid": uid}]}, "spec": {}})
     cluster.velero("backup", "create", "b-plan", "--include-namespaces", ",".join(sources),
                    "--snapshot-volumes=false", "--wait", timeout=1800)
     cluster.apply([
@@ -46,7 +75,9 @@ def main(cluster):
         {"apiVersion": "v1", "kind": "ConfigMap",
          "metadata": {"name": "vm-mappings", "namespace": VELERO_NS,
                       "labels": {"velero.io/plugin-config": "", "velero-vm-restore-webhook/vm-mappings": "RestoreItemAction"}},
-         "data": {"classes": "best-effort-small: site-b-small\n", "zones": "zone-0: az-1\n"}},
+         "data": {"classes": "best-effort-small: site-b-small\n", "zones": "zone-0: az-1\n",
+                  "images": "vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b\n",
+                  "networks": "SubnetSet/vm-default: SubnetSet/site-b-subnets\n"}},
     ])
     mappings = ",".join(f"{ns}:{ns.replace('src', 'dst')}" for ns in sources)
     env = {**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)}
@@ -65,6 +96,8 @@ def main(cluster):
         assert len(vms) == per_namespace * NAMESPACES, len(vms)
         mapped = sum(any(c["rule"] == "vm-map-class" for c in entry["changes"]) for entry in vms)
         assert mapped == len(vms), mapped
+        denied = [entry["denial"] for entry in vms if entry["outcome"] == "denied"]
+        assert not denied, denied[:3]
         print(f"[plan] run {run + 1}: {plans[-1]:.2f} s (download alone {downloads[-1]:.2f} s), "
               f"{planned['apiRequests']} API requests, {planned['referenceLookups']} distinct references", flush=True)
     report = {"vms": per_namespace * NAMESPACES, "namespaces": NAMESPACES, "runs": RUNS,
