@@ -44,6 +44,29 @@ fn remembered_key(namespace: &str, reference: &ClusterRef) -> String {
     )
 }
 
+/// What one reference's check found.
+#[derive(Debug, PartialEq)]
+enum Checked {
+    Found,
+    /// The namespace has nothing of this kind to compare with (no classes,
+    /// no storage quota, no images, no networks): VM Operator's own answer
+    /// stands.
+    Unchecked,
+    Missing,
+    Unknown(String),
+}
+
+/// A reference checked against what its namespace has: `None` is nothing to
+/// compare with.
+fn among<T>(listed: Result<Option<T>, String>, found: impl FnOnce(&T) -> bool) -> Checked {
+    match listed {
+        Ok(None) => Checked::Unchecked,
+        Ok(Some(listed)) if found(&listed) => Checked::Found,
+        Ok(Some(_)) => Checked::Missing,
+        Err(err) => Checked::Unknown(err),
+    }
+}
+
 /// What one GET found.
 #[derive(Debug, PartialEq)]
 enum Lookup {
@@ -338,11 +361,17 @@ impl RefFacts for LiveRefs {
             if self.found_lately(&key) {
                 return GroupPresence::Present;
             }
-            let presence = self.look_up(namespace, reference).await;
-            if presence == GroupPresence::Present {
-                self.remember_found(key);
+            match self.look_up(namespace, reference).await {
+                Checked::Found => {
+                    self.remember_found(key);
+                    GroupPresence::Present
+                }
+                // Not remembered: what the namespace lacked (say, any image
+                // at all) may be created before the next VM.
+                Checked::Unchecked => GroupPresence::Present,
+                Checked::Missing => GroupPresence::Missing,
+                Checked::Unknown(err) => GroupPresence::Unknown(err),
             }
-            presence
         }
         .boxed()
     }
@@ -388,7 +417,7 @@ impl RefFacts for LiveRefs {
 
 impl LiveRefs {
     /// One reference asked of the API server.
-    async fn look_up(&self, namespace: &str, reference: &ClusterRef) -> GroupPresence {
+    async fn look_up(&self, namespace: &str, reference: &ClusterRef) -> Checked {
         {
             let name = reference.name.as_str();
             let found = match reference.kind {
@@ -447,53 +476,30 @@ impl LiveRefs {
                         .await
                 }
                 RefKind::Network => {
-                    return match self.namespace_networks(namespace).await {
-                        // No networks at all: nothing to compare with.
-                        Ok(None) => GroupPresence::Present,
-                        Ok(Some(networks)) if vmop::mapping::network_found(&networks, name) => {
-                            GroupPresence::Present
-                        }
-                        Ok(Some(_)) => GroupPresence::Missing,
-                        Err(err) => GroupPresence::Unknown(err),
-                    };
+                    return among(self.namespace_networks(namespace).await, |networks| {
+                        vmop::mapping::network_found(networks, name)
+                    });
                 }
                 RefKind::ImageName => {
-                    return match self.visible_images(namespace).await {
-                        // No images at all: nothing to compare with.
-                        Ok(None) => GroupPresence::Present,
-                        Ok(Some(images)) if image_name_resolves(&images, name) => {
-                            GroupPresence::Present
-                        }
-                        Ok(Some(_)) => GroupPresence::Missing,
-                        Err(err) => GroupPresence::Unknown(err),
-                    };
+                    return among(self.visible_images(namespace).await, |images| {
+                        image_name_resolves(images, name)
+                    });
                 }
                 RefKind::StorageClass => {
-                    return match self.assigned_storage_classes(namespace).await {
-                        Ok(None) => GroupPresence::Present,
-                        Ok(Some(classes)) if classes.iter().any(|class| class == name) => {
-                            GroupPresence::Present
-                        }
-                        Ok(Some(_)) => GroupPresence::Missing,
-                        Err(err) => GroupPresence::Unknown(err),
-                    };
+                    return among(self.assigned_storage_classes(namespace).await, |classes| {
+                        classes.iter().any(|class| class == name)
+                    });
                 }
                 RefKind::Class => {
-                    return match self.usable_classes(namespace).await {
-                        // Nothing to compare with: VM Operator's own answer stands.
-                        Ok(None) => GroupPresence::Present,
-                        Ok(Some(classes)) if classes.iter().any(|class| class == name) => {
-                            GroupPresence::Present
-                        }
-                        Ok(Some(_)) => GroupPresence::Missing,
-                        Err(err) => GroupPresence::Unknown(err),
-                    };
+                    return among(self.usable_classes(namespace).await, |classes| {
+                        classes.iter().any(|class| class == name)
+                    });
                 }
             };
             match found {
-                Ok(Lookup::Found(_)) => GroupPresence::Present,
-                Ok(Lookup::Missing | Lookup::NotServed) => GroupPresence::Missing,
-                Err(err) => GroupPresence::Unknown(err),
+                Ok(Lookup::Found(_)) => Checked::Found,
+                Ok(Lookup::Missing | Lookup::NotServed) => Checked::Missing,
+                Err(err) => Checked::Unknown(err),
             }
         }
     }
@@ -830,6 +836,17 @@ mod tests {
         tokio::time::advance(REMEMBER_FOUND + Duration::from_millis(1)).await;
         assert_eq!(refs.exists("prod", &instance).await, GroupPresence::Present);
         assert_eq!(asked(), after_others + 2);
+        // Nothing to compare with (namespace `bare` has no classes): admitted
+        // but not remembered, since a class created there meanwhile must
+        // count for the next VM.
+        let before = asked();
+        for _ in 0..2 {
+            assert_eq!(
+                refs.exists("bare", &class("anything")).await,
+                GroupPresence::Present
+            );
+        }
+        assert_eq!(asked(), before + 2, "asked each time");
     }
 
     #[tokio::test]
