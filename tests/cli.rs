@@ -627,7 +627,7 @@ fn review_restores_into_the_namespaces_a_namespace_mapping_names() {
     };
     let mapped = review(&["--namespace-mappings", "prod:prod-b,dev:dev-b"]);
     assert!(
-        mapped.contains("VirtualMachine prod-b/web-1: DENIED: VirtualMachine prod-b/web-1: spec.className \"best-effort-small\" names no VirtualMachineClass with an active instance in namespace prod-b"),
+        mapped.contains("VirtualMachine prod-b/web-1: DENIED: spec.className \"best-effort-small\" names no VirtualMachineClass with an active instance in namespace prod-b"),
         "{mapped}"
     );
     // Into another namespace, it is a copy beside its original.
@@ -742,7 +742,7 @@ fn review_maps_a_vm_by_configmaps_given_as_files() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("DENIED: VirtualMachine prod/web-1: the mappings for Velero Restore nightly-20261125 cannot be used: ConfigMap backup-system/vm-mappings, key networks: source \"Wire/a\": unknown network kind \"Wire\""),
+        stdout.contains("VirtualMachine prod/web-1: DENIED: the mappings for Velero Restore nightly-20261125 cannot be used: ConfigMap backup-system/vm-mappings, key networks: source \"Wire/a\": unknown network kind \"Wire\""),
         "{stdout}"
     );
     std::fs::remove_dir_all(&dir).ok();

@@ -200,7 +200,11 @@ impl ReviewedItem {
         let verdict = &reviewed.verdict;
         let mut out = String::new();
         if let Some(denial) = &verdict.denial {
-            out.push_str(&format!("{}: DENIED: {denial}\n", self.label));
+            out.push_str(&format!(
+                "{}: DENIED: {}\n",
+                self.label,
+                without_label(&self.label, denial)
+            ));
         } else if let Some(because) = reviewed.unchanged_because {
             out.push_str(&format!("{}: unchanged: {because}\n", self.label));
         } else if verdict.changes.is_empty() {
@@ -378,9 +382,10 @@ pub(crate) fn backup_summary(items: &[ReviewedItem]) -> String {
         }
     }
     let mut out = format!(
-        "What a restore of this backup would change ({} objects in {} namespaces):\n",
+        "What a restore of this backup would change ({} objects in {} namespace{}):\n",
         items.len(),
-        by_namespace.len()
+        by_namespace.len(),
+        if by_namespace.len() == 1 { "" } else { "s" }
     );
     for (namespace, kinds) in &by_namespace {
         let parts: Vec<String> = kinds
@@ -401,12 +406,25 @@ pub(crate) fn backup_summary(items: &[ReviewedItem]) -> String {
             out.push_str(&format!(
                 "  {}: {}\n",
                 item.label,
-                item.reviewed.verdict.denial.as_deref().unwrap_or("")
+                without_label(
+                    &item.label,
+                    item.reviewed.verdict.denial.as_deref().unwrap_or("")
+                )
             ));
         }
     }
     out.push_str(&fixes_summary(items));
     out
+}
+
+/// A denial as a summary prints it after the object's label: without the
+/// label the message itself starts with (the API server's message needs it,
+/// the summary line has it already).
+fn without_label<'a>(label: &str, denial: &'a str) -> &'a str {
+    denial
+        .strip_prefix(label)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(denial)
 }
 
 /// The mapping entries that would admit the denied VMs, each once, by the

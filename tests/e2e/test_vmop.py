@@ -513,7 +513,8 @@ def review_tarball(cluster, tarball, namespace_mapping, *extra):
     for line in result.stdout.splitlines():
         label, sep, message = line.partition(": DENIED: ")
         if sep:
-            denied[label] = message
+            # The summary drops the label the message itself starts with.
+            denied[label] = f"{label}: {message}"
     return denied, result.stdout
 
 
