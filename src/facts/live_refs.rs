@@ -165,10 +165,14 @@ impl LiveRefs {
         ))
     }
 
-    /// The storage classes assigned to `namespace`: those its ResourceQuotas
-    /// name in a `<class>.storageclass.storage.k8s.io/…` key, which is what
-    /// VM Operator checks (`validateStorageClass`). `None` when no quota
-    /// names one: nothing to check against (not a Supervisor namespace).
+    /// The storage classes assigned to `namespace`, read both ways VM
+    /// Operator reads them (`IsStorageClassInNamespace`): a ResourceQuota
+    /// key `<class>.storageclass.storage.k8s.io/…`, or, on stretched
+    /// Supervisors, a StoragePolicyQuota naming the class's policy ID. VM
+    /// Operator reads one or the other by a feature switch this webhook cannot
+    /// see, so either counts: a class neither assigns is refused whichever is
+    /// on. `None` when neither names one: nothing to check against (not a
+    /// Supervisor namespace).
     async fn assigned_storage_classes(
         &self,
         namespace: &str,
@@ -190,9 +194,58 @@ impl LiveRefs {
             })
             .filter(|class| !class.is_empty())
             .collect::<Vec<_>>();
+        classes.extend(self.policy_quota_classes(namespace).await?);
         classes.sort();
         classes.dedup();
         Ok((!classes.is_empty()).then_some(classes))
+    }
+
+    /// The storage classes whose policy ID (`parameters.storagePolicyID`) a
+    /// StoragePolicyQuota of `namespace` names; none where StoragePolicyQuotas
+    /// are not served or the namespace has none.
+    async fn policy_quota_classes(&self, namespace: &str) -> Result<Vec<String>, String> {
+        let quotas: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &resource(
+                "cns.vmware.com",
+                "v1alpha2",
+                "StoragePolicyQuota",
+                "storagepolicyquotas",
+            ),
+        );
+        let policies: Vec<String> = match quotas.list(&kube::api::ListParams::default()).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .filter_map(|quota| quota.data.pointer("/spec/storagePolicyId")?.as_str())
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+            Err(err) => return Err(err.to_string()),
+        };
+        if policies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let storage_classes: Api<k8s_openapi::api::storage::v1::StorageClass> =
+            Api::all(self.client.clone());
+        let listed = storage_classes
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(listed
+            .items
+            .into_iter()
+            .filter(|class| {
+                class
+                    .parameters
+                    .as_ref()
+                    .and_then(|parameters| parameters.get(STORAGE_POLICY_ID_PARAMETER))
+                    .is_some_and(|id| policies.contains(id))
+            })
+            .filter_map(|class| class.metadata.name)
+            .collect())
     }
 
     /// The images a VM in `namespace` can name: each VirtualMachineImage
@@ -306,6 +359,9 @@ fn image_alternatives(mut images: Vec<VisibleImage>) -> Vec<String> {
         })
         .collect()
 }
+
+/// The StorageClass parameter holding its vSphere storage policy's ID.
+const STORAGE_POLICY_ID_PARAMETER: &str = "storagePolicyID";
 
 /// What joins a storage class's name to the resource in a quota key.
 const STORAGE_QUOTA_INFIX: &str = ".storageclass.storage.k8s.io/";
@@ -592,6 +648,23 @@ mod tests {
                         quota("more", &["site-b-silver.storageclass.storage.k8s.io/requests.storage", "pods"]),
                     ]});
                     (200, list.to_string(), true)
+                } else if path.ends_with("/namespaces/stretch/storagepolicyquotas") {
+                    let list = serde_json::json!({"apiVersion": "cns.vmware.com/v1alpha2",
+                        "kind": "StoragePolicyQuotaList", "metadata": {}, "items": [
+                            {"metadata": {"name": "gold-quota"}, "spec": {"storagePolicyId": "pol-gold"}}]});
+                    (200, list.to_string(), true)
+                } else if path.ends_with("/storage.k8s.io/v1/storageclasses") {
+                    let class = |name: &str, policy: Option<&str>| {
+                        let mut class = serde_json::json!({"metadata": {"name": name}, "provisioner": "csi.vsphere.vmware.com"});
+                        if let Some(policy) = policy {
+                            class["parameters"] = serde_json::json!({"storagePolicyID": policy});
+                        }
+                        class
+                    };
+                    let list = serde_json::json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList",
+                        "metadata": {}, "items": [class("site-b-gold", Some("pol-gold")),
+                            class("site-b-silver", Some("pol-silver")), class("local", None)]});
+                    (200, list.to_string(), true)
                 } else if path.ends_with("/resourcequotas") {
                     let list = serde_json::json!({"apiVersion": "v1", "kind": "ResourceQuotaList", "metadata": {},
                     "items": [{"metadata": {"name": "compute"}, "spec": {"hard": {"pods": "10"}}}]});
@@ -697,6 +770,20 @@ mod tests {
         assert_eq!(
             refs.exists("dev", &storage("anything")).await,
             GroupPresence::Present
+        );
+        // A stretched Supervisor's namespace: a StoragePolicyQuota names the
+        // policy ID, and the storage classes with that ID are assigned.
+        assert_eq!(
+            refs.exists("stretch", &storage("site-b-gold")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("stretch", &storage("site-b-silver")).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.alternatives("stretch", RefKind::StorageClass).await,
+            ["site-b-gold"]
         );
         assert!(
             refs.alternatives("dev", RefKind::StorageClass)

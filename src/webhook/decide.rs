@@ -216,7 +216,7 @@ fn missing_storage_class_clause(
         facts.mappings.storage_classes.source.clone()
     };
     let text = format!(
-        "spec.storageClass {class:?} is not assigned to namespace {namespace} (no ResourceQuota there names it), \
+        "spec.storageClass {class:?} is not assigned to namespace {namespace} (no ResourceQuota or StoragePolicyQuota there assigns it), \
          so VM Operator would refuse the VM (\"Storage policy is not associated with the namespace\"). The namespace has: {listed}. \
          Map the storage class: add `{class}: {example}` to {configmap}, which maps the VM's PVCs too"
     );
@@ -1052,7 +1052,7 @@ mod tests {
         assert_eq!(
             decision.verdict.denial.unwrap(),
             "VirtualMachine prod/vm1: spec.storageClass \"wcpglobal-storage-profile\" is not assigned to namespace prod \
-             (no ResourceQuota there names it), so VM Operator would refuse the VM (\"Storage policy is not associated \
+             (no ResourceQuota or StoragePolicyQuota there assigns it), so VM Operator would refuse the VM (\"Storage policy is not associated \
              with the namespace\"). The namespace has: site-b-gold, site-b-silver. Map the storage class: add \
              `wcpglobal-storage-profile: site-b-gold` to Velero's change-storage-class ConfigMap (in namespace velero, \
              labelled velero.io/plugin-config=\"\" and velero.io/change-storage-class=RestoreItemAction), which maps the \

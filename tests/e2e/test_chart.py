@@ -252,6 +252,8 @@ def test_chart_rbac_is_minimal(helm):
         ("ClusterRole", ("vmware.com",), ("virtualnetworks",), ("list",)),
         ("ClusterRole", ("crd.nsx.vmware.com",), ("subnets", "subnetsets"), ("list",)),
         ("ClusterRole", ("",), ("resourcequotas",), ("list",)),
+        ("ClusterRole", ("cns.vmware.com",), ("storagepolicyquotas",), ("list",)),
+        ("ClusterRole", ("storage.k8s.io",), ("storageclasses",), ("list",)),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
         # The mapping ConfigMaps, in Velero's namespace only.
         ("Role", ("",), ("configmaps",), ("get", "list", "watch")),
