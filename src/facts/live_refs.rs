@@ -1,8 +1,10 @@
-//! The live reference source: one GET of metadata per reference a restored
-//! VM makes (zone, class instance, image), bounded by the request's deadline
-//! by the caller. A resource the API server does not serve answers 404 as
-//! plain text, not a `NotFound` Status: the reference cannot resolve in this
-//! cluster either, but for zones it tells which API to ask instead.
+//! The live reference source. A zone, class instance or image reference is
+//! one GET of metadata; a class, storage class, image name or network is
+//! checked against what the VM's namespace has (one or a few lists, which
+//! also give the alternatives a denial names). The caller bounds each by the
+//! request's deadline. A resource the API server does not serve answers 404
+//! as plain text, not a `NotFound` Status: the reference cannot resolve in
+//! this cluster either, but for zones it tells which API to ask instead.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
