@@ -493,14 +493,24 @@ pub fn vm_changes(
     Ok(())
 }
 
-/// The network of each interface that names one, after `mappings`: the kind
-/// where the VM (or the mapping) gives one. An interface with no network
-/// name gets the namespace's default network from VM Operator: not listed.
-pub fn interface_networks(
+/// One interface's network reference: `spec.network.interfaces[index].network`
+/// (v1alpha2+, `reference` set) or `spec.networkInterfaces[index].networkName`
+/// (v1alpha1, name only).
+struct InterfaceNetwork<'a> {
+    index: usize,
+    /// The `network` object (v1alpha2+), for the fields beside the name.
+    reference: Option<&'a Map<String, Value>>,
+    /// Its field path, for errors.
+    field: String,
+    kind: Option<&'a str>,
+    name: &'a str,
+}
+
+/// Every interface of `spec` that names a network, at either shape.
+fn interface_network_refs(
     spec: &Map<String, Value>,
-    mappings: &Mappings,
-) -> Result<Vec<NetworkName>, ShapeError> {
-    let mut networks = Vec::new();
+) -> Result<Vec<InterfaceNetwork<'_>>, ShapeError> {
+    let mut found = Vec::new();
     if let Some(network) = shape::map(spec, "spec", "network")?
         && let Some(interfaces) = shape::array(network, "spec.network", "interfaces")?
     {
@@ -513,20 +523,16 @@ pub fn interface_networks(
                 continue;
             };
             let field = format!("{field}.network");
-            let kind = shape::string(reference, &field, "kind")?.filter(|k| !k.is_empty());
-            let Some(name) = shape::string(reference, &field, "name")?.filter(|n| !n.is_empty())
-            else {
+            let kind = shape::string(reference, &field, "kind")?;
+            let Some(name) = shape::string(reference, &field, "name")? else {
                 continue;
             };
-            networks.push(match mappings.network(kind, name) {
-                Some(target) => NetworkName {
-                    kind: target.kind.clone().or(kind.map(str::to_string)),
-                    name: target.name.clone(),
-                },
-                None => NetworkName {
-                    kind: kind.map(str::to_string),
-                    name: name.to_string(),
-                },
+            found.push(InterfaceNetwork {
+                index,
+                reference: Some(reference),
+                field,
+                kind,
+                name,
             });
         }
     }
@@ -536,19 +542,49 @@ pub fn interface_networks(
                 continue;
             };
             let field = format!("spec.networkInterfaces[{index}]");
-            let Some(name) =
-                shape::string(interface, &field, "networkName")?.filter(|n| !n.is_empty())
-            else {
+            let Some(name) = shape::string(interface, &field, "networkName")? else {
                 continue;
             };
-            networks.push(NetworkName {
+            found.push(InterfaceNetwork {
+                index,
+                reference: None,
+                field,
                 kind: None,
-                name: mappings
-                    .network(None, name)
-                    .map(|target| target.name.clone())
-                    .unwrap_or_else(|| name.to_string()),
+                name,
             });
         }
+    }
+    Ok(found)
+}
+
+/// The network of each interface that names one, after `mappings`: the kind
+/// where the VM (or the mapping) gives one. An interface with no network
+/// name gets the namespace's default network from VM Operator: not listed.
+pub fn interface_networks(
+    spec: &Map<String, Value>,
+    mappings: &Mappings,
+) -> Result<Vec<NetworkName>, ShapeError> {
+    let mut networks = Vec::new();
+    for found in interface_network_refs(spec)? {
+        if found.name.is_empty() {
+            continue;
+        }
+        let kind = found.kind.filter(|k| !k.is_empty());
+        networks.push(match mappings.network(kind, found.name) {
+            // v1alpha1 names the network only: so does its mapped target.
+            Some(target) if found.reference.is_none() => NetworkName {
+                kind: None,
+                name: target.name.clone(),
+            },
+            Some(target) => NetworkName {
+                kind: target.kind.clone().or(kind.map(str::to_string)),
+                name: target.name.clone(),
+            },
+            None => NetworkName {
+                kind: kind.map(str::to_string),
+                name: found.name.to_string(),
+            },
+        });
     }
     networks.sort();
     networks.dedup();
@@ -566,94 +602,58 @@ fn network_changes(
         return Ok(());
     }
     let source = &mappings.networks_source;
-    if let Some(network) = shape::map(spec, "spec", "network")?
-        && let Some(interfaces) = shape::array(network, "spec.network", "interfaces")?
-    {
-        for (index, interface) in interfaces.iter().enumerate() {
-            let field = format!("spec.network.interfaces[{index}]");
-            let Some(interface) = interface.as_object() else {
-                continue;
-            };
-            let Some(reference) = shape::map(interface, &field, "network")? else {
-                continue;
-            };
-            let field = format!("{field}.network");
-            let kind = shape::string(reference, &field, "kind")?;
-            let Some(name) = shape::string(reference, &field, "name")? else {
-                continue;
-            };
-            let Some(target) = mappings.network(kind, name) else {
-                continue;
-            };
-            let at = |key: &str| {
-                tokens(&[
-                    "spec",
-                    "network",
-                    "interfaces",
-                    &index.to_string(),
-                    "network",
-                    key,
-                ])
-            };
-            let old = NetworkName {
-                kind: kind.map(str::to_string),
-                name: name.to_string(),
-            };
-            let reason = mapped(&old.to_string(), &target.to_string(), source);
-            if target.name != name {
-                changes.push(Change::replace(
-                    at("name"),
-                    Value::String(target.name.clone()),
-                    R_MAP_NETWORK,
-                    reason.clone(),
-                ));
-            }
-            if let Some(new_kind) = &target.kind
-                && Some(new_kind.as_str()) != kind
-            {
-                let value = Value::String(new_kind.clone());
-                changes.push(if kind.is_some() {
-                    Change::replace(at("kind"), value, R_MAP_NETWORK, reason.clone())
-                } else {
-                    Change::add(at("kind"), value, R_MAP_NETWORK, reason.clone())
-                });
-                // The apiVersion goes with the kind, where it is written.
-                if shape::string(reference, &field, "apiVersion")?.is_some()
-                    && let Some((_, api_version)) =
-                        NETWORK_KINDS.iter().find(|(known, _)| known == new_kind)
-                {
-                    changes.push(Change::replace(
-                        at("apiVersion"),
-                        Value::String(api_version.to_string()),
-                        R_MAP_NETWORK,
-                        reason.clone(),
-                    ));
-                }
-            }
-        }
-    }
-    if let Some(interfaces) = shape::array(spec, "spec", "networkInterfaces")? {
-        for (index, interface) in interfaces.iter().enumerate() {
-            let Some(interface) = interface.as_object() else {
-                continue;
-            };
-            let field = format!("spec.networkInterfaces[{index}]");
-            let Some(name) = shape::string(interface, &field, "networkName")? else {
-                continue;
-            };
+    for found in interface_network_refs(spec)? {
+        let (index, kind, name) = (found.index.to_string(), found.kind, found.name);
+        let Some(reference) = found.reference else {
+            // v1alpha1: the name alone.
             if let Some(target) = mappings.network(None, name)
                 && target.name != name
             {
                 changes.push(Change::replace(
-                    tokens(&[
-                        "spec",
-                        "networkInterfaces",
-                        &index.to_string(),
-                        "networkName",
-                    ]),
+                    tokens(&["spec", "networkInterfaces", &index, "networkName"]),
                     Value::String(target.name.clone()),
                     R_MAP_NETWORK,
                     mapped(name, &target.name, source),
+                ));
+            }
+            continue;
+        };
+        let Some(target) = mappings.network(kind, name) else {
+            continue;
+        };
+        let at = |key: &str| tokens(&["spec", "network", "interfaces", &index, "network", key]);
+        let old = NetworkName {
+            kind: kind.map(str::to_string),
+            name: name.to_string(),
+        };
+        let reason = mapped(&old.to_string(), &target.to_string(), source);
+        if target.name != name {
+            changes.push(Change::replace(
+                at("name"),
+                Value::String(target.name.clone()),
+                R_MAP_NETWORK,
+                reason.clone(),
+            ));
+        }
+        if let Some(new_kind) = &target.kind
+            && Some(new_kind.as_str()) != kind
+        {
+            let value = Value::String(new_kind.clone());
+            changes.push(if kind.is_some() {
+                Change::replace(at("kind"), value, R_MAP_NETWORK, reason.clone())
+            } else {
+                Change::add(at("kind"), value, R_MAP_NETWORK, reason.clone())
+            });
+            // The apiVersion goes with the kind, where it is written.
+            if shape::string(reference, &found.field, "apiVersion")?.is_some()
+                && let Some((_, api_version)) =
+                    NETWORK_KINDS.iter().find(|(known, _)| known == new_kind)
+            {
+                changes.push(Change::replace(
+                    at("apiVersion"),
+                    Value::String(api_version.to_string()),
+                    R_MAP_NETWORK,
+                    reason.clone(),
                 ));
             }
         }
