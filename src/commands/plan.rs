@@ -295,48 +295,45 @@ impl<R> LookedUpOnce<R> {
     }
 }
 
+/// The value remembered under `key`, or `compute`'s, remembered. `compute`
+/// is only called on a miss: a source may do its work when called.
+async fn once<K: Ord, V: Clone, F: std::future::Future<Output = V>>(
+    memory: &Mutex<BTreeMap<K, V>>,
+    key: K,
+    compute: impl FnOnce() -> F,
+) -> V {
+    if let Some(known) = memory
+        .lock()
+        .ok()
+        .and_then(|memory| memory.get(&key).cloned())
+    {
+        return known;
+    }
+    let value = compute().await;
+    if let Ok(mut memory) = memory.lock() {
+        memory.insert(key, value.clone());
+    }
+    value
+}
+
 impl<R: RefFacts> RefFacts for LookedUpOnce<R> {
     fn exists<'a>(
         &'a self,
         namespace: &'a str,
         reference: &'a ClusterRef,
     ) -> BoxFuture<'a, GroupPresence> {
-        async move {
-            let key = (namespace.to_string(), reference.clone());
-            if let Some(known) = self
-                .seen
-                .lock()
-                .ok()
-                .and_then(|seen| seen.get(&key).cloned())
-            {
-                return known;
-            }
-            let presence = self.inner.exists(namespace, reference).await;
-            if let Ok(mut seen) = self.seen.lock() {
-                seen.insert(key, presence.clone());
-            }
-            presence
-        }
+        once(
+            &self.seen,
+            (namespace.to_string(), reference.clone()),
+            || self.inner.exists(namespace, reference),
+        )
         .boxed()
     }
 
     fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
-        async move {
-            let key = (namespace.to_string(), kind);
-            if let Some(known) = self
-                .listed
-                .lock()
-                .ok()
-                .and_then(|listed| listed.get(&key).cloned())
-            {
-                return known;
-            }
-            let names = self.inner.alternatives(namespace, kind).await;
-            if let Ok(mut listed) = self.listed.lock() {
-                listed.insert(key, names.clone());
-            }
-            names
-        }
+        once(&self.listed, (namespace.to_string(), kind), move || {
+            self.inner.alternatives(namespace, kind)
+        })
         .boxed()
     }
 }
