@@ -27,58 +27,12 @@ impl StaticRefs {
     }
 }
 
-impl RefFacts for StaticRefs {
-    fn exists<'a>(
-        &'a self,
-        namespace: &'a str,
-        reference: &'a ClusterRef,
-    ) -> BoxFuture<'a, GroupPresence> {
-        if reference.kind == RefKind::ImageName {
-            return futures::future::ready(self.image_name(namespace, &reference.name)).boxed();
-        }
-        if reference.kind == RefKind::Network {
-            // Given as `network/NS/KIND/NAME`; checked only where some is given.
-            let networks: Vec<String> = self
-                .present
-                .iter()
-                .filter(|(kind, ns, _)| *kind == RefKind::Network && ns == namespace)
-                .map(|(_, _, name)| name.clone())
-                .collect();
-            let presence = if networks.is_empty()
-                || crate::vmop::mapping::network_found(&networks, &reference.name)
-            {
-                GroupPresence::Present
-            } else {
-                GroupPresence::Missing
-            };
-            return futures::future::ready(presence).boxed();
-        }
-        let namespace = match reference.kind {
-            RefKind::ClusterImage => "",
-            _ => namespace,
-        };
-        let key = (
-            reference.kind,
-            namespace.to_string(),
-            reference.name.clone(),
-        );
-        // Classes and storage classes are checked only in a namespace given
-        // some: elsewhere there is nothing to compare with, as in a live
-        // namespace without classes or storage quota.
-        let unchecked = matches!(reference.kind, RefKind::Class | RefKind::StorageClass)
-            && !self
-                .present
-                .iter()
-                .any(|(kind, ns, _)| *kind == reference.kind && ns == namespace);
-        let presence = if unchecked || self.present.contains(&key) {
-            GroupPresence::Present
-        } else {
-            GroupPresence::Missing
-        };
-        futures::future::ready(presence).boxed()
-    }
-
-    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
+impl StaticRefs {
+    /// The names given for `kind` that a VM in `namespace` can use, sorted
+    /// and once each: an image name resolves to an image given in the
+    /// namespace (`image/NS/NAME`) or a cluster image (`clusterimage/NAME`);
+    /// display names cannot be given by hand.
+    fn visible(&self, namespace: &str, kind: RefKind) -> Vec<String> {
         let mut names: Vec<String> = self
             .present
             .iter()
@@ -90,30 +44,48 @@ impl RefFacts for StaticRefs {
             })
             .map(|(_, _, name)| name.clone())
             .collect();
-        names.dedup();
         names.sort();
-        futures::future::ready(names).boxed()
+        names.dedup();
+        names
     }
 }
 
-impl StaticRefs {
-    /// An image name resolves to an image given in the namespace
-    /// (`image/NS/NAME`) or a cluster image (`clusterimage/NAME`) of that
-    /// name; it is checked only where some image is given (display names
-    /// cannot be given by hand).
-    fn image_name(&self, namespace: &str, name: &str) -> GroupPresence {
-        let visible = |(kind, ns, _): &&(RefKind, String, String)| {
-            (*kind == RefKind::Image && ns == namespace) || *kind == RefKind::ClusterImage
+impl RefFacts for StaticRefs {
+    fn exists<'a>(
+        &'a self,
+        namespace: &'a str,
+        reference: &'a ClusterRef,
+    ) -> BoxFuture<'a, GroupPresence> {
+        let name = reference.name.as_str();
+        let found = if reference.kind.denies_when_missing() {
+            // Checked against what the namespace is given, and only where it
+            // is given some: elsewhere there is nothing to compare with, as
+            // in a live namespace without classes, storage quota, images or
+            // networks.
+            let has = self.visible(namespace, reference.kind);
+            has.is_empty()
+                || match reference.kind {
+                    RefKind::Network => crate::vmop::mapping::network_found(&has, name),
+                    _ => has.iter().any(|given| given == name),
+                }
+        } else {
+            let namespace = match reference.kind {
+                RefKind::ClusterImage => "",
+                _ => namespace,
+            };
+            self.present
+                .contains(&(reference.kind, namespace.to_string(), name.to_string()))
         };
-        let mut images = self.present.iter().filter(visible).peekable();
-        if images.peek().is_none() {
-            return GroupPresence::Present;
-        }
-        if images.any(|(_, _, given)| given == name) {
+        let presence = if found {
             GroupPresence::Present
         } else {
             GroupPresence::Missing
-        }
+        };
+        futures::future::ready(presence).boxed()
+    }
+
+    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
+        futures::future::ready(self.visible(namespace, kind)).boxed()
     }
 }
 
