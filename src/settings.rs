@@ -145,6 +145,16 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
     pub velero_namespace: String,
 
+    /// VM Operator's own namespace, where it records which storage policies
+    /// encrypt (StoragePolicy objects): read to check a VM's encryption
+    /// class against its storage class.
+    #[arg(
+        long,
+        env = "VMRW_VM_OPERATOR_NAMESPACE",
+        default_value = "vmware-system-vmop"
+    )]
+    pub vm_operator_namespace: String,
+
     /// Largest request body accepted, in bytes. The default (1.5 MiB) is
     /// etcd's default request limit, so no storable object is refused.
     #[arg(long, env = "VMRW_MAX_BODY_BYTES", default_value_t = 1536 * 1024,

@@ -747,3 +747,82 @@ fn review_maps_a_vm_by_configmaps_given_as_files() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn review_denies_an_encrypted_vm_mapped_to_a_storage_class_that_does_not_encrypt() {
+    let dir = std::env::temp_dir().join(format!("vmrw-cli-encryption-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("change-storage-class.yaml");
+    let mapping_to = |target: &str| {
+        std::fs::write(
+            &file,
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: change-storage-class\n  labels:\n    velero.io/plugin-config: \"\"\n    velero.io/change-storage-class: RestoreItemAction\ndata:\n  wcpglobal-storage-profile: {target}\n"),
+        )
+        .unwrap();
+    };
+    let mut vm: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("vm-v1alpha5.json")).unwrap())
+            .unwrap();
+    vm["spec"]["crypto"] = serde_json::json!({"encryptionClassName": "tenant-keys"});
+    let input = vm.to_string();
+    let review = || {
+        run(
+            &[
+                "review",
+                "--group",
+                "prod/web-tier",
+                "--mapping",
+                file.to_str().unwrap(),
+                "--exists",
+                "storageclass/prod/site-b-plain",
+                "--exists",
+                "storageclass/prod/site-b-encrypted",
+                "--exists",
+                "encryptedstorageclass/site-b-encrypted",
+                "--fail-on-deny",
+                "-o",
+                "summary",
+                "-",
+            ],
+            Some(&input),
+        )
+    };
+    mapping_to("site-b-plain");
+    let out = review();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "spec.crypto.encryptionClassName \"tenant-keys\" needs an encryption storage class, and spec.storageClass \
+             \"site-b-plain\" is not one"
+        ),
+        "{stdout}"
+    );
+    // The entry to change is the one Velero reads, from the backup's name.
+    assert!(
+        stdout.contains(
+            "Map the storage class: change `wcpglobal-storage-profile: site-b-plain` to \
+             `wcpglobal-storage-profile: site-b-encrypted` in ConfigMap velero/change-storage-class"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("    wcpglobal-storage-profile: site-b-encrypted    (1 VM)"),
+        "{stdout}"
+    );
+    mapping_to("site-b-encrypted");
+    let out = review();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let bad = run(
+        &["review", "--exists", "encryptedstorageclass/prod/x", "-"],
+        Some(&input),
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be encryptedstorageclass/NAME"));
+    std::fs::remove_dir_all(&dir).ok();
+}

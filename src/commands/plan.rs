@@ -50,6 +50,14 @@ pub struct PlanArgs {
         default_value = "velero"
     )]
     velero_namespace: String,
+    /// VM Operator's namespace in the target (its StoragePolicy objects say
+    /// which storage classes encrypt).
+    #[arg(
+        long = "vm-operator-namespace",
+        env = "VMRW_VM_OPERATOR_NAMESPACE",
+        default_value = "vmware-system-vmop"
+    )]
+    vm_operator_namespace: String,
     /// As `velero restore create --namespace-mappings`: SRC1:DST1,SRC2:DST2.
     #[arg(long = "namespace-mappings", value_name = "SRC:DST,...")]
     namespace_mappings: Option<String>,
@@ -117,7 +125,10 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     let maps = list_configmaps(&client, &args.velero_namespace)
         .await
         .map_err(|err| format!("cannot list ConfigMaps in {}: {err}", args.velero_namespace))?;
-    let refs = Arc::new(LookedUpOnce::new(LiveRefs::new(client.clone())));
+    let refs = Arc::new(LookedUpOnce::new(LiveRefs::new(
+        client.clone(),
+        &args.vm_operator_namespace,
+    )));
     let restore = RestoreInfo {
         name: format!("plan-of-{}", args.backup),
         namespace_mapping,

@@ -50,11 +50,12 @@ pub struct ReviewArgs {
     /// zone/NAMESPACE/NAME, classinstance/NAMESPACE/NAME, image/NAMESPACE/NAME,
     /// clusterimage/NAME, class/NAMESPACE/NAME (a VirtualMachineClass with
     /// an active instance there), storageclass/NAMESPACE/NAME (a storage
-    /// class assigned to the namespace) or network/NAMESPACE/KIND/NAME
+    /// class assigned to the namespace), encryptedstorageclass/NAME (a
+    /// storage class whose policy encrypts) or network/NAMESPACE/KIND/NAME
     /// (repeatable). References not given count as missing and are removed,
     /// as they would be in a cluster without them; image names, classes,
-    /// storage classes and networks are checked only in a namespace given
-    /// some, and a VM naming another one is denied.
+    /// storage classes, encryption storage classes and networks are checked
+    /// only where some are given, and a VM naming another one is denied.
     #[arg(long = "exists", value_name = "KIND/[NAMESPACE/]NAME")]
     exists: Vec<String>,
 
@@ -136,7 +137,8 @@ fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, Str
                 Some("class") => RefKind::Class,
                 Some("storageclass") => RefKind::StorageClass,
                 Some("network") => RefKind::Network,
-                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, storageclass, image, clusterimage or network")),
+                Some("encryptedstorageclass") => RefKind::EncryptionStorageClass,
+                _ => return Err(format!("--exists {value:?}: the kind must be zone, classinstance, class, storageclass, encryptedstorageclass, image, clusterimage or network")),
             };
             match (kind, parts.as_slice()) {
                 (RefKind::Network, [_, namespace, kind, name])
@@ -147,6 +149,12 @@ fn parse_exists(values: &[String]) -> Result<Vec<(RefKind, String, String)>, Str
                 (RefKind::Network, _) => Err(format!("--exists {value:?} must be network/NAMESPACE/KIND/NAME")),
                 (RefKind::ClusterImage, [_, name]) if !name.is_empty() => Ok((kind, String::new(), name.to_string())),
                 (RefKind::ClusterImage, _) => Err(format!("--exists {value:?} must be clusterimage/NAME")),
+                (RefKind::EncryptionStorageClass, [_, name]) if !name.is_empty() => {
+                    Ok((kind, String::new(), name.to_string()))
+                }
+                (RefKind::EncryptionStorageClass, _) => {
+                    Err(format!("--exists {value:?} must be encryptedstorageclass/NAME"))
+                }
                 (_, [_, namespace, name]) if !namespace.is_empty() && !name.is_empty() => {
                     Ok((kind, namespace.to_string(), name.to_string()))
                 }

@@ -88,7 +88,10 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        refs = Some(Arc::new(LiveRefs::new(client.clone())));
+        refs = Some(Arc::new(LiveRefs::new(
+            client.clone(),
+            &args.vm_operator_namespace,
+        )));
         let (mapping_cache, mapping_runner) =
             MappingCache::live(client.clone(), &args.velero_namespace);
         tokio::spawn(mapping_runner);

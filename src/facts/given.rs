@@ -40,6 +40,8 @@ impl StaticRefs {
                 RefKind::ImageName => {
                     (*given == RefKind::Image && ns == namespace) || *given == RefKind::ClusterImage
                 }
+                // Encryption is a property of the class, cluster-wide.
+                RefKind::EncryptionStorageClass => *given == kind,
                 _ => *given == kind && ns == namespace,
             })
             .map(|(_, _, name)| name.clone())
@@ -85,7 +87,16 @@ impl RefFacts for StaticRefs {
     }
 
     fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
-        futures::future::ready(self.visible(namespace, kind)).boxed()
+        let mut names = self.visible(namespace, kind);
+        // The encryption storage classes the namespace has, where it is
+        // given storage classes at all.
+        if kind == RefKind::EncryptionStorageClass {
+            let assigned = self.visible(namespace, RefKind::StorageClass);
+            if !assigned.is_empty() {
+                names.retain(|name| assigned.contains(name));
+            }
+        }
+        futures::future::ready(names).boxed()
     }
 }
 
@@ -308,6 +319,51 @@ mod tests {
         assert_eq!(
             refs.alternatives("prod", RefKind::StorageClass).await,
             ["gold"]
+        );
+    }
+
+    #[tokio::test]
+    async fn encryption_storage_classes_are_given_cluster_wide_and_listed_where_assigned() {
+        let given =
+            |kind, namespace: &str, name: &str| (kind, namespace.to_string(), name.to_string());
+        let refs = StaticRefs::new([
+            given(RefKind::EncryptionStorageClass, "", "enc-gold"),
+            given(RefKind::EncryptionStorageClass, "", "enc-silver"),
+            given(RefKind::StorageClass, "prod", "enc-gold"),
+            given(RefKind::StorageClass, "prod", "plain"),
+        ]);
+        let encrypted = |name: &str| ClusterRef {
+            kind: RefKind::EncryptionStorageClass,
+            name: name.to_string(),
+            owner: Some("keys".into()),
+        };
+        assert_eq!(
+            refs.exists("prod", &encrypted("enc-gold")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("dev", &encrypted("enc-silver")).await,
+            GroupPresence::Present
+        );
+        assert_eq!(
+            refs.exists("prod", &encrypted("plain")).await,
+            GroupPresence::Missing
+        );
+        assert_eq!(
+            refs.alternatives("prod", RefKind::EncryptionStorageClass)
+                .await,
+            ["enc-gold"]
+        );
+        assert_eq!(
+            refs.alternatives("dev", RefKind::EncryptionStorageClass)
+                .await,
+            ["enc-gold", "enc-silver"]
+        );
+        // None given: not checked.
+        let refs = StaticRefs::new([given(RefKind::StorageClass, "prod", "plain")]);
+        assert_eq!(
+            refs.exists("prod", &encrypted("plain")).await,
+            GroupPresence::Present
         );
     }
 

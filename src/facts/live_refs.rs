@@ -22,6 +22,9 @@ use crate::vmop::{self, ClusterRef, RefKind};
 
 pub struct LiveRefs {
     client: Client,
+    /// VM Operator's own namespace, where it records each storage policy
+    /// (StoragePolicy objects) and whether it encrypts.
+    vm_operator_namespace: String,
     /// References found lately, by `remembered_key`: a restore names the
     /// same class, image and zone in VM after VM, and each lookup is an API
     /// round trip (measured in a pod: about 80 ms a VM for five of them).
@@ -80,9 +83,10 @@ enum Lookup {
 }
 
 impl LiveRefs {
-    pub fn new(client: Client) -> LiveRefs {
+    pub fn new(client: Client, vm_operator_namespace: &str) -> LiveRefs {
         LiveRefs {
             client,
+            vm_operator_namespace: vm_operator_namespace.to_string(),
             found_lately: Mutex::new(HashMap::new()),
         }
     }
@@ -250,6 +254,70 @@ impl LiveRefs {
             .collect())
     }
 
+    /// The storage classes VM Operator takes for encryption ones
+    /// (`IsEncryptedStorageClass`): a class whose policy ID
+    /// (`parameters.storagePolicyID`) names a StoragePolicy object in VM
+    /// Operator's namespace with `status.encrypted`. `None` when that
+    /// namespace holds no StoragePolicy (Bring Your Own Key off, or the API
+    /// not served): nothing to check against, VM Operator's answer stands.
+    async fn encrypted_storage_classes(&self) -> Result<Option<Vec<String>>, String> {
+        let policies: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.vm_operator_namespace,
+            &resource(
+                "infra.vmware.com",
+                "v1alpha1",
+                "StoragePolicy",
+                "storagepolicies",
+            ),
+        );
+        let encrypted_policies: Vec<(String, bool)> =
+            match policies.list(&kube::api::ListParams::default()).await {
+                Ok(list) => list
+                    .items
+                    .into_iter()
+                    .filter_map(|policy| {
+                        let encrypted = policy
+                            .data
+                            .pointer("/status/encrypted")
+                            .and_then(serde_json::Value::as_bool)
+                            .unwrap_or(false);
+                        Some((policy.metadata.name?, encrypted))
+                    })
+                    .collect(),
+                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+                Err(err) => return Err(err.to_string()),
+            };
+        if encrypted_policies.is_empty() {
+            return Ok(None);
+        }
+        let storage_classes: Api<k8s_openapi::api::storage::v1::StorageClass> =
+            Api::all(self.client.clone());
+        let listed = storage_classes
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut encrypted: Vec<String> = listed
+            .items
+            .into_iter()
+            .filter(|class| {
+                class
+                    .parameters
+                    .as_ref()
+                    .and_then(|parameters| parameters.get(STORAGE_POLICY_ID_PARAMETER))
+                    .and_then(|id| storage_policy_object_name(id))
+                    .is_some_and(|object| {
+                        encrypted_policies
+                            .iter()
+                            .any(|(name, encrypted)| *encrypted && *name == object)
+                    })
+            })
+            .filter_map(|class| class.metadata.name)
+            .collect();
+        encrypted.sort();
+        Ok(Some(encrypted))
+    }
+
     /// The images a VM in `namespace` can name: each VirtualMachineImage
     /// there and each ClusterVirtualMachineImage, with its display name
     /// (`status.name`). `None` when there are none, or the APIs are not
@@ -365,6 +433,46 @@ fn image_alternatives(mut images: Vec<VisibleImage>) -> Vec<String> {
 /// The StorageClass parameter holding its vSphere storage policy's ID.
 const STORAGE_POLICY_ID_PARAMETER: &str = "storagePolicyID";
 
+/// The name of the StoragePolicy object VM Operator keeps for a policy ID
+/// (`GetStoragePolicyObjectName`): `pol-` and two slices of the ID, lower
+/// case without dashes. `None` for an ID that is not a UUID, for which VM
+/// Operator keeps no object.
+fn storage_policy_object_name(policy_id: &str) -> Option<String> {
+    if !is_go_uuid(policy_id) {
+        return None;
+    }
+    let compact = policy_id.to_lowercase().replace('-', "");
+    Some(format!(
+        "pol-{}-{}",
+        compact.get(0..8)?,
+        compact.get(16..32)?
+    ))
+}
+
+/// Whether Go's `uuid.Parse` accepts `text`: 32 hex digits, or the 36-character
+/// dashed form, bare, in braces or after `urn:uuid:`.
+fn is_go_uuid(text: &str) -> bool {
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    let dashed = |s: &str| {
+        s.len() == 36
+            && s.bytes().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            })
+    };
+    match text.len() {
+        32 => hex(text),
+        36 => dashed(text),
+        38 => text.starts_with('{') && text.ends_with('}') && dashed(&text[1..37]),
+        45 => {
+            text.get(..9)
+                .is_some_and(|prefix| prefix.eq_ignore_ascii_case("urn:uuid:"))
+                && dashed(&text[9..])
+        }
+        _ => false,
+    }
+}
+
 /// What joins a storage class's name to the resource in a quota key.
 const STORAGE_QUOTA_INFIX: &str = ".storageclass.storage.k8s.io/";
 
@@ -466,6 +574,23 @@ impl RefFacts for LiveRefs {
                     .ok()
                     .flatten()
                     .unwrap_or_default(),
+                // The namespace's encryption storage classes (every one, where
+                // no quota says which the namespace has).
+                RefKind::EncryptionStorageClass => {
+                    let encrypted = self
+                        .encrypted_storage_classes()
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    match self.assigned_storage_classes(namespace).await {
+                        Ok(Some(assigned)) => encrypted
+                            .into_iter()
+                            .filter(|class| assigned.contains(class))
+                            .collect(),
+                        _ => encrypted,
+                    }
+                }
                 _ => Vec::new(),
             }
         }
@@ -550,6 +675,11 @@ impl LiveRefs {
                 }
                 RefKind::Class => {
                     return among(self.usable_classes(namespace).await, |classes| {
+                        classes.iter().any(|class| class == name)
+                    });
+                }
+                RefKind::EncryptionStorageClass => {
+                    return among(self.encrypted_storage_classes().await, |classes| {
                         classes.iter().any(|class| class == name)
                     });
                 }
@@ -647,7 +777,8 @@ mod tests {
                     "items": [
                         quota("prod-storagequota", &["site-b-gold.storageclass.storage.k8s.io/requests.storage",
                             "site-b-gold.storageclass.storage.k8s.io/persistentvolumeclaims"]),
-                        quota("more", &["site-b-silver.storageclass.storage.k8s.io/requests.storage", "pods"]),
+                        quota("more", &["site-b-silver.storageclass.storage.k8s.io/requests.storage", "pods",
+                            "site-b-encrypted.storageclass.storage.k8s.io/requests.storage"]),
                     ]});
                     (200, list.to_string(), true)
                 } else if path.ends_with("/namespaces/stretch/storagepolicyquotas") {
@@ -665,7 +796,28 @@ mod tests {
                     };
                     let list = serde_json::json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList",
                         "metadata": {}, "items": [class("site-b-gold", Some("pol-gold")),
-                            class("site-b-silver", Some("pol-silver")), class("local", None)]});
+                            class("site-b-silver", Some("pol-silver")), class("local", None),
+                            class("site-b-encrypted", Some("AA8B7C3E-1234-5678-9ABC-DEF012345678")),
+                            class("elsewhere-encrypted", Some("{cc000000-0000-0000-0000-00000000000c}")),
+                            class("site-b-clear", Some("bb000000-0000-0000-0000-000000000001"))]});
+                    (200, list.to_string(), true)
+                } else if path.ends_with(
+                    "/infra.vmware.com/v1alpha1/namespaces/vmware-system-vmop/storagepolicies",
+                ) {
+                    // VM Operator's record of each policy (the controller
+                    // names them); `status.encrypted` comes from vCenter.
+                    let policy = |name: &str, encrypted: Option<bool>| {
+                        let mut policy = serde_json::json!({"metadata": {"name": name, "namespace": "vmware-system-vmop"}});
+                        if let Some(encrypted) = encrypted {
+                            policy["status"] = serde_json::json!({"encrypted": encrypted});
+                        }
+                        policy
+                    };
+                    let list = serde_json::json!({"apiVersion": "infra.vmware.com/v1alpha1", "kind": "StoragePolicyList",
+                        "metadata": {}, "items": [policy("pol-aa8b7c3e-9abcdef012345678", Some(true)),
+                            policy("pol-{cc00000-0000000000000000", Some(true)),
+                            policy("pol-bb000000-0000000000000001", Some(false)),
+                            policy("pol-dd000000-0000000000000001", None)]});
                     (200, list.to_string(), true)
                 } else if path.ends_with("/resourcequotas") {
                     let list = serde_json::json!({"apiVersion": "v1", "kind": "ResourceQuotaList", "metadata": {},
@@ -740,7 +892,10 @@ mod tests {
                 )
             }
         });
-        (LiveRefs::new(Client::new(service, "default")), requests)
+        (
+            LiveRefs::new(Client::new(service, "default"), "vmware-system-vmop"),
+            requests,
+        )
     }
 
     #[tokio::test]
@@ -766,7 +921,7 @@ mod tests {
         );
         assert_eq!(
             refs.alternatives("prod", RefKind::StorageClass).await,
-            ["site-b-gold", "site-b-silver"]
+            ["site-b-encrypted", "site-b-gold", "site-b-silver"]
         );
         // No quota names a storage class: not a Supervisor namespace, nothing to check.
         assert_eq!(
@@ -791,6 +946,85 @@ mod tests {
             refs.alternatives("dev", RefKind::StorageClass)
                 .await
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_policy_id_names_its_storage_policy_object_as_vm_operator_names_it() {
+        for (id, expected) in [
+            (
+                "AA8B7C3E-1234-5678-9ABC-DEF012345678",
+                Some("pol-aa8b7c3e-9abcdef012345678"),
+            ),
+            (
+                "aa8b7c3e123456789abcdef012345678",
+                Some("pol-aa8b7c3e-9abcdef012345678"),
+            ),
+            (
+                "urn:uuid:aa8b7c3e-1234-5678-9abc-def012345678",
+                Some("pol-urn:uuid-e123456789abcdef"),
+            ),
+            // Go keeps the braces through its slicing; so do we.
+            (
+                "{cc000000-0000-0000-0000-00000000000c}",
+                Some("pol-{cc00000-0000000000000000"),
+            ),
+            ("pol-gold", None),
+            ("aa8b7c3e-1234-5678-9abc-def01234567", None),
+            ("aa8b7c3e_1234-5678-9abc-def012345678", None),
+            ("", None),
+        ] {
+            assert_eq!(storage_policy_object_name(id).as_deref(), expected, "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_encryption_class_needs_a_storage_class_whose_policy_vm_operator_records_as_encrypted()
+     {
+        let refs = refs_on_fake_api();
+        let encrypted = |name: &str| ClusterRef {
+            kind: RefKind::EncryptionStorageClass,
+            name: name.to_string(),
+            owner: Some("my-keys".into()),
+        };
+        for (name, expected) in [
+            ("site-b-encrypted", GroupPresence::Present),
+            ("elsewhere-encrypted", GroupPresence::Present),
+            // Its policy is recorded, not encrypted.
+            ("site-b-clear", GroupPresence::Missing),
+            // Its policy ID is no UUID: VM Operator keeps no record of it.
+            ("site-b-gold", GroupPresence::Missing),
+            ("local", GroupPresence::Missing),
+            ("no-such-class", GroupPresence::Missing),
+        ] {
+            assert_eq!(
+                refs.exists("prod", &encrypted(name)).await,
+                expected,
+                "{name}"
+            );
+        }
+        // The encryption storage classes assigned to the namespace; every
+        // one where no quota says which it has.
+        assert_eq!(
+            refs.alternatives("prod", RefKind::EncryptionStorageClass)
+                .await,
+            ["site-b-encrypted"]
+        );
+        assert_eq!(
+            refs.alternatives("dev", RefKind::EncryptionStorageClass)
+                .await,
+            ["elsewhere-encrypted", "site-b-encrypted"]
+        );
+        // VM Operator's namespace holds no StoragePolicy (Bring Your Own Key
+        // off): nothing to compare with, VM Operator's answer stands.
+        let (other, _) = refs_on_counted_fake_api();
+        let other = LiveRefs {
+            vm_operator_namespace: "other-vmop".into(),
+            ..other
+        };
+        assert_eq!(
+            other.exists("prod", &encrypted("site-b-clear")).await,
+            GroupPresence::Present
         );
     }
 

@@ -244,14 +244,23 @@ impl Mappings {
     /// The target of an interface's network: an entry for its kind and
     /// name, else one for its name alone.
     pub fn network(&self, kind: Option<&str>, name: &str) -> Option<&NetworkName> {
+        self.network_entry(kind, name).map(|(_, target)| target)
+    }
+
+    /// The entry (source as written, target) that maps an interface's network.
+    pub fn network_entry(
+        &self,
+        kind: Option<&str>,
+        name: &str,
+    ) -> Option<(&NetworkName, &NetworkName)> {
         let exact = kind.and_then(|kind| {
-            self.networks.get(&NetworkName {
+            self.networks.get_key_value(&NetworkName {
                 kind: Some(kind.to_string()),
                 name: name.to_string(),
             })
         });
         exact.or_else(|| {
-            self.networks.get(&NetworkName {
+            self.networks.get_key_value(&NetworkName {
                 kind: None,
                 name: name.to_string(),
             })
@@ -564,30 +573,52 @@ pub fn interface_networks(
     spec: &Map<String, Value>,
     mappings: &Mappings,
 ) -> Result<Vec<NetworkName>, ShapeError> {
+    let mut networks: Vec<NetworkName> = mapped_interface_networks(spec, mappings)?
+        .into_iter()
+        .map(|(target, _)| target)
+        .collect();
+    networks.sort();
+    networks.dedup();
+    Ok(networks)
+}
+
+/// Each interface's network after `mappings`, with the source of the entry
+/// that mapped it (as the ConfigMap writes it), if one did.
+pub fn mapped_interface_networks(
+    spec: &Map<String, Value>,
+    mappings: &Mappings,
+) -> Result<Vec<(NetworkName, Option<NetworkName>)>, ShapeError> {
     let mut networks = Vec::new();
     for found in interface_network_refs(spec)? {
         if found.name.is_empty() {
             continue;
         }
         let kind = found.kind.filter(|k| !k.is_empty());
-        networks.push(match mappings.network(kind, found.name) {
+        networks.push(match mappings.network_entry(kind, found.name) {
             // v1alpha1 names the network only: so does its mapped target.
-            Some(target) if found.reference.is_none() => NetworkName {
-                kind: None,
-                name: target.name.clone(),
-            },
-            Some(target) => NetworkName {
-                kind: target.kind.clone().or(kind.map(str::to_string)),
-                name: target.name.clone(),
-            },
-            None => NetworkName {
-                kind: kind.map(str::to_string),
-                name: found.name.to_string(),
-            },
+            Some((source, target)) if found.reference.is_none() => (
+                NetworkName {
+                    kind: None,
+                    name: target.name.clone(),
+                },
+                Some(source.clone()),
+            ),
+            Some((source, target)) => (
+                NetworkName {
+                    kind: target.kind.clone().or(kind.map(str::to_string)),
+                    name: target.name.clone(),
+                },
+                Some(source.clone()),
+            ),
+            None => (
+                NetworkName {
+                    kind: kind.map(str::to_string),
+                    name: found.name.to_string(),
+                },
+                None,
+            ),
         });
     }
-    networks.sort();
-    networks.dedup();
     Ok(networks)
 }
 

@@ -237,6 +237,13 @@ pub enum RefKind {
     /// VM Operator admits a VM whose network is missing and its NIC never
     /// comes up, so a missing one denies the VM.
     Network,
+    /// `spec.storageClass` (after mapping) of a VM with
+    /// `spec.crypto.encryptionClassName` (in `owner`): an encryption storage
+    /// class, one whose vSphere policy VM Operator records as encrypted (the
+    /// StoragePolicy object in VM Operator's namespace). VM Operator refuses
+    /// the VM otherwise ("requires spec.storageClass specify an encryption
+    /// storage class"); a missing one denies the VM, naming the fix.
+    EncryptionStorageClass,
 }
 
 impl RefKind {
@@ -250,6 +257,7 @@ impl RefKind {
             RefKind::StorageClass => "StorageClass",
             RefKind::ImageName => "VM image name",
             RefKind::Network => "network",
+            RefKind::EncryptionStorageClass => "encryption storage class",
         }
     }
 
@@ -258,7 +266,11 @@ impl RefKind {
     pub fn denies_when_missing(self) -> bool {
         matches!(
             self,
-            RefKind::Class | RefKind::StorageClass | RefKind::ImageName | RefKind::Network
+            RefKind::Class
+                | RefKind::StorageClass
+                | RefKind::ImageName
+                | RefKind::Network
+                | RefKind::EncryptionStorageClass
         )
     }
 }
@@ -269,7 +281,8 @@ pub struct ClusterRef {
     pub kind: RefKind,
     pub name: String,
     /// For a class instance: the VirtualMachineClass it must be an active
-    /// instance of (`spec.className`), as VM Operator checks.
+    /// instance of (`spec.className`), as VM Operator checks. For an
+    /// encryption storage class: the VM's encryption class.
     pub owner: Option<String>,
 }
 

@@ -313,7 +313,8 @@ fn object_changes(
             | RefKind::Class
             | RefKind::StorageClass
             | RefKind::ImageName
-            | RefKind::Network => continue,
+            | RefKind::Network
+            | RefKind::EncryptionStorageClass => continue,
         };
         if options.missing_refs.contains(&found.kind) && options.enabled(rule) {
             changes.push(Change::remove(tokens(&["spec", key]), rule, reason));
@@ -421,7 +422,8 @@ fn spec_refs(
 }
 
 /// The cluster-bound references a VM makes (its zone label, `spec.class`,
-/// `spec.image`, `spec.imageName`, `spec.className`, `spec.storageClass`,
+/// `spec.image`, `spec.imageName`, `spec.className`, `spec.storageClass`
+/// and, with an encryption class, the storage class as an encryption one,
 /// each interface's network),
 /// after `mappings`, for the facts a review gathers before it decides.
 pub fn cluster_refs(
@@ -463,11 +465,25 @@ pub fn cluster_refs(
         }
         if let Some(class) = shape::string(spec, "spec", "storageClass")?.filter(|c| !c.is_empty())
         {
+            let target = mappings.storage_class(class).unwrap_or(class);
             refs.push(ClusterRef {
                 kind: RefKind::StorageClass,
-                name: mappings.storage_class(class).unwrap_or(class).to_string(),
+                name: target.to_string(),
                 owner: None,
             });
+            // VM Operator checks the pair only where the VM names an
+            // encryption class (`validateCrypto`).
+            if let Some(crypto) = shape::map(spec, "spec", "crypto")?
+                && let Some(encryption_class) =
+                    shape::string(crypto, "spec.crypto", "encryptionClassName")?
+                        .filter(|name| !name.is_empty())
+            {
+                refs.push(ClusterRef {
+                    kind: RefKind::EncryptionStorageClass,
+                    name: target.to_string(),
+                    owner: Some(encryption_class.to_string()),
+                });
+            }
         }
         for network in mapping::interface_networks(spec, mappings)? {
             refs.push(ClusterRef {
@@ -478,6 +494,45 @@ pub fn cluster_refs(
         }
     }
     Ok(refs)
+}
+
+/// The source of the mapping entry that turned the VM's field into
+/// `reference`, when a mapping did: a denial must then say to change that
+/// entry, as Velero maps from the name in the backup, never twice.
+pub fn mapped_from(
+    object: &Value,
+    mappings: &mapping::Mappings,
+    reference: &ClusterRef,
+) -> Option<String> {
+    let spec = shape::map(shape::root(object).ok()?, "", "spec").ok()??;
+    let field = |key: &str| {
+        shape::string(spec, "spec", key)
+            .ok()
+            .flatten()
+            .map(str::to_string)
+    };
+    let mapped = |source: Option<String>, lookup: &dyn Fn(&str) -> Option<String>| {
+        source.filter(|source| lookup(source).as_deref() == Some(reference.name.as_str()))
+    };
+    match reference.kind {
+        RefKind::StorageClass | RefKind::EncryptionStorageClass => {
+            mapped(field("storageClass"), &|source| {
+                mappings.storage_class(source).map(str::to_string)
+            })
+        }
+        RefKind::Class => mapped(field("className"), &|source| {
+            mappings.class(source).map(str::to_string)
+        }),
+        RefKind::ImageName => mapped(field("imageName"), &|source| {
+            mappings.image(source).map(str::to_string)
+        }),
+        RefKind::Network => mapping::mapped_interface_networks(spec, mappings)
+            .ok()?
+            .into_iter()
+            .find_map(|(target, source)| source.filter(|_| target.to_string() == reference.name))
+            .map(|source| source.to_string()),
+        RefKind::Zone | RefKind::ClassInstance | RefKind::Image | RefKind::ClusterImage => None,
+    }
 }
 
 /// Removes instance-storage volumes, highest index first, so that each

@@ -145,35 +145,81 @@ impl Decision {
     }
 }
 
+/// One missing reference as a denial explains it: its name after mapping,
+/// the source of the entry that mapped it there (if one did), and what the
+/// namespace has instead.
+struct MissingRef<'a> {
+    name: &'a str,
+    mapped_from: Option<&'a str>,
+    has: &'a [String],
+}
+
+impl MissingRef<'_> {
+    /// The first alternative, or a placeholder.
+    fn example<'a>(&'a self, placeholder: &'a str) -> &'a str {
+        self.has.first().map(String::as_str).unwrap_or(placeholder)
+    }
+
+    /// The entry to write, and what to do with it: add one, or change the
+    /// entry that mapped the reference here (Velero maps from the backup's
+    /// name, once, so an entry from the mapped name would never apply).
+    /// `place` is a key of a ConfigMap (entries go "under" it) or a whole
+    /// ConfigMap (entries go "to" it).
+    fn advice(&self, new: &str, place: &str) -> (String, MappingFix) {
+        let under_key = place.starts_with("key ");
+        let (text, old) = match self.mapped_from {
+            Some(source) => (
+                format!(
+                    "change `{source}: {}` to `{source}: {new}` {} {place}",
+                    self.name,
+                    if under_key { "under" } else { "in" }
+                ),
+                source,
+            ),
+            None => (
+                format!(
+                    "add `{}: {new}` {} {place}",
+                    self.name,
+                    if under_key { "under" } else { "to" }
+                ),
+                self.name,
+            ),
+        };
+        let fix = MappingFix {
+            place: place.to_string(),
+            old: old.to_string(),
+            new: new.to_string(),
+        };
+        (text, fix)
+    }
+}
+
 /// A class the namespace lacks: what it has, and the mapping entry to add.
 fn missing_class_clause(
     namespace: &str,
-    class: &str,
-    has: &[String],
+    missing: &MissingRef,
     facts: &Facts,
     settings: &DecideSettings,
 ) -> (String, MappingFix) {
-    let listed = if has.is_empty() {
+    let class = missing.name;
+    let listed = if missing.has.is_empty() {
         "no class with an active instance".to_string()
     } else {
-        has.join(", ")
+        missing.has.join(", ")
     };
-    let example = has.first().map(String::as_str).unwrap_or("<class>");
     let configmap = if facts.mappings.classes.source.is_empty() {
         our_configmap(settings)
     } else {
         facts.mappings.classes.source.replace(" key classes", "")
     };
+    let (advice, fix) = missing.advice(
+        missing.example("<class>"),
+        &format!("key classes of {configmap}"),
+    );
     let text = format!(
         "spec.className {class:?} names no VirtualMachineClass with an active instance in namespace {namespace}, \
-         so VM Operator would admit the VM and never deploy it. The namespace has: {listed}. Map the class: add \
-         `{class}: {example}` under key classes of {configmap}"
+         so VM Operator would admit the VM and never deploy it. The namespace has: {listed}. Map the class: {advice}"
     );
-    let fix = MappingFix {
-        place: format!("key classes of {configmap}"),
-        old: class.to_string(),
-        new: example.to_string(),
-    };
     (text, fix)
 }
 
@@ -188,23 +234,10 @@ fn our_configmap(settings: &DecideSettings) -> String {
     )
 }
 
-/// A storage class the namespace is not assigned: what it has, and the entry
-/// to add to Velero's own change-storage-class ConfigMap (which also maps the
-/// VM's PVCs).
-fn missing_storage_class_clause(
-    namespace: &str,
-    class: &str,
-    has: &[String],
-    facts: &Facts,
-    settings: &DecideSettings,
-) -> (String, MappingFix) {
-    let listed = if has.is_empty() {
-        "no storage class".to_string()
-    } else {
-        has.join(", ")
-    };
-    let example = has.first().map(String::as_str).unwrap_or("<storage class>");
-    let configmap = if facts.mappings.storage_classes.source.is_empty() {
+/// Velero's own change-storage-class ConfigMap, as the mappings found it or
+/// where Velero looks for it.
+fn storage_class_configmap(facts: &Facts, settings: &DecideSettings) -> String {
+    if facts.mappings.storage_classes.source.is_empty() {
         format!(
             "Velero's change-storage-class ConfigMap (in namespace {}, labelled {}=\"\" and {}={})",
             settings.velero_namespace,
@@ -214,17 +247,79 @@ fn missing_storage_class_clause(
         )
     } else {
         facts.mappings.storage_classes.source.clone()
+    }
+}
+
+/// A storage class the namespace is not assigned: what it has, and the entry
+/// to add to Velero's own change-storage-class ConfigMap (which also maps the
+/// VM's PVCs). `encryption_class` is the VM's, when it names one: only the
+/// namespace's encryption storage classes are listed then.
+fn missing_storage_class_clause(
+    namespace: &str,
+    missing: &MissingRef,
+    encryption_class: Option<&str>,
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> (String, MappingFix) {
+    let class = missing.name;
+    let (listed, what) = match encryption_class {
+        Some(encryption_class) => (
+            if missing.has.is_empty() {
+                "no encryption storage class".to_string()
+            } else {
+                missing.has.join(", ")
+            },
+            format!(
+                "The namespace's encryption storage classes (spec.crypto.encryptionClassName {encryption_class:?} needs one)"
+            ),
+        ),
+        None => (
+            if missing.has.is_empty() {
+                "no storage class".to_string()
+            } else {
+                missing.has.join(", ")
+            },
+            "The namespace has".to_string(),
+        ),
     };
+    let (advice, fix) = missing.advice(
+        missing.example("<storage class>"),
+        &storage_class_configmap(facts, settings),
+    );
     let text = format!(
         "spec.storageClass {class:?} is not assigned to namespace {namespace} (no ResourceQuota or StoragePolicyQuota there assigns it), \
-         so VM Operator would refuse the VM (\"Storage policy is not associated with the namespace\"). The namespace has: {listed}. \
-         Map the storage class: add `{class}: {example}` to {configmap}, which maps the VM's PVCs too"
+         so VM Operator would refuse the VM (\"Storage policy is not associated with the namespace\"). {what}: {listed}. \
+         Map the storage class: {advice}, which maps the VM's PVCs too"
     );
-    let fix = MappingFix {
-        place: configmap,
-        old: class.to_string(),
-        new: example.to_string(),
+    (text, fix)
+}
+
+/// A VM with an encryption class whose storage class does not encrypt: the
+/// namespace's encryption storage classes, and the entry for Velero's own
+/// change-storage-class ConfigMap (which also maps the VM's PVCs).
+fn unencrypted_storage_class_clause(
+    namespace: &str,
+    missing: &MissingRef,
+    encryption_class: &str,
+    facts: &Facts,
+    settings: &DecideSettings,
+) -> (String, MappingFix) {
+    let class = missing.name;
+    let listed = if missing.has.is_empty() {
+        "none".to_string()
+    } else {
+        missing.has.join(", ")
     };
+    let (advice, fix) = missing.advice(
+        missing.example("<encryption storage class>"),
+        &storage_class_configmap(facts, settings),
+    );
+    let text = format!(
+        "spec.crypto.encryptionClassName {encryption_class:?} needs an encryption storage class, and spec.storageClass {class:?} \
+         is not one (VM Operator does not record its storage policy as encrypted), so VM Operator would refuse the VM \
+         (\"requires spec.storageClass specify an encryption storage class\"). Encryption storage classes of namespace {namespace}: {listed}. \
+         Map the storage class: {advice}, which maps the VM's PVCs too"
+    );
     (text, fix)
 }
 
@@ -236,11 +331,12 @@ const IMAGES_LISTED: usize = 10;
 /// can use instead, and the mapping entry to add.
 fn missing_image_clause(
     namespace: &str,
-    image: &str,
-    has: &[String],
+    missing: &MissingRef,
     facts: &Facts,
     settings: &DecideSettings,
 ) -> (String, MappingFix) {
+    let image = missing.name;
+    let has = missing.has;
     let listed = if has.is_empty() {
         "no image".to_string()
     } else if has.len() > IMAGES_LISTED {
@@ -262,81 +358,115 @@ fn missing_image_clause(
     } else {
         facts.mappings.images.source.replace(" key images", "")
     };
+    let (advice, fix) = missing.advice(example, &format!("key images of {configmap}"));
     let text = format!(
         "spec.imageName {image:?} resolves to no VirtualMachineImage in namespace {namespace} and no \
          ClusterVirtualMachineImage, so VM Operator would refuse the VM (\"no VM image exists\"). The namespace can use: {listed}. \
-         Map the image: add `{image}: {example}` under key images of {configmap}"
+         Map the image: {advice}"
     );
-    let fix = MappingFix {
-        place: format!("key images of {configmap}"),
-        old: image.to_string(),
-        new: example.to_string(),
-    };
     (text, fix)
 }
 
 /// A network the namespace lacks: what it has, and the mapping entry to add.
 fn missing_network_clause(
     namespace: &str,
-    network: &str,
-    has: &[String],
+    missing: &MissingRef,
     facts: &Facts,
     settings: &DecideSettings,
 ) -> (String, MappingFix) {
-    let listed = if has.is_empty() {
+    let network = missing.name;
+    let listed = if missing.has.is_empty() {
         "no network".to_string()
     } else {
-        has.join(", ")
+        missing.has.join(", ")
     };
-    let example = has.first().map(String::as_str).unwrap_or("<KIND/NAME>");
     let configmap = if facts.mappings.networks_source.is_empty() {
         our_configmap(settings)
     } else {
         facts.mappings.networks_source.replace(" key networks", "")
     };
+    let (advice, fix) = missing.advice(
+        missing.example("<KIND/NAME>"),
+        &format!("key networks of {configmap}"),
+    );
     let text = format!(
         "an interface's network {network:?} (spec.network.interfaces[].network) is not in namespace {namespace}, \
          so VM Operator would admit the VM and its interface would never come up (\"network interface is not ready\"). \
-         The namespace has: {listed}. Map the network: add `{network}: {example}` under key networks of {configmap}"
+         The namespace has: {listed}. Map the network: {advice}"
     );
-    let fix = MappingFix {
-        place: format!("key networks of {configmap}"),
-        old: network.to_string(),
-        new: example.to_string(),
-    };
     (text, fix)
 }
 
 /// Every missing reference that denies the VM, each with what the namespace
 /// has and the entry that fixes it, so one restore attempt shows them all.
 fn missing_references_message(
-    label: &str,
-    namespace: &str,
+    subject: &Subject,
     missing: &[&ClusterRef],
     facts: &Facts,
     settings: &DecideSettings,
 ) -> (String, Vec<MappingFix>) {
+    let namespace = subject.namespace;
+    let alternatives = |kind: RefKind| {
+        facts
+            .alternatives
+            .get(&kind)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    };
+    // A storage class the namespace lacks that must also encrypt is one
+    // clause: the namespace's encryption storage classes are its fixes.
+    let encryption_class = facts
+        .refs
+        .iter()
+        .find(|(reference, _)| reference.kind == RefKind::EncryptionStorageClass)
+        .and_then(|(reference, _)| reference.owner.as_deref());
+    let storage_class_missing = missing
+        .iter()
+        .any(|reference| reference.kind == RefKind::StorageClass);
     let (clauses, fixes): (Vec<String>, Vec<MappingFix>) = missing
         .iter()
+        .filter(|reference| {
+            !(storage_class_missing && reference.kind == RefKind::EncryptionStorageClass)
+        })
         .map(|reference| {
-            let has = facts
-                .alternatives
-                .get(&reference.kind)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let name = reference.name.as_str();
+            let mapped_from = vmop::vm::mapped_from(subject.object, &facts.mappings, reference);
+            let missing = MissingRef {
+                name: reference.name.as_str(),
+                mapped_from: mapped_from.as_deref(),
+                has: alternatives(reference.kind),
+            };
             match reference.kind {
-                RefKind::StorageClass => {
-                    missing_storage_class_clause(namespace, name, has, facts, settings)
-                }
-                RefKind::ImageName => missing_image_clause(namespace, name, has, facts, settings),
-                RefKind::Network => missing_network_clause(namespace, name, has, facts, settings),
-                _ => missing_class_clause(namespace, name, has, facts, settings),
+                RefKind::StorageClass => match encryption_class {
+                    Some(encryption_class) => missing_storage_class_clause(
+                        namespace,
+                        &MissingRef {
+                            has: alternatives(RefKind::EncryptionStorageClass),
+                            ..missing
+                        },
+                        Some(encryption_class),
+                        facts,
+                        settings,
+                    ),
+                    None => {
+                        missing_storage_class_clause(namespace, &missing, None, facts, settings)
+                    }
+                },
+                RefKind::EncryptionStorageClass => unencrypted_storage_class_clause(
+                    namespace,
+                    &missing,
+                    reference.owner.as_deref().unwrap_or_default(),
+                    facts,
+                    settings,
+                ),
+                RefKind::ImageName => missing_image_clause(namespace, &missing, facts, settings),
+                RefKind::Network => missing_network_clause(namespace, &missing, facts, settings),
+                _ => missing_class_clause(namespace, &missing, facts, settings),
             }
         })
         .unzip();
     let message = format!(
-        "{label}: {}, then restore again (existing objects are skipped)",
+        "{}: {}, then restore again (existing objects are skipped)",
+        subject.object_label,
         clauses.join("; and ")
     );
     (message, fixes)
@@ -510,8 +640,7 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
             .map(|(reference, _)| reference)
             .collect();
         if !missing.is_empty() {
-            let (message, fixes) =
-                missing_references_message(label, subject.namespace, &missing, facts, settings);
+            let (message, fixes) = missing_references_message(subject, &missing, facts, settings);
             let verdict = Verdict { fixes, ..verdict };
             return Decision::deny(verdict, DenyReason::ReferenceMissing, message);
         }
@@ -1103,6 +1232,182 @@ mod tests {
                 .denial
                 .is_none()
         );
+    }
+
+    /// Velero's change-storage-class ConfigMap with `data`, and ours with `ours`.
+    fn storage_mappings(data: Value, ours: Value) -> Arc<Mappings> {
+        use crate::vmop::mapping::{self, ConfigMapData};
+        let velero = ConfigMapData::from_value(&json!({
+            "metadata": {"name": "change-storage-class", "namespace": "velero", "labels": {
+                mapping::PLUGIN_CONFIG_LABEL: "", mapping::CHANGE_STORAGE_CLASS_LABEL: mapping::RESTORE_ITEM_ACTION}},
+            "data": data}));
+        let our = ConfigMapData::from_value(&json!({
+            "metadata": {"name": "site-b", "namespace": "velero", "labels": {
+                mapping::PLUGIN_CONFIG_LABEL: "", mapping::VM_MAPPINGS_LABEL: mapping::RESTORE_ITEM_ACTION}},
+            "data": ours}));
+        Arc::new(mapping::select(&[velero, our], "velero", None).unwrap())
+    }
+
+    #[test]
+    fn an_encryption_class_with_a_storage_class_that_does_not_encrypt_denies_the_vm_with_the_encrypted_ones()
+     {
+        use crate::vmop::RefKind;
+        let mut object = vm();
+        object["spec"]["storageClass"] = json!("gold");
+        object["spec"]["crypto"] = json!({"encryptionClassName": "my-keys"});
+        // An admin mapped the class to one that does not encrypt.
+        let mapped = storage_mappings(json!({"gold": "site-b-plain"}), json!({}));
+        let refs = crate::vmop::vm::cluster_refs(&object, &mapped).unwrap();
+        let encryption = ClusterRef {
+            kind: RefKind::EncryptionStorageClass,
+            name: "site-b-plain".into(),
+            owner: Some("my-keys".into()),
+        };
+        assert!(refs.contains(&encryption), "{refs:?}");
+        let storage = ClusterRef {
+            kind: RefKind::StorageClass,
+            name: "site-b-plain".into(),
+            owner: None,
+        };
+        let mut facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            refs: vec![
+                (storage.clone(), GroupPresence::Present),
+                (encryption.clone(), GroupPresence::Missing),
+            ],
+            alternatives: [
+                (
+                    RefKind::EncryptionStorageClass,
+                    vec!["site-b-encrypted".into()],
+                ),
+                (
+                    RefKind::StorageClass,
+                    vec!["site-b-encrypted".into(), "site-b-plain".into()],
+                ),
+            ]
+            .into(),
+            mappings: mapped,
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        assert_eq!(decision.deny_reason, Some(DenyReason::ReferenceMissing));
+        assert_eq!(
+            decision.verdict.denial.unwrap(),
+            "VirtualMachine prod/vm1: spec.crypto.encryptionClassName \"my-keys\" needs an encryption storage class, and \
+             spec.storageClass \"site-b-plain\" is not one (VM Operator does not record its storage policy as encrypted), so VM \
+             Operator would refuse the VM (\"requires spec.storageClass specify an encryption storage class\"). Encryption storage \
+             classes of namespace prod: site-b-encrypted. Map the storage class: change `gold: site-b-plain` to \
+             `gold: site-b-encrypted` in ConfigMap velero/change-storage-class, which maps the VM's PVCs too, then restore \
+             again (existing objects are skipped)"
+        );
+        // The entry to put in place is the one Velero reads: from the backup's name.
+        assert_eq!(
+            decision.verdict.fixes,
+            vec![MappingFix {
+                place: "ConfigMap velero/change-storage-class".into(),
+                old: "gold".into(),
+                new: "site-b-encrypted".into()
+            }]
+        );
+        // A storage class the namespace also lacks is one clause, listing
+        // only the encryption storage classes.
+        facts.refs[0].1 = GroupPresence::Missing;
+        let decision = decide(&subject(&object), &facts, &settings());
+        let message = decision.verdict.denial.unwrap();
+        assert!(
+            message.contains(
+                "The namespace's encryption storage classes (spec.crypto.encryptionClassName \"my-keys\" needs one): \
+                 site-b-encrypted. Map the storage class: change `gold: site-b-plain` to `gold: site-b-encrypted`"
+            ),
+            "{message}"
+        );
+        assert!(
+            !message.contains("needs an encryption storage class, and"),
+            "{message}"
+        );
+        assert_eq!(decision.verdict.fixes.len(), 1);
+        // The same where the class encrypts but is not the namespace's.
+        facts.refs[1].1 = GroupPresence::Present;
+        let message = decide(&subject(&object), &facts, &settings())
+            .verdict
+            .denial
+            .unwrap();
+        assert!(
+            message.contains("The namespace's encryption storage classes (spec.crypto.encryptionClassName \"my-keys\" needs one): \
+                 site-b-encrypted."),
+            "{message}"
+        );
+        // An encryption storage class: admitted, unchanged but for the mapping.
+        facts.refs = vec![
+            (storage, GroupPresence::Present),
+            (encryption, GroupPresence::Present),
+        ];
+        let patched = apply(&subject(&object), &facts);
+        assert_eq!(patched["spec"]["storageClass"], "site-b-plain");
+        assert_eq!(patched["spec"]["crypto"]["encryptionClassName"], "my-keys");
+        // No encryption class: no encryption reference.
+        object["spec"].as_object_mut().unwrap().remove("crypto");
+        let refs = crate::vmop::vm::cluster_refs(&object, &facts.mappings).unwrap();
+        assert!(
+            refs.iter()
+                .all(|reference| reference.kind != RefKind::EncryptionStorageClass),
+            "{refs:?}"
+        );
+    }
+
+    #[test]
+    fn a_mapping_to_a_missing_target_is_fixed_by_changing_that_entry() {
+        use crate::vmop::RefKind;
+        let mut object = vm();
+        object["spec"]["className"] = json!("small");
+        object["spec"]["network"] = json!({"interfaces": [{"name": "eth0",
+            "network": {"apiVersion": "netoperator.vmware.com/v1alpha1", "kind": "Network", "name": "vds-a"}}]});
+        let mapped = storage_mappings(
+            json!({}),
+            json!({"classes": "small: medium", "networks": "Network/vds-a: SubnetSet/typo"}),
+        );
+        let refs = crate::vmop::vm::cluster_refs(&object, &mapped).unwrap();
+        let missing: Vec<(ClusterRef, GroupPresence)> = refs
+            .into_iter()
+            .filter(|reference| matches!(reference.kind, RefKind::Class | RefKind::Network))
+            .map(|reference| (reference, GroupPresence::Missing))
+            .collect();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        let facts = Facts {
+            restore: found("u1", None),
+            group: present(),
+            refs: missing,
+            alternatives: [
+                (RefKind::Class, vec!["site-b-small".into()]),
+                (RefKind::Network, vec!["SubnetSet/site-b".into()]),
+            ]
+            .into(),
+            mappings: mapped,
+            ..Facts::default()
+        };
+        let decision = decide(&subject(&object), &facts, &settings());
+        let message = decision.verdict.denial.unwrap();
+        assert!(
+            message.contains(
+                "Map the class: change `small: medium` to `small: site-b-small` under key classes of ConfigMap velero/site-b"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "Map the network: change `Network/vds-a: SubnetSet/typo` to `Network/vds-a: SubnetSet/site-b` under key \
+                 networks of ConfigMap velero/site-b"
+            ),
+            "{message}"
+        );
+        let olds: Vec<&str> = decision
+            .verdict
+            .fixes
+            .iter()
+            .map(|fix| fix.old.as_str())
+            .collect();
+        assert_eq!(olds, ["small", "Network/vds-a"]);
     }
 
     #[test]

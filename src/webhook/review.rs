@@ -20,6 +20,7 @@ use crate::metrics::{
 };
 use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::Kind;
+use crate::vmop::RefKind;
 use crate::vmop::power::PowerPolicy;
 use crate::webhook::admission::{self, ReviewError, Scope};
 use crate::webhook::decide::{
@@ -316,6 +317,11 @@ impl Reviewer {
         if let Kind::VirtualMachine(_) = subject.kind
             && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object, &facts.mappings)
         {
+            // A VM with an encryption class can only be fixed with an
+            // encryption storage class: those are what a denial lists.
+            let encrypted = references
+                .iter()
+                .any(|reference| reference.kind == RefKind::EncryptionStorageClass);
             for reference in references {
                 // Each check gets a short share of the deadline, so a slow one
                 // cannot leave the group check no time.
@@ -330,16 +336,20 @@ impl Reviewer {
                     });
                 // What the target has instead, for each missing reference
                 // `decide` will deny the VM for.
+                let listed_kind = match reference.kind {
+                    RefKind::StorageClass if encrypted => RefKind::EncryptionStorageClass,
+                    kind => kind,
+                };
                 if reference.kind.denies_when_missing()
                     && presence == GroupPresence::Missing
-                    && !facts.alternatives.contains_key(&reference.kind)
+                    && !facts.alternatives.contains_key(&listed_kind)
                 {
                     let has = deadline
                         .min_after(REF_CHECK_BOUND)
-                        .run(self.refs.alternatives(subject.namespace, reference.kind))
+                        .run(self.refs.alternatives(subject.namespace, listed_kind))
                         .await
                         .unwrap_or_default();
-                    facts.alternatives.insert(reference.kind, has);
+                    facts.alternatives.insert(listed_kind, has);
                 }
                 facts.refs.push((reference, presence));
             }

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 E2E = REPO / "tests" / "e2e"
 VMOP_MODULE = "github.com/vmware-tanzu/vm-operator@v1.10.0"
 VELERO_NS = "velero"
+VMOP_NS = "vmware-system-vmop"
 WEBHOOK_NS = "vmrw-system"
 RESTORE_LABEL = "velero.io/restore-name"
 
@@ -402,11 +403,12 @@ class Cluster:
     # -- VM Operator's own admission code -----------------------------------------
     def start_vm_operator(self, group_controller: bool = True) -> None:
         """VM Operator v1.10.0's VirtualMachine and VirtualMachineGroup webhooks,
-        its conversion webhook and (optionally) its group controller, built
-        from the module (tools/vmop), registered as on a Supervisor: its own
-        webhook configurations under their real names, and `conversion:
-        Webhook` on the CRDs it converts. Stand-in: the fake VM provider
-        (no vCenter)."""
+        its conversion webhook, (optionally) its group controller and, with
+        Bring Your Own Key on, its StorageClass controller, built from the
+        module (tools/vmop), registered as on a Supervisor: its own webhook
+        configurations under their real names, and `conversion: Webhook` on
+        the CRDs it converts. Stand-ins: the fake VM provider (no vCenter);
+        whoever sets a StoragePolicy's status.encrypted plays vCenter's part."""
         config = vmop_config_dir()
         crds = sorted((config / "crd" / "bases").glob("*.yaml")) + sorted((config / "crd" / "external-crds").glob("*.yaml"))
         # NSX Operator's SubnetSet and Subnet, generated from its API types
@@ -419,8 +421,11 @@ class Cluster:
         run([REPO / "certs" / "gen-certs.sh", "--out", certs, "--namespace", "vmware-system-vmop",
              "--service", "vmware-system-vmop-webhook-service", "--days", "2"])
         self.vmop_port = free_port()
+        # VM Operator's own namespace: its StorageClass controller records
+        # each storage policy there.
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": VMOP_NS}})
         self.spawn("vmop-host", [self.bin / "vmop-host", "--cert-dir", certs, "--port", str(self.vmop_port),
-                                 "--health-addr", f"127.0.0.1:{free_port()}",
+                                 "--health-addr", f"127.0.0.1:{free_port()}", "--byok",
                                  f"--group-controller={'true' if group_controller else 'false'}"],
                    env={**os.environ, "KUBECONFIG": str(self.admin_kubeconfig)})
         wait_until(lambda: socket.create_connection(("127.0.0.1", self.vmop_port), timeout=1).close() is None, 60,

@@ -254,6 +254,7 @@ def test_chart_rbac_is_minimal(helm):
         ("ClusterRole", ("",), ("resourcequotas",), ("list",)),
         ("ClusterRole", ("cns.vmware.com",), ("storagepolicyquotas",), ("list",)),
         ("ClusterRole", ("storage.k8s.io",), ("storageclasses",), ("list",)),
+        ("ClusterRole", ("infra.vmware.com",), ("storagepolicies",), ("list",)),
         ("Role", ("velero.io",), ("restores",), ("get", "list", "watch")),
         # The mapping ConfigMaps, in Velero's namespace only.
         ("Role", ("",), ("configmaps",), ("get", "list", "watch")),

@@ -613,3 +613,147 @@ def two_supervisors(site_b, plain, mapped):
         section = summary.split(f"{label}: ", 1)[1].split("\nVirtualMachine", 1)[0]
         assert "velero-vm-restore-webhook/applied-rules] to \"" + ",".join(sorted(applied)) + "\"" in section, section
     REPORT["two_supervisors_stored"] = {name: vm["spec"]["storageClass"] for name, vm in vms.items()}
+
+
+def storage_policy_object(policy_id):
+    """The StoragePolicy VM Operator's StorageClass controller keeps for a
+    policy ID (GetStoragePolicyObjectName)."""
+    compact = policy_id.lower().replace("-", "")
+    return f"pol-{compact[:8]}-{compact[16:32]}"
+
+
+def encryption_storage_class(cluster, name, policy_id, namespaces, encrypted):
+    """A storage class assigned to `namespaces` (ResourceQuota keys). VM
+    Operator's own StorageClass controller records its policy as a
+    StoragePolicy; this then sets `status.encrypted`, standing in for vCenter,
+    whose answer VM Operator's StoragePolicy controller would copy there."""
+    cluster.apply([{"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+                    "provisioner": "csi.vsphere.vmware.com", "parameters": {"storagePolicyID": policy_id}}]
+                  + [{"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": f"{name}-quota", "namespace": ns},
+                      "spec": {"hard": {f"{name}.storageclass.storage.k8s.io/requests.storage": "9223372036854775807"}}}
+                     for ns in namespaces])
+    policy = storage_policy_object(policy_id)
+    wait_until(lambda: cluster.kubectl("get", "storagepolicy", policy, "-n", harness.VMOP_NS, check=False).returncode == 0,
+               60, f"VM Operator's StorageClass controller to record {name}'s policy as StoragePolicy {policy}",
+               process=cluster.processes["vmop-host"])
+    cluster.kubectl("patch", "storagepolicy", policy, "-n", harness.VMOP_NS, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"encrypted": encrypted}}))
+
+
+def restore_denials(cluster, restore):
+    """Each VM the restore failed to create: `velero restore describe`'s
+    line, by object label: (webhook, message)."""
+    failed = {}
+    for line in cluster.restore_describe(restore).splitlines():
+        match = DENIED_LINE.search(line.strip())
+        if match:
+            ns, name, webhook, message = match.groups()
+            failed[f"VirtualMachine {ns}/{name}"] = (webhook, message)
+    return failed
+
+
+def test_vmop_7_an_encrypted_vm_needs_an_encryption_storage_class_in_the_target(cluster):
+    """Issue 18, the encryption class: a VM with spec.crypto.encryptionClassName
+    (VM Operator's Bring Your Own Key on) restored into a namespace whose
+    storage classes are named differently, three times: without a storage
+    class mapping, with one to a class that does not encrypt, and with one to
+    an encryption storage class. `plan` predicts each outcome, message for
+    message; only the last restore brings the VM back, with its PVC in the
+    same class by Velero's own action. Stand-in: this test sets each
+    StoragePolicy's status.encrypted, as vCenter's answer would."""
+    src = "enc-src"
+    targets = {"none": "enc-b-none", "wrong": "enc-b-wrong", "right": "enc-b-right"}
+    prepare_supervisor(cluster, src)
+    encryption_storage_class(cluster, "enc-gold", "cc6d5a82-1c88-45da-85d3-3d74b91a5bad", [src], True)
+    for ns in targets.values():
+        prepare_site_b(cluster, ns)
+    # Site B's site-b-gold does not encrypt; site-b-encrypted does.
+    encryption_storage_class(cluster, "site-b-gold", "bb6d5a82-1c88-45da-85d3-3d74b91a5bad", [], False)
+    encryption_storage_class(cluster, "site-b-encrypted", "dd6d5a82-1c88-45da-85d3-3d74b91a5bad", list(targets.values()), True)
+
+    vault = o.supervisor_vm(src, "vault-1", None, 61)
+    vault["spec"].update({"storageClass": "enc-gold", "crypto": {"encryptionClassName": "tenant-keys"}})
+    vault["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "vault-1-data"}}]
+    data = o.pvc(src, "vault-1-data")
+    data["spec"]["storageClassName"] = "enc-gold"
+    cluster.apply([o.secret(src, "vault-1-cloud-init"), o.resource_policy(src, "web-policy"), data,
+                   {"apiVersion": "encryption.vmware.com/v1alpha1", "kind": "EncryptionClass",
+                    "metadata": {"name": "tenant-keys", "namespace": src},
+                    "spec": {"keyProvider": "tenant-kms", "keyID": "key-1"}}])
+    # VM Operator admits it once its cache has the StoragePolicy's status:
+    # the positive control that its Bring Your Own Key check is on and reads
+    # what the stand-in set.
+    wait_until(lambda: cluster.create(vault, check=False).returncode == 0, 30,
+               "VM Operator to admit an encrypted VM in enc-gold", process=cluster.processes["vmop-host"])
+    cluster.backup("b-enc", src)
+
+    # What VM Operator alone says of the VM in a class that does not encrypt
+    # (no restore label, so our webhook is not asked).
+    probe = o.supervisor_vm(targets["none"], "probe-crypto", None, 96, zone="az-1")
+    probe["spec"].update({"storageClass": "site-b-gold", "className": "site-b-small", "imageName": "vmi-5b1e000000000000b",
+                          "crypto": {"encryptionClassName": "tenant-keys"}})
+    # Without our webhook's cleanup, drop what VM Operator allows privileged
+    # users only (instanceUUID, its controllers' annotations).
+    for key in ("class", "image", "instanceUUID"):
+        probe["spec"].pop(key, None)
+    probe["metadata"]["annotations"] = {"owner": "team-web"}
+    probe["spec"]["network"]["interfaces"][0]["network"]["name"] = "site-b-subnets"
+    alone = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe),
+                            kubeconfig_path=cluster.velero_kubeconfig, check=False)
+    assert alone.returncode != 0, alone.stdout
+    vm_operator_alone = alone.stderr.strip().split("denied the request: ", 1)[-1]
+    assert "requires spec.storageClass specify an encryption storage class" in vm_operator_alone, vm_operator_alone
+
+    storage_maps = {"none": None, "wrong": "site-b-gold", "right": "site-b-encrypted"}
+    results = {}
+    cluster.apply(SITE_B_REFERENCES)
+    try:
+        for case, ns in targets.items():
+            target = storage_maps[case]
+            if target:
+                cluster.apply(plugin_configmap("change-storage-class", "velero.io/change-storage-class", {"enc-gold": target}))
+            else:
+                cluster.kubectl("delete", "configmap", "-n", VELERO_NS, "change-storage-class", "--ignore-not-found")
+            time.sleep(2)  # the webhook's ConfigMap watch
+            planned = plan(cluster, "b-enc", f"{src}:{ns}")
+            predicted = {label: entry["denial"] for label, entry in planned.items() if entry["outcome"] == "denied"}
+            restore = cluster.restore(f"r-enc-{case}", "b-enc", "--namespace-mappings", f"{src}:{ns}",
+                                      "--exclude-resources", SITE_B_EXCLUDE)
+            failed = restore_denials(cluster, f"r-enc-{case}")
+            results[case] = {"plan": predicted, "restore": {label: message for label, (_, message) in failed.items()},
+                             "phase": restore["status"]["phase"]}
+            # The plan predicted exactly the VMs the restore failed, with the same message.
+            assert set(predicted) == set(failed), (case, predicted, failed)
+            for label, message in predicted.items():
+                assert failed[label] == ("restore.velero-vm-restore-webhook.io", message), (case, label, failed[label])
+        label = lambda case: f"VirtualMachine {targets[case]}/vault-1"  # noqa: E731
+        # No mapping: the class is not assigned there, and the fix lists only
+        # the namespace's encryption storage classes.
+        assert set(results["none"]["plan"]) == {label("none")}, results["none"]
+        assert ("The namespace's encryption storage classes (spec.crypto.encryptionClassName \"tenant-keys\" needs one): "
+                "site-b-encrypted. Map the storage class: add `enc-gold: site-b-encrypted` to Velero's change-storage-class "
+                "ConfigMap") in results["none"]["plan"][label("none")], results["none"]
+        # Mapped to a class that does not encrypt: VM Operator would refuse
+        # it; our denial comes first and names the entry to change.
+        assert set(results["wrong"]["plan"]) == {label("wrong")}, results["wrong"]
+        assert ("spec.crypto.encryptionClassName \"tenant-keys\" needs an encryption storage class, and spec.storageClass "
+                "\"site-b-gold\" is not one") in results["wrong"]["plan"][label("wrong")], results["wrong"]
+        assert ("Encryption storage classes of namespace enc-b-wrong: site-b-encrypted. Map the storage class: change "
+                "`enc-gold: site-b-gold` to `enc-gold: site-b-encrypted` in ConfigMap velero/change-storage-class") \
+            in results["wrong"]["plan"][label("wrong")], results["wrong"]
+        assert results["wrong"]["phase"] == "PartiallyFailed"
+        # Mapped to an encryption storage class: admitted by VM Operator.
+        assert results["right"]["plan"] == {} and results["right"]["phase"] == "Completed", results["right"]
+        vm = cluster.get_json("virtualmachine", "vault-1", "-n", targets["right"])
+        assert vm["spec"]["storageClass"] == "site-b-encrypted", vm["spec"]
+        assert vm["spec"]["crypto"]["encryptionClassName"] == "tenant-keys", vm["spec"]
+        assert "vm-map-storage-class" in vm["metadata"]["annotations"]["velero-vm-restore-webhook/applied-rules"]
+        pvc = cluster.get_json("persistentvolumeclaim", "vault-1-data", "-n", targets["right"])
+        assert pvc["spec"]["storageClassName"] == "site-b-encrypted", "Velero's own action maps the PVC"
+        for case in ("none", "wrong"):
+            assert cluster.get_json("virtualmachines", "-n", targets[case])["items"] == [], case
+    finally:
+        cluster.kubectl("delete", "configmap", "-n", VELERO_NS, "change-storage-class", "vm-mappings", "--ignore-not-found")
+    REPORT["encryption"] = {"vm_operator_alone": vm_operator_alone, **results}
+    print(f"\n[e2e] encryption class: VM Operator alone said {vm_operator_alone!r}; "
+          f"plan vs restore: {json.dumps(results, indent=1)}")
