@@ -332,9 +332,10 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
     webhooks refuse the VMs; with Velero's change-storage-class ConfigMap and
     ours, every VM is admitted with site B's storage class, class, image,
     network and zone, and its PVC got site B's class from Velero's own action.
-    A malformed ConfigMap denies the VMs with a message naming it and the key."""
-    plain, mapped, broken = "sv-b-plain", "sv-b-mapped", "sv-b-broken"
-    for ns in (plain, mapped, broken):
+    (What VM Operator says of each reference alone, and a malformed ConfigMap,
+    run on the second API server: test_vmop_6.)"""
+    plain, mapped = "sv-b-plain", "sv-b-mapped"
+    for ns in (plain, mapped):
         prepare_site_b(cluster, ns)
 
     planned = plan(cluster, "b-sv", f"sv-src:{plain}")
@@ -377,59 +378,6 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
         assert entry in entries, table.stdout
     assert cluster.get_json("virtualmachines", "-n", plain)["items"] == []
 
-    # Each reference alone left at the source's name, the others at site B's:
-    # what VM Operator says of that one reference (a server-side dry run as
-    # Velero's identity, through our webhook and VM Operator's).
-    per_reference = {}
-    for field, old in (("storageClass", "wcpglobal-storage-profile"), ("imageName", "vmi-0a0044d7c690bcbea"),
-                       ("className", "best-effort-small"), ("network", "vm-default"), ("zone", "zone-a")):
-        probe = o.supervisor_vm(plain, f"probe-{field.lower()}", None, 97, zone="az-1")
-        probe["metadata"]["labels"][RESTORE_LABEL] = "probe"
-        probe["spec"].update({"storageClass": "site-b-gold", "className": "site-b-small", "imageName": "vmi-5b1e000000000000b"})
-        probe["spec"].pop("class", None)
-        probe["spec"].pop("image", None)
-        probe["spec"]["network"]["interfaces"][0]["network"]["name"] = "site-b-subnets"
-        if field == "network":
-            probe["spec"]["network"]["interfaces"][0]["network"]["name"] = old
-        elif field == "zone":
-            probe["metadata"]["labels"]["topology.kubernetes.io/zone"] = old
-        else:
-            probe["spec"][field] = old
-        result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe),
-                                 kubeconfig_path=cluster.velero_kubeconfig, check=False)
-        if result.returncode != 0:
-            per_reference[field] = "denied: " + result.stderr.strip().split("denied the request: ", 1)[-1]
-        else:
-            created = json.loads(result.stdout)
-            per_reference[field] = ("admitted; spec.class " + json.dumps(created["spec"].get("class"))
-                                    + ", zone label " + json.dumps(created["metadata"]["labels"].get("topology.kubernetes.io/zone")))
-    REPORT["site_b_per_reference"] = per_reference
-    print(f"\n[e2e] site B, one reference unmapped at a time: {json.dumps(per_reference, indent=1)}")
-    # VM Operator would refuse it ("Storage policy is not associated with the
-    # namespace"): our webhook denies it first, naming the namespace's storage
-    # classes and the entry for Velero's own ConfigMap (which maps the PVCs too).
-    assert "spec.storageClass \"wcpglobal-storage-profile\" is not assigned to namespace sv-b-plain" \
-        in per_reference["storageClass"], per_reference
-    assert "The namespace has: site-b-gold. Map the storage class: add `wcpglobal-storage-profile: site-b-gold` to " \
-        "Velero's change-storage-class ConfigMap" in per_reference["storageClass"], per_reference
-    # VM Operator's mutator alone refuses it ('no VM image exists for
-    # "vmi-0a0044d7c690bcbea" in namespace or cluster scope', measured before
-    # our check existed): our webhook denies it first, with the entry to add.
-    assert 'spec.imageName "vmi-0a0044d7c690bcbea" resolves to no VirtualMachineImage in namespace sv-b-plain' \
-        in per_reference["imageName"], per_reference
-    assert "`vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b` under key images" in per_reference["imageName"], per_reference
-    # VM Operator would admit it with no class instance and never deploy it:
-    # our webhook denies it instead, with the entry that fixes it.
-    assert "names no VirtualMachineClass with an active instance in namespace sv-b-plain" in per_reference["className"], per_reference
-    assert "`best-effort-small: site-b-small`" in per_reference["className"], per_reference
-    # VM Operator alone admits it, and its NIC would never come up: our
-    # webhook denies it instead, with the entry that fixes it.
-    assert 'an interface\'s network "SubnetSet/vm-default" (spec.network.interfaces[].network) is not in namespace ' \
-        "sv-b-plain" in per_reference["network"], per_reference
-    assert "`SubnetSet/vm-default: SubnetSet/site-b-subnets` under key networks" in per_reference["network"], per_reference
-    # Our webhook removes a zone label the target lacks; VM Operator places the VM.
-    assert per_reference["zone"].endswith("zone label null"), per_reference
-
     cluster.apply([SITE_B_STORAGE, SITE_B_REFERENCES])
     try:
         time.sleep(2)  # the webhook's ConfigMap watch
@@ -470,31 +418,6 @@ def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(c
         cleaned = [e["message"] for e in cluster.restore_events("r-b-mapped") if e["reason"] == "VMRestoreCleaned"]
         assert any("vm-map-storage-class" in message for message in cleaned), cleaned
 
-        cluster.apply(plugin_configmap("vm-mappings", "velero-vm-restore-webhook/vm-mappings",
-                                       {"networks": "Wire/vm-default: SubnetSet/site-b-subnets\n"}))
-        time.sleep(2)
-        planned = plan(cluster, "b-sv", f"sv-src:{broken}")
-        restore = cluster.restore("r-b-broken", "b-sv", "--namespace-mappings", f"sv-src:{broken}", "--exclude-resources", SITE_B_EXCLUDE)
-        details = cluster.restore_describe("r-b-broken")
-        assert restore["status"]["phase"] == "PartiallyFailed", details
-        denials = [line.strip() for line in details.splitlines() if "restore.velero-vm-restore-webhook.io" in line]
-        REPORT["site_b_malformed"] = denials
-        for vm in ("web-1", "db-1"):
-            assert any(f"VirtualMachine {broken}/{vm}: the mappings for Velero Restore r-b-broken cannot be used: "
-                       f"ConfigMap {VELERO_NS}/vm-mappings, key networks: source \"Wire/vm-default\": unknown network kind"
-                       in line for line in denials), details
-        assert cluster.get_json("virtualmachines", "-n", broken)["items"] == []
-        # `plan` predicted exactly these denials, for the same reason.
-        predicted = {label: entry["denial"].split("cannot be used: ", 1)[1]
-                     for label, entry in planned.items() if entry["outcome"] == "denied"}
-        assert set(predicted) == {f"VirtualMachine {broken}/web-1", f"VirtualMachine {broken}/db-1"}, predicted
-        for label, reason in predicted.items():
-            assert any(label in line and reason in line for line in denials), (label, reason, denials)
-        # The companion puts the reason on the Restore, for `kubectl describe restore`.
-        wait_until(lambda: any(e["reason"] == "VMRestoreMappingInvalid" for e in cluster.restore_events("r-b-broken")),
-                   60, "the companion's VMRestoreMappingInvalid Event on r-b-broken")
-        event = next(e for e in cluster.restore_events("r-b-broken") if e["reason"] == "VMRestoreMappingInvalid")
-        assert event["type"] == "Warning" and "key networks" in event["message"], event
     finally:
         cluster.kubectl("delete", "configmap", "-n", VELERO_NS, "change-storage-class", "vm-mappings", "--ignore-not-found")
 
@@ -536,7 +459,12 @@ def test_vmop_6_a_second_supervisor_restores_the_first_ones_backup(cluster):
       hand, says the same.
     - With both ConfigMaps on B, VM Operator on B admits every VM, stored with
       B's storage class, class, image and network; the PVC got B's class from
-      Velero's own action; `review --mapping` applies the rules `plan` predicted."""
+      Velero's own action; `review --mapping` applies the rules `plan` predicted.
+    - Each reference left alone at the source's name: what our webhook and VM
+      Operator on B say of it (dry runs as Velero).
+    - A malformed ConfigMap on B denies each VM naming it and the key, as
+      `plan` predicts, and the companion puts a VMRestoreMappingInvalid Event
+      on the Restore."""
     plain, mapped = "sv-b2-plain", "sv-b2-mapped"
     # Velero's controller manager serves its metrics on a fixed :8080 (no flag
     # changes it), so on this one host site A's Velero rests while B's runs.
@@ -582,6 +510,60 @@ def two_supervisors(site_b, plain, mapped):
     reviewed, summary = review_tarball(site_b, tarball, f"sv-src:{plain}", *site_b_exists(plain))
     assert reviewed == predicted, summary
 
+    # Each reference alone left at the source's name, the others at site B's:
+    # what VM Operator says of that one reference (a server-side dry run as
+    # Velero's identity, through our webhook and VM Operator's).
+    per_reference = {}
+    for field, old in (("storageClass", "wcpglobal-storage-profile"), ("imageName", "vmi-0a0044d7c690bcbea"),
+                       ("className", "best-effort-small"), ("network", "vm-default"), ("zone", "zone-a")):
+        probe = o.supervisor_vm(plain, f"probe-{field.lower()}", None, 97, zone="az-1")
+        probe["metadata"]["labels"][RESTORE_LABEL] = "probe"
+        probe["spec"].update({"storageClass": "site-b-gold", "className": "site-b-small", "imageName": "vmi-5b1e000000000000b"})
+        probe["spec"].pop("class", None)
+        probe["spec"].pop("image", None)
+        probe["spec"]["network"]["interfaces"][0]["network"]["name"] = "site-b-subnets"
+        if field == "network":
+            probe["spec"]["network"]["interfaces"][0]["network"]["name"] = old
+        elif field == "zone":
+            probe["metadata"]["labels"]["topology.kubernetes.io/zone"] = old
+        else:
+            probe["spec"][field] = old
+        result = site_b.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe),
+                                kubeconfig_path=site_b.velero_kubeconfig, check=False)
+        if result.returncode != 0:
+            per_reference[field] = "denied: " + result.stderr.strip().split("denied the request: ", 1)[-1]
+        else:
+            created = json.loads(result.stdout)
+            per_reference[field] = ("admitted; spec.class " + json.dumps(created["spec"].get("class"))
+                                    + ", zone label " + json.dumps(created["metadata"]["labels"].get("topology.kubernetes.io/zone")))
+    REPORT["site_b_per_reference"] = per_reference
+    print(f"\n[e2e] site B, one reference unmapped at a time: {json.dumps(per_reference, indent=1)}")
+    # VM Operator would refuse it ("Storage policy is not associated with the
+    # namespace"): our webhook denies it first, naming the namespace's storage
+    # classes and the entry for Velero's own ConfigMap (which maps the PVCs too).
+    assert f"spec.storageClass \"wcpglobal-storage-profile\" is not assigned to namespace {plain}" \
+        in per_reference["storageClass"], per_reference
+    assert "The namespace has: site-b-gold. Map the storage class: add `wcpglobal-storage-profile: site-b-gold` to " \
+        "Velero's change-storage-class ConfigMap" in per_reference["storageClass"], per_reference
+    # VM Operator's mutator alone refuses it ('no VM image exists for
+    # "vmi-0a0044d7c690bcbea" in namespace or cluster scope', measured before
+    # our check existed): our webhook denies it first, with the entry to add.
+    assert f'spec.imageName "vmi-0a0044d7c690bcbea" resolves to no VirtualMachineImage in namespace {plain}' \
+        in per_reference["imageName"], per_reference
+    assert "`vmi-0a0044d7c690bcbea: vmi-5b1e000000000000b` under key images" in per_reference["imageName"], per_reference
+    # VM Operator would admit it with no class instance and never deploy it:
+    # our webhook denies it instead, with the entry that fixes it.
+    assert f"names no VirtualMachineClass with an active instance in namespace {plain}" in per_reference["className"], per_reference
+    assert "`best-effort-small: site-b-small`" in per_reference["className"], per_reference
+    # VM Operator alone admits it, and its NIC would never come up: our
+    # webhook denies it instead, with the entry that fixes it.
+    assert 'an interface\'s network "SubnetSet/vm-default" (spec.network.interfaces[].network) is not in namespace ' \
+        f"{plain}" in per_reference["network"], per_reference
+    assert "`SubnetSet/vm-default: SubnetSet/site-b-subnets` under key networks" in per_reference["network"], per_reference
+    # Our webhook removes a zone label the target lacks; VM Operator places the VM.
+    assert per_reference["zone"].endswith("zone label null"), per_reference
+
+
     site_b.apply([SITE_B_STORAGE, SITE_B_REFERENCES])
     time.sleep(2)  # the webhook's ConfigMap watch
     planned = plan(site_b, "b-sv", f"sv-src:{mapped}")
@@ -613,6 +595,37 @@ def two_supervisors(site_b, plain, mapped):
         section = summary.split(f"{label}: ", 1)[1].split("\nVirtualMachine", 1)[0]
         assert "velero-vm-restore-webhook/applied-rules] to \"" + ",".join(sorted(applied)) + "\"" in section, section
     REPORT["two_supervisors_stored"] = {name: vm["spec"]["storageClass"] for name, vm in vms.items()}
+
+    # Malformed mappings on site B: each VM is denied naming the ConfigMap and
+    # the key, as `plan` predicts, and the companion puts the reason on the Restore.
+    broken = "sv-b2-broken"
+    prepare_site_b(site_b, broken)
+    site_b.apply(plugin_configmap("vm-mappings", "velero-vm-restore-webhook/vm-mappings",
+                                  {"networks": "Wire/vm-default: SubnetSet/site-b-subnets\n"}))
+    time.sleep(2)
+    planned = plan(site_b, "b-sv", f"sv-src:{broken}")
+    restore = site_b.restore("r-b2-broken", "b-sv", "--namespace-mappings", f"sv-src:{broken}", "--exclude-resources", SITE_B_EXCLUDE)
+    details = site_b.restore_describe("r-b2-broken")
+    assert restore["status"]["phase"] == "PartiallyFailed", details
+    denials = [line.strip() for line in details.splitlines() if "restore.velero-vm-restore-webhook.io" in line]
+    REPORT["site_b_malformed"] = denials
+    for vm in ("web-1", "db-1"):
+        assert any(f"VirtualMachine {broken}/{vm}: the mappings for Velero Restore r-b2-broken cannot be used: "
+                   f"ConfigMap {VELERO_NS}/vm-mappings, key networks: source \"Wire/vm-default\": unknown network kind"
+                   in line for line in denials), details
+    assert site_b.get_json("virtualmachines", "-n", broken)["items"] == []
+    # `plan` predicted exactly these denials, for the same reason.
+    predicted = {label: entry["denial"].split("cannot be used: ", 1)[1]
+                 for label, entry in planned.items() if entry["outcome"] == "denied"}
+    assert set(predicted) == {f"VirtualMachine {broken}/web-1", f"VirtualMachine {broken}/db-1"}, predicted
+    for label, reason in predicted.items():
+        assert any(label in line and reason in line for line in denials), (label, reason, denials)
+    # The companion puts the reason on the Restore, for `kubectl describe restore`.
+    wait_until(lambda: any(e["reason"] == "VMRestoreMappingInvalid" for e in site_b.restore_events("r-b2-broken")),
+               60, "the companion's VMRestoreMappingInvalid Event on r-b2-broken")
+    event = next(e for e in site_b.restore_events("r-b2-broken") if e["reason"] == "VMRestoreMappingInvalid")
+    assert event["type"] == "Warning" and "key networks" in event["message"], event
+    site_b.kubectl("delete", "configmap", "-n", VELERO_NS, "change-storage-class", "vm-mappings", "--ignore-not-found")
 
 
 def storage_policy_object(policy_id):
