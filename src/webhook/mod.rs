@@ -7,7 +7,8 @@
 //! - [`review`]: one review end to end: scope, gather the facts within the
 //!   request's deadline, [`decide`], then render once into the response, the
 //!   log lines and the metrics.
-//! - [`decide`]: the pure decision from the object and the facts.
+//! - [`decide`]: the pure decision from the object and the facts;
+//!   [`missing_refs`]: its wording for references the target lacks.
 //! - [`waits`]: shared, capped and remembered waits for a missing group.
 //!
 //! Arrows: the `serve` and `review` commands use this module; it uses
@@ -16,6 +17,7 @@
 
 pub mod admission;
 pub mod decide;
+pub mod missing_refs;
 pub mod review;
 pub mod server;
 pub mod tls;

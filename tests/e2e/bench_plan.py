@@ -1,10 +1,12 @@
 """`plan` of a large backup against the live target (outside CI: `make
 bench-plan`; env PLAN_VMS, PLAN_NAMESPACES, PLAN_RUNS): PLAN_VMS (1,000) VMs
 in PLAN_NAMESPACES (10) namespaces, each VM naming a zone, a class instance,
-an image, a class, a storage class and a network, with both mapping
-ConfigMaps in Velero's namespace, restored into namespaces that have site B's
-storage quota, class with its active instance, image and SubnetSet, so every
-check runs and passes. Reports
+an image, a class, a storage class and a network (and every other VM an
+encryption class), with both mapping ConfigMaps in Velero's namespace,
+restored into namespaces that have site B's storage quota, class with its
+active instance, image and SubnetSet, and VM Operator's record of site B's
+storage class as encrypted (a StoragePolicy, set by hand: no VM Operator
+runs here), so every check runs and passes. Reports
 each plan's wall time, its API requests and distinct reference lookups, and
 the ratio to `velero backup download` of the same backup, measured in the
 same run (the download is the part of a plan no tool can skip)."""
@@ -39,11 +41,28 @@ def main(cluster):
             vm["spec"]["image"] = {"kind": "VirtualMachineImage", "name": "vmi-0a0044d7c690bcbea"}
             vm["spec"]["network"]["interfaces"][0]["network"] = {
                 "apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet", "name": "vm-default"}
+            if i % 2 == 0:
+                vm["spec"]["crypto"] = {"encryptionClassName": "tenant-keys"}
             docs.append(vm)
     apply_in_batches(cluster, docs)
     # The targets: site B's Supervisor objects, so every check has something to check against.
     cluster.kubectl("apply", "--server-side", "-f", cluster.bin / "nsx-crds" / "crd.nsx.vmware.com_subnetsets.yaml")
     cluster.kubectl("wait", "--for=condition=Established", "crd/subnetsets.crd.nsx.vmware.com", "--timeout=60s")
+    # Site B's storage class, recorded as encrypted the way VM Operator keeps
+    # it: a StoragePolicy named from the policy ID, in VM Operator's namespace.
+    cluster.kubectl("apply", "--server-side", "-f",
+                    harness.vmop_config_dir() / "crd" / "external-crds" / "infra.vmware.com_storagepolicies.yaml")
+    cluster.kubectl("wait", "--for=condition=Established", "crd/storagepolicies.infra.vmware.com", "--timeout=60s")
+    cluster.apply([
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": harness.VMOP_NS}},
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "site-b-gold"},
+         "provisioner": "csi.vsphere.vmware.com", "parameters": {"storagePolicyID": "ee6d5a82-1c88-45da-85d3-3d74b91a5bad"}},
+        {"apiVersion": "infra.vmware.com/v1alpha1", "kind": "StoragePolicy",
+         "metadata": {"name": "pol-ee6d5a82-85d33d74b91a5bad", "namespace": harness.VMOP_NS},
+         "spec": {"id": "ee6d5a82-1c88-45da-85d3-3d74b91a5bad"}},
+    ])
+    cluster.kubectl("patch", "storagepolicy", "pol-ee6d5a82-85d33d74b91a5bad", "-n", harness.VMOP_NS,
+                    "--subresource=status", "--type=merge", "-p", '{"status": {"encrypted": true}}')
     targets = []
     for ns in (source.replace("src", "dst") for source in sources):
         targets += [
