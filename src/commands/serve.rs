@@ -105,7 +105,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                 "--no-companion: held groups are not started, missing members are not pruned, and no report Events are written"
             );
         } else {
-            let companion = Companion::new(
+            let companion = Companion::with_mappings(
                 client,
                 CompanionSettings {
                     velero_namespace: args.velero_namespace.clone(),
@@ -115,6 +115,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                     instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
                 },
                 Some(metrics.clone()),
+                mappings.clone(),
             );
             info!(
                 prune_missing_members = args.companion.prune_missing_members,

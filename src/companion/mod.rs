@@ -36,9 +36,9 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::facts::RestoreInfo;
 use crate::facts::mapping_cache::list_configmaps;
 use crate::facts::restore_cache::restore_resource;
+use crate::facts::{MappingFacts, RestoreInfo};
 use crate::metrics::{CompanionAction, Metrics};
 use crate::vmop::mapping;
 use crate::vmop::{self, RESTORE_NAME_LABEL};
@@ -118,6 +118,9 @@ pub struct Companion {
     client: Client,
     settings: CompanionSettings,
     metrics: Option<Arc<Metrics>>,
+    /// The webhook's watch of the mapping ConfigMaps, when it runs in this
+    /// process: asked instead of listing them again for each Restore.
+    mappings: Option<Arc<dyn MappingFacts>>,
 }
 
 impl Companion {
@@ -126,10 +129,22 @@ impl Companion {
         settings: CompanionSettings,
         metrics: Option<Arc<Metrics>>,
     ) -> Arc<Companion> {
+        Companion::with_mappings(client, settings, metrics, None)
+    }
+
+    /// The same, reading each Restore's mappings from `mappings` (the
+    /// webhook's watch) while it is synced.
+    pub fn with_mappings(
+        client: Client,
+        settings: CompanionSettings,
+        metrics: Option<Arc<Metrics>>,
+        mappings: Option<Arc<dyn MappingFacts>>,
+    ) -> Arc<Companion> {
         Arc::new(Companion {
             client,
             settings,
             metrics,
+            mappings,
         })
     }
 
@@ -343,9 +358,16 @@ impl Companion {
     }
 
     /// Why the restore's mapping ConfigMaps cannot be used, if they cannot:
-    /// the same selection the webhook made, read again now. A failed read
-    /// is logged, not reported.
+    /// the same selection the webhook made, from its watch, or read again
+    /// now. A failed read is logged, not reported.
     async fn mapping_problem(&self, restore: &Value) -> Option<String> {
+        if let Some(mappings) = self.mappings.as_ref().filter(|m| m.is_synced()) {
+            let info = RestoreInfo::from_object(restore);
+            return mappings
+                .for_restore(Some(&info))
+                .err()
+                .map(|err| err.to_string());
+        }
         let maps = match list_configmaps(&self.client, &self.settings.velero_namespace).await {
             Ok(maps) => maps,
             Err(err) => {
