@@ -234,6 +234,16 @@ impl LiveRefs {
         if policies.is_empty() {
             return Ok(Vec::new());
         }
+        self.storage_classes_by_policy(|id| policies.iter().any(|policy| policy == id))
+            .await
+    }
+
+    /// The names of the cluster's StorageClasses whose policy ID
+    /// (`parameters.storagePolicyID`) `wanted` accepts.
+    async fn storage_classes_by_policy(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, String> {
         let storage_classes: Api<k8s_openapi::api::storage::v1::StorageClass> =
             Api::all(self.client.clone());
         let listed = storage_classes
@@ -248,7 +258,7 @@ impl LiveRefs {
                     .parameters
                     .as_ref()
                     .and_then(|parameters| parameters.get(STORAGE_POLICY_ID_PARAMETER))
-                    .is_some_and(|id| policies.contains(id))
+                    .is_some_and(|id| wanted(id))
             })
             .filter_map(|class| class.metadata.name)
             .collect())
@@ -271,49 +281,31 @@ impl LiveRefs {
                 "storagepolicies",
             ),
         );
-        let encrypted_policies: Vec<(String, bool)> =
-            match policies.list(&kube::api::ListParams::default()).await {
-                Ok(list) => list
-                    .items
-                    .into_iter()
-                    .filter_map(|policy| {
-                        let encrypted = policy
-                            .data
-                            .pointer("/status/encrypted")
-                            .and_then(serde_json::Value::as_bool)
-                            .unwrap_or(false);
-                        Some((policy.metadata.name?, encrypted))
-                    })
-                    .collect(),
-                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
-                Err(err) => return Err(err.to_string()),
-            };
-        if encrypted_policies.is_empty() {
+        let recorded = match policies.list(&kube::api::ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+            Err(err) => return Err(err.to_string()),
+        };
+        if recorded.is_empty() {
             return Ok(None);
         }
-        let storage_classes: Api<k8s_openapi::api::storage::v1::StorageClass> =
-            Api::all(self.client.clone());
-        let listed = storage_classes
-            .list(&kube::api::ListParams::default())
-            .await
-            .map_err(|err| err.to_string())?;
-        let mut encrypted: Vec<String> = listed
-            .items
+        let encrypted_policies: Vec<String> = recorded
             .into_iter()
-            .filter(|class| {
-                class
-                    .parameters
-                    .as_ref()
-                    .and_then(|parameters| parameters.get(STORAGE_POLICY_ID_PARAMETER))
-                    .and_then(|id| storage_policy_object_name(id))
-                    .is_some_and(|object| {
-                        encrypted_policies
-                            .iter()
-                            .any(|(name, encrypted)| *encrypted && *name == object)
-                    })
+            .filter(|policy| {
+                policy
+                    .data
+                    .pointer("/status/encrypted")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false)
             })
-            .filter_map(|class| class.metadata.name)
+            .filter_map(|policy| policy.metadata.name)
             .collect();
+        let mut encrypted = self
+            .storage_classes_by_policy(|id| {
+                storage_policy_object_name(id)
+                    .is_some_and(|object| encrypted_policies.contains(&object))
+            })
+            .await?;
         encrypted.sort();
         Ok(Some(encrypted))
     }

@@ -505,27 +505,21 @@ pub fn mapped_from(
     reference: &ClusterRef,
 ) -> Option<String> {
     let spec = shape::map(shape::root(object).ok()?, "", "spec").ok()??;
-    let field = |key: &str| {
-        shape::string(spec, "spec", key)
-            .ok()
-            .flatten()
-            .map(str::to_string)
-    };
-    let mapped = |source: Option<String>, lookup: &dyn Fn(&str) -> Option<String>| {
-        source.filter(|source| lookup(source).as_deref() == Some(reference.name.as_str()))
-    };
+    // The field's value, when `target_of` maps it to the reference.
+    let mapped =
+        |key: &str, target_of: for<'m> fn(&'m mapping::Mappings, &str) -> Option<&'m str>| {
+            shape::string(spec, "spec", key)
+                .ok()
+                .flatten()
+                .filter(|source| target_of(mappings, source) == Some(reference.name.as_str()))
+                .map(str::to_string)
+        };
     match reference.kind {
         RefKind::StorageClass | RefKind::EncryptionStorageClass => {
-            mapped(field("storageClass"), &|source| {
-                mappings.storage_class(source).map(str::to_string)
-            })
+            mapped("storageClass", mapping::Mappings::storage_class)
         }
-        RefKind::Class => mapped(field("className"), &|source| {
-            mappings.class(source).map(str::to_string)
-        }),
-        RefKind::ImageName => mapped(field("imageName"), &|source| {
-            mappings.image(source).map(str::to_string)
-        }),
+        RefKind::Class => mapped("className", mapping::Mappings::class),
+        RefKind::ImageName => mapped("imageName", mapping::Mappings::image),
         RefKind::Network => mapping::mapped_interface_networks(spec, mappings)
             .ok()?
             .into_iter()

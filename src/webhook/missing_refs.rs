@@ -18,6 +18,15 @@ struct MissingRef<'a> {
 }
 
 impl MissingRef<'_> {
+    /// What the namespace has, or `none` where it has nothing of the kind.
+    fn listed(&self, none: &str) -> String {
+        if self.has.is_empty() {
+            none.to_string()
+        } else {
+            self.has.join(", ")
+        }
+    }
+
     /// The first alternative, or a placeholder.
     fn example<'a>(&'a self, placeholder: &'a str) -> &'a str {
         self.has.first().map(String::as_str).unwrap_or(placeholder)
@@ -65,19 +74,10 @@ fn missing_class_clause(
     settings: &DecideSettings,
 ) -> (String, MappingFix) {
     let class = missing.name;
-    let listed = if missing.has.is_empty() {
-        "no class with an active instance".to_string()
-    } else {
-        missing.has.join(", ")
-    };
-    let configmap = if facts.mappings.classes.source.is_empty() {
-        our_configmap(settings)
-    } else {
-        facts.mappings.classes.source.replace(" key classes", "")
-    };
+    let listed = missing.listed("no class with an active instance");
     let (advice, fix) = missing.advice(
         missing.example("<class>"),
-        &format!("key classes of {configmap}"),
+        &our_key(&facts.mappings.classes.source, "classes", settings),
     );
     let text = format!(
         "spec.className {class:?} names no VirtualMachineClass with an active instance in namespace {namespace}, \
@@ -95,6 +95,18 @@ fn our_configmap(settings: &DecideSettings) -> String {
         vmop::mapping::VM_MAPPINGS_LABEL,
         vmop::mapping::RESTORE_ITEM_ACTION
     )
+}
+
+/// Where an entry under `key` of our mapping ConfigMap goes: the ConfigMap
+/// in effect (from `source`, `ConfigMap velero/NAME key KEY`), or where it is
+/// looked for.
+fn our_key(source: &str, key: &str, settings: &DecideSettings) -> String {
+    let configmap = if source.is_empty() {
+        our_configmap(settings)
+    } else {
+        source.replace(&format!(" key {key}"), "")
+    };
+    format!("key {key} of {configmap}")
 }
 
 /// Velero's own change-storage-class ConfigMap, as the mappings found it or
@@ -127,21 +139,13 @@ fn missing_storage_class_clause(
     let class = missing.name;
     let (listed, what) = match encryption_class {
         Some(encryption_class) => (
-            if missing.has.is_empty() {
-                "no encryption storage class".to_string()
-            } else {
-                missing.has.join(", ")
-            },
+            missing.listed("no encryption storage class"),
             format!(
                 "The namespace's encryption storage classes (spec.crypto.encryptionClassName {encryption_class:?} needs one)"
             ),
         ),
         None => (
-            if missing.has.is_empty() {
-                "no storage class".to_string()
-            } else {
-                missing.has.join(", ")
-            },
+            missing.listed("no storage class"),
             "The namespace has".to_string(),
         ),
     };
@@ -168,11 +172,7 @@ fn unencrypted_storage_class_clause(
     settings: &DecideSettings,
 ) -> (String, MappingFix) {
     let class = missing.name;
-    let listed = if missing.has.is_empty() {
-        "none".to_string()
-    } else {
-        missing.has.join(", ")
-    };
+    let listed = missing.listed("none");
     let (advice, fix) = missing.advice(
         missing.example("<encryption storage class>"),
         &storage_class_configmap(facts, settings),
@@ -216,12 +216,10 @@ fn missing_image_clause(
         .first()
         .and_then(|first| first.split(' ').next())
         .unwrap_or("<image>");
-    let configmap = if facts.mappings.images.source.is_empty() {
-        our_configmap(settings)
-    } else {
-        facts.mappings.images.source.replace(" key images", "")
-    };
-    let (advice, fix) = missing.advice(example, &format!("key images of {configmap}"));
+    let (advice, fix) = missing.advice(
+        example,
+        &our_key(&facts.mappings.images.source, "images", settings),
+    );
     let text = format!(
         "spec.imageName {image:?} resolves to no VirtualMachineImage in namespace {namespace} and no \
          ClusterVirtualMachineImage, so VM Operator would refuse the VM (\"no VM image exists\"). The namespace can use: {listed}. \
@@ -238,19 +236,10 @@ fn missing_network_clause(
     settings: &DecideSettings,
 ) -> (String, MappingFix) {
     let network = missing.name;
-    let listed = if missing.has.is_empty() {
-        "no network".to_string()
-    } else {
-        missing.has.join(", ")
-    };
-    let configmap = if facts.mappings.networks_source.is_empty() {
-        our_configmap(settings)
-    } else {
-        facts.mappings.networks_source.replace(" key networks", "")
-    };
+    let listed = missing.listed("no network");
     let (advice, fix) = missing.advice(
         missing.example("<KIND/NAME>"),
-        &format!("key networks of {configmap}"),
+        &our_key(&facts.mappings.networks_source, "networks", settings),
     );
     let text = format!(
         "an interface's network {network:?} (spec.network.interfaces[].network) is not in namespace {namespace}, \

@@ -427,6 +427,18 @@ DENIED_LINE = re.compile(r'error restoring virtualmachines\.vmoperator\.vmware\.
                          r'admission webhook "([^"]+)" denied the request: (.*)$')
 
 
+def restore_denials(details):
+    """Each VM a restore failed to create, from `velero restore describe`'s
+    lines, by object label: (webhook, message)."""
+    failed = {}
+    for line in details.splitlines():
+        match = DENIED_LINE.search(line.strip())
+        if match:
+            ns, name, webhook, message = match.groups()
+            failed[f"VirtualMachine {ns}/{name}"] = (webhook, message)
+    return failed
+
+
 def review_tarball(cluster, tarball, namespace_mapping, *extra):
     """`review -o summary` of a downloaded backup: each denied object's label and message."""
     result = harness.run([cluster.webhook_bin, "review", "--namespace-mappings", namespace_mapping, "-o", "summary",
@@ -491,12 +503,7 @@ def two_supervisors(site_b, plain, mapped):
                              "--exclude-resources", SITE_B_EXCLUDE)
     details = site_b.restore_describe("r-b2-plain")
     assert restore["status"]["phase"] == "PartiallyFailed", details
-    failed = {}
-    for line in details.splitlines():
-        match = DENIED_LINE.search(line.strip())
-        if match:
-            ns, name, webhook, message = match.groups()
-            failed[f"VirtualMachine {ns}/{name}"] = (webhook, message)
+    failed = restore_denials(details)
     predicted = {label: entry["denial"] for label, entry in planned.items() if entry["outcome"] == "denied"}
     REPORT["two_supervisors_plan"] = sorted(predicted)
     REPORT["two_supervisors_restore"] = sorted(failed)
@@ -653,18 +660,6 @@ def encryption_storage_class(cluster, name, policy_id, namespaces, encrypted):
                     "-p", json.dumps({"status": {"encrypted": encrypted}}))
 
 
-def restore_denials(cluster, restore):
-    """Each VM the restore failed to create: `velero restore describe`'s
-    line, by object label: (webhook, message)."""
-    failed = {}
-    for line in cluster.restore_describe(restore).splitlines():
-        match = DENIED_LINE.search(line.strip())
-        if match:
-            ns, name, webhook, message = match.groups()
-            failed[f"VirtualMachine {ns}/{name}"] = (webhook, message)
-    return failed
-
-
 def test_vmop_7_an_encrypted_vm_needs_an_encryption_storage_class_in_the_target(cluster):
     """Issue 18, the encryption class: a VM with spec.crypto.encryptionClassName
     (VM Operator's Bring Your Own Key on) restored into a namespace whose
@@ -732,7 +727,7 @@ def test_vmop_7_an_encrypted_vm_needs_an_encryption_storage_class_in_the_target(
             predicted = {label: entry["denial"] for label, entry in planned.items() if entry["outcome"] == "denied"}
             restore = cluster.restore(f"r-enc-{case}", "b-enc", "--namespace-mappings", f"{src}:{ns}",
                                       "--exclude-resources", SITE_B_EXCLUDE)
-            failed = restore_denials(cluster, f"r-enc-{case}")
+            failed = restore_denials(cluster.restore_describe(f"r-enc-{case}"))
             results[case] = {"plan": predicted, "restore": {label: message for label, (_, message) in failed.items()},
                              "phase": restore["status"]["phase"]}
             # The plan predicted exactly the VMs the restore failed, with the same message.
