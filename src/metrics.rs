@@ -100,6 +100,33 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// Which part of the binary sent an API request.
+    Component {
+        /// The webhook's caches and lookups (reviews, readiness).
+        Webhook => "webhook",
+        /// The restore companion.
+        Companion => "companion",
+        /// The `plan` command.
+        Plan => "plan",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiRequestLabels {
+    pub component: Component,
+    /// `plural.group`, from a fixed set (`other` for anything else).
+    pub resource: &'static str,
+    /// get, list, watch, create, patch, update, delete.
+    pub verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `plural.group` of a cached kind (a fixed set).
+    pub resource: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CompanionLabels {
     pub action: CompanionAction,
@@ -146,6 +173,12 @@ pub struct Metrics {
     pub restore_cache_objects: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub tls_reloads: Family<ReloadLabels, Counter<u64, AtomicU64>>,
     pub companion_actions: Family<CompanionLabels, Counter<u64, AtomicU64>>,
+    pub api_requests: Family<ApiRequestLabels, Counter<u64, AtomicU64>>,
+    pub cache_objects: Family<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub cache_ready: Family<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub cache_live_reads: Family<CacheLabels, Counter<u64, AtomicU64>>,
+    pub cache_errors: Family<CacheLabels, Counter<u64, AtomicU64>>,
+    api_requests_sent: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -218,7 +251,45 @@ impl Metrics {
             "What the restore companion did after Restores finished, by action (started, pruned, released, reported, error)",
             companion_actions.clone(),
         );
+        let api_requests = Family::<ApiRequestLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "api_requests",
+            "Requests this process sent to the Kubernetes API server, by component (webhook, companion, plan), resource and verb (watch includes each reconnect)",
+            api_requests.clone(),
+        );
+        let cache_objects =
+            Family::<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        registry.register(
+            "cache_objects",
+            "Objects in each watched cache of what VMs refer to (classes, images, storage, networks, zones)",
+            cache_objects.clone(),
+        );
+        let cache_ready =
+            Family::<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        registry.register(
+            "cache_ready",
+            "1 when a watched cache has listed once or its kind is not served (readiness waits for every one)",
+            cache_ready.clone(),
+        );
+        let cache_live_reads = Family::<CacheLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "cache_live_reads",
+            "Reads a review answered with a live list because its cache's watch had broken (one per namespace and 5 s at most)",
+            cache_live_reads.clone(),
+        );
+        let cache_errors = Family::<CacheLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "cache_watch_errors",
+            "Lists and watches of a cache that failed (each is retried with a backoff)",
+            cache_errors.clone(),
+        );
         Metrics {
+            api_requests_sent: AtomicU64::new(0),
+            api_requests,
+            cache_objects,
+            cache_ready,
+            cache_live_reads,
+            cache_errors,
             companion_actions,
             registry,
             reviews,
@@ -249,6 +320,46 @@ impl Metrics {
         self.companion_actions
             .get_or_create(&CompanionLabels { action })
             .inc();
+    }
+
+    /// Counts one API request.
+    pub fn api_request(&self, labels: &ApiRequestLabels) {
+        self.api_requests.get_or_create(labels).inc();
+        self.api_requests_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every API request counted so far.
+    pub fn api_requests_sent(&self) -> u64 {
+        self.api_requests_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets a cache's figures, at scrape time.
+    pub fn set_cache(
+        &self,
+        resource: &'static str,
+        objects: usize,
+        ready: bool,
+        live_reads: u64,
+        errors: u64,
+    ) {
+        use std::sync::atomic::Ordering;
+        let labels = CacheLabels { resource };
+        self.cache_objects
+            .get_or_create(&labels)
+            .set(objects as i64);
+        self.cache_ready
+            .get_or_create(&labels)
+            .set(i64::from(ready));
+        self.cache_live_reads
+            .get_or_create(&labels)
+            .inner()
+            .store(live_reads, Ordering::Relaxed);
+        self.cache_errors
+            .get_or_create(&labels)
+            .inner()
+            .store(errors, Ordering::Relaxed);
     }
 
     /// The OpenMetrics text exposition.

@@ -8,12 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, discovery};
@@ -25,11 +22,12 @@ use super::review::{
 };
 use super::review_settings;
 use crate::facts::given::{StaticGroups, StaticRestores};
-use crate::facts::live_refs::LiveRefs;
 use crate::facts::mapping_cache::{MappingCache, list_configmaps};
-use crate::facts::{GroupPresence, RefFacts, RestoreInfo};
+use crate::facts::targets::TargetCache;
+use crate::facts::{RestoreInfo, TargetFacts};
+use crate::metrics::{Component, Metrics};
 use crate::settings::RuleArgs;
-use crate::vmop::{self, ClusterRef, RefKind};
+use crate::vmop;
 use crate::webhook::review::Reviewer;
 
 /// How long Velero may take to answer the DownloadRequest.
@@ -107,10 +105,12 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     let mut settings = review_settings(&args.rules)?;
     // Groups in the backup count as created before the VMs: nothing to wait for.
     settings.group_wait_timeout = Duration::ZERO;
-    let api_requests = Arc::new(AtomicUsize::new(0));
-    let client = counting_client(api_requests.clone()).await.map_err(|err| {
-        format!("cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}")
-    })?;
+    let metrics = Arc::new(Metrics::new());
+    let client = crate::facts::api_requests::client(metrics.clone(), Component::Plan)
+        .await
+        .map_err(|err| {
+            format!("cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}")
+        })?;
     let bytes = download(&client, &args.velero_namespace, &args.backup).await?;
     let mut objects = super::input::backup_objects(&bytes)
         .map_err(|err| format!("backup {}: {err}", args.backup))?;
@@ -125,10 +125,11 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     let maps = list_configmaps(&client, &args.velero_namespace)
         .await
         .map_err(|err| format!("cannot list ConfigMaps in {}: {err}", args.velero_namespace))?;
-    let refs = Arc::new(LookedUpOnce::new(LiveRefs::new(
-        client.clone(),
-        &args.vm_operator_namespace,
-    )));
+    // Each kind is listed once per namespace (and cluster-scoped kinds once),
+    // however many VMs name it.
+    let refs = TargetCache::listing_only(client.clone(), &args.vm_operator_namespace)
+        .await
+        .map_err(|err| format!("API discovery failed: {err}"))?;
     let restore = RestoreInfo {
         name: format!("plan-of-{}", args.backup),
         namespace_mapping,
@@ -144,32 +145,24 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     .with_refs(refs.clone())
     .with_mappings(MappingCache::given(&args.velero_namespace, maps));
     let items = review_each(&reviewer, input.items, &static_groups, true).await?;
+    let target_lists = refs
+        .stats()
+        .iter()
+        .map(|cache| cache.live_reads)
+        .sum::<u64>();
     Ok(Planned {
         items,
-        reference_lookups: refs.lookups(),
-        api_requests: api_requests.load(Ordering::SeqCst),
+        target_lists,
+        api_requests: metrics.api_requests_sent(),
     })
 }
 
 /// What a plan found, and what it cost the API server.
 struct Planned {
     items: Vec<ReviewedItem>,
-    reference_lookups: usize,
-    api_requests: usize,
-}
-
-/// The user's client, counting every request it sends (the plan reports it).
-async fn counting_client(count: Arc<AtomicUsize>) -> Result<Client, kube::Error> {
-    let config = kube::Config::infer()
-        .await
-        .map_err(kube::Error::InferConfig)?;
-    let counter = tower::util::MapRequestLayer::new(move |request| {
-        count.fetch_add(1, Ordering::SeqCst);
-        request
-    });
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&counter)
-        .build())
+    /// Lists of what target namespaces have (one per kind and namespace).
+    target_lists: u64,
+    api_requests: u64,
 }
 
 /// The VirtualMachineGroups that exist now in the namespaces the backup's
@@ -283,72 +276,6 @@ async fn fetch_when_ready(
         .map_err(|err| format!("cannot download backup {backup}: {err}"))
 }
 
-/// Live reference checks, each distinct reference looked up once, and each
-/// namespace's alternatives of a kind listed once (a backup whose VMs all
-/// lack the same class would otherwise list them for every VM).
-struct LookedUpOnce<R> {
-    inner: R,
-    seen: Mutex<BTreeMap<(String, ClusterRef), GroupPresence>>,
-    listed: Mutex<BTreeMap<(String, RefKind), Vec<String>>>,
-}
-
-impl<R> LookedUpOnce<R> {
-    fn new(inner: R) -> Self {
-        LookedUpOnce {
-            inner,
-            seen: Mutex::new(BTreeMap::new()),
-            listed: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn lookups(&self) -> usize {
-        self.seen.lock().map(|seen| seen.len()).unwrap_or(0)
-    }
-}
-
-/// The value remembered under `key`, or `compute`'s, remembered. `compute`
-/// is only called on a miss: a source may do its work when called.
-async fn once<K: Ord, V: Clone, F: std::future::Future<Output = V>>(
-    memory: &Mutex<BTreeMap<K, V>>,
-    key: K,
-    compute: impl FnOnce() -> F,
-) -> V {
-    if let Some(known) = memory
-        .lock()
-        .ok()
-        .and_then(|memory| memory.get(&key).cloned())
-    {
-        return known;
-    }
-    let value = compute().await;
-    if let Ok(mut memory) = memory.lock() {
-        memory.insert(key, value.clone());
-    }
-    value
-}
-
-impl<R: RefFacts> RefFacts for LookedUpOnce<R> {
-    fn exists<'a>(
-        &'a self,
-        namespace: &'a str,
-        reference: &'a ClusterRef,
-    ) -> BoxFuture<'a, GroupPresence> {
-        once(
-            &self.seen,
-            (namespace.to_string(), reference.clone()),
-            || self.inner.exists(namespace, reference),
-        )
-        .boxed()
-    }
-
-    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
-        once(&self.listed, (namespace.to_string(), kind), move || {
-            self.inner.alternatives(namespace, kind)
-        })
-        .boxed()
-    }
-}
-
 fn fixes_json(fixes: &[crate::webhook::admission::MappingFix]) -> Vec<Value> {
     fixes
         .iter()
@@ -368,8 +295,8 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
             let mut out: String = items.iter().map(ReviewedItem::summary).collect();
             out.push_str(&backup_summary(items));
             out.push_str(&format!(
-                "Checked against the live target: {} distinct references looked up, {} API requests in all.\n",
-                planned.reference_lookups, planned.api_requests
+                "Checked against the live target: {} lists (each kind once per namespace), {} API requests in all.\n",
+                planned.target_lists, planned.api_requests
             ));
             print!("{out}");
         }
@@ -403,7 +330,7 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
             all_fixes.dedup();
             let text = serde_json::to_string_pretty(&json!({
                 "backup": args.backup, "objects": objects, "fixes": fixes_json(&all_fixes),
-                "referenceLookups": planned.reference_lookups, "apiRequests": planned.api_requests}))
+                "targetLists": planned.target_lists, "apiRequests": planned.api_requests}))
             .unwrap_or_default();
             println!("{text}");
         }
@@ -418,79 +345,6 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Counting(AtomicUsize);
-
-    impl RefFacts for Counting {
-        fn exists<'a>(
-            &'a self,
-            _namespace: &'a str,
-            reference: &'a ClusterRef,
-        ) -> BoxFuture<'a, GroupPresence> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            let presence = if reference.name == "there" {
-                GroupPresence::Present
-            } else {
-                GroupPresence::Missing
-            };
-            futures::future::ready(presence).boxed()
-        }
-
-        fn alternatives<'a>(
-            &'a self,
-            namespace: &'a str,
-            _kind: RefKind,
-        ) -> BoxFuture<'a, Vec<String>> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            futures::future::ready(vec![format!("{namespace}-small")]).boxed()
-        }
-    }
-
-    #[tokio::test]
-    async fn each_namespace_s_alternatives_are_listed_once() {
-        let refs = LookedUpOnce::new(Counting(AtomicUsize::new(0)));
-        for _ in 0..3 {
-            assert_eq!(
-                refs.alternatives("prod", RefKind::Class).await,
-                ["prod-small"]
-            );
-            assert_eq!(
-                refs.alternatives("dev", RefKind::Class).await,
-                ["dev-small"]
-            );
-            assert_eq!(
-                refs.alternatives("dev", RefKind::ImageName).await,
-                ["dev-small"]
-            );
-        }
-        assert_eq!(refs.inner.0.load(Ordering::SeqCst), 3);
-    }
-
-    #[tokio::test]
-    async fn each_distinct_reference_is_looked_up_once() {
-        let refs = LookedUpOnce::new(Counting(AtomicUsize::new(0)));
-        let zone = |name: &str| ClusterRef {
-            kind: RefKind::Zone,
-            name: name.to_string(),
-            owner: None,
-        };
-        for _ in 0..3 {
-            assert_eq!(
-                refs.exists("prod", &zone("there")).await,
-                GroupPresence::Present
-            );
-            assert_eq!(
-                refs.exists("prod", &zone("gone")).await,
-                GroupPresence::Missing
-            );
-            assert_eq!(
-                refs.exists("dev", &zone("there")).await,
-                GroupPresence::Present
-            );
-        }
-        assert_eq!(refs.inner.0.load(Ordering::SeqCst), 3);
-        assert_eq!(refs.lookups(), 3);
-    }
 
     #[test]
     fn namespace_mappings_and_annotations_parse_as_velero_takes_them() {

@@ -9,13 +9,15 @@ use tracing::{error, info, warn};
 
 use super::{parse_groups, review_settings};
 use crate::companion::{Companion, CompanionSettings};
+use crate::facts::discovery::Discovery;
 use crate::facts::given::{StaticGroups, StaticRestores};
 use crate::facts::group_cache::GroupCache;
-use crate::facts::live_refs::LiveRefs;
 use crate::facts::mapping_cache::MappingCache;
 use crate::facts::restore_cache::RestoreCache;
-use crate::facts::{GroupFacts, MappingFacts, RefFacts, RestoreFacts};
-use crate::metrics::Metrics;
+use crate::facts::targets::TargetCache;
+use crate::facts::watched::Watched;
+use crate::facts::{GroupFacts, MappingFacts, RestoreFacts, TargetFacts};
+use crate::metrics::{Component, Metrics};
 use crate::settings::{GroupPolicy, ServeArgs};
 use crate::webhook::review::Reviewer;
 use crate::webhook::waits::WaitLimits;
@@ -49,6 +51,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             "the group wait plus margin exceeds 30s, the largest webhook timeoutSeconds; each wait is cut to the request's deadline anyway"
         );
     }
+    let metrics = Arc::new(Metrics::new());
     let certificate = match tls::ReloadingCert::load(&args.tls_cert_file, &args.tls_key_file) {
         Ok(certificate) => certificate,
         Err(err) => {
@@ -56,8 +59,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let metrics = Arc::new(Metrics::new());
-    let mut refs: Option<Arc<dyn RefFacts>> = None;
+    let mut refs: Option<Arc<dyn TargetFacts>> = None;
     let mut mappings: Option<Arc<dyn MappingFacts>> = None;
     let (groups, restores): (Arc<dyn GroupFacts>, Arc<dyn RestoreFacts>) = if args.no_kube {
         let listed = match parse_groups(&args.groups) {
@@ -77,7 +79,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             StaticRestores::new(&args.velero_namespace, Default::default()),
         )
     } else {
-        let client = match kube::Client::try_default().await {
+        let client = match crate::facts::api_requests::client(metrics.clone(), Component::Webhook)
+            .await
+        {
             Ok(client) => client,
             Err(err) => {
                 error!(
@@ -88,25 +92,47 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        refs = Some(Arc::new(LiveRefs::new(
+        // What VMs refer to, and the groups they name, are watched: a warm
+        // review asks the API server nothing. Discovery says which kinds the
+        // cluster serves, again whenever a CRD comes or goes.
+        let mut discovery = Discovery::new();
+        let (targets, target_runner) =
+            TargetCache::live(client.clone(), &args.vm_operator_namespace, &mut discovery);
+        refs = Some(targets);
+        let (groups, group_runner) = GroupCache::live(client.clone(), &mut discovery);
+        let crds: Arc<Watched<()>> =
+            Watched::new("customresourcedefinitions.apiextensions.k8s.io", true, None);
+        tokio::spawn(crds.clone().run(
             client.clone(),
-            &args.vm_operator_namespace,
-        )));
+            discovery.subscribe("apiextensions.k8s.io", "CustomResourceDefinition"),
+        ));
+        tokio::spawn(target_runner);
+        tokio::spawn(group_runner);
+        tokio::spawn(discovery.run(client.clone(), Some(crds)));
         let (mapping_cache, mapping_runner) =
             MappingCache::live(client.clone(), &args.velero_namespace);
         tokio::spawn(mapping_runner);
         mappings = Some(mapping_cache);
-        let (groups, group_runner) = GroupCache::live(client.clone());
         let (restores, restore_runner) = RestoreCache::live(client.clone(), &args.velero_namespace);
-        tokio::spawn(group_runner);
         tokio::spawn(restore_runner);
         if args.companion.disabled {
             warn!(
                 "--no-companion: held groups are not started, missing members are not pruned, and no report Events are written"
             );
         } else {
+            // Its own client, so its requests count apart from the webhook's.
+            let companion_client =
+                match crate::facts::api_requests::client(metrics.clone(), Component::Companion)
+                    .await
+                {
+                    Ok(client) => client,
+                    Err(err) => {
+                        error!(error = %err, "cannot build the companion's Kubernetes client");
+                        return ExitCode::FAILURE;
+                    }
+                };
             let companion = Companion::with_mappings(
-                client,
+                companion_client,
                 CompanionSettings {
                     velero_namespace: args.velero_namespace.clone(),
                     prune_default: args.companion.prune_missing_members,

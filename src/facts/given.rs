@@ -1,7 +1,7 @@
 //! Facts given by hand: the groups and references `review --group` and
 //! `--exists` name, `serve --no-kube`, and the tests. Nothing here does I/O.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -9,11 +9,19 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{
-    GroupFacts, GroupPresence, RefFacts, RestoreFacts, RestoreInfo, RestoreLookup, appeared_when,
+    GroupFacts, GroupInfo, GroupLookup, RestoreFacts, RestoreInfo, RestoreLookup, TargetFacts,
+    appeared_when,
 };
-use crate::vmop::{ClusterRef, RefKind};
+use crate::vmop::RefKind;
+use crate::vmop::targets::{
+    ClassInstance, Collection, Image, Listing, StorageClass, StoragePolicy, StorageQuota,
+    TargetView, storage_policy_object_name,
+};
 
-/// References given by hand (`review --exists`); every other counts as missing.
+/// References given by hand (`review --exists`): a namespace has exactly
+/// what it is given, and a check of a kind it is given nothing of does not
+/// run (as in a live namespace without classes, storage quota, images or
+/// networks).
 pub struct StaticRefs {
     present: HashSet<(RefKind, String, String)>,
 }
@@ -25,92 +33,116 @@ impl StaticRefs {
             present: present.into_iter().collect(),
         })
     }
-}
 
-impl StaticRefs {
-    /// The names given for `kind` that a VM in `namespace` can use, sorted
-    /// and once each: an image name resolves to an image given in the
-    /// namespace (`image/NS/NAME`) or a cluster image (`clusterimage/NAME`);
-    /// display names cannot be given by hand.
-    fn visible(&self, namespace: &str, kind: RefKind) -> Vec<String> {
-        let mut names: Vec<String> = self
+    /// The names given for `kind` in `namespace` ("" for cluster-wide kinds).
+    fn given<'a>(
+        &'a self,
+        kind: RefKind,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        let mut names: Vec<&str> = self
             .present
             .iter()
-            .filter(|(given, ns, _)| match kind {
-                RefKind::ImageName => {
-                    (*given == RefKind::Image && ns == namespace) || *given == RefKind::ClusterImage
-                }
-                // Encryption is a property of the class, cluster-wide.
-                RefKind::EncryptionStorageClass => *given == kind,
-                _ => *given == kind && ns == namespace,
-            })
-            .map(|(_, _, name)| name.clone())
+            .filter(move |(given, ns, _)| *given == kind && ns == namespace)
+            .map(|(_, _, name)| name.as_str())
             .collect();
-        names.sort();
+        names.sort_unstable();
         names.dedup();
-        names
+        names.into_iter()
+    }
+
+    fn names(&self, kind: RefKind, namespace: &str) -> Listing<()> {
+        Listing::listed(
+            self.given(kind, namespace)
+                .map(|name| (name.to_string(), ())),
+        )
+    }
+
+    fn images(&self, kind: RefKind, namespace: &str) -> Listing<Image> {
+        // Display names cannot be given by hand.
+        Listing::listed(
+            self.given(kind, namespace)
+                .map(|name| (name.to_string(), Image::default())),
+        )
+    }
+
+    /// The encryption storage classes, given by name: each stands for a
+    /// class whose policy VM Operator records as encrypted.
+    fn encryption(&self) -> (Listing<StorageClass>, Listing<StoragePolicy>) {
+        let mut classes = Vec::new();
+        let mut policies = Vec::new();
+        for (index, name) in self.given(RefKind::EncryptionStorageClass, "").enumerate() {
+            let policy_id = format!("{index:08x}-0000-0000-0000-{index:012x}");
+            if let Some(object) = storage_policy_object_name(&policy_id) {
+                policies.push((object, StoragePolicy { encrypted: true }));
+            }
+            classes.push((
+                name.to_string(),
+                StorageClass {
+                    policy_id: Some(policy_id),
+                },
+            ));
+        }
+        (Listing::listed(classes), Listing::listed(policies))
     }
 }
 
-impl RefFacts for StaticRefs {
-    fn exists<'a>(
+impl TargetFacts for StaticRefs {
+    fn view<'a>(
         &'a self,
         namespace: &'a str,
-        reference: &'a ClusterRef,
-    ) -> BoxFuture<'a, GroupPresence> {
-        let name = reference.name.as_str();
-        let found = if reference.kind.denies_when_missing() {
-            // Checked against what the namespace is given, and only where it
-            // is given some: elsewhere there is nothing to compare with, as
-            // in a live namespace without classes, storage quota, images or
-            // networks.
-            let has = self.visible(namespace, reference.kind);
-            has.is_empty()
-                || match reference.kind {
-                    RefKind::Network => crate::vmop::mapping::network_found(&has, name),
-                    _ => has.iter().any(|given| given == name),
+        needed: &'a BTreeSet<Collection>,
+    ) -> BoxFuture<'a, TargetView> {
+        let mut view = TargetView::default();
+        for collection in needed {
+            match collection {
+                Collection::Zones => view.zones = Some(self.names(RefKind::Zone, namespace)),
+                Collection::AvailabilityZones => view.availability_zones = Some(Listing::NotServed),
+                Collection::Classes => view.classes = Some(self.names(RefKind::Class, namespace)),
+                Collection::ClassInstances => {
+                    view.class_instances = Some(Listing::listed(
+                        self.given(RefKind::ClassInstance, namespace).map(|name| {
+                            (
+                                name.to_string(),
+                                ClassInstance {
+                                    active: true,
+                                    classes: None,
+                                },
+                            )
+                        }),
+                    ))
                 }
-        } else {
-            let namespace = match reference.kind {
-                RefKind::ClusterImage => "",
-                _ => namespace,
-            };
-            self.present
-                .contains(&(reference.kind, namespace.to_string(), name.to_string()))
-        };
-        let presence = if found {
-            GroupPresence::Present
-        } else {
-            GroupPresence::Missing
-        };
-        futures::future::ready(presence).boxed()
-    }
-
-    fn alternatives<'a>(&'a self, namespace: &'a str, kind: RefKind) -> BoxFuture<'a, Vec<String>> {
-        let mut names = self.visible(namespace, kind);
-        // The encryption storage classes the namespace has, where it is
-        // given storage classes at all.
-        if kind == RefKind::EncryptionStorageClass {
-            let assigned = self.visible(namespace, RefKind::StorageClass);
-            if !assigned.is_empty() {
-                names.retain(|name| assigned.contains(name));
+                Collection::Images => view.images = Some(self.images(RefKind::Image, namespace)),
+                Collection::ClusterImages => {
+                    view.cluster_images = Some(self.images(RefKind::ClusterImage, ""))
+                }
+                Collection::ResourceQuotas => {
+                    let classes: Vec<String> = self
+                        .given(RefKind::StorageClass, namespace)
+                        .map(str::to_string)
+                        .collect();
+                    view.resource_quotas = Some(Listing::listed(
+                        (!classes.is_empty())
+                            .then(|| ("given".to_string(), StorageQuota { classes })),
+                    ))
+                }
+                Collection::StoragePolicyQuotas => view.policy_quotas = Some(Listing::NotServed),
+                Collection::StorageClasses => view.storage_classes = Some(self.encryption().0),
+                Collection::StoragePolicies => view.storage_policies = Some(self.encryption().1),
+                Collection::Networks(kind) => {
+                    let prefix = format!("{}/", kind.kind());
+                    view.networks.insert(
+                        *kind,
+                        Listing::listed(
+                            self.given(RefKind::Network, namespace)
+                                .filter_map(|name| name.strip_prefix(&prefix))
+                                .map(|name| (name.to_string(), ())),
+                        ),
+                    );
+                }
             }
         }
-        futures::future::ready(names).boxed()
-    }
-}
-
-/// Every reference exists: nothing is removed for it (the default of a
-/// Reviewer that was given no reference source).
-pub struct AllRefsExist;
-
-impl RefFacts for AllRefsExist {
-    fn exists<'a>(
-        &'a self,
-        _namespace: &'a str,
-        _reference: &'a ClusterRef,
-    ) -> BoxFuture<'a, GroupPresence> {
-        futures::future::ready(GroupPresence::Present).boxed()
+        futures::future::ready(view).boxed()
     }
 }
 
@@ -182,8 +214,12 @@ impl GroupFacts for StaticGroups {
         self.groups.lock().map(|groups| groups.len()).unwrap_or(0)
     }
 
-    fn contains(&self, namespace: &str, name: &str) -> bool {
-        set_contains(&self.groups, namespace, name)
+    fn get(&self, namespace: &str, name: &str) -> Option<GroupInfo> {
+        let groups = self.groups.lock().ok()?;
+        let annotations = groups.get(&(namespace.to_string(), name.to_string()))?;
+        Some(GroupInfo {
+            holds_power: annotations.contains_key(crate::vmop::power::POWER_HELD_ANNOTATION),
+        })
     }
 
     fn appeared(&self, namespace: &str, name: &str) -> BoxFuture<'static, ()> {
@@ -194,21 +230,12 @@ impl GroupFacts for StaticGroups {
         })
     }
 
-    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupPresence> {
-        let presence = if self.contains(namespace, name) {
-            GroupPresence::Present
-        } else {
-            GroupPresence::Missing
+    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupLookup> {
+        let lookup = match self.get(namespace, name) {
+            Some(group) => GroupLookup::Found(group),
+            None => GroupLookup::Missing,
         };
-        futures::future::ready(presence).boxed()
-    }
-
-    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
-        let groups = self.groups.lock().ok()?;
-        groups
-            .get(&(namespace.to_string(), name.to_string()))?
-            .get(key)
-            .cloned()
+        futures::future::ready(lookup).boxed()
     }
 }
 
@@ -258,7 +285,37 @@ impl RestoreFacts for StaticRestores {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::facts::GroupPresence;
+    use crate::vmop::ClusterRef;
+    use crate::vmop::targets::{self, Checked};
     use std::time::Duration;
+
+    /// How a review sees a reference against what is given: found, or
+    /// nothing to compare with, is present.
+    trait Given {
+        async fn exists(&self, namespace: &str, reference: &ClusterRef) -> GroupPresence;
+        async fn alternatives(&self, namespace: &str, kind: RefKind) -> Vec<String>;
+    }
+
+    impl Given for StaticRefs {
+        async fn exists(&self, namespace: &str, reference: &ClusterRef) -> GroupPresence {
+            let needed = targets::collections_for(reference.kind)
+                .iter()
+                .copied()
+                .collect();
+            let view = self.view(namespace, &needed).await;
+            match targets::check(&view, reference) {
+                Checked::Found | Checked::Unchecked => GroupPresence::Present,
+                Checked::Missing => GroupPresence::Missing,
+                Checked::Unknown(err) => GroupPresence::Unknown(err),
+            }
+        }
+
+        async fn alternatives(&self, namespace: &str, kind: RefKind) -> Vec<String> {
+            let needed = targets::collections_for(kind).iter().copied().collect();
+            targets::alternatives(&self.view(namespace, &needed).await, kind)
+        }
+    }
 
     #[tokio::test]
     async fn classes_are_checked_only_in_a_namespace_given_some() {
@@ -443,7 +500,7 @@ mod tests {
         assert!(groups.is_synced());
         assert!(groups.contains("ns", "g1"));
         assert!(!groups.contains("other", "g1"));
-        assert_eq!(groups.confirm("ns", "g2").await, GroupPresence::Missing);
+        assert_eq!(groups.confirm("ns", "g2").await, GroupLookup::Missing);
         groups.remove("ns", "g1");
         assert!(!groups.contains("ns", "g1"));
     }

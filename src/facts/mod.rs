@@ -1,24 +1,30 @@
 //! The facts a review needs from the cluster, behind small traits: does a
-//! VirtualMachineGroup exist, what does the Velero Restore say, and do the
-//! objects a VM refers to exist in the target. Each trait has a live
+//! VirtualMachineGroup exist, what does the Velero Restore say, and what does
+//! the target namespace have that a VM refers to. Each trait has a live
 //! implementation over the API server ([`group_cache::GroupCache`],
-//! [`restore_cache::RestoreCache`], [`live_refs::LiveRefs`]) and one given by
-//! hand ([`given`]: the `review` command, `serve --no-kube` and the tests), so
-//! the production types carry no test seams.
+//! [`restore_cache::RestoreCache`], [`targets::TargetCache`]), kept current by
+//! watches ([`watched`], [`discovery`]) so that a warm review asks the API
+//! server nothing, and one given by hand ([`given`]: the `review` command,
+//! `serve --no-kube` and the tests), so the production types carry no test
+//! seams.
 //!
 //! Callers bound every call with the request's [`crate::deadline::Deadline`]:
-//! dropping a future cancels the live GET behind it.
+//! dropping a future cancels the live request behind it.
 //!
 //! Arrows: the webhook, the companion and the commands use this module; it
-//! uses only [`crate::vmop`] and [`crate::settings`]. Inside it, every file
-//! uses this one (the traits) and [`restore`], never the other way.
+//! uses only [`crate::vmop`], [`crate::settings`] and [`crate::metrics`].
+//! Inside it, every file uses this one (the traits) and [`restore`], never
+//! the other way.
 
+pub mod api_requests;
+pub mod discovery;
 pub mod given;
 pub mod group_cache;
-pub mod live_refs;
 pub mod mapping_cache;
 pub mod restore;
 pub mod restore_cache;
+pub mod targets;
+pub mod watched;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -26,10 +32,11 @@ use tokio::sync::watch;
 
 pub use restore::RestoreInfo;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::vmop::mapping::{MappingError, Mappings};
-use crate::vmop::{ClusterRef, RefKind};
+use crate::vmop::targets::{Collection, TargetView};
 
 /// How a live check of a group ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +57,36 @@ pub enum RestoreLookup {
     Failed(String),
 }
 
+/// What the metrics report of one watched cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStats {
+    /// `plural.group` of the kind.
+    pub resource: &'static str,
+    pub objects: usize,
+    pub ready: bool,
+    /// Reads answered by a live list because the cache was not trusted.
+    pub live_reads: u64,
+    /// Lists and watches that failed.
+    pub errors: u64,
+}
+
+/// What a review needs to know of a VirtualMachineGroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupInfo {
+    /// It holds its power until the restore ends (it carries
+    /// [`crate::vmop::power::POWER_HELD_ANNOTATION`]).
+    pub holds_power: bool,
+}
+
+/// How a check of a group ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupLookup {
+    Found(GroupInfo),
+    Missing,
+    /// The live GET that should confirm a miss failed; the message says why.
+    Unknown(String),
+}
+
 pub trait GroupFacts: Send + Sync {
     /// Whether the source can answer yet (readiness).
     fn is_synced(&self) -> bool;
@@ -57,15 +94,22 @@ pub trait GroupFacts: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Whether the group is known now (no I/O).
-    fn contains(&self, namespace: &str, name: &str) -> bool;
+    /// The group, if it is known now (no I/O).
+    fn get(&self, namespace: &str, name: &str) -> Option<GroupInfo>;
+    fn contains(&self, namespace: &str, name: &str) -> bool {
+        self.get(namespace, name).is_some()
+    }
     /// Resolves once the group is known; never, if it never comes. Woken by
     /// changes, not by polling. `'static`, so concurrent waits can share it.
     fn appeared(&self, namespace: &str, name: &str) -> BoxFuture<'static, ()>;
-    /// One live check of a miss: a cache can lag behind the API server.
-    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupPresence>;
-    /// An annotation of a known group (no I/O): whether its power is held.
-    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String>;
+    /// The group from the cache, or one live check of a miss (a cache can
+    /// lag behind the API server): what is known of the group comes from
+    /// whichever found it.
+    fn confirm<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, GroupLookup>;
+    /// The watched caches behind it, for the metrics.
+    fn stats(&self) -> Vec<CacheStats> {
+        Vec::new()
+    }
 }
 
 pub trait RestoreFacts: Send + Sync {
@@ -80,24 +124,28 @@ pub trait RestoreFacts: Send + Sync {
     fn lookup<'a>(&'a self, label: &'a str) -> BoxFuture<'a, RestoreLookup>;
 }
 
-/// Whether the objects a VM refers to exist in the target cluster (zones,
-/// class instances, images): VM Operator refuses a VM naming a missing one.
-pub trait RefFacts: Send + Sync {
-    fn exists<'a>(
+/// What a target namespace has that VMs refer to (zones, classes and their
+/// instances, images, storage, networks): VM Operator refuses, or never
+/// deploys, a VM naming what the namespace lacks. The rules that resolve a
+/// reference against it are [`crate::vmop::targets`]'s.
+pub trait TargetFacts: Send + Sync {
+    /// Whether the source can answer yet (readiness).
+    fn is_synced(&self) -> bool {
+        true
+    }
+
+    /// The watched caches behind it, for the metrics.
+    fn stats(&self) -> Vec<CacheStats> {
+        Vec::new()
+    }
+
+    /// What `namespace` has of each collection in `needed`, each read once.
+    /// The caller bounds the wait.
+    fn view<'a>(
         &'a self,
         namespace: &'a str,
-        reference: &'a ClusterRef,
-    ) -> BoxFuture<'a, GroupPresence>;
-
-    /// What the namespace has instead, for a denial's message (only asked
-    /// for a reference that is missing). Empty when nobody knows.
-    fn alternatives<'a>(
-        &'a self,
-        _namespace: &'a str,
-        _kind: RefKind,
-    ) -> BoxFuture<'a, Vec<String>> {
-        futures::future::ready(Vec::new()).boxed()
-    }
+        needed: &'a BTreeSet<Collection>,
+    ) -> BoxFuture<'a, TargetView>;
 }
 
 /// The mappings of a restore into another Supervisor (Velero's

@@ -9,6 +9,7 @@ pub mod power;
 pub mod pvc;
 pub mod refused;
 pub mod shape;
+pub mod targets;
 pub mod vm;
 
 use std::collections::BTreeSet;

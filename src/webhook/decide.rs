@@ -72,7 +72,16 @@ pub struct Facts {
     /// What the namespace has instead, for each kind of reference that is
     /// missing and denies the VM (for the denial).
     pub alternatives: BTreeMap<RefKind, Vec<String>>,
+    /// The distinct cluster-bound references the VM names; above
+    /// [`MAX_CHECKED_REFERENCES`] none is checked and the VM is denied.
+    pub refs_named: usize,
 }
+
+/// The most distinct cluster-bound references (zone, class, image, storage
+/// class, networks) one VM's review checks. A vSphere VM has at most ten
+/// network interfaces, so a real VM names fewer than twenty; a crafted one
+/// with thousands of interfaces is denied without its references being read.
+pub const MAX_CHECKED_REFERENCES: usize = 32;
 
 impl Default for RestoreFact {
     fn default() -> Self {
@@ -109,6 +118,8 @@ pub enum DenyReason {
     MappingInvalid,
     /// The VM names a class the target namespace does not have.
     ReferenceMissing,
+    /// The VM names more references than a review checks.
+    TooManyReferences,
 }
 
 impl DenyReason {
@@ -121,6 +132,7 @@ impl DenyReason {
             DenyReason::Deadline => "deadline",
             DenyReason::MappingInvalid => "mapping_invalid",
             DenyReason::ReferenceMissing => "reference_missing",
+            DenyReason::TooManyReferences => "too_many_references",
         }
     }
 }
@@ -304,6 +316,18 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
                     "could not read Velero Restore {restore}: guest identity kept"
                 )),
             }
+        }
+        if facts.refs_named > MAX_CHECKED_REFERENCES {
+            return Decision::deny(
+                verdict,
+                DenyReason::TooManyReferences,
+                format!(
+                    "{label} names {} distinct zones, classes, images, storage classes and networks; the webhook checks at most \
+                     {MAX_CHECKED_REFERENCES} per VM (a vSphere VM has at most 10 network interfaces). Remove the extra \
+                     interfaces from the backup (or with a Velero resource modifier), then restore again",
+                    facts.refs_named
+                ),
+            );
         }
         let missing: Vec<&ClusterRef> = facts
             .refs

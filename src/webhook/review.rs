@@ -12,23 +12,26 @@ use kube::core::admission::{AdmissionReview, Operation};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::deadline::Deadline;
-use crate::facts::given::AllRefsExist;
-use crate::facts::{GroupFacts, GroupPresence, MappingFacts, RefFacts, RestoreFacts};
+use crate::facts::{
+    GroupFacts, GroupInfo, GroupLookup, GroupPresence, MappingFacts, RestoreFacts, TargetFacts,
+};
 use crate::metrics::{
     ChangeLabels, KindLabel, KindLabels, Metrics, OperationLabel, Outcome, ReviewLabels,
     WaitLabels, WaitResult,
 };
 use crate::settings::{GroupPolicy, RestoreUnreadable};
-use crate::vmop::Kind;
-use crate::vmop::RefKind;
 use crate::vmop::power::PowerPolicy;
+use crate::vmop::targets::{self, Checked, Collection, TargetView};
+use crate::vmop::{Kind, RefKind};
 use crate::webhook::admission::{self, ReviewError, Scope};
 use crate::webhook::decide::{
     self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
 };
 use crate::webhook::waits::{GroupWaits, WaitLimits, WaitOutcome};
 
-/// The longest one reference check (zone, class instance, image) may take.
+/// The longest reading what the VM's namespace has may take (from the
+/// caches it takes microseconds; this bounds the live reads made while a
+/// cache's watch is broken).
 const REF_CHECK_BOUND: Duration = Duration::from_secs(2);
 
 /// Kept free after a group wait for the live GET that confirms a miss.
@@ -64,8 +67,8 @@ pub struct Reviewer {
     pub restores: Arc<dyn RestoreFacts>,
     pub settings: ReviewSettings,
     pub metrics: Option<Arc<Metrics>>,
-    /// Whether the zones, class instances and images VMs name exist.
-    refs: Arc<dyn RefFacts>,
+    /// What target namespaces have that VMs name; none: nothing is checked.
+    refs: Option<Arc<dyn TargetFacts>>,
     /// The restore's mappings; none: nothing is mapped.
     mappings: Option<Arc<dyn MappingFacts>>,
     waits: GroupWaits,
@@ -121,7 +124,7 @@ impl Reviewer {
             velero_namespace: restores.namespace().to_string(),
         };
         Reviewer {
-            refs: Arc::new(AllRefsExist),
+            refs: None,
             mappings: None,
             waits: GroupWaits::new(settings.wait_limits),
             groups,
@@ -132,11 +135,25 @@ impl Reviewer {
         }
     }
 
-    /// Checks the zones, class instances and images VMs name against
-    /// `refs` (by default every one counts as existing).
-    pub fn with_refs(mut self, refs: Arc<dyn RefFacts>) -> Reviewer {
-        self.refs = refs;
+    /// Checks the zones, classes, images, storage classes and networks VMs
+    /// name against `refs` (by default none is checked).
+    pub fn with_refs(mut self, refs: Arc<dyn TargetFacts>) -> Reviewer {
+        self.refs = Some(refs);
         self
+    }
+
+    /// The watched caches behind the facts, for the metrics.
+    pub fn cache_stats(&self) -> Vec<crate::facts::CacheStats> {
+        let mut stats = self.groups.stats();
+        if let Some(refs) = &self.refs {
+            stats.extend(refs.stats());
+        }
+        stats
+    }
+
+    /// Whether the reference caches have listed once (readiness).
+    pub fn refs_synced(&self) -> bool {
+        self.refs.as_ref().is_none_or(|refs| refs.is_synced())
     }
 
     /// Maps VMs' storage classes, classes, images, networks and zones by
@@ -315,50 +332,22 @@ impl Reviewer {
             }
         }
         if let Kind::VirtualMachine(_) = subject.kind
+            && let Some(refs) = &self.refs
             && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object, &facts.mappings)
         {
-            // A VM with an encryption class can only be fixed with an
-            // encryption storage class: those are what a denial lists.
-            let encrypted = references
-                .iter()
-                .any(|reference| reference.kind == RefKind::EncryptionStorageClass);
-            for reference in references {
-                // Each check gets a short share of the deadline, so a slow one
-                // cannot leave the group check no time.
-                let presence = deadline
-                    .min_after(REF_CHECK_BOUND)
-                    .run(self.refs.exists(subject.namespace, &reference))
-                    .await
-                    .unwrap_or_else(|_| {
-                        GroupPresence::Unknown(
-                            "the check did not finish before the deadline".into(),
-                        )
-                    });
-                // What the target has instead, for each missing reference
-                // `decide` will deny the VM for.
-                let listed_kind = match reference.kind {
-                    RefKind::StorageClass if encrypted => RefKind::EncryptionStorageClass,
-                    kind => kind,
-                };
-                if reference.kind.denies_when_missing()
-                    && presence == GroupPresence::Missing
-                    && !facts.alternatives.contains_key(&listed_kind)
-                {
-                    let has = deadline
-                        .min_after(REF_CHECK_BOUND)
-                        .run(self.refs.alternatives(subject.namespace, listed_kind))
-                        .await
-                        .unwrap_or_default();
-                    facts.alternatives.insert(listed_kind, has);
-                }
-                facts.refs.push((reference, presence));
+            facts.refs_named = references.len();
+            if references.len() <= decide::MAX_CHECKED_REFERENCES {
+                let view = self
+                    .target_view(refs.as_ref(), subject.namespace, &references, deadline)
+                    .await;
+                check_references(&mut facts, references, &view);
             }
         }
         // A malformed object is denied by `decide` with the field's name.
         let Ok(Some(group)) = crate::vmop::group_name(subject.kind, subject.object) else {
             return facts;
         };
-        let fact = match subject.kind {
+        let (fact, found) = match subject.kind {
             Kind::VirtualMachine(_) => {
                 let (policy, _) = decide::group_policy(&self.decide_settings, &facts.restore);
                 self.vm_group_fact(subject, &group, policy, deadline).await
@@ -368,18 +357,35 @@ impl Reviewer {
                     .await
             }
         };
-        if matches!(fact, GroupFact::Present { .. }) {
-            facts.group_holds_power = self
-                .groups
-                .annotation(
-                    subject.namespace,
-                    &group,
-                    crate::vmop::power::POWER_HELD_ANNOTATION,
-                )
-                .is_some();
-        }
+        // From whichever found the group: the cache, or the live GET when
+        // the cache had not seen it yet.
+        facts.group_holds_power = found.is_some_and(|group| group.holds_power);
         facts.group = Some((group, fact));
         facts
+    }
+
+    /// What the VM's namespace has of every collection its references need,
+    /// each read once, within a short share of the deadline (so a slow live
+    /// read cannot leave the group check no time).
+    async fn target_view(
+        &self,
+        refs: &dyn TargetFacts,
+        namespace: &str,
+        references: &[crate::vmop::ClusterRef],
+        deadline: Deadline,
+    ) -> TargetView {
+        let needed: std::collections::BTreeSet<Collection> = references
+            .iter()
+            .flat_map(|reference| targets::collections_for(reference.kind).iter().copied())
+            .collect();
+        match deadline
+            .min_after(REF_CHECK_BOUND)
+            .run(refs.view(namespace, &needed))
+            .await
+        {
+            Ok(view) => view,
+            Err(_) => TargetView::unknown("reading it did not finish before the deadline"),
+        }
     }
 
     async fn confirm(
@@ -389,25 +395,31 @@ impl Reviewer {
         deadline: Deadline,
         waited: Duration,
         not_waited: Option<crate::webhook::waits::NoWait>,
-    ) -> GroupFact {
-        let presence = deadline
+    ) -> (GroupFact, Option<GroupInfo>) {
+        let lookup = deadline
             .run(self.groups.confirm(namespace, group))
             .await
             .unwrap_or_else(|_| {
-                GroupPresence::Unknown("it did not finish before the API server's deadline".into())
+                GroupLookup::Unknown("it did not finish before the API server's deadline".into())
             });
-        match presence {
-            GroupPresence::Present => GroupFact::Present { waited },
-            GroupPresence::Missing => GroupFact::Missing {
-                waited,
-                not_waited,
-                live_error: None,
-            },
-            GroupPresence::Unknown(err) => GroupFact::Missing {
-                waited,
-                not_waited,
-                live_error: Some(err),
-            },
+        match lookup {
+            GroupLookup::Found(info) => (GroupFact::Present { waited }, Some(info)),
+            GroupLookup::Missing => (
+                GroupFact::Missing {
+                    waited,
+                    not_waited,
+                    live_error: None,
+                },
+                None,
+            ),
+            GroupLookup::Unknown(err) => (
+                GroupFact::Missing {
+                    waited,
+                    not_waited,
+                    live_error: Some(err),
+                },
+                None,
+            ),
         }
     }
 
@@ -417,12 +429,15 @@ impl Reviewer {
         group: &str,
         policy: GroupPolicy,
         deadline: Deadline,
-    ) -> GroupFact {
+    ) -> (GroupFact, Option<GroupInfo>) {
         let namespace = subject.namespace;
-        if self.groups.contains(namespace, group) {
-            return GroupFact::Present {
-                waited: Duration::ZERO,
-            };
+        if let Some(found) = self.groups.get(namespace, group) {
+            return (
+                GroupFact::Present {
+                    waited: Duration::ZERO,
+                },
+                Some(found),
+            );
         }
         // Dry runs and the other policies never wait: nothing else is being
         // restored alongside them.
@@ -467,13 +482,22 @@ impl Reviewer {
                         "waited for VirtualMachineGroup"
                     );
                     self.waits.forget_miss(namespace, group);
-                    return GroupFact::Present { waited };
+                    // The cache has it now; a live GET tells if it did not.
+                    let found = match self.groups.get(namespace, group) {
+                        Some(found) => Some(found),
+                        None => {
+                            self.confirm(namespace, group, deadline, waited, None)
+                                .await
+                                .1
+                        }
+                    };
+                    return (GroupFact::Present { waited }, found);
                 }
                 WaitOutcome::TimedOut { waited } => (waited, None),
                 WaitOutcome::NotWaited(why) => (Duration::ZERO, Some(why)),
             }
         };
-        let fact = self
+        let (fact, info) = self
             .confirm(namespace, group, deadline, waited, not_waited)
             .await;
         let found = matches!(fact, GroupFact::Present { .. });
@@ -503,7 +527,7 @@ impl Reviewer {
             } if may_wait && not_waited.is_none() => self.waits.remember_miss(namespace, group),
             GroupFact::Missing { .. } => {}
         }
-        fact
+        (fact, info)
     }
 
     fn observe_wait(&self, result: WaitResult, waited: Duration) {
@@ -554,5 +578,40 @@ impl Reviewer {
         for note in &verdict.notes {
             warn!(restore, object, dry_run, "{note}");
         }
+    }
+}
+
+/// Each reference checked against what its namespace has, and, for the
+/// kinds that deny a VM when missing, what the namespace has instead.
+fn check_references(
+    facts: &mut Facts,
+    references: Vec<crate::vmop::ClusterRef>,
+    view: &TargetView,
+) {
+    // A VM with an encryption class can only be fixed with an encryption
+    // storage class: those are what a denial lists.
+    let encrypted = references
+        .iter()
+        .any(|reference| reference.kind == RefKind::EncryptionStorageClass);
+    for reference in references {
+        let presence = match targets::check(view, &reference) {
+            // Nothing to compare with: VM Operator's own answer stands.
+            Checked::Found | Checked::Unchecked => GroupPresence::Present,
+            Checked::Missing => GroupPresence::Missing,
+            Checked::Unknown(err) => GroupPresence::Unknown(err),
+        };
+        let listed_kind = match reference.kind {
+            RefKind::StorageClass if encrypted => RefKind::EncryptionStorageClass,
+            kind => kind,
+        };
+        if reference.kind.denies_when_missing()
+            && presence == GroupPresence::Missing
+            && !facts.alternatives.contains_key(&listed_kind)
+        {
+            facts
+                .alternatives
+                .insert(listed_kind, targets::alternatives(view, listed_kind));
+        }
+        facts.refs.push((reference, presence));
     }
 }

@@ -94,6 +94,7 @@ impl AppState {
             && self.reviewer.groups.is_synced()
             && self.reviewer.restores.is_synced()
             && self.reviewer.mappings_synced()
+            && self.reviewer.refs_synced()
     }
 }
 
@@ -265,7 +266,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the VirtualMachineGroup and Restore caches to sync",
+            "waiting for the caches (VirtualMachineGroups, Restores, mapping ConfigMaps, what VMs refer to) to list once",
         )
             .into_response()
     }
@@ -285,6 +286,15 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         .metrics
         .group_waits_in_progress
         .set(reviewer.group_waits_in_progress() as i64);
+    for cache in reviewer.cache_stats() {
+        state.metrics.set_cache(
+            cache.resource,
+            cache.objects,
+            cache.ready,
+            cache.live_reads,
+            cache.errors,
+        );
+    }
     (
         StatusCode::OK,
         [(

@@ -1,0 +1,935 @@
+//! One kind of object, cached from a list and a watch, keeping only a small
+//! projection of each object.
+//!
+//! Every review asks the caches, never the API server: a restore of many VMs
+//! reads each class, image or network from memory, and an object created a
+//! moment before a VM is there because the watch delivered it. What is kept
+//! of an object is what the checks read (a name, a label, a field or two),
+//! decoded straight off the wire with everything else skipped, so memory
+//! grows with the number of objects and never with what a user writes into
+//! their annotations.
+//!
+//! Lists go page by page, one page of any cache at a time, with the page
+//! size adapted to the objects' size, so a relist of large objects never
+//! holds much more than one page.
+//!
+//! A cache answers once its first list completed. After a failed list or
+//! watch it is not trusted until it lists again: reads then fall back to a
+//! live list of the one namespace asked about, remembered for a few seconds
+//! and counted in a metric. A kind the cluster does not serve is known from
+//! discovery ([`super::discovery`]) and answers "not served" without a
+//! request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use http_body_util::BodyExt;
+use kube::Client;
+use kube::api::{ListParams, WatchParams};
+use kube::core::{ApiResource, DynamicObject, Resource, WatchEvent};
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::vmop::targets::{Listing, Objects};
+
+/// What discovery says of a kind.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Served {
+    /// Discovery has not answered yet.
+    #[default]
+    Unknown,
+    No,
+    Yes(ApiResource),
+}
+
+/// The metadata every projection reads: where the object is, and the
+/// resourceVersion a watch resumes from. `L`, `A` and `O` are what is kept
+/// of the labels, annotations and owner references (by default: nothing,
+/// skipped while decoding).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta<L = IgnoredAny, A = IgnoredAny, O = IgnoredAny> {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub resource_version: Option<String>,
+    #[serde(default = "Option::default")]
+    pub labels: Option<L>,
+    #[serde(default = "Option::default")]
+    pub annotations: Option<A>,
+    #[serde(default = "Option::default")]
+    pub owner_references: Option<O>,
+}
+
+/// What a cache keeps of each object, and how it is read off the wire.
+pub trait Project: Clone + Send + Sync + 'static {
+    /// The object as decoded: only the fields the projection keeps.
+    type Wire: DeserializeOwned + Clone + Send + Sync + 'static;
+    fn name(wire: &Self::Wire) -> &str;
+    fn namespace(wire: &Self::Wire) -> Option<&str>;
+    fn resource_version(wire: &Self::Wire) -> Option<&str>;
+    fn project(wire: Self::Wire) -> Self;
+}
+
+/// An object of which only the name counts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NameOnly {
+    pub metadata: Meta,
+}
+
+/// Implements [`Project`]'s metadata accessors for a wire type with a
+/// `metadata: Meta<…>` field.
+macro_rules! wire_meta {
+    () => {
+        fn name(wire: &Self::Wire) -> &str {
+            &wire.metadata.name
+        }
+        fn namespace(wire: &Self::Wire) -> Option<&str> {
+            wire.metadata.namespace.as_deref()
+        }
+        fn resource_version(wire: &Self::Wire) -> Option<&str> {
+            wire.metadata.resource_version.as_deref()
+        }
+    };
+}
+pub(crate) use wire_meta;
+
+impl Project for () {
+    type Wire = NameOnly;
+    wire_meta!();
+    fn project(_: NameOnly) {}
+}
+
+/// The state of a cache, behind one lock.
+struct State<P> {
+    served: Served,
+    /// A list completed since the watch (re)started for the served resource.
+    synced: bool,
+    /// No list or watch failed since the last complete list.
+    healthy: bool,
+    /// By namespace ("" for cluster-scoped kinds), by name.
+    objects: HashMap<String, Objects<P>>,
+    count: usize,
+}
+
+impl<P> Default for State<P> {
+    fn default() -> Self {
+        State {
+            served: Served::Unknown,
+            synced: false,
+            healthy: false,
+            objects: HashMap::new(),
+            count: 0,
+        }
+    }
+}
+
+/// How long a live read made while the cache is not trusted is reused.
+const LIVE_READ_MEMORY: Duration = Duration::from_secs(5);
+/// The first page of a list: small, since objects may be large.
+const FIRST_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 500;
+/// The bytes a page aims at, once the first page told the objects' size.
+const PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// The longest a watch is kept open; the API server ends it then too.
+const WATCH_SECONDS: u32 = 290;
+/// A watch silent for longer than this is taken for dead (bookmarks arrive
+/// about once a minute).
+const WATCH_IDLE: Duration = Duration::from_secs(300);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One page of any cache's list is decoded at a time.
+static LIST_PAGES: Semaphore = Semaphore::const_new(1);
+
+/// Counters a cache keeps for the metrics.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    /// Reads answered by a live list because the cache was not trusted.
+    pub live_reads: AtomicU64,
+    /// Lists and watches that failed.
+    pub errors: AtomicU64,
+}
+
+/// One kind of object, cached.
+pub struct Watched<P> {
+    /// The kind, for logs and metrics.
+    pub what: &'static str,
+    metadata_only: bool,
+    /// Where a watch lists: one namespace, or every namespace.
+    scope: Option<String>,
+    state: RwLock<State<P>>,
+    changes: watch::Sender<u64>,
+    /// Live reads by namespace, while the cache is not trusted.
+    live: Mutex<HashMap<String, (Instant, Listing<P>)>>,
+    live_memory: Duration,
+    pub stats: WatchStats,
+}
+
+/// A list or watch that failed.
+#[derive(Debug)]
+enum Failure {
+    /// 404: the kind is no longer served.
+    NotServed,
+    /// 410: the resourceVersion is too old; list again.
+    Gone,
+    Other(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NotServed => write!(f, "the resource is not served (404)"),
+            Failure::Gone => write!(f, "the resourceVersion expired (410)"),
+            Failure::Other(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+fn failure(err: kube::Error) -> Failure {
+    match err {
+        kube::Error::Api(status) if status.code == 404 => Failure::NotServed,
+        kube::Error::Api(status) if status.code == 410 => Failure::Gone,
+        err => Failure::Other(err.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PageMeta {
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default, rename = "continue")]
+    continue_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Page<W> {
+    metadata: PageMeta,
+    #[serde(default = "Option::default")]
+    items: Option<Vec<W>>,
+}
+
+impl<P: Project> Watched<P> {
+    /// A cache of `what`, listing in `scope` (a namespace) or everywhere.
+    pub fn new(what: &'static str, metadata_only: bool, scope: Option<&str>) -> Arc<Watched<P>> {
+        Arc::new(Watched {
+            what,
+            metadata_only,
+            scope: scope.map(str::to_string),
+            state: RwLock::new(State::default()),
+            changes: watch::channel(0).0,
+            live: Mutex::new(HashMap::new()),
+            live_memory: LIVE_READ_MEMORY,
+            stats: WatchStats::default(),
+        })
+    }
+
+    /// A source that never watches: every read is a live list, remembered
+    /// for the source's lifetime (`plan`, a one-shot command).
+    pub fn listing_only(
+        what: &'static str,
+        metadata_only: bool,
+        served: Served,
+    ) -> Arc<Watched<P>> {
+        let watched = Watched {
+            what,
+            metadata_only,
+            scope: None,
+            state: RwLock::new(State {
+                served,
+                ..State::default()
+            }),
+            changes: watch::channel(0).0,
+            live: Mutex::new(HashMap::new()),
+            live_memory: Duration::MAX,
+            stats: WatchStats::default(),
+        };
+        Arc::new(watched)
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State<P>> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State<P>> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// Bumped on every change the cache sees.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether reviews can rely on it: the kind is not served, or it has
+    /// listed once. A watch that broke later keeps it ready (reads fall back
+    /// to live lists), so an API server hiccup never takes every replica
+    /// out of the Service at once.
+    pub fn is_ready(&self) -> bool {
+        let state = self.read_state();
+        match state.served {
+            Served::Unknown => false,
+            Served::No => true,
+            Served::Yes(_) => state.synced,
+        }
+    }
+
+    /// Its figures, for the metrics.
+    pub fn stats(&self) -> super::CacheStats {
+        super::CacheStats {
+            resource: self.what,
+            objects: self.len(),
+            ready: self.is_ready(),
+            live_reads: self.stats.live_reads.load(Ordering::Relaxed),
+            errors: self.stats.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What discovery last said of the kind.
+    pub fn served(&self) -> Served {
+        self.read_state().served.clone()
+    }
+
+    /// Objects in the cache.
+    pub fn len(&self) -> usize {
+        self.read_state().count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The objects of `namespace` ("" for a cluster-scoped kind), when the
+    /// cache can answer by itself.
+    pub fn cached(&self, namespace: &str) -> Option<Listing<P>> {
+        let state = self.read_state();
+        match &state.served {
+            Served::No => Some(Listing::NotServed),
+            Served::Yes(_) if state.synced && state.healthy => Some(Listing::Listed(
+                state.objects.get(namespace).cloned().unwrap_or_default(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// One object, from the cache alone.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<P> {
+        self.read_state()
+            .objects
+            .get(namespace)
+            .and_then(|objects| objects.get(name))
+            .cloned()
+    }
+
+    /// The objects of `namespace`: from the cache, or, while it cannot
+    /// answer, from a live list of that namespace alone (remembered for a few
+    /// seconds, so a restore of many VMs lists it once). The caller bounds
+    /// the wait.
+    pub async fn read(&self, client: &Client, namespace: &str) -> Listing<P> {
+        if let Some(listing) = self.cached(namespace) {
+            return listing;
+        }
+        if let Some((at, listing)) = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(namespace)
+            && at.elapsed() < self.live_memory
+        {
+            return listing.clone();
+        }
+        let served = self.read_state().served.clone();
+        let listing = match served {
+            Served::No => Listing::NotServed,
+            Served::Unknown => {
+                return Listing::Unknown(format!(
+                    "{} has not been discovered yet (is the API server reachable?)",
+                    self.what
+                ));
+            }
+            Served::Yes(resource) => {
+                self.stats.live_reads.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    resource = self.what,
+                    namespace, "cache not synced: listing live"
+                );
+                let scope = (!namespace.is_empty()).then_some(namespace);
+                match self.list(client, &resource, scope, false).await {
+                    Ok((objects, _)) => Listing::listed(
+                        objects
+                            .into_iter()
+                            .filter(|(ns, _, _)| ns.as_str() == namespace)
+                            .map(|(_, name, projection)| (name, projection)),
+                    ),
+                    Err(Failure::NotServed) => Listing::NotServed,
+                    Err(err) => Listing::Unknown(format!("listing {}: {err}", self.what)),
+                }
+            }
+        };
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.len() >= 1024 {
+            live.retain(|_, (at, _)| at.elapsed() < self.live_memory);
+        }
+        live.insert(namespace.to_string(), (Instant::now(), listing.clone()));
+        listing
+    }
+
+    /// Keeps the cache current while the kind is served, as `served` says.
+    pub async fn run(self: Arc<Self>, client: Client, mut served: watch::Receiver<Served>) {
+        loop {
+            let now = served.borrow_and_update().clone();
+            {
+                let mut state = self.write_state();
+                if state.served != now {
+                    state.served = now.clone();
+                    state.synced = false;
+                    state.healthy = false;
+                    state.objects.clear();
+                    state.count = 0;
+                }
+            }
+            self.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.changed();
+            match now {
+                Served::Yes(resource) => {
+                    info!(resource = self.what, version = %resource.version, "watching");
+                    tokio::select! {
+                        _ = self.clone().list_and_watch(client.clone(), resource) => {}
+                        changed = served.changed() => if changed.is_err() { return },
+                    }
+                }
+                Served::No => {
+                    debug!(resource = self.what, "not served");
+                    if served.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Served::Unknown => {
+                    if served.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lists, then watches from the list's resourceVersion; lists again
+    /// after a 410, and after any failure with a backoff. Never returns.
+    async fn list_and_watch(self: Arc<Self>, client: Client, resource: ApiResource) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let listed = self
+                .list(&client, &resource, self.scope.as_deref(), true)
+                .await;
+            let version = match listed {
+                Ok((objects, version)) => {
+                    self.replace(objects);
+                    version
+                }
+                Err(err) => {
+                    self.failed(&err);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            match self.watch_from(&client, &resource, version).await {
+                Failure::Gone => debug!(resource = self.what, "watch expired (410); listing again"),
+                err => {
+                    self.failed(&err);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn failed(&self, err: &Failure) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        warn!(resource = self.what, error = %err,
+            "list or watch failed; reviews read this kind live until it lists again");
+        self.write_state().healthy = false;
+    }
+
+    fn request(&self, resource: &ApiResource, scope: Option<&str>) -> kube::core::Request {
+        kube::core::Request::new(DynamicObject::url_path(resource, scope))
+    }
+
+    /// Every object of `resource` in `scope`, page by page: (namespace, name,
+    /// projection), and the list's resourceVersion.
+    async fn list(
+        &self,
+        client: &Client,
+        resource: &ApiResource,
+        scope: Option<&str>,
+        one_page_at_a_time: bool,
+    ) -> Result<(Vec<(String, String, P)>, String), Failure> {
+        let request = self.request(resource, scope);
+        let mut objects = Vec::new();
+        let mut continue_token: Option<String> = None;
+        let mut limit = FIRST_PAGE;
+        loop {
+            let mut params = ListParams::default().limit(limit);
+            if let Some(token) = &continue_token {
+                params = params.continue_token(token);
+            }
+            let http_request = if self.metadata_only {
+                request.list_metadata(&params)
+            } else {
+                request.list(&params)
+            }
+            .map_err(|err| Failure::Other(err.to_string()))?;
+            let _page_permit = if one_page_at_a_time {
+                Some(
+                    LIST_PAGES
+                        .acquire()
+                        .await
+                        .map_err(|err| Failure::Other(err.to_string()))?,
+                )
+            } else {
+                None
+            };
+            let (page, bytes): (Page<P::Wire>, usize) = fetch(client, http_request).await?;
+            let items = page.items.unwrap_or_default();
+            // Size the next page from this one's bytes per object.
+            if let Some(per_object) = bytes.checked_div(items.len().max(1)) {
+                limit = (PAGE_BYTES / per_object.max(1))
+                    .clamp(FIRST_PAGE as usize, MAX_PAGE as usize) as u32;
+            }
+            for wire in items {
+                let namespace = P::namespace(&wire).unwrap_or_default().to_string();
+                let name = P::name(&wire).to_string();
+                objects.push((namespace, name, P::project(wire)));
+            }
+            match page
+                .metadata
+                .continue_token
+                .filter(|token| !token.is_empty())
+            {
+                Some(token) => continue_token = Some(token),
+                None => {
+                    return Ok((objects, page.metadata.resource_version.unwrap_or_default()));
+                }
+            }
+        }
+    }
+
+    /// Replaces the cache with a complete list.
+    fn replace(&self, listed: Vec<(String, String, P)>) {
+        let mut by_namespace: HashMap<String, std::collections::BTreeMap<String, P>> =
+            HashMap::new();
+        let count = listed.len();
+        for (namespace, name, projection) in listed {
+            by_namespace
+                .entry(namespace)
+                .or_default()
+                .insert(name, projection);
+        }
+        {
+            let mut state = self.write_state();
+            state.objects = by_namespace
+                .into_iter()
+                .map(|(namespace, objects)| (namespace, Arc::new(objects)))
+                .collect();
+            state.count = count;
+            if !state.synced {
+                info!(resource = self.what, objects = count, "cache synced");
+            }
+            state.synced = true;
+            state.healthy = true;
+        }
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.changed();
+    }
+
+    fn upsert(&self, wire: P::Wire) {
+        let namespace = P::namespace(&wire).unwrap_or_default().to_string();
+        let name = P::name(&wire).to_string();
+        let projection = P::project(wire);
+        let mut state = self.write_state();
+        let objects = state.objects.entry(namespace).or_default();
+        let added = Arc::make_mut(objects).insert(name, projection).is_none();
+        if added {
+            state.count += 1;
+        }
+    }
+
+    fn delete(&self, wire: &P::Wire) {
+        let namespace = P::namespace(wire).unwrap_or_default();
+        let mut state = self.write_state();
+        let removed = match state.objects.get_mut(namespace) {
+            Some(objects) => {
+                let removed = Arc::make_mut(objects).remove(P::name(wire)).is_some();
+                if objects.is_empty() {
+                    state.objects.remove(namespace);
+                }
+                removed
+            }
+            None => false,
+        };
+        if removed {
+            state.count = state.count.saturating_sub(1);
+        }
+    }
+
+    /// Watches from `version` until the watch fails; says how.
+    async fn watch_from(
+        &self,
+        client: &Client,
+        resource: &ApiResource,
+        mut version: String,
+    ) -> Failure {
+        let request = self.request(resource, self.scope.as_deref());
+        loop {
+            let params = WatchParams::default().timeout(WATCH_SECONDS);
+            let http_request = match if self.metadata_only {
+                request.watch_metadata(&params, &version)
+            } else {
+                request.watch(&params, &version)
+            } {
+                Ok(request) => request,
+                Err(err) => return Failure::Other(err.to_string()),
+            };
+            let events = match client.request_events::<P::Wire>(http_request).await {
+                Ok(events) => events,
+                Err(err) => return failure(err),
+            };
+            futures::pin_mut!(events);
+            loop {
+                let next = match tokio::time::timeout(WATCH_IDLE, events.try_next()).await {
+                    Ok(next) => next,
+                    Err(_) => return Failure::Other("the watch went silent".into()),
+                };
+                let event = match next {
+                    Ok(Some(event)) => event,
+                    // The API server ended the watch (its timeout): resume.
+                    Ok(None) => break,
+                    Err(err) => return failure(err),
+                };
+                match event {
+                    WatchEvent::Added(wire) | WatchEvent::Modified(wire) => {
+                        if let Some(rv) = P::resource_version(&wire) {
+                            version = rv.to_string();
+                        }
+                        self.upsert(wire);
+                    }
+                    WatchEvent::Deleted(wire) => {
+                        if let Some(rv) = P::resource_version(&wire) {
+                            version = rv.to_string();
+                        }
+                        self.delete(&wire);
+                    }
+                    WatchEvent::Bookmark(bookmark) => {
+                        version = bookmark.metadata.resource_version;
+                        continue;
+                    }
+                    WatchEvent::Error(status) if status.code == 410 => return Failure::Gone,
+                    WatchEvent::Error(status) => {
+                        return Failure::Other(format!("{} ({})", status.message, status.code));
+                    }
+                }
+                self.changed();
+            }
+        }
+    }
+}
+
+/// Sends `request` and decodes the body as `T`, and its size: one copy of the
+/// body, decoded in place (the API server's error Status becomes the error).
+async fn fetch<T: DeserializeOwned>(
+    client: &Client,
+    request: axum::http::Request<Vec<u8>>,
+) -> Result<(T, usize), Failure> {
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .map_err(failure)?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|err| Failure::Other(err.to_string()))?
+        .to_bytes();
+    if !status.is_success() {
+        let message = serde_json::from_slice::<kube::core::Status>(&body)
+            .map(|status| status.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+        return Err(match status.as_u16() {
+            404 => Failure::NotServed,
+            410 => Failure::Gone,
+            code => Failure::Other(format!("{message} ({code})")),
+        });
+    }
+    let decoded = serde_json::from_slice(&body).map_err(|err| Failure::Other(err.to_string()))?;
+    Ok((decoded, body.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use axum::http::{Request, Response};
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use kube::core::GroupVersionKind;
+    use tokio::sync::mpsc;
+
+    type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+    /// A fake API server for one namespaced kind: lists page through
+    /// `objects` (namespace, name); the cluster-wide list answers
+    /// `list_status` while it is not 200; each watch streams the lines sent
+    /// on the channel the test holds.
+    struct FakeApi {
+        objects: Mutex<Vec<(String, String)>>,
+        list_status: Mutex<u16>,
+        lists: AtomicUsize,
+        namespaced_lists: AtomicUsize,
+        watches: AtomicUsize,
+        events: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    }
+
+    fn object(namespace: &str, name: &str, version: u32) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": version.to_string(),
+                "annotations": {"big": "x".repeat(1000)}}})
+    }
+
+    fn respond(status: u16, body: Body) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(body)
+            .expect("response")
+    }
+
+    fn full(text: String) -> Body {
+        Full::new(Bytes::from(text)).boxed_unsync()
+    }
+
+    impl FakeApi {
+        fn new(objects: &[(&str, &str)]) -> (Arc<FakeApi>, mpsc::UnboundedSender<String>) {
+            let (events, receiver) = mpsc::unbounded_channel();
+            let api = Arc::new(FakeApi {
+                objects: Mutex::new(
+                    objects
+                        .iter()
+                        .map(|(ns, name)| (ns.to_string(), name.to_string()))
+                        .collect(),
+                ),
+                list_status: Mutex::new(200),
+                lists: AtomicUsize::new(0),
+                namespaced_lists: AtomicUsize::new(0),
+                watches: AtomicUsize::new(0),
+                events: Mutex::new(Some(receiver)),
+            });
+            (api, events)
+        }
+
+        fn serve(&self, request: Request<kube::client::Body>) -> Response<Body> {
+            let query = request.uri().query().unwrap_or_default().to_string();
+            let path = request.uri().path().to_string();
+            let param = |key: &str| {
+                query.split('&').find_map(|pair| {
+                    pair.strip_prefix(&format!("{key}="))
+                        .map(|value| value.to_string())
+                })
+            };
+            if param("watch").is_some() {
+                self.watches.fetch_add(1, Ordering::SeqCst);
+                let Some(receiver) = self.events.lock().unwrap().take() else {
+                    // Only the first watch gets events; later ones idle.
+                    return respond(200, StreamBody::new(futures::stream::pending()).boxed_unsync());
+                };
+                let lines = tokio_stream_from(receiver)
+                    .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{line}\n")))));
+                return respond(200, StreamBody::new(lines).boxed_unsync());
+            }
+            let namespace = path
+                .split("/namespaces/")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .map(str::to_string);
+            match &namespace {
+                Some(_) => self.namespaced_lists.fetch_add(1, Ordering::SeqCst),
+                None => self.lists.fetch_add(1, Ordering::SeqCst),
+            };
+            let status = *self.list_status.lock().unwrap();
+            if namespace.is_none() && status != 200 {
+                let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd is down", "reason": "InternalError", "code": status});
+                return respond(status, full(body.to_string()));
+            }
+            let objects: Vec<(String, String)> = self
+                .objects
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(ns, _)| namespace.as_ref().is_none_or(|wanted| wanted == ns))
+                .cloned()
+                .collect();
+            let start: usize = param("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+            let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
+            let page: Vec<_> = objects
+                .iter()
+                .skip(start)
+                .take(limit)
+                .map(|(ns, name)| object(ns, name, 1))
+                .collect();
+            let next = start + page.len();
+            let mut metadata = serde_json::json!({"resourceVersion": "10"});
+            if next < objects.len() {
+                metadata["continue"] = next.to_string().into();
+            }
+            let body = serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                "metadata": metadata, "items": page});
+            respond(200, full(body.to_string()))
+        }
+    }
+
+    fn tokio_stream_from(
+        mut receiver: mpsc::UnboundedReceiver<String>,
+    ) -> impl futures::Stream<Item = String> {
+        futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+    }
+
+    fn client_for(api: Arc<FakeApi>) -> Client {
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.serve(request)) }
+        });
+        Client::new(service, "default")
+    }
+
+    fn resource() -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("example.com", "v1", "Widget"),
+            "widgets",
+        )
+    }
+
+    fn event(kind: &str, namespace: &str, name: &str, version: u32) -> String {
+        serde_json::json!({"type": kind, "object": object(namespace, name, version)}).to_string()
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn lists_page_by_page_then_follows_the_watch() {
+        let objects: Vec<(String, String)> = (0..45)
+            .map(|i| (format!("ns-{}", i % 3), format!("w-{i}")))
+            .collect();
+        let borrowed: Vec<(&str, &str)> = objects
+            .iter()
+            .map(|(ns, name)| (ns.as_str(), name.as_str()))
+            .collect();
+        let (api, events) = FakeApi::new(&borrowed);
+        let client = client_for(api.clone());
+        let cache = Watched::<()>::new("widgets.example.com", true, None);
+        let (served, receiver) = watch::channel(Served::Unknown);
+        let runner = tokio::spawn(cache.clone().run(client.clone(), receiver));
+        assert!(!cache.is_ready(), "not ready before discovery answered");
+        served.send_replace(Served::Yes(resource()));
+        eventually("the first list completed", || cache.is_ready()).await;
+        assert_eq!(cache.len(), 45);
+        // Paged: a first page of 20, then larger ones.
+        assert!(api.lists.load(Ordering::SeqCst) >= 2);
+        let Some(Listing::Listed(ns0)) = cache.cached("ns-0") else {
+            panic!("the cache answers once synced");
+        };
+        assert_eq!(ns0.len(), 15);
+        // The watch delivers: an object created now is there without a list.
+        let lists = api.lists.load(Ordering::SeqCst);
+        events.send(event("ADDED", "ns-0", "new", 11)).unwrap();
+        eventually("the watch delivered", || cache.get("ns-0", "new").is_some()).await;
+        events.send(event("DELETED", "ns-0", "w-0", 12)).unwrap();
+        eventually("the delete", || cache.get("ns-0", "w-0").is_none()).await;
+        assert_eq!(cache.len(), 45);
+        assert_eq!(api.lists.load(Ordering::SeqCst), lists, "no list for watched changes");
+        assert_eq!(api.namespaced_lists.load(Ordering::SeqCst), 0);
+        // An expired watch lists again.
+        events
+            .send(serde_json::json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "status": "Failure", "message": "too old", "reason": "Expired", "code": 410}}).to_string())
+            .unwrap();
+        eventually("the relist", || api.lists.load(Ordering::SeqCst) > lists).await;
+        // Discovery says the kind is gone: "not served", from memory.
+        served.send_replace(Served::No);
+        eventually("not served", || cache.cached("ns-0") == Some(Listing::NotServed)).await;
+        assert!(cache.is_ready());
+        assert_eq!(cache.len(), 0);
+        runner.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_list_fails_reads_go_live_per_namespace_and_are_remembered_briefly() {
+        let (api, _events) = FakeApi::new(&[("prod", "a"), ("prod", "b"), ("dev", "c")]);
+        *api.list_status.lock().unwrap() = 500;
+        let client = client_for(api.clone());
+        let cache = Watched::<()>::new("widgets.example.com", true, None);
+        let (_served, receiver) = watch::channel(Served::Yes(resource()));
+        let runner = tokio::spawn(cache.clone().run(client.clone(), receiver));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!cache.is_ready(), "a failed first list is not ready");
+        assert!(cache.stats.errors.load(Ordering::SeqCst) >= 1);
+        assert_eq!(cache.cached("prod"), None);
+        for _ in 0..3 {
+            let Listing::Listed(prod) = cache.read(&client, "prod").await else {
+                panic!("a live list of the namespace answers");
+            };
+            assert_eq!(prod.keys().collect::<Vec<_>>(), ["a", "b"]);
+        }
+        assert_eq!(api.namespaced_lists.load(Ordering::SeqCst), 1, "remembered");
+        assert_eq!(cache.stats.live_reads.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(LIVE_READ_MEMORY + Duration::from_millis(10)).await;
+        cache.read(&client, "prod").await;
+        assert_eq!(api.namespaced_lists.load(Ordering::SeqCst), 2, "asked again later");
+        // The list comes back: the cache answers by itself again.
+        *api.list_status.lock().unwrap() = 200;
+        tokio::time::sleep(BACKOFF_MAX).await;
+        assert!(cache.is_ready());
+        let before = api.namespaced_lists.load(Ordering::SeqCst);
+        assert!(matches!(cache.read(&client, "dev").await, Listing::Listed(dev) if dev.len() == 1));
+        assert_eq!(api.namespaced_lists.load(Ordering::SeqCst), before);
+        runner.abort();
+    }
+
+    #[tokio::test]
+    async fn a_kind_not_served_answers_without_a_request() {
+        let (api, _events) = FakeApi::new(&[]);
+        let client = client_for(api.clone());
+        let cache = Watched::<()>::new("widgets.example.com", true, None);
+        let (_served, receiver) = watch::channel(Served::No);
+        let runner = tokio::spawn(cache.clone().run(client.clone(), receiver));
+        eventually("ready", || cache.is_ready()).await;
+        assert_eq!(cache.read(&client, "prod").await, Listing::NotServed);
+        assert_eq!(api.lists.load(Ordering::SeqCst) + api.namespaced_lists.load(Ordering::SeqCst), 0);
+        runner.abort();
+    }
+}
