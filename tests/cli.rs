@@ -826,3 +826,88 @@ fn review_denies_an_encrypted_vm_mapped_to_a_storage_class_that_does_not_encrypt
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be encryptedstorageclass/NAME"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Finding 9 of the shared-safety review: whether a field is mapped is
+/// decided once. An entry that maps a class to itself leaves `spec.class`
+/// checked (and removed when the target has no such instance), and a
+/// turned-off `vm-map-class` leaves the VM checked under the name it keeps.
+#[test]
+fn identity_entries_and_turned_off_mapping_rules_map_nothing_for_any_question() {
+    let dir = std::env::temp_dir().join(format!("vmrw-cli-identity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mappings.yaml");
+    let mapping_of = |classes: &str| {
+        std::fs::write(
+            &file,
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: vm-mappings\n  labels:\n    velero.io/plugin-config: \"\"\n    velero-vm-restore-webhook/vm-mappings: RestoreItemAction\ndata:\n  classes: |\n    {classes}\n"),
+        )
+        .unwrap();
+    };
+    let mut vm: Value =
+        serde_json::from_str(&std::fs::read_to_string(example("vm-v1alpha5.json")).unwrap())
+            .unwrap();
+    vm["spec"]["class"] =
+        serde_json::json!({"kind": "VirtualMachineClassInstance", "name": "small-1"});
+    let input = vm.to_string();
+    let mapping = file.to_str().unwrap().to_string();
+    let review = |extra: &[&str]| {
+        let mut args = vec![
+            "review",
+            "--group",
+            "prod/web-tier",
+            "--mapping",
+            &mapping,
+            "--exists",
+            "class/prod/best-effort-small",
+            "--exists",
+            "class/prod/site-b-small",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", "summary", "-"]);
+        run(&args, Some(&input))
+    };
+    // Identity: nothing renamed, and the instance (not in the target) removed.
+    mapping_of("best-effort-small: best-effort-small");
+    let out = review(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "removed spec.class (no active instance of this class by that name in the target)"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("set spec.className"), "{stdout}");
+    // vm-map-class off: the VM keeps best-effort-small and is checked under
+    // it; a namespace without it denies the VM under that name.
+    mapping_of("best-effort-small: site-b-small");
+    let out = review(&["--disable-rule", "vm-map-class"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("set spec.className"), "{stdout}");
+    assert!(
+        !stdout.contains("DENIED"),
+        "best-effort-small is given: {stdout}"
+    );
+    let out = run(
+        &[
+            "review",
+            "--group",
+            "prod/web-tier",
+            "--mapping",
+            &mapping,
+            "--exists",
+            "class/prod/site-b-small",
+            "--disable-rule",
+            "vm-map-class",
+            "-o",
+            "summary",
+            "-",
+        ],
+        Some(&input),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("spec.className \"best-effort-small\" names no VirtualMachineClass"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -757,7 +757,10 @@ mod tests {
                 self.watches.fetch_add(1, Ordering::SeqCst);
                 let Some(receiver) = self.events.lock().unwrap().take() else {
                     // Only the first watch gets events; later ones idle.
-                    return respond(200, StreamBody::new(futures::stream::pending()).boxed_unsync());
+                    return respond(
+                        200,
+                        StreamBody::new(futures::stream::pending()).boxed_unsync(),
+                    );
                 };
                 let lines = tokio_stream_from(receiver)
                     .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{line}\n")))));
@@ -787,7 +790,9 @@ mod tests {
                 .cloned()
                 .collect();
             let start: usize = param("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-            let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
+            let limit: usize = param("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(usize::MAX);
             let page: Vec<_> = objects
                 .iter()
                 .skip(start)
@@ -871,7 +876,11 @@ mod tests {
         events.send(event("DELETED", "ns-0", "w-0", 12)).unwrap();
         eventually("the delete", || cache.get("ns-0", "w-0").is_none()).await;
         assert_eq!(cache.len(), 45);
-        assert_eq!(api.lists.load(Ordering::SeqCst), lists, "no list for watched changes");
+        assert_eq!(
+            api.lists.load(Ordering::SeqCst),
+            lists,
+            "no list for watched changes"
+        );
         assert_eq!(api.namespaced_lists.load(Ordering::SeqCst), 0);
         // An expired watch lists again.
         events
@@ -881,7 +890,10 @@ mod tests {
         eventually("the relist", || api.lists.load(Ordering::SeqCst) > lists).await;
         // Discovery says the kind is gone: "not served", from memory.
         served.send_replace(Served::No);
-        eventually("not served", || cache.cached("ns-0") == Some(Listing::NotServed)).await;
+        eventually("not served", || {
+            cache.cached("ns-0") == Some(Listing::NotServed)
+        })
+        .await;
         assert!(cache.is_ready());
         assert_eq!(cache.len(), 0);
         runner.abort();
@@ -909,7 +921,11 @@ mod tests {
         assert_eq!(cache.stats.live_reads.load(Ordering::SeqCst), 1);
         tokio::time::sleep(LIVE_READ_MEMORY + Duration::from_millis(10)).await;
         cache.read(&client, "prod").await;
-        assert_eq!(api.namespaced_lists.load(Ordering::SeqCst), 2, "asked again later");
+        assert_eq!(
+            api.namespaced_lists.load(Ordering::SeqCst),
+            2,
+            "asked again later"
+        );
         // The list comes back: the cache answers by itself again.
         *api.list_status.lock().unwrap() = 200;
         tokio::time::sleep(BACKOFF_MAX).await;
@@ -929,7 +945,10 @@ mod tests {
         let runner = tokio::spawn(cache.clone().run(client.clone(), receiver));
         eventually("ready", || cache.is_ready()).await;
         assert_eq!(cache.read(&client, "prod").await, Listing::NotServed);
-        assert_eq!(api.lists.load(Ordering::SeqCst) + api.namespaced_lists.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            api.lists.load(Ordering::SeqCst) + api.namespaced_lists.load(Ordering::SeqCst),
+            0
+        );
         runner.abort();
     }
 }

@@ -217,6 +217,45 @@ pub struct Mappings {
 }
 
 impl Mappings {
+    /// The mappings as they will be applied, for every question asked of
+    /// them: an entry that maps a name to itself renames nothing, and the
+    /// table of a turned-off `vm-map-*` rule maps nothing. The checks, the
+    /// renames and the clean-up of `spec.class` and `spec.image` then agree
+    /// on what is mapped.
+    pub fn in_effect(&self, enabled: impl Fn(&str) -> bool) -> Mappings {
+        let table = |table: &Table<String>, rule: &str| Table {
+            source: table.source.clone(),
+            entries: if enabled(rule) {
+                table
+                    .entries
+                    .iter()
+                    .filter(|(old, new)| old != new)
+                    .map(|(old, new)| (old.clone(), new.clone()))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+        };
+        Mappings {
+            storage_classes: table(&self.storage_classes, R_MAP_STORAGE_CLASS),
+            classes: table(&self.classes, R_MAP_CLASS),
+            images: table(&self.images, R_MAP_IMAGE),
+            zones: table(&self.zones, R_MAP_ZONE),
+            networks: if enabled(R_MAP_NETWORK) {
+                self.networks
+                    .iter()
+                    .filter(|(old, new)| {
+                        old.name != new.name || (new.kind.is_some() && new.kind != old.kind)
+                    })
+                    .map(|(old, new)| (old.clone(), new.clone()))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+            networks_source: self.networks_source.clone(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.storage_classes.entries.is_empty()
             && self.classes.entries.is_empty()

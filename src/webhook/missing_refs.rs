@@ -8,6 +8,11 @@ use crate::vmop::{self, ClusterRef, RefKind};
 use crate::webhook::admission::MappingFix;
 use crate::webhook::decide::{DecideSettings, Facts, Subject};
 
+/// What a denial lists of what the namespace has, per missing reference:
+/// enough to pick from, and a message of bounded size whatever the
+/// namespace holds.
+pub const LISTED_AT_MOST: usize = 20;
+
 /// One missing reference as a denial explains it: its name after mapping,
 /// the source of the entry that mapped it there (if one did), and what the
 /// namespace has instead.
@@ -20,10 +25,14 @@ struct MissingRef<'a> {
 impl MissingRef<'_> {
     /// What the namespace has, or `none` where it has nothing of the kind.
     fn listed(&self, none: &str) -> String {
-        if self.has.is_empty() {
-            none.to_string()
-        } else {
-            self.has.join(", ")
+        match self.has.len() {
+            0 => none.to_string(),
+            count if count <= LISTED_AT_MOST => self.has.join(", "),
+            count => format!(
+                "{} and {} more (the first {LISTED_AT_MOST} listed)",
+                self.has[..LISTED_AT_MOST].join(", "),
+                count - LISTED_AT_MOST
+            ),
         }
     }
 

@@ -321,7 +321,10 @@ impl Reviewer {
                 _ => None,
             };
             match mappings.for_restore(restore) {
-                Ok(selected) => facts.mappings = selected,
+                Ok(selected) => {
+                    let disabled = &self.settings.disabled_rules;
+                    facts.mappings = Arc::new(selected.in_effect(|rule| !disabled.contains(rule)));
+                }
                 Err(err) => {
                     warn!(restore = subject.restore_label, object = subject.object_label, error = %err,
                         "the restore's mappings cannot be used");
