@@ -101,6 +101,32 @@ label_enum! {
 }
 
 label_enum! {
+    /// A listening port.
+    PortLabel {
+        Https => "https",
+        Metrics => "metrics",
+    }
+}
+
+label_enum! {
+    /// Why a connection was refused or closed early.
+    ConnectionRefusal {
+        /// Its source address already had its share of open connections.
+        PerSource => "per_source",
+        /// The TLS handshake failed or took too long.
+        Handshake => "handshake",
+        /// A request's head did not arrive in time.
+        SlowHead => "slow_head",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub port: PortLabel,
+    pub reason: ConnectionRefusal,
+}
+
+label_enum! {
     /// Which part of the binary sent an API request.
     Component {
         /// The webhook's caches and lookups (reviews, readiness).
@@ -179,6 +205,7 @@ pub struct Metrics {
     pub cache_live_reads: Family<CacheLabels, Counter<u64, AtomicU64>>,
     pub cache_errors: Family<CacheLabels, Counter<u64, AtomicU64>>,
     api_requests_sent: AtomicU64,
+    pub connections_refused: Family<ConnectionLabels, Counter<u64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -283,7 +310,14 @@ impl Metrics {
             "Lists and watches of a cache that failed (each is retried with a backoff)",
             cache_errors.clone(),
         );
+        let connections_refused = Family::<ConnectionLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused or closed early, by port (https, metrics) and reason (per_source: its address had its share open; handshake; slow_head)",
+            connections_refused.clone(),
+        );
         Metrics {
+            connections_refused,
             api_requests_sent: AtomicU64::new(0),
             api_requests,
             cache_objects,
@@ -327,6 +361,12 @@ impl Metrics {
         self.api_requests.get_or_create(labels).inc();
         self.api_requests_sent
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn connection_refused(&self, port: PortLabel, reason: ConnectionRefusal) {
+        self.connections_refused
+            .get_or_create(&ConnectionLabels { port, reason })
+            .inc();
     }
 
     /// Every API request counted so far.

@@ -161,9 +161,17 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
     pub max_body_bytes: u64,
 
-    /// Time allowed for a client to send the request headers.
+    /// Time allowed for a client to send a request's headers, from its
+    /// first byte (or from the connection's start).
     #[arg(long, env = "VMRW_HEADER_READ_TIMEOUT", value_parser = humantime_duration, default_value = "10s")]
     pub header_read_timeout: Duration,
+
+    /// A kept-alive connection without a request is closed after this. Keep
+    /// it above the API server's 90 s idle timeout for webhook connections,
+    /// so the API server closes first and never sends a request on a
+    /// connection being closed.
+    #[arg(long, env = "VMRW_IDLE_TIMEOUT", value_parser = humantime_duration, default_value = "120s")]
+    pub idle_timeout: Duration,
 
     /// Time allowed for the TLS handshake and for reading a request body.
     #[arg(long, env = "VMRW_REQUEST_READ_TIMEOUT", value_parser = humantime_duration, default_value = "10s")]
@@ -184,11 +192,18 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
     pub max_buffered_bytes: u64,
 
-    /// Open HTTPS connections at once; further connections wait in the
-    /// listen backlog.
+    /// Open connections at once, on each port; further connections wait in
+    /// the listen backlog.
     #[arg(long, env = "VMRW_MAX_CONNECTIONS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
+
+    /// Open connections from one source address, on each port; more are
+    /// refused at once. One pod cannot take the connections the API server
+    /// needs.
+    #[arg(long, env = "VMRW_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections_per_source: u32,
 
     /// VMs waiting for their VirtualMachineGroup at once, over all namespaces.
     /// A VM beyond it is not held: its group is checked once.
@@ -196,8 +211,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_group_waits: u32,
 
-    /// VMs waiting for groups at once in one namespace.
-    #[arg(long, env = "VMRW_MAX_GROUP_WAITS_PER_NAMESPACE", default_value_t = 8,
+    /// VMs waiting for groups at once in one namespace. Velero restores one
+    /// item at a time, so a restore holds one wait; a namespace that holds
+    /// more is creating VMs by hand, and cannot take the waits other
+    /// namespaces' restores need.
+    #[arg(long, env = "VMRW_MAX_GROUP_WAITS_PER_NAMESPACE", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_group_waits_per_namespace: u32,
 

@@ -203,25 +203,30 @@ async fn later_vms_for_a_group_that_timed_out_are_answered_at_once() {
 }
 
 #[tokio::test]
-async fn waits_for_a_missing_group_do_not_block_other_reviews() {
-    // Like an attacker (or a wrong restore order) holding waits: 8 VMs in
-    // one namespace name a group that never comes.
+async fn waits_for_a_missing_group_do_not_block_other_reviews_or_other_namespaces() {
+    // Like an attacker (or a wrong restore order) holding waits: in each of
+    // two namespaces, 8 VMs name a group that never comes.
     let (server, client, _secret) = server_with(Duration::from_secs(8), limits(), None).await;
-    let mut vm = example("vm-v1alpha5.json");
-    vm["spec"]["groupName"] = json!("never");
     let mut holders = Vec::new();
-    for i in 0..8 {
-        let mut vm = vm.clone();
-        vm["metadata"]["name"] = json!(format!("hold-{i}"));
-        let (client, url) = (client.clone(), server.url("/mutate?timeout=10s"));
-        holders.push(tokio::spawn(async move {
-            post_review(&client, &url, &review_for(&vm, false)).await
-        }));
+    for namespace in ["attacker-a", "attacker-b"] {
+        for i in 0..8 {
+            let mut vm = example("vm-v1alpha5.json");
+            vm["metadata"]["namespace"] = json!(namespace);
+            vm["metadata"]["name"] = json!(format!("hold-{i}"));
+            vm["spec"]["groupName"] = json!("never");
+            let (client, url) = (client.clone(), server.url("/mutate?timeout=10s"));
+            let mut review = review_for(&vm, false);
+            review["request"]["namespace"] = json!(namespace);
+            holders.push(tokio::spawn(async move {
+                post_review(&client, &url, &review).await
+            }));
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let metrics = metrics_text(&server).await;
+    // Two waits per namespace at most; the rest are answered at once.
     assert!(
-        metrics.contains("velero_vm_restore_webhook_group_waits_in_progress 8"),
+        metrics.contains("velero_vm_restore_webhook_group_waits_in_progress 4"),
         "{metrics}"
     );
     // A legitimate VM whose group exists, and a PVC, are answered at once.
@@ -245,9 +250,36 @@ async fn waits_for_a_missing_group_do_not_block_other_reviews() {
         "{:?}",
         started.elapsed()
     );
+    // Another namespace's restore still gets its wait: its group comes a
+    // second later and the VM is admitted.
+    let mut restored = example("vm-v1alpha5.json");
+    restored["metadata"]["namespace"] = json!("restoring");
+    restored["spec"]["groupName"] = json!("late");
+    let mut review = review_for(&restored, false);
+    review["request"]["namespace"] = json!("restoring");
+    let waiting = {
+        let (client, url) = (client.clone(), server.url("/mutate?timeout=10s"));
+        tokio::spawn(async move { post_review(&client, &url, &review).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.groups.insert("restoring", "late");
+    let answer = waiting.await.unwrap();
+    assert!(answer.allowed(), "{}", answer.body);
+    let mut denied_at_once = 0;
     for holder in holders {
-        assert!(!holder.await.unwrap().allowed());
+        let answer = holder.await.unwrap();
+        assert!(!answer.allowed());
+        if answer
+            .message()
+            .contains("were already waiting for groups, so this VM did not wait")
+        {
+            denied_at_once += 1;
+        }
     }
+    assert_eq!(
+        denied_at_once, 12,
+        "six of each namespace's eight did not wait"
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The webhook path: where one AdmissionReview goes, in order.
 //!
 //! - [`server`]: HTTPS routes, body limits, review slots, graceful shutdown;
+//!   [`connections`]: both ports' connections, their caps and timeouts;
 //!   [`tls`]: the serving certificate and its reload.
 //! - [`admission`]: the body parsed into a request and the raw object, and a
 //!   [`admission::Verdict`] rendered back into the response (pure).
@@ -16,6 +17,7 @@
 //! at the top of the crate, never [`crate::companion`].
 
 pub mod admission;
+pub mod connections;
 pub mod decide;
 pub mod missing_refs;
 pub mod review;

@@ -1,9 +1,10 @@
 //! Routes, TLS, limits and graceful shutdown.
 //!
 //! The HTTPS port serves `POST /mutate`, `GET /healthz` and `GET /readyz`; the
-//! plain-HTTP metrics port serves `/metrics` and the same probes. Each TLS
-//! connection is driven by hyper directly (not `axum::serve`) so that the
-//! handshake and header-read timeouts apply and shutdown can drain it.
+//! plain-HTTP metrics port serves `/metrics` and the same probes. Both ports'
+//! connections are driven by [`super::connections`], with the same limits
+//! (connection caps in total and per source address, handshake, header and
+//! idle timeouts) and the same drain on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,23 +13,23 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::deadline::Deadline;
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, PortLabel};
 use crate::settings::ServeArgs;
 use crate::webhook::admission::{self, ReviewError};
+use crate::webhook::connections::{ConnectionLimits, Peer, Port};
 use crate::webhook::review::Reviewer;
 use crate::webhook::tls::{ReloadingCert, TlsError};
 
@@ -36,13 +37,19 @@ use crate::webhook::tls::{ReloadingCert, TlsError};
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// From a request's first byte to its complete head.
     pub header_read_timeout: Duration,
+    /// For the TLS handshake, and for reading a request's body.
     pub request_read_timeout: Duration,
+    /// A kept-alive connection without a request is closed after this.
+    pub idle_timeout: Duration,
     pub max_concurrent_reviews: usize,
     /// Request bytes buffered at once over all reviews; [`budget_kib`] raises
     /// it to max_body_bytes, so one largest body always fits.
     pub max_buffered_bytes: usize,
     pub max_connections: usize,
+    /// Open connections from one source address, on each port.
+    pub max_connections_per_source: usize,
     /// Subtracted from the API server's `?timeout=` to fix each request's deadline.
     pub timeout_margin: Duration,
     /// On shutdown: serve with /readyz failing for this long, then stop accepting.
@@ -57,13 +64,27 @@ impl From<&ServeArgs> for Limits {
             max_body_bytes: args.max_body_bytes as usize,
             header_read_timeout: args.header_read_timeout,
             request_read_timeout: args.request_read_timeout,
+            idle_timeout: args.idle_timeout,
             max_concurrent_reviews: args.max_concurrent_reviews.max(1) as usize,
             max_buffered_bytes: args.max_buffered_bytes as usize,
             max_connections: args.max_connections.max(1) as usize,
+            max_connections_per_source: args.max_connections_per_source.max(1) as usize,
             timeout_margin: args.rules.timeout_margin,
             drain_delay: args.shutdown_drain_delay,
             shutdown_timeout: args.shutdown_timeout,
             bench_noop_route: args.bench_noop_route,
+        }
+    }
+}
+
+impl Limits {
+    fn connections(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_source: self.max_connections_per_source,
+            handshake_timeout: self.request_read_timeout,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -77,6 +98,35 @@ fn budget_kib(limits: &Limits) -> usize {
         .min(u32::MAX as usize)
 }
 
+/// The share of the byte budget one source address may hold: a quarter, and
+/// at least one largest body, so no single caller reading slowly can hold
+/// the whole budget while the API server's bodies wait.
+fn source_share_kib(limits: &Limits) -> usize {
+    (budget_kib(limits) / 4)
+        .max(limits.max_body_bytes.div_ceil(1024))
+        .min(budget_kib(limits))
+}
+
+/// Each source address's share of the byte budget.
+#[derive(Default)]
+struct SourceShares {
+    shares: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Arc<Semaphore>>>,
+}
+
+impl SourceShares {
+    fn of(&self, source: std::net::IpAddr, kib: usize) -> Arc<Semaphore> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget sources with nothing held, so the map stays small.
+        if shares.len() > 1024 {
+            shares.retain(|_, share| share.available_permits() < kib);
+        }
+        shares
+            .entry(source)
+            .or_insert_with(|| Arc::new(Semaphore::new(kib)))
+            .clone()
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     reviewer: Arc<Reviewer>,
@@ -84,6 +134,8 @@ struct AppState {
     slots: Arc<Semaphore>,
     /// The byte budget, in KiB permits.
     buffered_kib: Arc<Semaphore>,
+    /// Each source address's share of it.
+    source_shares: Arc<SourceShares>,
     limits: Limits,
     shutting_down: Arc<AtomicBool>,
 }
@@ -124,6 +176,7 @@ fn api_timeout(uri: &Uri) -> Option<Duration> {
 
 async fn mutate(
     State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -146,19 +199,33 @@ async fn mutate(
             ReviewError::TooLarge { limit },
         );
     }
-    // The slot and the body's share of the byte budget come before the body:
-    // at most max_concurrent_reviews bodies, of max_buffered_bytes together,
-    // are buffered (and parsed) at once. A body without Content-Length
+    // The body's share of the byte budget comes before the body, from the
+    // budget of all reviews and from its source's share of it: at most
+    // max_buffered_bytes are buffered (and parsed) at once, and one caller
+    // reading slowly cannot hold all of it. A body without Content-Length
     // reserves the largest allowed size.
     let kib = declared
         .unwrap_or(limit)
         .div_ceil(1024)
         .clamp(1, budget_kib(&state.limits)) as u32;
+    let source_share = peer.map(|Extension(Peer(addr))| {
+        state
+            .source_shares
+            .of(addr.ip(), source_share_kib(&state.limits))
+    });
     let reserved = deadline
         .run(async {
-            let slot = state.slots.clone().acquire_owned().await?;
+            let share = match &source_share {
+                Some(share) => Some(
+                    share
+                        .clone()
+                        .acquire_many_owned(kib.min(share_permits(&state.limits)))
+                        .await?,
+                ),
+                None => None,
+            };
             let bytes = state.buffered_kib.clone().acquire_many_owned(kib).await?;
-            Ok::<_, tokio::sync::AcquireError>((slot, bytes))
+            Ok::<_, tokio::sync::AcquireError>((share, bytes))
         })
         .await;
     let _reserved = match reserved {
@@ -196,10 +263,27 @@ async fn mutate(
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    // A review slot once the body is in: a body sent slowly holds its bytes,
+    // never a slot.
+    let _slot = match deadline.run(state.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) | Err(_) => {
+            return error_response(
+                &state,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ReviewError::Overloaded,
+            );
+        }
+    };
     match state.reviewer.review(&bytes, deadline).await {
         Ok(reviewed) => json_response(StatusCode::OK, &admission::WireReview(&reviewed.review)),
         Err(err) => json_response(StatusCode::BAD_REQUEST, &admission::invalid(&err)),
     }
+}
+
+/// A source's share, in the permits one acquire may take.
+fn share_permits(limits: &Limits) -> u32 {
+    source_share_kib(limits).min(u32::MAX as usize) as u32
 }
 
 /// The least any webhook does: read the body, find the request's uid, and
@@ -334,8 +418,6 @@ pub async fn bind(listen: SocketAddr, metrics_listen: SocketAddr) -> std::io::Re
 pub enum ServeError {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("metrics server: {0}")]
-    Metrics(std::io::Error),
 }
 
 impl Bound {
@@ -351,9 +433,10 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let state = AppState {
             reviewer,
-            metrics,
+            metrics: metrics.clone(),
             slots: Arc::new(Semaphore::new(limits.max_concurrent_reviews)),
             buffered_kib: Arc::new(Semaphore::new(budget_kib(&limits))),
+            source_shares: Arc::default(),
             limits: limits.clone(),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
@@ -391,84 +474,49 @@ impl Bound {
                 let _ = stop_tx.send(true);
             });
         }
-        let connections = Arc::new(Semaphore::new(limits.max_connections));
-
-        let metrics_server = tokio::spawn(
-            axum::serve(self.metrics_listener, metrics_app)
-                .with_graceful_shutdown(until_stopped(stop_rx.clone()))
-                .into_future(),
-        );
-
         info!(https = %self.tls_addr, metrics = %self.metrics_addr, "serving");
-        let graceful = GracefulShutdown::new();
-        let stopped = until_stopped(stop_rx);
-        tokio::pin!(stopped);
-        loop {
-            tokio::select! {
-                _ = &mut stopped => break,
-                // At the connection cap, further clients wait in the backlog.
-                permit = connections.clone().acquire_owned() => {
-                    let Ok(permit) = permit else { break };
-                    let accepted = tokio::select! {
-                        _ = &mut stopped => break,
-                        accepted = self.tls_listener.accept() => accepted,
-                    };
-                    let (tcp, peer) = match accepted {
-                        Ok(connection) => connection,
-                        Err(err) => {
-                            // E.g. out of file descriptors: back off, keep serving.
-                            warn!(error = %err, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let acceptor = acceptor.clone();
-                    let service = TowerToHyperService::new(app.clone());
-                    let watcher = graceful.watcher();
-                    let limits = limits.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let tls = match tokio::time::timeout(limits.request_read_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(err)) => {
-                                debug!(%peer, error = %err, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                        let mut builder = hyper::server::conn::http1::Builder::new();
-                        builder
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(limits.header_read_timeout);
-                        let connection = builder.serve_connection(TokioIo::new(tls), service);
-                        if let Err(err) = watcher.watch(connection).await {
-                            debug!(%peer, error = %err, "connection ended with an error");
-                        }
-                    });
-                }
-            }
+        let graceful = Arc::new(GracefulShutdown::new());
+        let metrics_graceful = Arc::new(GracefulShutdown::new());
+        let metrics_port = Port {
+            label: PortLabel::Metrics,
+            listener: self.metrics_listener,
+            tls: None,
+            app: metrics_app,
+            limits: limits.connections(),
+        };
+        let metrics_server = tokio::spawn(metrics_port.serve(
+            metrics_graceful.clone(),
+            until_stopped(stop_rx.clone()),
+            metrics.clone(),
+        ));
+        Port {
+            label: PortLabel::Https,
+            listener: self.tls_listener,
+            tls: Some(acceptor),
+            app,
+            limits: limits.connections(),
         }
+        .serve(graceful.clone(), until_stopped(stop_rx), metrics.clone())
+        .await;
 
         state.shutting_down.store(true, Ordering::SeqCst);
-        drop(self.tls_listener);
         info!(
             connections = graceful.count(),
             "drain delay over: no longer accepting; finishing in-flight reviews"
         );
+        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
         if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
             .await
             .is_err()
         {
             warn!("shutdown timeout reached with reviews still in flight");
         }
-        match metrics_server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => return Err(ServeError::Metrics(err)),
-            Err(err) => warn!(error = %err, "metrics server task failed"),
+        if let Err(err) = metrics_server.await {
+            warn!(error = %err, "metrics server task failed");
         }
+        let metrics_graceful =
+            Arc::try_unwrap(metrics_graceful).unwrap_or_else(|_| GracefulShutdown::new());
+        let _ = tokio::time::timeout(Duration::from_secs(1), metrics_graceful.shutdown()).await;
         info!("stopped");
         Ok(())
     }

@@ -33,7 +33,7 @@ impl Default for WaitLimits {
     fn default() -> Self {
         WaitLimits {
             max_total: 16,
-            max_per_namespace: 8,
+            max_per_namespace: 2,
             miss_memory: Duration::from_secs(30),
         }
     }

@@ -1,0 +1,274 @@
+//! Both ports' connections, on the real server: a kept-alive connection
+//! outlives the header timeout (the API server reuses it for up to 90 s),
+//! an idle one is closed after the idle timeout, a silent one after the
+//! header timeout (on the metrics port too), one address gets its share of
+//! connections, and a body sent slowly holds bytes, never a review slot.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use common::*;
+use velero_vm_restore_webhook::webhook::review::ReviewSettings;
+use velero_vm_restore_webhook::webhook::server::Limits;
+
+async fn server(limits: Limits) -> (TestServer, TestCa, SecretDir) {
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.serving();
+    let secret = SecretDir::new(&cert, &key);
+    let settings = ReviewSettings {
+        group_wait_timeout: Duration::from_secs(5),
+        timeout_margin: Duration::from_secs(1),
+        ..ReviewSettings::default()
+    };
+    let server = TestServer::start(&secret, settings, limits).await;
+    (server, ca, secret)
+}
+
+/// A TLS connection to the server, as the API server opens one.
+async fn connect_tls(
+    server: &TestServer,
+    ca: &TestCa,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// One request on a kept-alive connection; the status, or the error.
+async fn post<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    body: &Value,
+) -> Result<u16, String> {
+    let body = body.to_string();
+    let request = format!(
+        "POST /mutate?timeout=10s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|err| err.to_string())?;
+    read_response(stream).await
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length; its status.
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u16, String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(_) => head.push(byte[0]),
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let status: u16 = head[9..12].parse().map_err(|_| head.clone())?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .and_then(|length| length.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(status)
+}
+
+/// Whether the peer has closed `stream` within `within` (a read returns 0 or
+/// fails), without sending anything.
+async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn short(limits: Limits) -> Limits {
+    Limits {
+        header_read_timeout: Duration::from_secs(1),
+        ..limits
+    }
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_outlives_the_header_timeout_and_serves_the_next_request() {
+    let (server, ca, _secret) = server(short(limits())).await;
+    let mut stream = connect_tls(&server, &ca).await;
+    let review = review_for(&example("pvc.json"), false);
+    assert_eq!(post(&mut stream, &review).await, Ok(200));
+    // Idle longer than the header timeout, as the API server's pool keeps it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        post(&mut stream, &review).await,
+        Ok(200),
+        "the same connection serves a request after an idle spell"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let (server, ca, _secret) = server(Limits {
+        idle_timeout: Duration::from_secs(2),
+        ..short(limits())
+    })
+    .await;
+    let mut stream = connect_tls(&server, &ca).await;
+    assert_eq!(
+        post(&mut stream, &review_for(&example("pvc.json"), false)).await,
+        Ok(200)
+    );
+    let started = Instant::now();
+    assert!(closed_within(&mut stream, Duration::from_secs(5)).await);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_on_both_ports_after_the_header_timeout() {
+    let (server, ca, _secret) = server(short(limits())).await;
+    let mut https = connect_tls(&server, &ca).await;
+    let mut metrics = TcpStream::connect(server.metrics_addr).await.unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut https, Duration::from_secs(4)).await,
+        "https"
+    );
+    assert!(
+        closed_within(&mut metrics, Duration::from_secs(4)).await,
+        "metrics"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // A head sent a byte at a time, slower than the timeout, is cut too.
+    let mut slow = TcpStream::connect(server.metrics_addr).await.unwrap();
+    let head = b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut cut = false;
+    for byte in head {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        cut || closed_within(&mut slow, Duration::from_secs(2)).await,
+        "a slow head"
+    );
+    let text = client_trusting(&[])
+        .get(format!("http://{}/metrics", server.metrics_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("velero_vm_restore_webhook_connections_refused_total{port=\"metrics\",reason=\"slow_head\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn one_address_gets_its_share_of_connections_on_each_port() {
+    let (server, ca, _secret) = server(Limits {
+        max_connections_per_source: 3,
+        ..limits()
+    })
+    .await;
+    for port in ["https", "metrics"] {
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(
+                TcpStream::connect(if port == "https" {
+                    server.addr
+                } else {
+                    server.metrics_addr
+                })
+                .await
+                .unwrap(),
+            );
+        }
+        let mut extra = TcpStream::connect(if port == "https" {
+            server.addr
+        } else {
+            server.metrics_addr
+        })
+        .await
+        .unwrap();
+        assert!(
+            closed_within(&mut extra, Duration::from_secs(2)).await,
+            "{port}: a fourth connection from the same address is refused"
+        );
+        for stream in &mut open {
+            assert!(
+                !closed_within(stream, Duration::from_millis(100)).await,
+                "{port}: the first three stay"
+            );
+        }
+    }
+    // Once one closes, the address may connect again.
+    let mut stream = connect_tls(&server, &ca).await;
+    assert_eq!(
+        post(&mut stream, &review_for(&example("pvc.json"), false)).await,
+        Ok(200)
+    );
+}
+
+#[tokio::test]
+async fn a_body_sent_slowly_holds_bytes_not_a_review_slot() {
+    let (server, ca, _secret) = server(Limits {
+        max_concurrent_reviews: 1,
+        ..limits()
+    })
+    .await;
+    // Headers and a few bytes of a declared body, then nothing.
+    let mut slow = connect_tls(&server, &ca).await;
+    slow.write_all(b"POST /mutate?timeout=10s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 4000\r\n\r\n{\"apiVersion\":")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The one review slot is still free for the API server's next review.
+    let mut stream = connect_tls(&server, &ca).await;
+    let started = Instant::now();
+    assert_eq!(
+        post(&mut stream, &review_for(&example("pvc.json"), false)).await,
+        Ok(200)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
