@@ -85,10 +85,11 @@ fn benches(c: &mut Criterion) {
     // thread, here into a file.
     let log_path = std::env::temp_dir().join(format!("vmrw-bench-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log_path).expect("log file");
-    let (subscriber, guard) = velero_vm_restore_webhook::telemetry::subscriber(
+    let (subscriber, guard, _) = velero_vm_restore_webhook::telemetry::subscriber(
         "info",
         velero_vm_restore_webhook::settings::LogFormat::Json,
         false,
+        true,
         std::io::BufWriter::new(log_file),
     );
     tracing::subscriber::with_default(subscriber, || {

@@ -66,9 +66,11 @@ fn main() -> ExitCode {
         _ => "error",
     };
     // Flushes the last log lines when main returns.
+    let serving = matches!(cli.command, Command::Serve(_));
     let _log_writer = telemetry::init(
         cli.log_level.as_deref().unwrap_or(default_level),
         cli.log_format,
+        serving,
     );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -206,6 +206,7 @@ pub struct Metrics {
     pub cache_errors: Family<CacheLabels, Counter<u64, AtomicU64>>,
     api_requests_sent: AtomicU64,
     pub connections_refused: Family<ConnectionLabels, Counter<u64, AtomicU64>>,
+    pub log_lines_dropped: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -316,7 +317,14 @@ impl Metrics {
             "Connections refused or closed early, by port (https, metrics) and reason (per_source: its address had its share open; handshake; slow_head)",
             connections_refused.clone(),
         );
+        let log_lines_dropped = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines (a review's lines count once) dropped because stderr could not keep up; the warnings in the responses still say what changed",
+            log_lines_dropped.clone(),
+        );
         Metrics {
+            log_lines_dropped,
             connections_refused,
             api_requests_sent: AtomicU64::new(0),
             api_requests,

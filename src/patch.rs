@@ -155,6 +155,67 @@ pub fn to_json_patch(changes: &[Change]) -> Patch {
     )
 }
 
+/// The most lines (log lines, `warnings` entries) one rule's changes get in
+/// one review; past it, one line says how many more there were. A rule that
+/// removes annotations by prefix meets as many as the object carries, and a
+/// crafted object carries tens of thousands: the patch removes each, but the
+/// lines stay few.
+pub const LINES_PER_RULE: usize = 8;
+
+/// One line of what a review changed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Line<'a> {
+    Change(&'a Change),
+    /// The changes of `rule` past [`LINES_PER_RULE`], counted.
+    More {
+        rule: &'static str,
+        count: usize,
+    },
+}
+
+impl Line<'_> {
+    pub fn text(&self) -> String {
+        match self {
+            Line::Change(change) => change.describe(),
+            Line::More { rule, count } => {
+                format!("and {count} more changes by rule {rule} (the patch holds every one)")
+            }
+        }
+    }
+}
+
+/// One line per change, for logs and `warnings`, at most
+/// [`LINES_PER_RULE`] per rule and then one that counts the rest.
+pub fn described(changes: &[Change]) -> Vec<Line<'_>> {
+    let mut lines = Vec::new();
+    let mut per_rule: Vec<(&'static str, usize)> = Vec::new();
+    for change in changes {
+        let seen = match per_rule.iter_mut().find(|(rule, _)| *rule == change.rule) {
+            Some((_, count)) => {
+                *count += 1;
+                *count
+            }
+            None => {
+                per_rule.push((change.rule, 1));
+                1
+            }
+        };
+        if seen <= LINES_PER_RULE {
+            lines.push(Line::Change(change));
+        }
+    }
+    lines.extend(
+        per_rule
+            .into_iter()
+            .filter(|(_, count)| *count > LINES_PER_RULE)
+            .map(|(rule, count)| Line::More {
+                rule,
+                count: count - LINES_PER_RULE,
+            }),
+    );
+    lines
+}
+
 /// Applies changes to a copy of `object`, the way the API server would.
 pub fn apply(object: &Value, changes: &[Change]) -> Result<Value, json_patch::PatchError> {
     let mut patched = object.clone();
@@ -183,6 +244,40 @@ pub fn bounded_warning(text: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn each_rule_gets_a_bounded_number_of_lines_and_a_count_of_the_rest() {
+        let mut changes: Vec<Change> = (0..10_000)
+            .map(|i| {
+                Change::remove(
+                    vec![
+                        "metadata".into(),
+                        "annotations".into(),
+                        format!("mgmt.proxy.vmware.com/{i}"),
+                    ],
+                    "vm-mgmt-proxy-annotations",
+                    "why",
+                )
+            })
+            .collect();
+        changes.push(Change::remove(
+            vec!["spec".into(), "instanceUUID".into()],
+            "vm-instance-uuid",
+            "identity",
+        ));
+        let lines: Vec<String> = described(&changes).iter().map(Line::text).collect();
+        assert_eq!(lines.len(), LINES_PER_RULE + 2);
+        assert!(lines.contains(&"removed spec.instanceUUID (identity)".to_string()));
+        assert_eq!(
+            lines.last().unwrap(),
+            "and 9992 more changes by rule vm-mgmt-proxy-annotations (the patch holds every one)"
+        );
+        assert_eq!(
+            to_json_patch(&changes).0.len(),
+            10_001,
+            "every change is in the patch"
+        );
+    }
 
     #[test]
     fn pointer_escapes_slash_and_tilde() {

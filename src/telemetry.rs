@@ -2,8 +2,11 @@
 //!
 //! Lines go to stderr through a writer thread: a review formats its lines and
 //! hands them over, instead of taking the stderr lock and making one write
-//! call per line. The hand-over blocks when the queue is full rather than
-//! dropping lines, because every change must have its line.
+//! call per line. When stderr stalls (a full pipe to the container runtime)
+//! and the queue is full, lines are dropped rather than blocking the worker
+//! threads every namespace's reviews run on; each dropped hand-over is
+//! counted (`log_lines_dropped_total`), and the response's `warnings` and
+//! the `applied-rules` annotation still say what changed.
 //!
 //! A review's change lines are handed over together ([`batch`]): one queue
 //! entry, one wake-up of the writer thread and one write, instead of one of
@@ -11,11 +14,12 @@
 
 use std::cell::RefCell;
 use std::io::{BufWriter, Write};
+use std::sync::OnceLock;
 
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::{FmtSpan, Writer};
@@ -25,8 +29,19 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::settings::LogFormat;
 
-/// Lines the writer thread may hold before a review waits for it.
+/// Hand-overs (a line, or a review's lines) the writer thread may hold
+/// before more are dropped.
 const QUEUED_LINES: usize = 16 * 1024;
+
+/// The dropped hand-overs of the installed subscriber's writer.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Log hand-overs dropped because the writer thread's queue was full.
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |counter| counter.dropped_lines() as u64)
+}
 
 /// Stderr, written in batches: the writer thread flushes whenever its queue
 /// runs empty, so a line waits only while others are being written.
@@ -44,15 +59,19 @@ impl Write for BatchedStderr {
 
 /// Installs the global subscriber. `level` is an EnvFilter directive such as
 /// `info` or `velero_vm_restore_webhook=debug,kube=warn`; `RUST_LOG` wins.
-/// Keep the returned guard until exit: dropping it flushes the last lines.
-pub fn init(level: &str, format: LogFormat) -> Option<WorkerGuard> {
+/// `lossy`: drop lines rather than block when the writer falls behind (the
+/// server; a command run by hand keeps every line). Keep the returned guard
+/// until exit: dropping it flushes the last lines.
+pub fn init(level: &str, format: LogFormat, lossy: bool) -> Option<WorkerGuard> {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (subscriber, guard) = subscriber(
+    let (subscriber, guard, dropped) = subscriber(
         level,
         format,
         terminal,
+        lossy,
         BatchedStderr(BufWriter::with_capacity(64 * 1024, std::io::stderr())),
     );
+    let _ = DROPPED.set(dropped);
     // A second init (tests) keeps the first subscriber.
     tracing::subscriber::set_global_default(subscriber)
         .ok()
@@ -65,16 +84,22 @@ pub fn subscriber(
     level: &str,
     format: LogFormat,
     ansi: bool,
+    lossy: bool,
     sink: impl Write + Send + 'static,
-) -> (Box<dyn tracing::Subscriber + Send + Sync>, WorkerGuard) {
+) -> (
+    Box<dyn tracing::Subscriber + Send + Sync>,
+    WorkerGuard,
+    ErrorCounter,
+) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
+        .lossy(lossy)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("log-writer")
         .finish(sink);
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(BatchingWriter(writer))
@@ -84,7 +109,7 @@ pub fn subscriber(
         // Colours only on a terminal: a file or a pipe gets plain text.
         LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
     };
-    (subscriber, guard)
+    (subscriber, guard, dropped)
 }
 
 thread_local! {
@@ -329,7 +354,8 @@ mod tests {
     #[test]
     fn a_batch_hands_its_lines_over_in_one_write_and_keeps_every_line() {
         let writes = CountedWrites::default();
-        let (subscriber, guard) = subscriber("info", LogFormat::Json, false, writes.clone());
+        let (subscriber, guard, _) =
+            subscriber("info", LogFormat::Json, false, false, writes.clone());
         tracing::subscriber::with_default(subscriber, || {
             batch(|| {
                 for index in 0..10 {
@@ -364,7 +390,8 @@ mod tests {
     #[test]
     fn a_batch_that_unwinds_still_hands_its_lines_over() {
         let writes = CountedWrites::default();
-        let (subscriber, guard) = subscriber("info", LogFormat::Json, false, writes.clone());
+        let (subscriber, guard, _) =
+            subscriber("info", LogFormat::Json, false, false, writes.clone());
         tracing::subscriber::with_default(subscriber, || {
             let unwound = std::panic::catch_unwind(|| {
                 batch(|| {
@@ -390,7 +417,8 @@ mod tests {
     #[test]
     fn json_lines_are_json_with_every_field_escaped() {
         let captured = Captured::default();
-        let (subscriber, guard) = subscriber("info", LogFormat::Json, false, captured.clone());
+        let (subscriber, guard, _) =
+            subscriber("info", LogFormat::Json, false, false, captured.clone());
         tracing::subscriber::with_default(subscriber, || {
             let err = "quote \" backslash \\ newline \n bell \u{7} é";
             tracing::info!(
@@ -432,5 +460,43 @@ mod tests {
             line["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
             "{line}"
         );
+    }
+
+    /// A sink that never returns from a write: stderr whose reader stopped.
+    struct Stalled(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
+            // Blocks until the test ends (its sender is dropped).
+            let _ = self.0.recv();
+            Err(std::io::Error::other("stalled"))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_stderr_drops_lines_of_the_server_instead_of_blocking_it() {
+        let (hold, stalled) = std::sync::mpsc::channel::<()>();
+        let (subscriber, guard, dropped) =
+            subscriber("info", LogFormat::Json, false, true, Stalled(stalled));
+        let started = std::time::Instant::now();
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..(QUEUED_LINES + 1000) {
+                tracing::info!(i, "a line");
+            }
+        });
+        // Returned although nothing was written: the queue filled and the
+        // rest were counted, not waited for.
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert!(
+            dropped.dropped_lines() >= 999,
+            "{}",
+            dropped.dropped_lines()
+        );
+        drop(hold);
+        drop(guard);
     }
 }

@@ -380,10 +380,9 @@ pub fn respond(request: &AdmissionRequest<DynamicObject>, verdict: &Verdict) -> 
         response.result.reason = "Forbidden".into();
     } else {
         warnings.extend(
-            verdict
-                .changes
+            patch::described(&verdict.changes)
                 .iter()
-                .map(|c| patch::bounded_warning(&c.describe())),
+                .map(|line| patch::bounded_warning(&line.text())),
         );
         let patch = patch::to_json_patch(&verdict.changes);
         if !patch.0.is_empty() {

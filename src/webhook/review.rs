@@ -557,18 +557,8 @@ impl Reviewer {
             return;
         }
         let kind = kind_label(subject.kind);
-        for change in &verdict.changes {
-            info!(
-                restore,
-                kind = kind.as_str(),
-                object,
-                path = %change.field(),
-                rule = change.rule,
-                dry_run,
-                "{}",
-                change.describe()
-            );
-            if let Some(metrics) = &self.metrics {
+        if let Some(metrics) = &self.metrics {
+            for change in &verdict.changes {
                 metrics
                     .changes
                     .get_or_create(&ChangeLabels {
@@ -576,6 +566,32 @@ impl Reviewer {
                         rule: change.rule,
                     })
                     .inc();
+            }
+        }
+        // As many lines as the response has warnings: a rule's changes past
+        // the bound are one line that counts them.
+        for line in crate::patch::described(&verdict.changes) {
+            match line {
+                crate::patch::Line::Change(change) => info!(
+                    restore,
+                    kind = kind.as_str(),
+                    object,
+                    path = %change.field(),
+                    rule = change.rule,
+                    dry_run,
+                    "{}",
+                    change.describe()
+                ),
+                crate::patch::Line::More { rule, count } => info!(
+                    restore,
+                    kind = kind.as_str(),
+                    object,
+                    rule,
+                    dry_run,
+                    more = count,
+                    "{}",
+                    line.text()
+                ),
             }
         }
         for note in &verdict.notes {

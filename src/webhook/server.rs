@@ -370,6 +370,11 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         .metrics
         .group_waits_in_progress
         .set(reviewer.group_waits_in_progress() as i64);
+    state
+        .metrics
+        .log_lines_dropped
+        .inner()
+        .store(crate::telemetry::dropped_lines(), Ordering::Relaxed);
     for cache in reviewer.cache_stats() {
         state.metrics.set_cache(
             cache.resource,
