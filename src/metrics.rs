@@ -207,6 +207,7 @@ pub struct Metrics {
     api_requests_sent: AtomicU64,
     pub connections_refused: Family<ConnectionLabels, Counter<u64, AtomicU64>>,
     pub log_lines_dropped: Counter<u64, AtomicU64>,
+    pub certificate_not_after: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -323,7 +324,14 @@ impl Metrics {
             "Log lines (a review's lines count once) dropped because stderr could not keep up; the warnings in the responses still say what changed",
             log_lines_dropped.clone(),
         );
+        let certificate_not_after = Gauge::default();
+        registry.register(
+            "serving_certificate_expiry_timestamp_seconds",
+            "When the serving certificate loaded now ends, in Unix seconds (alert before it does)",
+            certificate_not_after.clone(),
+        );
         Metrics {
+            certificate_not_after,
             log_lines_dropped,
             connections_refused,
             api_requests_sent: AtomicU64::new(0),

@@ -129,6 +129,13 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_TLS_KEY_FILE")]
     pub tls_key_file: PathBuf,
 
+    /// PEM CA certificate(s): when given, every HTTPS client must present a
+    /// certificate signed by one of them. Configure the API server to present
+    /// one to this webhook (an AdmissionConfiguration with a kubeConfigFile),
+    /// so that nothing but the API server can ask /mutate anything.
+    #[arg(long, env = "VMRW_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
+
     /// HTTPS address for /mutate, /healthz and /readyz.
     #[arg(long, env = "VMRW_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,

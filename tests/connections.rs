@@ -37,23 +37,46 @@ async fn connect_tls(
     server: &TestServer,
     ca: &TestCa,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    try_connect_tls(server, ca, None)
+        .await
+        .expect("TLS handshake")
+}
+
+/// A TLS connection presenting `identity` (cert PEM, key PEM), if given:
+/// the stream once a request's answer shows the handshake was accepted,
+/// or why not.
+async fn try_connect_tls(
+    server: &TestServer,
+    ca: &TestCa,
+    identity: Option<&(String, String)>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca.ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap()
+        .map_err(|err| err.to_string())
 }
 
 /// One request on a kept-alive connection; the status, or the error.
@@ -271,4 +294,45 @@ async fn a_body_sent_slowly_holds_bytes_not_a_review_slot() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_clients_it_signed_are_answered() {
+    let ca = TestCa::new("serving CA");
+    let (cert, key) = ca.serving();
+    let secret = SecretDir::new(&cert, &key);
+    let clients = TestCa::new("API server's webhook client CA");
+    let stranger = TestCa::new("another CA");
+    let client_ca = secret.dir.path().join("client-ca.crt");
+    std::fs::write(&client_ca, &clients.ca_pem).unwrap();
+    let certificate = velero_vm_restore_webhook::webhook::tls::ReloadingCert::load_with_client_ca(
+        &secret.cert_path(),
+        &secret.key_path(),
+        Some(&client_ca),
+    )
+    .unwrap();
+    assert!(certificate.requires_client_certificates());
+    let server = TestServer::start_serving(
+        certificate,
+        ReviewSettings::default(),
+        limits(),
+        velero_vm_restore_webhook::facts::given::StaticRestores::none(),
+    )
+    .await;
+    let review = review_for(&example("pvc.json"), false);
+    // The API server, with the certificate its kubeconfig names.
+    let api_server = clients.client("kube-apiserver");
+    let mut stream = try_connect_tls(&server, &ca, Some(&api_server))
+        .await
+        .unwrap();
+    assert_eq!(post(&mut stream, &review).await, Ok(200));
+    // Anyone else: no certificate, or one another CA signed. TLS 1.3 reports
+    // the refusal on the first read, so ask and look at the answer.
+    for identity in [None, Some(stranger.client("a pod"))] {
+        let answered = match try_connect_tls(&server, &ca, identity.as_ref()).await {
+            Ok(mut stream) => post(&mut stream, &review).await,
+            Err(err) => Err(err),
+        };
+        assert!(answered.is_err(), "{identity:?}: {answered:?}");
+    }
 }

@@ -349,6 +349,22 @@ async fn metrics_and_probes() {
         text.contains("velero_vm_restore_webhook_group_cache_objects 1"),
         "{text}"
     );
+    // The serving certificate's end, read from the certificate it serves.
+    let not_after: i64 = text
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "velero_vm_restore_webhook_serving_certificate_expiry_timestamp_seconds ",
+            )
+        })
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no certificate end in {text}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(not_after > now, "{not_after}");
+    assert_eq!(not_after, server.certificate.not_after());
 }
 
 #[tokio::test]

@@ -184,8 +184,9 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
 
 /// The VMs, groups and PVCs in a Velero backup tarball, as Velero would
 /// restore them: at the preferred version when the backup holds several.
-pub fn backup_objects(bytes: &[u8]) -> Result<Vec<(String, Value)>, InputError> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+/// Reads the tarball as a stream: only the objects kept are held in memory.
+pub fn backup_objects(tarball: impl Read) -> Result<Vec<(String, Value)>, InputError> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(tarball));
     // (resource, namespace, name) -> (is the preferred version, path, object)
     let mut found: BTreeMap<(String, String, String), (bool, String, Value)> = BTreeMap::new();
     let entries = archive
@@ -305,7 +306,7 @@ mod tests {
         );
         let bytes = builder.into_inner().unwrap().finish().unwrap();
         assert!(is_gzip(&bytes));
-        let objects = backup_objects(&bytes).unwrap();
+        let objects = backup_objects(&bytes[..]).unwrap();
         assert_eq!(objects.len(), 2, "{objects:?}");
         let (path, vm) = objects
             .iter()
@@ -314,7 +315,7 @@ mod tests {
         assert!(path.contains("-preferredversion"), "{path}");
         assert_eq!(vm["apiVersion"], "vmoperator.vmware.com/v1alpha5");
         assert!(matches!(
-            backup_objects(b"\x1f\x8bnot really"),
+            backup_objects(&b"\x1f\x8bnot really"[..]),
             Err(InputError::Tarball(_))
         ));
     }

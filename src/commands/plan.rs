@@ -69,6 +69,13 @@ pub struct PlanArgs {
     /// Exit 1 when any object would be denied.
     #[arg(long)]
     fail_on_deny: bool,
+    /// How long the backup's download may take, end to end (e.g. 10m).
+    #[arg(long, env = "VMRW_PLAN_DOWNLOAD_TIMEOUT", value_parser = crate::settings::humantime_duration, default_value = "10m")]
+    download_timeout: Duration,
+    /// The largest backup tarball downloaded (it is written to a temporary
+    /// file, read as a stream, and removed); a larger one stops the plan.
+    #[arg(long, env = "VMRW_PLAN_MAX_BACKUP_BYTES", default_value_t = 8 * 1024 * 1024 * 1024)]
+    max_backup_bytes: u64,
     #[command(flatten)]
     rules: RuleArgs,
 }
@@ -111,9 +118,21 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
         .map_err(|err| {
             format!("cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}")
         })?;
-    let bytes = download(&client, &args.velero_namespace, &args.backup).await?;
-    let mut objects = super::input::backup_objects(&bytes)
+    let tarball = download(
+        &client,
+        &args.velero_namespace,
+        &args.backup,
+        &DownloadLimits {
+            timeout: args.download_timeout,
+            max_bytes: args.max_backup_bytes,
+        },
+    )
+    .await?;
+    let file = std::fs::File::open(tarball.path())
+        .map_err(|err| format!("cannot read the downloaded backup: {err}"))?;
+    let mut objects = super::input::backup_objects(std::io::BufReader::new(file))
         .map_err(|err| format!("backup {}: {err}", args.backup))?;
+    drop(tarball);
     for (_, object) in &mut objects {
         map_namespace(object, &namespace_mapping);
     }
@@ -203,8 +222,35 @@ fn download_request_resource() -> ApiResource {
     )
 }
 
-/// The backup's contents through a DownloadRequest, deleted afterwards.
-async fn download(client: &Client, namespace: &str, backup: &str) -> Result<Vec<u8>, String> {
+/// Bounds on the backup's download.
+struct DownloadLimits {
+    timeout: Duration,
+    max_bytes: u64,
+}
+
+/// A downloaded backup in a temporary file, removed when dropped.
+struct Downloaded(std::path::PathBuf);
+
+impl Downloaded {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Downloaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The backup's contents through a DownloadRequest (deleted afterwards),
+/// written to a temporary file.
+async fn download(
+    client: &Client,
+    namespace: &str,
+    backup: &str,
+    limits: &DownloadLimits,
+) -> Result<Downloaded, String> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), namespace, &download_request_resource());
     let suffix = std::time::SystemTime::now()
@@ -225,7 +271,7 @@ async fn download(client: &Client, namespace: &str, backup: &str) -> Result<Vec<
                 "cannot create a DownloadRequest in {namespace} (is Velero installed there?): {err}"
             )
         })?;
-    let fetched = fetch_when_ready(&api, &name, backup).await;
+    let fetched = fetch_when_ready(&api, &name, backup, limits).await;
     if let Err(err) = api.delete(&name, &DeleteParams::default()).await {
         eprintln!(
             "velero-vm-restore-webhook plan: could not delete DownloadRequest {namespace}/{name}: {err}"
@@ -234,11 +280,23 @@ async fn download(client: &Client, namespace: &str, backup: &str) -> Result<Vec<
     fetched
 }
 
+/// Why a download failed, never with its URL: the presigned URL Velero
+/// hands out is read access to the whole backup, Secrets included.
+fn download_error(backup: &str, err: reqwest::Error) -> String {
+    let what = if err.is_timeout() {
+        "it did not finish within --download-timeout".to_string()
+    } else {
+        err.without_url().to_string()
+    };
+    format!("cannot download backup {backup}: {what}")
+}
+
 async fn fetch_when_ready(
     api: &Api<DynamicObject>,
     name: &str,
     backup: &str,
-) -> Result<Vec<u8>, String> {
+    limits: &DownloadLimits,
+) -> Result<Downloaded, String> {
     let started = tokio::time::Instant::now();
     let url = loop {
         let request = api.get(name).await.map_err(|err| err.to_string())?;
@@ -260,20 +318,52 @@ async fn fetch_when_ready(
     };
     // reqwest is built without a crypto provider; kube's ring is the one.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let response = reqwest::get(&url)
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .timeout(limits.timeout)
+        .build()
+        .map_err(|err| download_error(backup, err))?;
+    let mut response = http
+        .get(&url)
+        .send()
         .await
-        .map_err(|err| format!("cannot download backup {backup}: {err}"))?;
+        .map_err(|err| download_error(backup, err))?;
     if !response.status().is_success() {
         return Err(format!(
             "cannot download backup {backup}: the object store answered {}",
             response.status()
         ));
     }
-    response
-        .bytes()
+    let path = std::env::temp_dir().join(format!(
+        "vmrw-plan-{}-{}.tar.gz",
+        std::process::id(),
+        started.elapsed().as_nanos()
+    ));
+    let downloaded = Downloaded(path);
+    let mut file = tokio::fs::File::create(downloaded.path())
         .await
-        .map(|bytes| bytes.to_vec())
-        .map_err(|err| format!("cannot download backup {backup}: {err}"))
+        .map_err(|err| format!("cannot write the backup to a temporary file: {err}"))?;
+    let mut written: u64 = 0;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| download_error(backup, err))?
+    {
+        written += chunk.len() as u64;
+        if written > limits.max_bytes {
+            return Err(format!(
+                "backup {backup} is larger than --max-backup-bytes ({} bytes)",
+                limits.max_bytes
+            ));
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+            .await
+            .map_err(|err| format!("cannot write the backup to a temporary file: {err}"))?;
+    }
+    tokio::io::AsyncWriteExt::flush(&mut file)
+        .await
+        .map_err(|err| format!("cannot write the backup to a temporary file: {err}"))?;
+    Ok(downloaded)
 }
 
 fn fixes_json(fixes: &[crate::webhook::admission::MappingFix]) -> Vec<Value> {
@@ -345,6 +435,26 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_download_never_prints_the_presigned_url() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Port 9 (discard) on loopback: nothing listens, the connect fails.
+        let url = "http://127.0.0.1:9/velero/backups/nightly.tar.gz?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef";
+        let err = reqwest::Client::new().get(url).send().await.unwrap_err();
+        assert!(
+            err.to_string().contains("X-Amz-Signature"),
+            "reqwest's own message names the URL"
+        );
+        let message = download_error("nightly", err);
+        assert!(
+            message.starts_with("cannot download backup nightly: "),
+            "{message}"
+        );
+        for secret in ["X-Amz", "deadbeef", "AKIA", "127.0.0.1:9/velero"] {
+            assert!(!message.contains(secret), "{message}");
+        }
+    }
 
     #[test]
     fn namespace_mappings_and_annotations_parse_as_velero_takes_them() {

@@ -52,7 +52,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         );
     }
     let metrics = Arc::new(Metrics::new());
-    let certificate = match tls::ReloadingCert::load(&args.tls_cert_file, &args.tls_key_file) {
+    let certificate = match tls::ReloadingCert::load_with_client_ca(
+        &args.tls_cert_file,
+        &args.tls_key_file,
+        args.client_ca_file.as_deref(),
+    ) {
         Ok(certificate) => certificate,
         Err(err) => {
             error!(error = %err, "cannot load the serving certificate");

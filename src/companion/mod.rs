@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Event as CoreEvent;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -38,19 +38,23 @@ use tracing::{info, warn};
 
 use crate::facts::mapping_cache::list_configmaps;
 use crate::facts::restore_cache::restore_resource;
+use crate::facts::watched::list_all;
 use crate::facts::{MappingFacts, RestoreInfo};
 use crate::metrics::{CompanionAction, Metrics};
 use crate::vmop::mapping;
 use crate::vmop::{self, RESTORE_NAME_LABEL};
 use plan::{GroupPlan, plan_group};
 use report::{Report, build_report};
-use view::{FINAL_PHASES, Namespace, ObjectState, RestoreRef};
+use view::{FINAL_PHASES, Namespace, ObjectState, ObjectWire, RestoreRef};
 
 /// The `component` of the Events the companion writes.
 pub const COMPONENT: &str = "velero-vm-restore-webhook";
 
 /// The Event reason on a Restore whose mapping ConfigMaps are malformed.
 pub const MAPPING_INVALID_REASON: &str = "VMRestoreMappingInvalid";
+
+/// The Event reason on a Failed Restore whose groups the companion left alone.
+pub const FAILED_LEFT_REASON: &str = "VMRestoreFailedGroupsLeft";
 
 #[derive(Debug, Error)]
 pub enum CompanionError {
@@ -62,6 +66,8 @@ pub enum CompanionError {
         #[source]
         source: kube::Error,
     },
+    #[error("{what}: {message}")]
+    List { what: String, message: String },
     #[error(
         "VirtualMachineGroup {namespace}/{name} kept changing under the companion; tried 3 times"
     )]
@@ -121,6 +127,9 @@ pub struct Companion {
     /// The webhook's watch of the mapping ConfigMaps, when it runs in this
     /// process: asked instead of listing them again for each Restore.
     mappings: Option<Arc<dyn MappingFacts>>,
+    /// Whether each Restore's mappings could be used, as seen while it ran,
+    /// by Restore UID (forgotten after `max_age`).
+    while_running: Mutex<HashMap<String, (std::time::Instant, Option<String>)>>,
 }
 
 impl Companion {
@@ -145,14 +154,16 @@ impl Companion {
             settings,
             metrics,
             mappings,
+            while_running: Mutex::default(),
         })
     }
 
     /// Watches Restores and handles each once it is final. Runs forever.
     pub async fn run(self: Arc<Self>) {
         let (queue, mut next) = mpsc::unbounded_channel::<String>();
-        // Restore UIDs handled by this process, and names queued now.
-        let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+        // Restore UIDs handled by this process (forgotten after max_age: a
+        // Restore that old is skipped anyway), and names queued now.
+        let handled: Arc<Mutex<HashMap<String, std::time::Instant>>> = Arc::default();
         let queued: Arc<Mutex<HashSet<String>>> = Arc::default();
         let worker = {
             let this = self.clone();
@@ -165,7 +176,9 @@ impl Companion {
                     match this.handle(&name).await {
                         Ok((uid, outcome)) => {
                             if let Ok(mut handled) = handled.lock() {
-                                handled.insert(uid);
+                                let max_age = this.settings.max_age;
+                                handled.retain(|_, at| at.elapsed() < max_age);
+                                handled.insert(uid, std::time::Instant::now());
                             }
                             if let Handled::Done { groups, events } = outcome {
                                 info!(restore = %name, groups, events, "restore companion finished with this Restore");
@@ -210,8 +223,16 @@ impl Companion {
             let Some(name) = restore.metadata.name.clone() else {
                 continue;
             };
-            if !phase.is_some_and(|phase| FINAL_PHASES.contains(&phase))
-                || handled.lock().map(|h| h.contains(&uid)).unwrap_or(false)
+            if !phase.is_some_and(|phase| FINAL_PHASES.contains(&phase)) {
+                // Still running: note whether its mappings can be used now,
+                // while they are the ones it runs with.
+                self.record_mappings(&uid, &value).await;
+                continue;
+            }
+            if handled
+                .lock()
+                .map(|h| h.contains_key(&uid))
+                .unwrap_or(false)
             {
                 continue;
             }
@@ -267,6 +288,10 @@ impl Companion {
         let prune = RestoreInfo::from_object(&value)
             .prune_missing_members()
             .unwrap_or(self.settings.prune_default);
+        // Velero gave up part-way: what is missing may come with the next
+        // try, so nothing is pruned or started; the groups stay held and the
+        // report says so.
+        let failed = restore.phase == "Failed";
 
         let restored_groups: Vec<ObjectState> = list_labelled(
             &self.client,
@@ -283,6 +308,8 @@ impl Companion {
             .map(|group| group.namespace.as_str())
             .collect();
         let mut acted = 0;
+        let namespaces = if failed { HashSet::new() } else { namespaces };
+        let held = restored_groups.len();
         for namespace in namespaces {
             let mut view = read_namespace(&self.client, &resources, namespace).await?;
             let mut names: Vec<&str> = restored_groups
@@ -309,7 +336,19 @@ impl Companion {
                 events += 1;
             }
         }
-        if let Some(problem) = self.mapping_problem(&value).await {
+        if failed && held > 0 {
+            let message = format!(
+                "Velero Restore {} failed: its {held} VirtualMachineGroups were left as restored (none pruned, none \
+                 started; held ones stay PoweredOff). Fix what failed and restore again (existing objects are \
+                 skipped), or set spec.powerState on the top groups yourself",
+                restore.name
+            );
+            let event = self.restore_event(&restore, FAILED_LEFT_REASON, "", &message, "Warning");
+            if self.create_event(event).await? {
+                events += 1;
+            }
+        }
+        if let Some(problem) = self.mapping_problem(&restore.uid, &value).await {
             let message = format!(
                 "the mappings for this restore cannot be used, so the webhook denied each of its VirtualMachines: {problem}"
             );
@@ -357,10 +396,47 @@ impl Companion {
         )
     }
 
-    /// Why the restore's mapping ConfigMaps cannot be used, if they cannot:
-    /// the same selection the webhook made, from its watch, or read again
-    /// now. A failed read is logged, not reported.
-    async fn mapping_problem(&self, restore: &Value) -> Option<String> {
+    /// Why the restore's mapping ConfigMaps cannot be used, if they could
+    /// not: as this replica saw them while the restore ran (recorded when it
+    /// first saw the Restore unfinished), or, when it did not see that (it
+    /// started later), as they are now, which the message says.
+    async fn mapping_problem(&self, uid: &str, restore: &Value) -> Option<String> {
+        if let Some(seen) = self.recorded_mappings(uid) {
+            return seen;
+        }
+        self.current_mapping_problem(restore).await.map(|problem| {
+            format!(
+                "{problem} (as the ConfigMaps are now: this replica did not see the restore run)"
+            )
+        })
+    }
+
+    /// What the mappings were while the Restore ran, if recorded.
+    fn recorded_mappings(&self, uid: &str) -> Option<Option<String>> {
+        self.while_running
+            .lock()
+            .ok()?
+            .get(uid)
+            .map(|(_, problem)| problem.clone())
+    }
+
+    /// Records the mappings' state for a Restore seen unfinished, once.
+    async fn record_mappings(&self, uid: &str, restore: &Value) {
+        if uid.is_empty() || self.recorded_mappings(uid).is_some() {
+            return;
+        }
+        let problem = self.current_mapping_problem(restore).await;
+        if let Ok(mut seen) = self.while_running.lock() {
+            let max_age = self.settings.max_age;
+            seen.retain(|_, (at, _)| at.elapsed() < max_age);
+            seen.insert(uid.to_string(), (std::time::Instant::now(), problem));
+        }
+    }
+
+    /// Why the mapping ConfigMaps cannot be used now, if they cannot: the
+    /// same selection the webhook makes, from its watch, or read again now.
+    /// A failed read is logged, not reported.
+    async fn current_mapping_problem(&self, restore: &Value) -> Option<String> {
         if let Some(mappings) = self.mappings.as_ref().filter(|m| m.is_synced()) {
             let info = RestoreInfo::from_object(restore);
             return mappings
@@ -569,22 +645,39 @@ fn finished_long_ago(value: &Value, max_age: Duration) -> bool {
     age.as_secs() > 0 && age.unsigned_abs() > max_age
 }
 
+/// The objects of `kind` the Restore labelled, as the companion reads them:
+/// only the restore label, our own annotations and a few spec fields are
+/// kept, one page at a time.
 async fn list_labelled(
     client: &Client,
     resource: &ApiResource,
     kind: &str,
     restore: &RestoreRef,
 ) -> Result<Vec<ObjectState>, CompanionError> {
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
-    let params = ListParams::default().labels(&format!("{RESTORE_NAME_LABEL}={}", restore.label()));
-    let list = api.list(&params).await.map_err(api_error(format!(
-        "listing {kind}s of Restore {}",
-        restore.name
-    )))?;
-    Ok(list
-        .items
-        .iter()
-        .map(|item| ObjectState::from_value(kind, &serde_json::to_value(item).unwrap_or_default()))
+    let selector = format!("{RESTORE_NAME_LABEL}={}", restore.label());
+    list_states(client, resource, kind, None, Some(&selector))
+        .await
+        .map_err(|message| CompanionError::List {
+            what: format!("listing {kind}s of Restore {}", restore.name),
+            message,
+        })
+}
+
+/// Objects of `kind` as [`ObjectState`]s, decoded as [`ObjectWire`]s; a PVC
+/// by its metadata, the others with the few spec fields read.
+async fn list_states(
+    client: &Client,
+    resource: &ApiResource,
+    kind: &str,
+    namespace: Option<&str>,
+    selector: Option<&str>,
+) -> Result<Vec<ObjectState>, String> {
+    let metadata_only = kind == "PersistentVolumeClaim";
+    let listed: Vec<ObjectWire> =
+        list_all(client, resource, namespace, selector, metadata_only).await?;
+    Ok(listed
+        .into_iter()
+        .map(|wire| ObjectState::from_wire(kind, wire))
         .collect())
 }
 
@@ -594,32 +687,33 @@ async fn read_namespace(
     resources: &VmopResources,
     namespace: &str,
 ) -> Result<Namespace, CompanionError> {
-    let groups: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), namespace, &resources.group);
-    let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resources.vm);
-    let groups = groups
-        .list(&ListParams::default())
-        .await
-        .map_err(api_error(format!(
-            "listing VirtualMachineGroups in {namespace}"
-        )))?;
-    let vms = vms
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(api_error(format!("listing VirtualMachines in {namespace}")))?;
-    let names: Vec<String> = vms
-        .items
-        .into_iter()
-        .filter_map(|vm| vm.metadata.name)
-        .collect();
+    let groups = list_states(
+        client,
+        &resources.group,
+        "VirtualMachineGroup",
+        Some(namespace),
+        None,
+    )
+    .await
+    .map_err(|message| CompanionError::List {
+        what: format!("listing VirtualMachineGroups in {namespace}"),
+        message,
+    })?;
+    let vms = list_states(
+        client,
+        &resources.vm,
+        "VirtualMachine",
+        Some(namespace),
+        None,
+    )
+    .await
+    .map_err(|message| CompanionError::List {
+        what: format!("listing VirtualMachines in {namespace}"),
+        message,
+    })?;
     Ok(Namespace::new(
-        groups.items.iter().map(|group| {
-            ObjectState::from_value(
-                "VirtualMachineGroup",
-                &serde_json::to_value(group).unwrap_or_default(),
-            )
-        }),
-        names.iter().map(String::as_str),
+        groups,
+        vms.iter().map(|vm| vm.name.as_str()),
     ))
 }
 
@@ -683,6 +777,19 @@ struct EventTarget<'a> {
 /// reason and the subject (what tells apart lines of one reason, such as the
 /// kind of a `VMRestoreCleaned` line; empty where a reason has one line): the
 /// same fact is recorded once, whoever records it.
+/// The start of an Event's name: the target's name cut to 200 characters
+/// without a trailing `.` or `-` (a DNS subdomain cannot have `-.` or `..`,
+/// and the API server refuses the Event otherwise).
+fn event_name_prefix(name: &str) -> String {
+    let cut: String = name.chars().take(200).collect();
+    let trimmed = cut.trim_end_matches(['.', '-']);
+    if trimmed.is_empty() {
+        "object".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
 fn event_for(
     target: &EventTarget,
     restore_uid: &str,
@@ -702,7 +809,7 @@ fn event_for(
     }
     let digest = Sha256::digest(key.as_bytes());
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let prefix: String = target.name.chars().take(200).collect();
+    let prefix = event_name_prefix(target.name);
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let mut involved = json!({
         "apiVersion": target.api_version, "kind": target.kind,
@@ -762,6 +869,30 @@ mod tests {
         assert_eq!(a.involved_object.uid.as_deref(), Some("u1"));
         assert_eq!(a.reason.as_deref(), Some("VMRestoreCleaned"));
         assert!(a.first_timestamp.is_some(), "timestamps parse");
+    }
+
+    #[test]
+    fn event_names_are_valid_whatever_the_target_s_name() {
+        // A name whose 200th character is a dash, then a dot: cut there,
+        // `name-.vmrw-…` or `name..vmrw-…` would be refused by the API server.
+        for filler in ["-", "."] {
+            let name = format!("{}{filler}{}", "a".repeat(199), "b".repeat(50));
+            let target = EventTarget {
+                api_version: "v1",
+                kind: "VirtualMachineGroup",
+                namespace: "prod",
+                name: &name,
+                uid: "u",
+            };
+            let event = event_for(&target, "r", "StartedInBootOrder", "", "m", "Normal", "pod");
+            let event_name = event.metadata.name.unwrap();
+            assert!(event_name.len() <= 253, "{event_name}");
+            assert!(
+                !event_name.contains("-.") && !event_name.contains(".."),
+                "{event_name}"
+            );
+            assert!(event_name.starts_with(&"a".repeat(199)), "{event_name}");
+        }
     }
 
     #[test]

@@ -150,6 +150,127 @@ impl ObjectState {
     }
 }
 
+/// Where the annotations this binary writes start; the only ones the
+/// companion and the report read.
+pub const OUR_ANNOTATION_PREFIX: &str = "velero-vm-restore-webhook/";
+
+/// At most this many of our annotations are kept of one object: more than
+/// the binary writes, so a crafted object costs little.
+const OUR_ANNOTATIONS_KEPT: usize = 32;
+
+/// A map of which only some entries are kept while decoding: the rest are
+/// skipped, never held.
+#[derive(Debug, Clone, Default)]
+pub struct KeptEntries(pub BTreeMap<String, String>);
+
+/// The kept entries of a map; `None` for `null` (no map at all).
+fn kept_entries<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    keep: fn(&str) -> bool,
+) -> Result<Option<KeptEntries>, D::Error> {
+    struct Visitor(fn(&str) -> bool);
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<KeptEntries>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings")
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(
+            self,
+            mut map: M,
+        ) -> Result<Option<KeptEntries>, M::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if (self.0)(&key) && kept.len() < OUR_ANNOTATIONS_KEPT {
+                    if let Some(value) = map.next_value::<Option<String>>()? {
+                        kept.insert(key.into_owned(), value);
+                    }
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(Some(KeptEntries(kept)))
+        }
+        fn visit_unit<E>(self) -> Result<Option<KeptEntries>, E> {
+            Ok(None)
+        }
+    }
+    deserializer.deserialize_any(Visitor(keep))
+}
+
+fn ours<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<KeptEntries>, D::Error> {
+    kept_entries(deserializer, |key| key.starts_with(OUR_ANNOTATION_PREFIX))
+}
+
+fn restore_label<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<KeptEntries>, D::Error> {
+    kept_entries(deserializer, |key| key == RESTORE_NAME_LABEL)
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaWire {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default, deserialize_with = "restore_label")]
+    labels: Option<KeptEntries>,
+    #[serde(default, deserialize_with = "ours")]
+    annotations: Option<KeptEntries>,
+}
+
+/// The spec fields the companion reads, kept as JSON so that a wrong type
+/// counts as absent (as [`ObjectState::from_value`] reads them); every other
+/// field is skipped while decoding.
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group_name: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    power_state: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_order: Option<Value>,
+}
+
+/// A VM, group or PVC as the companion lists it: the metadata it reads
+/// (only the restore label and our own annotations) and the spec fields of
+/// [`SpecWire`]. What a user writes elsewhere is skipped while decoding.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ObjectWire {
+    #[serde(default)]
+    metadata: MetaWire,
+    #[serde(default)]
+    spec: Option<SpecWire>,
+}
+
+impl ObjectState {
+    /// An object as listed.
+    pub fn from_wire(kind: &str, wire: ObjectWire) -> ObjectState {
+        let meta = wire.metadata;
+        let mut metadata = serde_json::json!({
+            "name": meta.name, "namespace": meta.namespace, "uid": meta.uid,
+            "resourceVersion": meta.resource_version,
+            "labels": meta.labels.map(|kept| kept.0).unwrap_or_default(),
+        });
+        if let Some(annotations) = meta.annotations {
+            metadata["annotations"] = serde_json::to_value(annotations.0).unwrap_or_default();
+        }
+        let mut object = serde_json::json!({ "metadata": metadata });
+        if let Some(spec) = wire.spec {
+            object["spec"] = serde_json::to_value(spec).unwrap_or_default();
+        }
+        ObjectState::from_value(kind, &object)
+    }
+}
+
 /// The groups and VMs of one namespace, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Namespace {
@@ -202,6 +323,54 @@ impl Namespace {
         self.ancestors(group)
             .into_iter()
             .find(|ancestor| ancestor.power_state.is_some() || ancestor.held_for_boot_order())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_listed_object_keeps_only_the_restore_label_our_annotations_and_the_spec_read() {
+        let mut annotations =
+            json!({POWER_HELD_ANNOTATION: "boot-order", "theirs": "x".repeat(100_000)});
+        for i in 0..100 {
+            annotations[format!("{OUR_ANNOTATION_PREFIX}flood-{i}")] = json!("y");
+        }
+        let wire: ObjectWire = serde_json::from_value(json!({
+            "metadata": {"name": "g", "namespace": "prod", "uid": "u", "resourceVersion": "7",
+                "labels": {RESTORE_NAME_LABEL: "r1", "team": "web"}, "annotations": annotations,
+                "managedFields": [{"manager": "x"}]},
+            "spec": {"groupName": "app", "powerState": "PoweredOn",
+                "bootOrder": [{"members": [{"name": "vm-a"}], "powerOnDelay": "5s"}],
+                "somethingLarge": "z".repeat(100_000)},
+            "status": {"members": []}}))
+        .unwrap();
+        let state = ObjectState::from_wire("VirtualMachineGroup", wire);
+        assert_eq!(
+            state.labels.keys().collect::<Vec<_>>(),
+            [RESTORE_NAME_LABEL]
+        );
+        let kept = state.annotations.as_ref().unwrap();
+        assert!(
+            kept.keys()
+                .all(|key| key.starts_with(OUR_ANNOTATION_PREFIX))
+        );
+        assert!(kept.len() <= OUR_ANNOTATIONS_KEPT);
+        assert_eq!(state.group_name.as_deref(), Some("app"));
+        assert_eq!(state.members.len(), 1);
+        assert_eq!(state.delays, [Some("5s".to_string())]);
+        assert_eq!(state.resource_version, "7");
+        // No annotations at all stays "no map" (a patch must create it).
+        let bare: ObjectWire =
+            serde_json::from_value(json!({"metadata": {"name": "v", "annotations": null}}))
+                .unwrap();
+        assert!(
+            ObjectState::from_wire("VirtualMachine", bare)
+                .annotations
+                .is_none()
+        );
     }
 }
 

@@ -464,10 +464,6 @@ impl<P: Project> Watched<P> {
         self.write_state().healthy = false;
     }
 
-    fn request(&self, resource: &ApiResource, scope: Option<&str>) -> kube::core::Request {
-        kube::core::Request::new(DynamicObject::url_path(resource, scope))
-    }
-
     /// Every object of `resource` in `scope`, page by page: (namespace, name,
     /// projection), and the list's resourceVersion.
     async fn list(
@@ -477,54 +473,19 @@ impl<P: Project> Watched<P> {
         scope: Option<&str>,
         one_page_at_a_time: bool,
     ) -> Result<(Vec<(String, String, P)>, String), Failure> {
-        let request = self.request(resource, scope);
+        let shape = ListShape {
+            metadata_only: self.metadata_only,
+            label_selector: None,
+            one_page_at_a_time,
+        };
         let mut objects = Vec::new();
-        let mut continue_token: Option<String> = None;
-        let mut limit = FIRST_PAGE;
-        loop {
-            let mut params = ListParams::default().limit(limit);
-            if let Some(token) = &continue_token {
-                params = params.continue_token(token);
-            }
-            let http_request = if self.metadata_only {
-                request.list_metadata(&params)
-            } else {
-                request.list(&params)
-            }
-            .map_err(|err| Failure::Other(err.to_string()))?;
-            let _page_permit = if one_page_at_a_time {
-                Some(
-                    LIST_PAGES
-                        .acquire()
-                        .await
-                        .map_err(|err| Failure::Other(err.to_string()))?,
-                )
-            } else {
-                None
-            };
-            let (page, bytes): (Page<P::Wire>, usize) = fetch(client, http_request).await?;
-            let items = page.items.unwrap_or_default();
-            // Size the next page from this one's bytes per object.
-            if let Some(per_object) = bytes.checked_div(items.len().max(1)) {
-                limit = (PAGE_BYTES / per_object.max(1))
-                    .clamp(FIRST_PAGE as usize, MAX_PAGE as usize) as u32;
-            }
-            for wire in items {
-                let namespace = P::namespace(&wire).unwrap_or_default().to_string();
-                let name = P::name(&wire).to_string();
-                objects.push((namespace, name, P::project(wire)));
-            }
-            match page
-                .metadata
-                .continue_token
-                .filter(|token| !token.is_empty())
-            {
-                Some(token) => continue_token = Some(token),
-                None => {
-                    return Ok((objects, page.metadata.resource_version.unwrap_or_default()));
-                }
-            }
-        }
+        let version = list_pages::<P::Wire>(client, resource, scope, &shape, |wire| {
+            let namespace = P::namespace(&wire).unwrap_or_default().to_string();
+            let name = P::name(&wire).to_string();
+            objects.push((namespace, name, P::project(wire)));
+        })
+        .await?;
+        Ok((objects, version))
     }
 
     /// Replaces the cache with a complete list.
@@ -592,7 +553,8 @@ impl<P: Project> Watched<P> {
         resource: &ApiResource,
         mut version: String,
     ) -> Failure {
-        let request = self.request(resource, self.scope.as_deref());
+        let request =
+            kube::core::Request::new(DynamicObject::url_path(resource, self.scope.as_deref()));
         loop {
             let params = WatchParams::default().timeout(WATCH_SECONDS);
             let http_request = match if self.metadata_only {
@@ -645,6 +607,96 @@ impl<P: Project> Watched<P> {
             }
         }
     }
+}
+
+/// How a list is asked for.
+struct ListShape<'a> {
+    metadata_only: bool,
+    label_selector: Option<&'a str>,
+    /// Take the process-wide page permit: one page of any list at a time.
+    one_page_at_a_time: bool,
+}
+
+/// Lists `resource` in `scope` page by page, handing each decoded object to
+/// `each` (which keeps what it needs of it); returns the list's
+/// resourceVersion. Pages start small and grow to about [`PAGE_BYTES`], so
+/// large objects never make a large page.
+async fn list_pages<W: DeserializeOwned>(
+    client: &Client,
+    resource: &ApiResource,
+    scope: Option<&str>,
+    shape: &ListShape<'_>,
+    mut each: impl FnMut(W),
+) -> Result<String, Failure> {
+    let request = kube::core::Request::new(DynamicObject::url_path(resource, scope));
+    let mut continue_token: Option<String> = None;
+    let mut limit = FIRST_PAGE;
+    loop {
+        let mut params = ListParams::default().limit(limit);
+        if let Some(token) = &continue_token {
+            params = params.continue_token(token);
+        }
+        if let Some(selector) = shape.label_selector {
+            params = params.labels(selector);
+        }
+        let http_request = if shape.metadata_only {
+            request.list_metadata(&params)
+        } else {
+            request.list(&params)
+        }
+        .map_err(|err| Failure::Other(err.to_string()))?;
+        let _page_permit = if shape.one_page_at_a_time {
+            Some(
+                LIST_PAGES
+                    .acquire()
+                    .await
+                    .map_err(|err| Failure::Other(err.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let (page, bytes): (Page<W>, usize) = fetch(client, http_request).await?;
+        let items = page.items.unwrap_or_default();
+        // Size the next page from this one's bytes per object.
+        if let Some(per_object) = bytes.checked_div(items.len().max(1)) {
+            limit = (PAGE_BYTES / per_object.max(1)).clamp(FIRST_PAGE as usize, MAX_PAGE as usize)
+                as u32;
+        }
+        items.into_iter().for_each(&mut each);
+        match page
+            .metadata
+            .continue_token
+            .filter(|token| !token.is_empty())
+        {
+            Some(token) => continue_token = Some(token),
+            None => return Ok(page.metadata.resource_version.unwrap_or_default()),
+        }
+    }
+}
+
+/// Every object of `resource` in `namespace` (or everywhere) that
+/// `label_selector` selects, decoded as `W` (which keeps only what the
+/// caller reads), one page of any list in memory at a time. For one-off
+/// reads (the restore companion); the error says what failed.
+pub async fn list_all<W: DeserializeOwned>(
+    client: &Client,
+    resource: &ApiResource,
+    namespace: Option<&str>,
+    label_selector: Option<&str>,
+    metadata_only: bool,
+) -> Result<Vec<W>, String> {
+    let shape = ListShape {
+        metadata_only,
+        label_selector,
+        one_page_at_a_time: true,
+    };
+    let mut objects = Vec::new();
+    list_pages::<W>(client, resource, namespace, &shape, |wire| {
+        objects.push(wire)
+    })
+    .await
+    .map_err(|err| err.to_string())?;
+    Ok(objects)
 }
 
 /// Sends `request` and decodes the body as `T`, and its size: one copy of the

@@ -138,6 +138,8 @@ struct AppState {
     source_shares: Arc<SourceShares>,
     limits: Limits,
     shutting_down: Arc<AtomicBool>,
+    /// For the certificate's end, at scrape time.
+    certificate: Arc<ReloadingCert>,
 }
 
 impl AppState {
@@ -372,6 +374,10 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         .set(reviewer.group_waits_in_progress() as i64);
     state
         .metrics
+        .certificate_not_after
+        .set(state.certificate.not_after());
+    state
+        .metrics
         .log_lines_dropped
         .inner()
         .store(crate::telemetry::dropped_lines(), Ordering::Relaxed);
@@ -444,6 +450,7 @@ impl Bound {
             source_shares: Arc::default(),
             limits: limits.clone(),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            certificate: certificate.clone(),
         };
         let mut app = Router::new()
             .route("/mutate", post(mutate))

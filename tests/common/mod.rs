@@ -37,6 +37,15 @@ impl TestCa {
         }
     }
 
+    /// A client certificate: (cert PEM, key PEM).
+    pub fn client(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.issuer).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A serving certificate for 127.0.0.1 and localhost: (cert PEM, key PEM).
     pub fn serving(&self) -> (String, String) {
         let key = KeyPair::generate().expect("key");
@@ -171,6 +180,17 @@ impl TestServer {
     ) -> TestServer {
         let certificate =
             ReloadingCert::load(&secret.cert_path(), &secret.key_path()).expect("load cert");
+        TestServer::start_serving(certificate, settings, limits, restores).await
+    }
+
+    /// A server with the certificate given (e.g. one requiring clients'
+    /// certificates).
+    pub async fn start_serving(
+        certificate: Arc<ReloadingCert>,
+        settings: ReviewSettings,
+        limits: Limits,
+        restores: Arc<dyn RestoreFacts>,
+    ) -> TestServer {
         let metrics = Arc::new(Metrics::new());
         let groups = StaticGroups::new([]);
         let reviewer = Arc::new(Reviewer::new(

@@ -717,3 +717,117 @@ def test_15_report_of_the_full_restore(cluster):
     assert [(g["namespace"], g["name"], g["power_state"]) for g in boot["started_in_boot_order"]] == [("boot", "stack", "PoweredOn")], boot
     assert boot["started_in_boot_order"][0]["boot_order"] == ["db-1,db-2 after 0s", "app-1 after 45s", "web-1 after 20s"]
     print("[e2e] report r-boot:\n" + harness.run([cluster.webhook_bin, "report", "r-boot", "-n", VELERO_NS], env=env).stdout)
+
+
+def crafted_review(vm: dict) -> bytes:
+    """An AdmissionReview a pod could send straight to /mutate, claiming to be
+    the API server asking about `vm`'s namespace."""
+    return json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "crafted", "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": "VirtualMachine"},
+        "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+        "name": vm["metadata"]["name"], "namespace": vm["metadata"]["namespace"], "operation": "CREATE",
+        "userInfo": {"username": "system:serviceaccount:velero:velero"}, "object": vm, "dryRun": True}}).encode()
+
+
+def post_directly(cluster, body: bytes) -> str:
+    """POSTs to the webhook as a pod would: trusting its CA, with no client
+    certificate. The response body, or why there was none."""
+    context = ssl.create_default_context(cafile=str(cluster.webhook_ca))
+    context.check_hostname = False
+    try:
+        connection = http.client.HTTPSConnection("127.0.0.1", cluster.webhook_port, context=context, timeout=10)
+        connection.request("POST", "/mutate?timeout=10s", body, {"Content-Type": "application/json"})
+        return connection.getresponse().read().decode()
+    except (OSError, http.client.HTTPException) as err:
+        return f"refused: {err}"
+
+
+def test_16_with_client_auth_only_the_api_server_is_answered(cluster):
+    """Issue 26, "not a read path": a review crafted by a pod for another
+    namespace reads what that namespace has out of the denial, unless the
+    webhook requires the API server's client certificate
+    (--client-ca-file, chart value webhook.clientAuth.caBundle); the API
+    server presents one (the harness starts it with an AdmissionConfiguration
+    whose kubeConfigFile names it), so its creates go on."""
+    ns = "tenant-b"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    cluster.apply({"apiVersion": o.V, "kind": "VirtualMachineClass", "metadata": {"name": "tenant-b-secret-class", "namespace": ns},
+                   "spec": {"hardware": {"cpus": 2, "memory": "4Gi"}}})
+    probe = o.vm(ns, "probe", None, 70, labels={RESTORE_LABEL: "guess"})
+    probe["spec"]["className"] = "a-guess"
+    # Without client authentication: the namespace's classes, read through a denial.
+    answer = wait_until(lambda: (lambda text: text if "tenant-b-secret-class" in text else None)(
+        post_directly(cluster, crafted_review(probe))), 30, "the class cache and the crafted review's denial")
+    assert "names no VirtualMachineClass" in answer, answer
+    cluster.restart_webhook(extra=("--client-ca-file", str(cluster.webhook_clients.ca_crt)))
+    try:
+        refused = post_directly(cluster, crafted_review(probe))
+        assert refused.startswith("refused:"), refused
+        assert "tenant-b-secret-class" not in refused
+        # The API server presents its client certificate: a labelled dry run
+        # goes through the webhook, which names what the namespace has.
+        denied = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+        assert denied.returncode != 0 and "tenant-b-secret-class" in denied.stderr, denied.stderr
+        probe["spec"]["className"] = "tenant-b-secret-class"
+        admitted = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe))
+        assert "instanceUUID" not in json.loads(admitted.stdout)["spec"], admitted.stdout
+        REPORT["client_auth"] = {"crafted_without_certificate": refused[:120], "api_server_dry_run": "patched"}
+    finally:
+        cluster.restart_webhook()
+    harness.log(f"client auth: {REPORT['client_auth']}")
+
+
+def set_restore_phase(cluster, name: str, phase: str) -> None:
+    """Sets a Restore's status as Velero would (its status subresource)."""
+    status = {"phase": phase}
+    if phase in ("Completed", "PartiallyFailed", "Failed"):
+        status["completionTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cluster.kubectl("patch", "restore", name, "-n", VELERO_NS, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": status}))
+
+
+def test_17_after_a_failed_restore_the_companion_neither_prunes_nor_starts(cluster):
+    """Issue 26, finding 11: a Restore that ended Failed may have stopped
+    part-way; its missing members may come with the next try. The companion
+    leaves its groups as restored (held, nothing pruned) and says so in a
+    Warning Event; a PartiallyFailed one is pruned and started as before.
+    Velero is stopped while the test plays its part, so the Restores' phases
+    are the test's (set through the status subresource, as Velero sets them)."""
+    cluster.processes.pop("velero").stop()
+    try:
+        outcomes = {}
+        for name, phase in (("r-failed", "Failed"), ("r-partial", "PartiallyFailed")):
+            ns = name
+            cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            cluster.apply({"apiVersion": "velero.io/v1", "kind": "Restore", "metadata": {"name": name, "namespace": VELERO_NS},
+                           "spec": {"backupName": "b-boot"}})
+            set_restore_phase(cluster, name, "InProgress")
+            label = {RESTORE_LABEL: name}
+            # What Velero would have created before it stopped: a held group
+            # (its webhook marker names this Restore) and one of its two VMs.
+            cluster.create(o.boot_group(ns, "stack", [(["db-1"], None), (["web-1"], "5s")], labels=label))
+            cluster.create(o.vm(ns, "db-1", "stack", 61, labels=label))
+            group = cluster.get_json("virtualmachinegroup", "stack", "-n", ns)
+            assert group["metadata"]["annotations"].get("velero-vm-restore-webhook/power-held") == "boot-order", group
+            set_restore_phase(cluster, name, phase)
+            events = wait_until(lambda: [e for e in cluster.restore_events(name) if e["reason"].startswith("VMRestore")]
+                                or None, 60, f"the companion's Events on {name}")
+            time.sleep(2)  # anything it would do to the group is done by now
+            group = cluster.get_json("virtualmachinegroup", "stack", "-n", ns)
+            outcomes[phase] = {
+                "members": [m["name"] for step in group["spec"]["bootOrder"] for m in step["members"]],
+                "power_state": group["spec"].get("powerState"),
+                "reasons": sorted(e["reason"] for e in cluster.restore_events(name)),
+            }
+        failed, partial = outcomes["Failed"], outcomes["PartiallyFailed"]
+        assert failed["members"] == ["db-1", "web-1"], failed
+        assert failed["power_state"] is None, failed
+        assert "VMRestoreFailedGroupsLeft" in failed["reasons"], failed
+        # The control: the same restore, PartiallyFailed, is pruned and started.
+        assert partial["members"] == ["db-1"], partial
+        assert partial["power_state"] == "PoweredOn", partial
+        assert "VMRestoreFailedGroupsLeft" not in partial["reasons"], partial
+        REPORT["failed_restore"] = outcomes
+        harness.log(f"companion after Failed / PartiallyFailed restores: {outcomes}")
+    finally:
+        cluster.start_velero()
