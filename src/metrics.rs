@@ -269,6 +269,10 @@ impl Metrics {
             restore_cache_objects.clone(),
         );
         let tls_reloads = Family::<ReloadLabels, Counter<u64, AtomicU64>>::default();
+        // Served at 0 from the start, so an alert on errors has a series.
+        for result in [ReloadResult::Ok, ReloadResult::Error] {
+            let _ = tls_reloads.get_or_create(&ReloadLabels { result });
+        }
         registry.register(
             "tls_reloads",
             "Certificate reloads, by result (ok, error)",

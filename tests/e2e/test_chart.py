@@ -3,6 +3,7 @@ matter, and have a real API server validate the rendered objects."""
 
 import base64
 import json
+import re
 import subprocess
 
 import pytest
@@ -128,6 +129,23 @@ def test_chart_pod_security_and_availability(helm):
     assert webhook_rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
     assert webhook_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
     assert metrics_rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+
+
+def test_chart_alert_rules_name_metrics_the_binary_serves(helm, cluster):
+    """The PrometheusRule (off by default) alerts on the certificate's end,
+    reload errors, denials and slow reviews, each through a metric the
+    running binary serves (read off its /metrics)."""
+    assert not by_kind(render(helm), "PrometheusRule")
+    (rule,) = by_kind(render(helm, "--set", "metrics.prometheusRule.enabled=true"), "PrometheusRule")
+    alerts = {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"VeleroVMRestoreWebhookCertificateEndsSoon", "VeleroVMRestoreWebhookCertificateReloadFailing",
+                           "VeleroVMRestoreWebhookDenials", "VeleroVMRestoreWebhookSlowReviews"}, alerts
+    served = cluster.metrics()
+    for alert, expr in alerts.items():
+        for name in re.findall(r"velero_vm_restore_webhook_\w+", expr):
+            family = re.sub(r"_(total|bucket)$", "", name)
+            assert f"# TYPE {family} " in served, f"{alert} reads {name}, which /metrics does not serve"
+        assert 'job="vmrw-velero-vm-restore-webhook"' in expr, expr
 
 
 def test_chart_defaults_fit_the_memory_limit(helm):

@@ -765,3 +765,81 @@ def test_vmop_7_an_encrypted_vm_needs_an_encryption_storage_class_in_the_target(
     REPORT["encryption"] = {"vm_operator_alone": vm_operator_alone, **results}
     print(f"\n[e2e] encryption class: VM Operator alone said {vm_operator_alone!r}; "
           f"plan vs restore: {json.dumps(results, indent=1)}")
+
+
+def webhook_requests(cluster) -> dict:
+    """The webhook's own API requests so far, by (resource, verb), watches
+    left out (each cache holds one watch, reopened every few minutes)."""
+    counts = {}
+    for line in cluster.metrics().splitlines():
+        match = re.match(r'velero_vm_restore_webhook_api_requests_total\{component="webhook",resource="([^"]+)",verb="(\w+)"\} (\d+)', line)
+        if match and match.group(2) != "watch":
+            counts[(match.group(1), match.group(2))] = int(match.group(3))
+    return counts
+
+
+def requests_since(before: dict, after: dict) -> dict:
+    return {key: count - before.get(key, 0) for key, count in after.items() if count != before.get(key, 0)}
+
+
+WARM_VMS = 24
+
+
+def test_vmop_8_a_warm_restore_asks_the_api_server_nothing_per_vm(cluster):
+    """Issue 27: with the caches synced, a Velero restore of many VMs makes
+    no API request of the webhook's per VM: every class, image, storage
+    class, network, zone and group it checks comes from a watch. The count of
+    the webhook's own requests (api_requests_total, watches aside) is the
+    regression guard, not a timing: it must not move during the restore."""
+    src, dst = "warm-src", "warm-dst"
+    prepare_supervisor(cluster, src)
+    subnets = lambda ns: {"apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet",  # noqa: E731
+                          "metadata": {"name": "vm-default", "namespace": ns}, "spec": {}}
+    cluster.apply(subnets(src))
+    names = [f"vm-{i:02d}" for i in range(WARM_VMS)]
+    cluster.apply([o.boot_group(src, "tier", [(names, None)])] +
+                  [o.supervisor_vm(src, name, "tier", 10 + i) for i, name in enumerate(names)])
+    cluster.backup("b-warm", src)
+    prepare_supervisor(cluster, dst)
+    cluster.apply(subnets(dst))
+    # Warm: the webhook's caches have listed what the target namespace has.
+    wait_until(lambda: "velero_vm_restore_webhook_cache_ready{resource=\"subnetsets.crd.nsx.vmware.com\"} 1" in cluster.metrics(),
+               30, "the SubnetSet cache")
+    before = webhook_requests(cluster)
+    restore = cluster.restore("r-warm", "b-warm", "--namespace-mappings", f"{src}:{dst}", "--exclude-resources", EXCLUDE)
+    assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-warm")
+    restored = cluster.get_json("virtualmachines", "-n", dst)["items"]
+    assert len(restored) == WARM_VMS
+    during = requests_since(before, webhook_requests(cluster))
+    REPORT["warm_restore"] = {"vms": WARM_VMS, "webhook_requests_during_restore": {f"{r} {v}": n for (r, v), n in during.items()}}
+    harness.log(f"warm restore of {WARM_VMS} VMs: the webhook's API requests during it (watches aside): {during or 'none'}")
+    assert during == {}, f"per-VM API requests in a warm restore: {during}"
+
+
+def test_vmop_9_a_crafted_vm_costs_no_api_request_and_a_short_answer(cluster):
+    """Issue 26, finding 1: one labelled dry-run create of a VM whose
+    interfaces name thousands of SubnetSets the namespace lacks. Before, each
+    distinct network cost four live LISTs (3,001 LISTs, 17.5 s, a 1.38 MB
+    denial); now the VM is denied for naming more references than a review
+    checks, with no reference read and a message of bounded size. The one
+    request left is the GET of its Restore label, which no Restore has
+    (a miss is remembered for 10 s)."""
+    ns = "warm-dst"
+    vm = o.supervisor_vm(ns, "crafted", None, 90)
+    vm["metadata"]["labels"][RESTORE_LABEL] = "crafted"
+    vm["spec"]["network"]["interfaces"] = [
+        {"name": f"eth{i}", "network": {"apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet", "name": f"missing-{i}"}}
+        for i in range(3000)]
+    before = webhook_requests(cluster)
+    started = time.monotonic()
+    result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(vm), check=False)
+    took = time.monotonic() - started
+    during = requests_since(before, webhook_requests(cluster))
+    REPORT["crafted"] = {"interfaces": 3000, "seconds": round(took, 2), "answer_bytes": len(result.stderr),
+                         "webhook_requests": {f"{r} {v}": n for (r, v), n in during.items()}}
+    harness.log(f"crafted VM with 3,000 networks: {REPORT['crafted']}")
+    assert result.returncode != 0
+    assert re.search(r"names 300\d distinct zones, classes, images, storage classes and networks; "
+                     r"the webhook checks at most 32 per VM", result.stderr), result.stderr[:2000]
+    assert set(during) <= {("restores.velero.io", "get")} and sum(during.values()) <= 1, during
+    assert len(result.stderr) < 4000, len(result.stderr)
