@@ -634,3 +634,85 @@ fn check_references(
         facts.refs.push((reference, presence));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::given::StaticRestores;
+    use crate::facts::{GroupInfo, RestoreInfo, RestoreLookup};
+    use serde_json::json;
+
+    /// A group source whose cache has not seen the group yet; the live GET
+    /// finds it, holding its power.
+    struct LaggingGroups;
+
+    impl GroupFacts for LaggingGroups {
+        fn is_synced(&self) -> bool {
+            true
+        }
+        fn len(&self) -> usize {
+            0
+        }
+        fn get(&self, _namespace: &str, _name: &str) -> Option<GroupInfo> {
+            None
+        }
+        fn appeared(
+            &self,
+            _namespace: &str,
+            _name: &str,
+        ) -> futures::future::BoxFuture<'static, ()> {
+            Box::pin(futures::future::pending())
+        }
+        fn confirm<'a>(
+            &'a self,
+            _namespace: &'a str,
+            _name: &'a str,
+        ) -> futures::future::BoxFuture<'a, GroupLookup> {
+            Box::pin(futures::future::ready(GroupLookup::Found(GroupInfo {
+                holds_power: true,
+            })))
+        }
+    }
+
+    /// Finding 10 of the shared-safety review: a group found only by the live
+    /// GET says itself whether it holds power, so its VM is held too (before,
+    /// the cache, which had not seen the group, was asked and said no).
+    #[tokio::test]
+    async fn a_group_found_only_by_the_live_get_still_holds_its_vms() {
+        let restores = StaticRestores::new(
+            "velero",
+            RestoreLookup::Found(RestoreInfo {
+                name: "r1".into(),
+                uid: Some("u1".into()),
+                ..Default::default()
+            }),
+        );
+        let settings = ReviewSettings {
+            group_policy: GroupPolicy::Deny,
+            ..ReviewSettings::default()
+        };
+        let reviewer = Reviewer::new(Arc::new(LaggingGroups), restores, settings, None);
+        let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u", "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": "VirtualMachine"},
+            "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+            "namespace": "prod", "operation": "CREATE", "userInfo": {"username": "velero"},
+            "object": {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+                "metadata": {"name": "vm1", "namespace": "prod", "labels": {"velero.io/restore-name": "r1"}},
+                "spec": {"groupName": "g", "powerState": "PoweredOn"}}}});
+        let reviewed = reviewer
+            .review(
+                body.to_string().as_bytes(),
+                Deadline::for_request(tokio::time::Instant::now(), None, Duration::from_secs(1)),
+            )
+            .await
+            .unwrap();
+        assert!(reviewed.verdict.denial.is_none(), "{:?}", reviewed.verdict);
+        assert!(
+            reviewed.verdict.changes.iter().any(|change| {
+                change.field() == "spec.powerState" && change.describe().contains("PoweredOff")
+            }),
+            "{:?}",
+            reviewed.verdict.changes
+        );
+    }
+}
