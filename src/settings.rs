@@ -152,6 +152,15 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
     pub velero_namespace: String,
 
+    /// Velero's identity (`request.userInfo.username`; repeat, or
+    /// comma-separate in the variable): only its updates are reviewed (the
+    /// backed-up status it writes after a create, and objects it updates
+    /// with --existing-resource-policy=update). Default: Velero's
+    /// ServiceAccount in --velero-namespace,
+    /// system:serviceaccount:NAMESPACE:velero.
+    #[arg(long = "velero-user", env = "VMRW_VELERO_USERS", value_delimiter = ',')]
+    pub velero_users: Vec<String>,
+
     /// VM Operator's own namespace, where it records which storage policies
     /// encrypt (StoragePolicy objects): read to check a VM's encryption
     /// class against its storage class.

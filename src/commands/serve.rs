@@ -31,6 +31,19 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let velero_users: Vec<String> = args
+        .velero_users
+        .iter()
+        .map(|user| user.trim().to_string())
+        .filter(|user| !user.is_empty())
+        .collect();
+    settings.velero_users = Arc::new(if velero_users.is_empty() {
+        vec![crate::webhook::review::default_velero_user(
+            &args.velero_namespace,
+        )]
+    } else {
+        velero_users
+    });
     // Waiting VMs hold review slots: keep at least half of the slots for
     // reviews that need no wait.
     let max_waits = (args.max_group_waits as usize).min(args.max_concurrent_reviews as usize / 2);

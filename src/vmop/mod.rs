@@ -11,6 +11,7 @@ pub mod refused;
 pub mod shape;
 pub mod targets;
 pub mod vm;
+pub mod writes;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -48,21 +49,21 @@ pub fn marker_value(restore_label: &str, uid: Option<&str>) -> String {
     }
 }
 
-/// Whether the object's marker says it was reviewed for this restore. With
-/// the UID known it must match exactly; without it, the name must.
+/// Whether the object's marker says it was reviewed for this restore: it
+/// equals the marker this review would set, `<restore>/<uid>` with the
+/// Restore's UID, or the bare `<restore>` set when no Restore was found. A
+/// marker that came back from a backup (another Restore's UID) never counts.
 pub fn marker_matches(object: &serde_json::Value, restore_label: &str, uid: Option<&str>) -> bool {
-    let Some(current) = object
+    object
         .pointer("/metadata/annotations")
         .and_then(|annotations| annotations.get(REVIEWED_ANNOTATION))
         .and_then(serde_json::Value::as_str)
-    else {
-        return false;
-    };
-    match uid {
-        Some(_) => current == marker_value(restore_label, uid),
-        None => current.split('/').next() == Some(restore_label),
-    }
+        .is_some_and(|current| current == marker_value(restore_label, uid))
 }
+
+/// What starts the annotations this binary writes.
+pub const OWN_ANNOTATION_PREFIX: &str = "velero-vm-restore-webhook/";
+pub const R_STALE_OWN: &str = "stale-own-annotations";
 
 /// The change that sets the marker to `value`, if it is not set already.
 pub fn marker_change(object: &serde_json::Value, value: &str) -> Option<Change> {
@@ -378,11 +379,18 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     docs.extend_from_slice(group::RULES);
     docs.extend_from_slice(pvc::RULES);
     docs.extend_from_slice(refused::RULES);
+    docs.extend_from_slice(writes::RULES);
     docs.push(RuleDoc {
         id: R_APPLIED_RULES,
         kind: "all three",
         what: "set annotation `velero-vm-restore-webhook/applied-rules` to the ids of the rules that changed the object",
         why: "`kubectl get -o yaml` shows what was cleaned, and `report` counts it per restore",
+    });
+    docs.push(RuleDoc {
+        id: R_STALE_OWN,
+        kind: "all three",
+        what: "on create, remove every `velero-vm-restore-webhook/…` annotation the object brought from the backup that this review does not set (an old marker, `applied-rules`, `power-held`, `restored-power-state`, the companion's)",
+        why: "a backup of restored objects holds them; a stale hold would wait for a companion that never releases it, and a stale `applied-rules` would count in the report as a change",
     });
     docs.push(RuleDoc {
         id: R_REVIEWED_MARKER,

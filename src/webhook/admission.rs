@@ -38,6 +38,8 @@ pub enum ReviewError {
 pub struct ReviewInput {
     pub request: AdmissionRequest<DynamicObject>,
     pub object: Option<Value>,
+    /// The object as stored, on an UPDATE.
+    pub old_object: Option<Value>,
 }
 
 pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
@@ -52,8 +54,8 @@ pub fn parse_review(body: &[u8]) -> Result<ReviewInput, ReviewError> {
 /// The request as the API server sends it, every field named: an unknown
 /// one sends the body the general way. The small typed parts are taken as
 /// JSON values and converted as the general way converts them, and
-/// `oldObject` is parsed and dropped, so that both ways check the same text
-/// (skipping a value would not check its strings).
+/// `oldObject` is kept as the object is, so that both ways check the same
+/// text (skipping a value would not check its strings).
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct WellFormedRequest {
@@ -76,8 +78,8 @@ struct WellFormedRequest {
     user_info: Value,
     #[serde(default)]
     object: Option<serde_json::Map<String, Value>>,
-    #[serde(default, rename = "oldObject")]
-    _old_object: Option<Value>,
+    #[serde(default)]
+    old_object: Option<serde_json::Map<String, Value>>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -141,6 +143,7 @@ fn parse_well_formed(body: &[u8]) -> Option<ReviewInput> {
     Some(ReviewInput {
         request,
         object: wire.object.map(Value::Object),
+        old_object: wire.old_object.map(Value::Object),
     })
 }
 
@@ -160,7 +163,10 @@ pub fn one_pass_parse_agrees(body: &[u8]) -> Result<bool, String> {
         as_json(&fast).map_err(|err| err.to_string())?,
         as_json(&general).map_err(|err| err.to_string())?,
     );
-    if fast_request != general_request || fast.object != general.object {
+    if fast_request != general_request
+        || fast.object != general.object
+        || fast.old_object != general.old_object
+    {
         return Err(format!(
             "the two parses differ: {fast_request:?} {:?} / {general_request:?} {:?}",
             fast.object, general.object
@@ -197,21 +203,28 @@ fn parse_any(body: &[u8]) -> Result<ReviewInput, ReviewError> {
         .get_mut("object")
         .map(Value::take)
         .filter(|o| !o.is_null());
-    if let Some(old_object) = request.get_mut("oldObject") {
-        *old_object = Value::Null;
-    }
-    if let Some(object) = &object
-        && !object.is_object()
-    {
-        return Err(ReviewError::Malformed(
-            "request.object must be an object".into(),
-        ));
+    let old_object = request
+        .get_mut("oldObject")
+        .map(Value::take)
+        .filter(|o| !o.is_null());
+    for (field, value) in [("object", &object), ("oldObject", &old_object)] {
+        if let Some(value) = value
+            && !value.is_object()
+        {
+            return Err(ReviewError::Malformed(format!(
+                "request.{field} must be an object"
+            )));
+        }
     }
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_value(value).map_err(|err| ReviewError::Malformed(err.to_string()))?;
     let request: AdmissionRequest<DynamicObject> =
         review.try_into().map_err(|_| ReviewError::MissingRequest)?;
-    Ok(ReviewInput { request, object })
+    Ok(ReviewInput {
+        request,
+        object,
+        old_object,
+    })
 }
 
 /// The AdmissionReview as it goes on the wire, with `response.patch` as the
@@ -263,6 +276,19 @@ impl serde::Serialize for WireResponse<'_> {
     }
 }
 
+/// Which write of Velero's a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// A restored object's create.
+    Create,
+    /// `--existing-resource-policy=update`: Velero patches an object that
+    /// already exists towards the backup.
+    Update,
+    /// The backed-up status, written after the create (`restoreStatus`, or
+    /// the object's `velero.io/restore-status` annotation).
+    StatusUpdate,
+}
+
 /// Whether a request is one the webhook changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -271,6 +297,7 @@ pub enum Scope {
     In {
         kind: Kind,
         restore: String,
+        write: Write,
     },
 }
 
@@ -284,17 +311,47 @@ pub fn restore_label(object: &Value) -> Option<&str> {
         .filter(|value| !value.is_empty())
 }
 
-pub fn scope(request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) -> Scope {
-    if request.operation != Operation::Create {
-        return Scope::Out("not a CREATE");
-    }
-    if request.sub_resource.is_some() {
-        return Scope::Out("a subresource");
+/// Whether the request is a write of Velero's the webhook changes: the
+/// create of a labelled object; and, from one of `velero_users` only, the
+/// update of one (an existing object patched towards the backup) or of a
+/// VM's or group's status (the backed-up status). Anyone else's update is
+/// not ours, whatever the API server sends.
+pub fn scope(
+    request: &AdmissionRequest<DynamicObject>,
+    object: Option<&Value>,
+    velero_users: &[String],
+) -> Scope {
+    let write = match (&request.operation, request.sub_resource.as_deref()) {
+        (Operation::Create, None) => Write::Create,
+        (Operation::Update, None) => Write::Update,
+        (Operation::Update, Some("status")) => Write::StatusUpdate,
+        (Operation::Create | Operation::Update, Some(_)) => return Scope::Out("a subresource"),
+        _ => return Scope::Out("not a CREATE or UPDATE"),
+    };
+    if write != Write::Create
+        && !velero_users
+            .iter()
+            .any(|user| *user == request.user_info.username.clone().unwrap_or_default())
+    {
+        return Scope::Out("an update by someone other than Velero");
     }
     let gvk = &request.kind;
     let Some(kind) = Kind::classify(&gvk.group, &gvk.version, &gvk.kind) else {
         return Scope::Out("a kind this webhook does not handle");
     };
+    if write == Write::StatusUpdate
+        && !matches!(kind, Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_))
+    {
+        return Scope::Out("the status of a kind whose status the webhook leaves alone");
+    }
+    if write == Write::Update
+        && !matches!(
+            kind,
+            Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_) | Kind::PersistentVolumeClaim
+        )
+    {
+        return Scope::Out("an update of a kind the webhook does not update");
+    }
     let Some(object) = object else {
         return Scope::Out("no object");
     };
@@ -305,6 +362,7 @@ pub fn scope(request: &AdmissionRequest<DynamicObject>, object: Option<&Value>) 
     Scope::In {
         kind,
         restore: restore.to_string(),
+        write,
     }
 }
 
@@ -471,13 +529,18 @@ mod tests {
             example.clone(),
             with("/request/dryRun", json!(true)),
             with("/request/oldObject", json!({"spec": {"anything": [1, 2]}})),
-            with("/request/oldObject", json!("not even an object")),
             with("/request/object", Value::Null),
             with("/request/options", json!({"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"})),
             without("object"),
             without("namespace"),
             br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{"uid":"u","kind":{"group":"","version":"v1","kind":"PersistentVolumeClaim"},"resource":{"group":"","version":"v1","resource":"persistentvolumeclaims"},"operation":"CREATE","userInfo":{},"object":{"metadata":{"name":"a","name":"b"}}}}"#.to_vec(),
         ];
+        // An oldObject that is no object is refused both ways, naming it.
+        let bad_old = with("/request/oldObject", json!("not even an object"));
+        assert_eq!(one_pass_parse_agrees(&bad_old), Ok(false));
+        assert!(
+            matches!(parse_review(&bad_old), Err(ReviewError::Malformed(m)) if m.contains("oldObject"))
+        );
         for body in &well_formed {
             assert_eq!(
                 one_pass_parse_agrees(body),
@@ -545,23 +608,51 @@ mod tests {
         let labelled =
             json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
         let input = parse_review(&review(labelled.clone(), "CREATE", "VirtualMachine")).unwrap();
+        let velero = ["velero".to_string()];
         assert!(
-            matches!(scope(&input.request, input.object.as_ref()), Scope::In { restore, .. } if restore == "r1")
+            matches!(scope(&input.request, input.object.as_ref(), &velero), Scope::In { restore, write: Write::Create, .. } if restore == "r1")
         );
+        // Velero's update of an existing object, and of its status.
         let input = parse_review(&review(labelled.clone(), "UPDATE", "VirtualMachine")).unwrap();
+        assert!(matches!(
+            scope(&input.request, input.object.as_ref(), &velero),
+            Scope::In {
+                write: Write::Update,
+                ..
+            }
+        ));
+        let mut status = input.request.clone();
+        status.sub_resource = Some("status".into());
+        assert!(matches!(
+            scope(&status, input.object.as_ref(), &velero),
+            Scope::In {
+                write: Write::StatusUpdate,
+                ..
+            }
+        ));
+        // Anyone else's update is not ours (VM Operator writes status all day).
         assert_eq!(
-            scope(&input.request, input.object.as_ref()),
-            Scope::Out("not a CREATE")
+            scope(
+                &status,
+                input.object.as_ref(),
+                &["system:serviceaccount:velero:velero".to_string()]
+            ),
+            Scope::Out("an update by someone other than Velero")
+        );
+        let input = parse_review(&review(labelled.clone(), "DELETE", "VirtualMachine")).unwrap();
+        assert_eq!(
+            scope(&input.request, input.object.as_ref(), &velero),
+            Scope::Out("not a CREATE or UPDATE")
         );
         let input = parse_review(&review(labelled, "CREATE", "VirtualMachineClass")).unwrap();
         assert!(matches!(
-            scope(&input.request, input.object.as_ref()),
+            scope(&input.request, input.object.as_ref(), &velero),
             Scope::Out(_)
         ));
         let unlabelled = json!({"metadata": {"name": "vm1", "labels": {"app": "x"}}});
         let input = parse_review(&review(unlabelled, "CREATE", "VirtualMachine")).unwrap();
         assert!(matches!(
-            scope(&input.request, input.object.as_ref()),
+            scope(&input.request, input.object.as_ref(), &velero),
             Scope::Out(_)
         ));
     }

@@ -15,7 +15,7 @@ use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::mapping::{MappingError, Mappings};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::{self, AnnotationSet, CleanupOptions, ClusterRef, Kind, RefKind};
-use crate::webhook::admission::Verdict;
+use crate::webhook::admission::{Verdict, Write};
 use crate::webhook::missing_refs::missing_references_message;
 use crate::webhook::waits::NoWait;
 
@@ -23,6 +23,10 @@ use crate::webhook::waits::NoWait;
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
     pub kind: Kind,
+    /// Which of Velero's writes it is.
+    pub write: Write,
+    /// The object as stored, on an update.
+    pub old_object: Option<&'a Value>,
     /// The `velero.io/restore-name` label value.
     pub restore_label: &'a str,
     pub namespace: &'a str,
@@ -224,6 +228,41 @@ pub fn power_policy(
     )
 }
 
+/// Our own annotations the object brought from a backup that this review
+/// does not set: removed, so none of them counts (a stale hold, a stale
+/// `applied-rules`, the companion's marks of another Restore).
+fn stale_own_annotations(object: &Value, set: &[vmop::AnnotationSet]) -> Vec<crate::patch::Change> {
+    let Some(annotations) = object
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    else {
+        return Vec::new();
+    };
+    annotations
+        .keys()
+        .filter(|key| key.starts_with(vmop::OWN_ANNOTATION_PREFIX))
+        .filter(|key| !set.iter().any(|ours| ours.key == **key))
+        .map(|key| {
+            crate::patch::Change::remove(
+                vec!["metadata".into(), "annotations".into(), key.clone()],
+                vmop::R_STALE_OWN,
+                "written by a review of the restore this object was backed up after; not this one's",
+            )
+        })
+        .collect()
+}
+
+/// The denial of a VM whose Restore could not be read.
+fn unreadable_message(subject: &Subject, why: &str, settings: &DecideSettings) -> String {
+    format!(
+        "{}: could not read Velero Restore {} in namespace {} ({why}), so it cannot tell \
+         whether this VM is a copy beside its original (which must not keep its MACs, addresses and BIOS UUID). \
+         Check that the webhook may get/list/watch restores.velero.io there and that the API server is healthy, \
+         then restore again (existing objects are skipped); or set --restore-unreadable=keep-identity",
+        subject.object_label, subject.restore_label, settings.velero_namespace
+    )
+}
+
 /// Whether the VM is denied whatever its group: facts about the group then
 /// need not be gathered (no wait for a VM that is refused anyway).
 pub fn denied_before_group(
@@ -240,7 +279,81 @@ pub fn denied_before_group(
 }
 
 pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
+    match subject.write {
+        Write::Create => decide_create(subject, facts, settings),
+        Write::StatusUpdate | Write::Update => decide_update(subject, settings),
+    }
+}
+
+/// Velero's write of the backed-up status, or its update of an object that
+/// exists: what is stored stays where it is cluster-bound.
+fn decide_update(subject: &Subject, settings: &DecideSettings) -> Decision {
+    let Some(stored) = subject.old_object else {
+        return Decision::deny(
+            Verdict::default(),
+            DenyReason::MalformedObject,
+            format!(
+                "{}: an update without the stored object (oldObject) cannot be reviewed",
+                subject.object_label
+            ),
+        );
+    };
+    let changes = match subject.write {
+        Write::StatusUpdate => Ok(vmop::writes::keep_status(
+            subject.kind,
+            subject.object,
+            stored,
+        )),
+        _ => vmop::writes::keep_live(
+            subject.kind,
+            subject.object,
+            stored,
+            &CleanupOptions {
+                disabled_rules: settings.disabled_rules.clone(),
+                ..CleanupOptions::default()
+            },
+        ),
+    };
+    let enabled = |rule: &str| !settings.disabled_rules.contains(rule);
+    match changes {
+        Ok(changes) => Decision {
+            verdict: Verdict {
+                changes: changes
+                    .into_iter()
+                    .filter(|change| enabled(change.rule))
+                    .collect(),
+                ..Verdict::default()
+            },
+            deny_reason: None,
+            unchanged_because: None,
+        },
+        Err(err) => Decision::deny(
+            Verdict::default(),
+            DenyReason::MalformedObject,
+            format!(
+                "{} cannot be reviewed: {err}. Fix the object in the backup (or with a Velero resource modifier) and restore again",
+                subject.object_label
+            ),
+        ),
+    }
+}
+
+fn decide_create(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
     let mut verdict = Verdict::default();
+    // A Restore that cannot be read denies a VM before any marker is
+    // looked at: without the Restore's UID, no marker proves a review.
+    if denied_before_group(subject, &facts.restore, settings) {
+        let (why, reason) = match &facts.restore {
+            RestoreFact::Lookup(RestoreLookup::Failed(err)) => {
+                (err.clone(), DenyReason::RestoreUnreadable)
+            }
+            _ => (
+                "the lookup did not finish before the API server's deadline".to_string(),
+                DenyReason::Deadline,
+            ),
+        };
+        return Decision::deny(verdict, reason, unreadable_message(subject, &why, settings));
+    }
     if already_reviewed(subject, &facts.restore) {
         return Decision {
             verdict,
@@ -303,13 +416,7 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
                     return Decision::deny(
                         verdict,
                         reason,
-                        format!(
-                            "{label}: could not read Velero Restore {restore} in namespace {} ({why}), so it cannot tell \
-                             whether this VM is a copy beside its original (which must not keep its MACs, addresses and BIOS UUID). \
-                             Check that the webhook may get/list/watch restores.velero.io there and that the API server is healthy, \
-                             then restore again (existing objects are skipped); or set --restore-unreadable=keep-identity",
-                            settings.velero_namespace
-                        ),
+                        unreadable_message(subject, &why, settings),
                     );
                 }
                 RestoreUnreadable::KeepIdentity => verdict.notes.push(format!(
@@ -449,6 +556,11 @@ pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> De
     verdict
         .changes
         .extend(vmop::annotation_changes(subject.object, &annotations));
+    if options.enabled(vmop::R_STALE_OWN) {
+        verdict
+            .changes
+            .extend(stale_own_annotations(subject.object, &annotations));
+    }
     Decision {
         verdict,
         deny_reason: None,
@@ -477,6 +589,8 @@ mod tests {
     fn subject(object: &Value) -> Subject<'_> {
         Subject {
             kind: Kind::VirtualMachine(ApiVersion(5)),
+            write: Write::Create,
+            old_object: None,
             restore_label: "r1",
             namespace: "prod",
             object,
@@ -603,6 +717,70 @@ mod tests {
                 .iter()
                 .any(|c| c.rule == vmop::vm::R_INSTANCE_UUID)
         );
+    }
+
+    /// Issue 25: our own annotations that come back from a backup never
+    /// count. A backed-up marker naming a Restore of the same name is no
+    /// proof of review when the Restore cannot be read (the VM is denied,
+    /// not admitted with the original's identity), and on a create every
+    /// stale one of ours is removed.
+    #[test]
+    fn our_annotations_from_a_backup_never_count() {
+        use vmop::power::{APPLIED_RULES_ANNOTATION, POWER_HELD_ANNOTATION};
+        let mut backed_up = vm();
+        backed_up["metadata"]["annotations"] = json!({
+            REVIEWED_ANNOTATION: "r1/uid-of-the-restore-it-was-backed-up-after",
+            POWER_HELD_ANNOTATION: "boot-order",
+            APPLIED_RULES_ANNOTATION: "vm-zone-label,vm-first-boot-done",
+            "velero-vm-restore-webhook/companion-done-for-restore": "r1/old",
+            "owner": "team-web",
+        });
+        for restore in [
+            RestoreFact::Lookup(RestoreLookup::Failed("connection refused".into())),
+            RestoreFact::DeadlineExceeded,
+        ] {
+            let facts = Facts {
+                restore,
+                group: present(),
+                ..Default::default()
+            };
+            let decision = decide(&subject(&backed_up), &facts, &settings());
+            assert!(decision.unchanged_because.is_none(), "{decision:?}");
+            assert!(
+                decision.verdict.denial.is_some(),
+                "fails closed: {decision:?}"
+            );
+        }
+        // Not found (labelled by hand): only our own bare marker counts.
+        let not_found = Facts {
+            restore: RestoreFact::Lookup(RestoreLookup::NotFound),
+            group: present(),
+            ..Default::default()
+        };
+        assert!(
+            decide(&subject(&backed_up), &not_found, &settings())
+                .unchanged_because
+                .is_none()
+        );
+        // Found: cleaned, and what is ours from the backup removed.
+        let facts = Facts {
+            restore: found("uid-1", None),
+            group: present(),
+            ..Default::default()
+        };
+        let decision = decide(&subject(&backed_up), &facts, &settings());
+        let patched = crate::patch::apply(&backed_up, &decision.verdict.changes).unwrap();
+        let annotations = patched["metadata"]["annotations"].as_object().unwrap();
+        assert_eq!(annotations[REVIEWED_ANNOTATION], "r1/uid-1");
+        assert!(
+            !annotations.contains_key(POWER_HELD_ANNOTATION),
+            "{annotations:?}"
+        );
+        assert!(!annotations.contains_key("velero-vm-restore-webhook/companion-done-for-restore"));
+        // This review's rules, not the backed-up review's.
+        assert_eq!(annotations[APPLIED_RULES_ANNOTATION], "vm-instance-uuid");
+        assert_eq!(annotations["owner"], "team-web");
+        assert!(patched.pointer("/spec/instanceUUID").is_none());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::targets::{self, Checked, Collection, TargetView};
 use crate::vmop::{Kind, RefKind};
-use crate::webhook::admission::{self, ReviewError, Scope};
+use crate::webhook::admission::{self, ReviewError, Scope, Write};
 use crate::webhook::decide::{
     self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
 };
@@ -46,6 +46,14 @@ pub struct ReviewSettings {
     pub disabled_rules: Arc<BTreeSet<String>>,
     pub power_policy: PowerPolicy,
     pub wait_limits: WaitLimits,
+    /// Who Velero is (`request.userInfo.username`): only its updates are
+    /// Velero's writes to review.
+    pub velero_users: Arc<Vec<String>>,
+}
+
+/// Velero's identity as `velero install` sets it up in `namespace`.
+pub fn default_velero_user(namespace: &str) -> String {
+    format!("system:serviceaccount:{namespace}:velero")
 }
 
 impl Default for ReviewSettings {
@@ -58,6 +66,7 @@ impl Default for ReviewSettings {
             disabled_rules: Arc::default(),
             power_policy: PowerPolicy::default(),
             wait_limits: WaitLimits::default(),
+            velero_users: Arc::new(vec![default_velero_user("velero")]),
         }
     }
 }
@@ -241,21 +250,26 @@ impl Reviewer {
         span.record("operation", operation.as_str());
         span.record("dry_run", request.dry_run);
 
-        let (kind, restore) = match admission::scope(request, input.object.as_ref()) {
-            Scope::Out(reason) => {
-                debug!(kind = %request.kind.kind, reason, "allowed unchanged: out of scope");
-                let review = admission::respond(request, &Default::default()).into_review();
-                let reviewed = Reviewed {
-                    review,
-                    outcome: Outcome::Allowed,
-                    object_label: None,
-                    verdict: Default::default(),
-                    unchanged_because: Some(reason),
-                };
-                return Ok((reviewed, KindLabel::Other, operation, false));
-            }
-            Scope::In { kind, restore } => (kind, restore),
-        };
+        let (kind, restore, write) =
+            match admission::scope(request, input.object.as_ref(), &self.settings.velero_users) {
+                Scope::Out(reason) => {
+                    debug!(kind = %request.kind.kind, reason, "allowed unchanged: out of scope");
+                    let review = admission::respond(request, &Default::default()).into_review();
+                    let reviewed = Reviewed {
+                        review,
+                        outcome: Outcome::Allowed,
+                        object_label: None,
+                        verdict: Default::default(),
+                        unchanged_because: Some(reason),
+                    };
+                    return Ok((reviewed, KindLabel::Other, operation, false));
+                }
+                Scope::In {
+                    kind,
+                    restore,
+                    write,
+                } => (kind, restore, write),
+            };
         let object = input.object.as_ref().unwrap_or(&serde_json::Value::Null);
         let object_label = admission::object_label(kind.name(), request, input.object.as_ref());
         span.record("kind", kind.name());
@@ -264,6 +278,8 @@ impl Reviewer {
 
         let subject = Subject {
             kind,
+            write,
+            old_object: input.old_object.as_ref(),
             restore_label: &restore,
             namespace: request.namespace.as_deref().unwrap_or_default(),
             object,
@@ -293,6 +309,11 @@ impl Reviewer {
     /// Everything `decide` needs from the cluster, each step bounded by the
     /// request's deadline.
     async fn gather(&self, subject: &Subject<'_>, deadline: Deadline) -> Facts {
+        // Velero's status write and its update of an object that exists are
+        // decided from the object and what is stored: nothing to look up.
+        if subject.write != Write::Create {
+            return Facts::default();
+        }
         let restore = match deadline
             .run(self.restores.lookup(subject.restore_label))
             .await
