@@ -12,9 +12,13 @@ under the run's directory. `leftovers()` lists what would be left; the tests
 assert it is empty after a run (test_cluster.py) and the harness refuses to
 start on top of one.
 
+NetworkPolicy is enforced by kube-router's network policy controller
+(iptables and ipset, built from the Go module proxy), run as a host process
+beside kubelet: its dataplane is the host's iptables and ipset programs,
+which a scratch image written by images.py cannot carry.
+
 Stand-ins: vCenter and VM Operator's vSphere side, as in harness.py; the
-distroless base of the webhook image (images.py); no CNI plugin here
-enforces NetworkPolicy.
+distroless base of the webhook image (images.py).
 """
 
 from __future__ import annotations
@@ -44,11 +48,14 @@ WEBHOOK_IMAGE = "e2e.local/velero-vm-restore-webhook:e2e"
 VELERO_IMAGE = "e2e.local/velero:v1.18.3"
 PLUGIN_IMAGE = "e2e.local/velero-plugin-for-aws:e2e"
 PAUSE_IMAGE = "e2e.local/pause:e2e"
+PROBE_IMAGE = "e2e.local/probe:e2e"
 IPTABLES = ("iptables", "ip6tables")
 IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
 RELEASE = "vmrw"
 FULLNAME = "vmrw-velero-vm-restore-webhook"
-DEBIAN_PACKAGES = {"containerd": "containerd", "runc": "runc", "iptables": "iptables", "ip": "iproute2"}
+DEBIAN_PACKAGES = {"containerd": "containerd", "runc": "runc", "iptables": "iptables", "ip": "iproute2", "ipset": "ipset"}
+# kube-router's ipsets (its network policy controller's names).
+IPSET_PREFIXES = ("KUBE-", "kube-router-", "inet6:KUBE-", "inet6:kube-router-")
 
 
 def host_ip() -> str:
@@ -99,7 +106,8 @@ def _our_processes() -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "vmrw-node-" in cmdline and any(t in cmdline for t in ("kubelet", "containerd", "kube-proxy", "kube-scheduler")):
+        if "vmrw-node-" in cmdline and any(t in cmdline for t in ("kubelet", "containerd", "kube-proxy", "kube-scheduler",
+                                                                    "kube-router")):
             pids.append(int(proc.name))
     return pids
 
@@ -118,7 +126,15 @@ def leftovers() -> list[str]:
             chains = sorted({m for m in re.findall(r"^:((?:KUBE|CNI)-\S+)", rules, re.M)})
             found += [f"{tool} chain {c}" for c in chains]
     found += [f"mount {m}" for m in _mounts_under("/tmp/vmrw-node-")]
+    found += [f"ipset {name}" for name in _our_ipsets()]
     return found
+
+
+def _our_ipsets() -> list[str]:
+    if shutil.which("ipset") is None:
+        return []
+    names = run(["ipset", "list", "-n"], check=False).stdout.split()
+    return sorted(n for n in names if n.startswith(IPSET_PREFIXES))
 
 
 def _mounts_under(prefix: str) -> list[str]:
@@ -163,6 +179,7 @@ class NodeCluster(Cluster):
         self.import_images()
         self.start_kubelet()
         self.start_kube_proxy()
+        self.start_network_policy_enforcer()
         self.start_object_store_for_pods()
         self.install_crds()
         self.velero_install()
@@ -178,7 +195,7 @@ class NodeCluster(Cluster):
         if self.closed:
             return
         # Pods first: kubelet's containers outlive kubelet and containerd (their shims are their own sessions).
-        for name in ("kube-proxy", "kubelet"):
+        for name in ("kube-router", "kube-proxy", "kubelet"):
             if name in self.processes:
                 self.processes.pop(name).stop()
         if "containerd" in self.processes and self.processes["containerd"].alive():
@@ -215,6 +232,9 @@ class NodeCluster(Cluster):
             run(["ip", "link", "delete", link.split(":")[1].strip().split("@")[0]], check=False)
         for tool, saved in self.iptables_before.items():
             self.restore_iptables(tool, saved)
+        # After the rules that referenced them are gone.
+        for name in _our_ipsets():
+            run(["ipset", "destroy", name], check=False)
         for target in sorted(_mounts_under(str(self.tmp)), key=len, reverse=True):
             run(["umount", "-l", target], check=False)
         for cgroup in sorted(_kubepods_cgroups()):
@@ -355,6 +375,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         built = [
             self.webhook_image,
             images.single_binary_image(PAUSE_IMAGE, self.bin / "pause", "/pause", entrypoint=["/pause"], user="65535:65535"),
+            images.single_binary_image(PROBE_IMAGE, self.bin / "probe", "/probe", entrypoint=["/probe"], user="65534:65534"),
             images.single_binary_image(VELERO_IMAGE, self.bin / "velero", "/velero", entrypoint=["/velero"], user=velero_user),
             images.single_binary_image(PLUGIN_IMAGE, self.bin / "velero-plugin-for-aws", "/plugins/velero-plugin-for-aws",
                                        entrypoint=["cp", "/plugins/velero-plugin-for-aws", "/target/."], user="65532:65532",
@@ -422,6 +443,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
         wait_until(service_routed, 60, "kube-proxy's Service rules", interval=1, process=self.processes["kube-proxy"])
 
+    def start_network_policy_enforcer(self) -> None:
+        """kube-router's network policy controller only (no routing, no
+        service proxy: the bridge and kube-proxy do those), as a host
+        process beside kubelet. Its rules: the filter table's KUBE-ROUTER-*
+        chains, a KUBE-POD-FW-* chain per pod a policy selects, KUBE-NWPLCY-*
+        chains and KUBE-SRC-/KUBE-DST- ipsets; all removed by clean_host.
+        It admits whatever the node itself sends to its pods (`-m addrtype
+        --src-type LOCAL`: kubelet's probes), so the API server, a process on
+        this host, is admitted by that rule, not by the chart's ipBlock."""
+        self.spawn("kube-router", [self.bin / "kube-router", f"--kubeconfig={self.admin_kubeconfig}",
+                                   "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
+                                   "--enable-cni=false", f"--hostname-override={NODE}",
+                                   f"--service-cluster-ip-range={SERVICE_CIDR}", "--health-port=0", "--v=1"])
+
+        def chains_installed():
+            return ":KUBE-ROUTER-FORWARD" in run(["iptables-save", "-t", "filter"], check=False).stdout
+
+        wait_until(chains_installed, 60, "kube-router's network policy chains", interval=1, process=self.processes["kube-router"])
+        log("NetworkPolicy enforced by kube-router's network policy controller")
+
     # -- Velero and the chart, installed as an admin does ------------------------------
     def start_object_store_for_pods(self) -> None:
         self.s3_port = free_port()
@@ -456,8 +497,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def helm_install(self, *extra) -> None:
         """The chart with its default values, only the image changed."""
-        self.helm("install", RELEASE, REPO / "charts" / "velero-vm-restore-webhook", "--namespace", WEBHOOK_NS,
-                  "--create-namespace", *self.image_values(), *extra, "--wait", "--timeout", "180s")
+        self.install_output = self.helm("install", RELEASE, REPO / "charts" / "velero-vm-restore-webhook", "--namespace",
+                                        WEBHOOK_NS, "--create-namespace", *self.image_values(), *extra, "--wait",
+                                        "--timeout", "180s").stdout
         log("chart installed (helm install --wait)")
 
     def webhook_pods(self) -> list[dict]:

@@ -1,17 +1,14 @@
 """The webhook the way admins run it: a one-node cluster (kubelet, containerd,
-runc, a CNI bridge, kube-proxy, kube-scheduler; node.py), Velero installed by
-`velero install` and the chart by `helm install` with its default values (only
-the image changed), both as pods. The API server reaches the webhook pods
-through the chart's Service; the pods reach the API server through the
-`kubernetes` Service.
+runc, a CNI bridge, kube-proxy, kube-scheduler, kube-router's NetworkPolicy
+enforcer; node.py), Velero installed by `velero install` and the chart by
+`helm install` with its default values (only the image changed), both as
+pods. The API server reaches the webhook pods through the chart's Service;
+the pods reach the API server through the `kubernetes` Service. The chart's
+NetworkPolicy (on by default) is enforced in every scenario.
 
 Run in file order; they share one cluster. Stand-ins: vCenter and VM
 Operator's controllers (nothing reconciles VMs), the distroless base of the
-webhook image (images.py). Not tested: the chart's NetworkPolicy. No CNI
-plugin here enforces NetworkPolicy (the bridge plugin does not), so a test
-could only show it stored, not that it admits the API server and nothing
-else; the README says so.
-"""
+webhook image (images.py)."""
 
 from __future__ import annotations
 
@@ -248,6 +245,131 @@ def test_cluster_helm_test_passes_and_fails_without_the_webhook(cluster):
     again = cluster.helm("test", node.RELEASE, "-n", WEBHOOK_NS, check=False, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
     report("helm_test", {"installed": "passed", "without_mwc": "failed", "restored": "passed"})
+
+
+# -- the NetworkPolicy, enforced ------------------------------------------------------------
+class Probe:
+    """A pod running the probe program (tools/probe): each round it tries
+    every target once and logs a JSON line; `settle` waits for the rounds to
+    show what a phase expects and counts a few more."""
+
+    def __init__(self, cluster, ns: str, name: str, targets: list[str]):
+        self.cluster, self.ns, self.name, self.targets = cluster, ns, name, targets
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": "probe"}},
+                       "spec": {"terminationGracePeriodSeconds": 1, "automountServiceAccountToken": False,
+                                "containers": [{"name": "probe", "image": node.PROBE_IMAGE, "imagePullPolicy": "Never",
+                                                "args": ["-interval", "500ms", "-timeout", "1500ms", *targets],
+                                                "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}}]}})
+
+        def running():
+            pod = cluster.get_json("pod", name, "-n", ns)
+            return pod if pod["status"].get("phase") == "Running" and pod["status"].get("podIP") else None
+
+        self.ip = wait_until(running, 90, f"probe pod {ns}/{name}", interval=1)["status"]["podIP"]
+
+    def rounds(self) -> list[dict]:
+        out = self.cluster.kubectl("logs", "-n", self.ns, self.name, check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    @staticmethod
+    def port(target: str) -> str:
+        return re.search(r":(\d+)/", target).group(1)
+
+    def settle(self, expect: dict[str, bool], phase: str, count: int = 4, timeout: float = 90) -> dict:
+        """Waits for a round where each port is admitted (True) or refused
+        (False) as `expect` says, then requires the next `count` rounds to
+        agree; returns their counts per port."""
+        def matches(r):
+            return all(t["admitted"] == expect[self.port(t["target"])] for t in r["tries"])
+
+        start = max((r["round"] for r in self.rounds()), default=0)
+        first = wait_until(lambda: next((r["round"] for r in self.rounds() if r["round"] > start and matches(r)), None), timeout,
+                           f"{self.ns}/{self.name}: {phase}", interval=1)
+        later = wait_until(lambda: [r for r in self.rounds() if r["round"] > first][:count]
+                           if len([r for r in self.rounds() if r["round"] > first]) >= count else None, 60,
+                           f"{count} more rounds of {self.ns}/{self.name}", interval=1)
+        counts: dict = {}
+        for r in later:
+            for t in r["tries"]:
+                c = counts.setdefault(self.port(t["target"]), {"admitted": 0, "refused": 0})
+                c["admitted" if t["admitted"] else "refused"] += 1
+        wrong = [r for r in later if not matches(r)]
+        assert not wrong, f"{phase}: rounds after it settled disagree: {wrong[:2]}"
+        return counts
+
+
+def test_cluster_network_policy_is_enforced(cluster):
+    """The chart's default NetworkPolicy under a real enforcer (kube-router):
+    the webhook port admits the API server (labelled creates and `helm test`
+    pass) and refuses a pod of another namespace on both ports, while a pod of
+    the release's namespace reaches the metrics port; with the policy removed
+    the same pod gets through; an ipBlock in networkPolicy.apiServer.cidrs
+    is enforced (the kind of rule the lookup renders for the API server).
+
+    What this cannot show: the API server runs on this host, and kube-router
+    (like the CNI plugins that follow kubelet's needs) admits whatever the
+    node itself sends to its pods, so its calls pass by that rule, not by the
+    ipBlock of its address. The ipBlock the lookup rendered is checked as
+    stored; that an ipBlock admits its address and nothing else is shown
+    with the probe pod's own address."""
+    pods = wait_for_ready_replicas(cluster)
+    chart = REPO / "charts" / "velero-vm-restore-webhook"
+    name = node.FULLNAME
+    policy = cluster.get_json("networkpolicy", name, "-n", WEBHOOK_NS)
+    advertised = [a for e in cluster.get_json("endpointslice", "kubernetes", "-n", "default")["endpoints"] for a in e["addresses"]]
+    assert advertised == [cluster.host_ip], advertised
+    webhook_rule, metrics_rule = policy["spec"]["ingress"]
+    assert webhook_rule["from"] == [{"ipBlock": {"cidr": f"{cluster.host_ip}/32"}}], webhook_rule
+    assert metrics_rule["from"] == [{"podSelector": {}}], metrics_rule
+    assert f"{cluster.host_ip}/32  (its advertised address" in cluster.install_output, cluster.install_output
+    # kube-router has a firewall chain for each webhook pod.
+    rules = run(["iptables-save", "-t", "filter"]).stdout
+    for pod in pods:
+        assert re.search(rf"-A KUBE-ROUTER-FORWARD .*-d {re.escape(pod['status']['podIP'])}/32 .*-j KUBE-POD-FW-", rules), \
+            f"no firewall chain for {pod['metadata']['name']}"
+
+    targets = [t for p in pods for t in (f"https://{p['status']['podIP']}:8443/mutate",
+                                         f"http://{p['status']['podIP']}:9090/metrics")]
+    other = Probe(cluster, "netpol-other", "probe", targets)
+    inside = Probe(cluster, WEBHOOK_NS, "probe", targets)
+    results: dict = {"pods": len(pods), "api_server_ipblock": webhook_rule["from"][0]["ipBlock"]["cidr"]}
+    try:
+        results["policy_on_other_namespace"] = other.settle({"8443": False, "9090": False}, "policy on: refused on both ports")
+        results["policy_on_release_namespace"] = inside.settle({"8443": False, "9090": True},
+                                                               "policy on: metrics admitted, webhook port refused")
+        # The API server still gets through: a labelled dry-run create and `helm test`.
+        ns = "netpol-creates"
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        created = 0
+        for i in range(5):
+            vm = o.vm(ns, f"vm-{i}", None, i, labels={RESTORE_LABEL: "cluster-netpol"})
+            out = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm)).stdout
+            assert "instanceUUID" not in json.loads(out)["spec"], "the webhook did not clean it"
+            created += 1
+        tested = cluster.helm("test", node.RELEASE, "-n", WEBHOOK_NS, check=False, timeout=180)
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        results["api_server"] = {"labelled_dry_run_creates_cleaned": created, "helm_test": "passed"}
+
+        # Negative control: without the policy the same pod gets through on both ports.
+        cluster.kubectl("delete", "networkpolicy", name, "-n", WEBHOOK_NS)
+        results["policy_removed_other_namespace"] = other.settle({"8443": True, "9090": True}, "policy removed: admitted")
+
+        # An ipBlock is enforced: the probe's own address as an API server source.
+        cluster.helm("upgrade", node.RELEASE, chart, "-n", WEBHOOK_NS, "--reuse-values",
+                     "--set", f"networkPolicy.apiServer.cidrs={{{other.ip}/32}}", timeout=240)
+        restored = cluster.get_json("networkpolicy", name, "-n", WEBHOOK_NS)
+        assert {"ipBlock": {"cidr": f"{other.ip}/32"}} in restored["spec"]["ingress"][0]["from"]
+        results["ipblock_of_the_probe"] = other.settle({"8443": True, "9090": False},
+                                                       "its address in apiServer.cidrs: webhook port admitted")
+    finally:
+        cluster.helm("upgrade", node.RELEASE, chart, "-n", WEBHOOK_NS, "--reuse-values",
+                     "--set-json", "networkPolicy.apiServer.cidrs=[]", timeout=240)
+    results["policy_back_other_namespace"] = other.settle({"8443": False, "9090": False}, "default policy back: refused")
+    for probe in (other, inside):
+        cluster.kubectl("delete", "pod", probe.name, "-n", probe.ns, "--wait=false")
+    cluster.kubectl("delete", "namespace", "netpol-other", "netpol-creates", "--wait=false")
+    report("network_policy", results)
 
 
 def test_cluster_full_restore_with_velero_in_a_pod(cluster):

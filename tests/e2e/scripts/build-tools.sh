@@ -47,6 +47,15 @@ if [[ -d $here/tools/node ]]; then
   has pause && build node pause ./cmd/pause
   has cp && build node cp ./cmd/cp
 fi
+# A real NetworkPolicy enforcer for the cluster mode: kube-router's network
+# policy controller (iptables and ipset; the kernel here lacks nftables'
+# queue expression, which kube-network-policies needs), and the probe
+# program the NetworkPolicy scenarios run in pods.
+if [[ -d $here/tools/netpol ]]; then
+  kr_ver='-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=v2.1.0'
+  has kube-router && build netpol kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router "$kr_ver"
+fi
+[[ -d $here/tools/probe ]] && { has probe && build probe probe ./cmd/probe; }
 if [[ -d $here/tools/velero ]]; then
   velero_ver='-X github.com/vmware-tanzu/velero/pkg/buildinfo.Version=v1.18.3'
   has velero && build velero velero github.com/vmware-tanzu/velero/cmd/velero "$velero_ver"
