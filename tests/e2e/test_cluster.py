@@ -567,3 +567,107 @@ def test_cluster_api_server_unreachable_from_the_pods(cluster):
     report("api_unreachable", {"outage_seconds": 20, "admitted_seconds_after": round(admitted_after, 1), "restarts": now})
     assert now == restarts, "a pod was restarted"
     assert "instanceUUID" not in cluster.get_json("virtualmachine", "vm-1", "-n", ns)["spec"]
+
+
+# -- certificates.mode=certManager, with a real cert-manager -----------------------------
+def certificate_pem(cluster) -> bytes:
+    secret = cluster.get_json("secret", f"{node.FULLNAME}-tls", "-n", WEBHOOK_NS)
+    return base64.b64decode(secret["data"]["tls.crt"])
+
+
+def serving_certificate(cluster) -> dict:
+    return cluster.get_json("certificate", f"{node.FULLNAME}-serving", "-n", WEBHOOK_NS)
+
+
+def test_cluster_cert_manager_issues_and_injects(cluster):
+    """README's "Install alongside Velero", option 2: cert-manager (v1.21.2,
+    its own chart; controller, webhook and CA injector built from the
+    module) is installed, the chart is installed again with
+    certificates.mode=certManager. cert-manager issues the serving
+    certificate from the chart's CA Issuer, the CA injector writes the CA
+    into the MutatingWebhookConfiguration (the chart renders no caBundle in
+    this mode), both pods serve the issued certificate, and labelled creates
+    pass through the webhook."""
+    timings = cluster.install_cert_manager()
+    cluster.helm("uninstall", node.RELEASE, "-n", WEBHOOK_NS, "--wait", "--timeout", "120s", timeout=180)
+    wait_until(lambda: not cluster.webhook_pods(), 120, "the helm-mode pods to be gone", interval=1)
+    started = time.time()
+    cluster.install_output = cluster.helm(
+        "install", node.RELEASE, REPO / "charts" / "velero-vm-restore-webhook", "--namespace", WEBHOOK_NS,
+        *cluster.image_values(), "--set", "certificates.mode=certManager", "--wait", "--timeout", "180s", timeout=240).stdout
+    installed_seconds = time.time() - started
+    pods = wait_for_ready_replicas(cluster)
+
+    certificate = serving_certificate(cluster)
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in certificate["status"]["conditions"]), certificate["status"]
+    secret = cluster.get_json("secret", f"{node.FULLNAME}-tls", "-n", WEBHOOK_NS)
+    assert secret["metadata"]["annotations"]["cert-manager.io/certificate-name"] == f"{node.FULLNAME}-serving"
+    mwc = cluster.get_json("mutatingwebhookconfiguration", node.FULLNAME)
+    assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{WEBHOOK_NS}/{node.FULLNAME}-serving"
+    bundles = {h["clientConfig"].get("caBundle", "") for h in mwc["webhooks"]}
+    assert bundles == {secret["data"]["ca.crt"]}, "the CA injector did not write the CA into every webhook"
+    ca = cluster.tmp / "cm-ca.crt"
+    ca.write_bytes(base64.b64decode(secret["data"]["ca.crt"]))
+    verified = run(["openssl", "verify", "-CAfile", ca], input=certificate_pem(cluster).decode(), check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    serial = secret_serial(cluster)
+    served = {serving_serial(p["status"]["podIP"]) for p in pods}
+    assert served == {serial}, (served, serial)
+
+    ns = "cm-creates"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    for i in range(5):
+        vm = o.vm(ns, f"vm-{i}", None, i, labels={RESTORE_LABEL: "cluster-cert-manager"})
+        out = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm)).stdout
+        assert "instanceUUID" not in json.loads(out)["spec"], "the webhook did not clean it"
+    tested = cluster.helm("test", node.RELEASE, "-n", WEBHOOK_NS, check=False, timeout=180)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    issuer = run(["openssl", "x509", "-noout", "-issuer"], input=certificate_pem(cluster).decode()).stdout.strip()
+    report("cert_manager", {**timings, "chart_install_seconds": round(installed_seconds, 1), "serial": serial,
+                            "issuer": issuer, "served_by_each_pod": True, "ca_injected": True,
+                            "labelled_dry_run_creates_cleaned": 5, "helm_test": "passed"})
+
+
+def test_cluster_cert_manager_renewal_under_load(cluster):
+    """cert-manager re-issues the serving certificate while labelled creates
+    run (10 a second): what `cmctl renew` does, the Certificate's Issuing
+    condition set True. The Secret gets a new certificate from the same CA
+    (the caBundle does not change), each pod serves it without a restart,
+    and no create fails."""
+    pods = wait_for_ready_replicas(cluster)
+    restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in pods}
+    old, revision = secret_serial(cluster), serving_certificate(cluster)["status"].get("revision", 0)
+    bundle = cluster.get_json("mutatingwebhookconfiguration", node.FULLNAME)["webhooks"][0]["clientConfig"]["caBundle"]
+    assert {serving_serial(p["status"]["podIP"]) for p in pods} == {old}
+    with Load(cluster, "load-cm-renewal") as load:
+        time.sleep(3)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        issuing = {"type": "Issuing", "status": "True", "reason": "ManuallyTriggered",
+                   "message": "Certificate re-issuance manually triggered", "lastTransitionTime": now,
+                   "observedGeneration": serving_certificate(cluster)["metadata"]["generation"]}
+        cluster.kubectl("patch", "certificate", f"{node.FULLNAME}-serving", "-n", WEBHOOK_NS, "--subresource=status",
+                        "--type=json", "-p", json.dumps([{"op": "add", "path": "/status/conditions/-", "value": issuing}]))
+        triggered = time.time()
+        wait_until(lambda: serving_certificate(cluster)["status"].get("revision", 0) > revision and secret_serial(cluster) != old,
+                   120, "cert-manager to re-issue the serving certificate", interval=1)
+        new = secret_serial(cluster)
+        issued_seconds = time.time() - triggered
+        wait_until(lambda: {serving_serial(p["status"]["podIP"]) for p in pods} == {new}, 180,
+                   "each pod to serve the re-issued certificate", interval=2)
+        served_seconds = time.time() - triggered
+        time.sleep(3)
+    summary = load.summary()
+    now_restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.webhook_pods()}
+    certificate = serving_certificate(cluster)
+    report("cert_manager_renewal", {**summary, "old_serial": old, "new_serial": new,
+                                    "revision": [revision, certificate["status"].get("revision")],
+                                    "seconds_until_issued": round(issued_seconds, 1),
+                                    "seconds_until_both_pods_served_it": round(served_seconds, 1)})
+    assert new != old
+    assert now_restarts == restarts, "the pods were restarted, not reloaded"
+    assert summary["sent"] > 50, summary
+    assert summary["failed"] == 0, summary
+    assert summary["uncleaned"] == 0, summary
+    assert cluster.get_json("mutatingwebhookconfiguration", node.FULLNAME)["webhooks"][0]["clientConfig"]["caBundle"] == bundle, \
+        "the renewal changed the CA"
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in certificate["status"]["conditions"])
