@@ -12,9 +12,13 @@ under the run's directory. `leftovers()` lists what would be left; the tests
 assert it is empty after a run (test_cluster.py) and the harness refuses to
 start on top of one.
 
+NetworkPolicy is enforced by kube-router's network policy controller
+(iptables and ipset, built from the Go module proxy), run as a host process
+beside kubelet: its dataplane is the host's iptables and ipset programs,
+which a scratch image written by images.py cannot carry.
+
 Stand-ins: vCenter and VM Operator's vSphere side, as in harness.py; the
-distroless base of the webhook image (images.py); no CNI plugin here
-enforces NetworkPolicy.
+distroless base of the webhook image (images.py).
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ WEBHOOK_IMAGE = "e2e.local/velero-vm-restore-webhook:e2e"
 VELERO_IMAGE = "e2e.local/velero:v1.18.3"
 PLUGIN_IMAGE = "e2e.local/velero-plugin-for-aws:e2e"
 PAUSE_IMAGE = "e2e.local/pause:e2e"
+PROBE_IMAGE = "e2e.local/probe:e2e"
+CERT_MANAGER_MODULE = "github.com/cert-manager/cert-manager@v1.21.2"
+CERT_MANAGER_NS = "cert-manager"
+CERT_MANAGER_IMAGES = {part: f"e2e.local/cert-manager-{part}:e2e" for part in ("controller", "webhook", "cainjector")}
 IPTABLES = ("iptables", "ip6tables")
 IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
 RELEASE = "vmrw"
 FULLNAME = "vmrw-velero-vm-restore-webhook"
-DEBIAN_PACKAGES = {"containerd": "containerd", "runc": "runc", "iptables": "iptables", "ip": "iproute2"}
+DEBIAN_PACKAGES = {"containerd": "containerd", "runc": "runc", "iptables": "iptables", "ip": "iproute2", "ipset": "ipset"}
+# kube-router's ipsets (its network policy controller's names).
+IPSET_PREFIXES = ("KUBE-", "kube-router-", "inet6:KUBE-", "inet6:kube-router-")
 
 
 def host_ip() -> str:
@@ -99,7 +109,8 @@ def _our_processes() -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "vmrw-node-" in cmdline and any(t in cmdline for t in ("kubelet", "containerd", "kube-proxy", "kube-scheduler")):
+        if "vmrw-node-" in cmdline and any(t in cmdline for t in ("kubelet", "containerd", "kube-proxy", "kube-scheduler",
+                                                                    "kube-router")):
             pids.append(int(proc.name))
     return pids
 
@@ -118,7 +129,15 @@ def leftovers() -> list[str]:
             chains = sorted({m for m in re.findall(r"^:((?:KUBE|CNI)-\S+)", rules, re.M)})
             found += [f"{tool} chain {c}" for c in chains]
     found += [f"mount {m}" for m in _mounts_under("/tmp/vmrw-node-")]
+    found += [f"ipset {name}" for name in _our_ipsets()]
     return found
+
+
+def _our_ipsets() -> list[str]:
+    if shutil.which("ipset") is None:
+        return []
+    names = run(["ipset", "list", "-n"], check=False).stdout.split()
+    return sorted(n for n in names if n.startswith(IPSET_PREFIXES))
 
 
 def _mounts_under(prefix: str) -> list[str]:
@@ -163,6 +182,7 @@ class NodeCluster(Cluster):
         self.import_images()
         self.start_kubelet()
         self.start_kube_proxy()
+        self.start_network_policy_enforcer()
         self.start_object_store_for_pods()
         self.install_crds()
         self.velero_install()
@@ -178,7 +198,7 @@ class NodeCluster(Cluster):
         if self.closed:
             return
         # Pods first: kubelet's containers outlive kubelet and containerd (their shims are their own sessions).
-        for name in ("kube-proxy", "kubelet"):
+        for name in ("kube-router", "kube-proxy", "kubelet"):
             if name in self.processes:
                 self.processes.pop(name).stop()
         if "containerd" in self.processes and self.processes["containerd"].alive():
@@ -215,6 +235,9 @@ class NodeCluster(Cluster):
             run(["ip", "link", "delete", link.split(":")[1].strip().split("@")[0]], check=False)
         for tool, saved in self.iptables_before.items():
             self.restore_iptables(tool, saved)
+        # After the rules that referenced them are gone.
+        for name in _our_ipsets():
+            run(["ipset", "destroy", name], check=False)
         for target in sorted(_mounts_under(str(self.tmp)), key=len, reverse=True):
             run(["umount", "-l", target], check=False)
         for cgroup in sorted(_kubepods_cgroups()):
@@ -355,6 +378,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         built = [
             self.webhook_image,
             images.single_binary_image(PAUSE_IMAGE, self.bin / "pause", "/pause", entrypoint=["/pause"], user="65535:65535"),
+            images.single_binary_image(PROBE_IMAGE, self.bin / "probe", "/probe", entrypoint=["/probe"], user="65534:65534"),
             images.single_binary_image(VELERO_IMAGE, self.bin / "velero", "/velero", entrypoint=["/velero"], user=velero_user),
             images.single_binary_image(PLUGIN_IMAGE, self.bin / "velero-plugin-for-aws", "/plugins/velero-plugin-for-aws",
                                        entrypoint=["cp", "/plugins/velero-plugin-for-aws", "/target/."], user="65532:65532",
@@ -422,6 +446,74 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
         wait_until(service_routed, 60, "kube-proxy's Service rules", interval=1, process=self.processes["kube-proxy"])
 
+    def start_network_policy_enforcer(self) -> None:
+        """kube-router's network policy controller only (no routing, no
+        service proxy: the bridge and kube-proxy do those), as a host
+        process beside kubelet. Its rules: the filter table's KUBE-ROUTER-*
+        chains, a KUBE-POD-FW-* chain per pod a policy selects, KUBE-NWPLCY-*
+        chains and KUBE-SRC-/KUBE-DST- ipsets; all removed by clean_host.
+        It admits whatever the node itself sends to its pods (`-m addrtype
+        --src-type LOCAL`: kubelet's probes), so the API server, a process on
+        this host, is admitted by that rule, not by the chart's ipBlock."""
+        self.spawn("kube-router", [self.bin / "kube-router", f"--kubeconfig={self.admin_kubeconfig}",
+                                   "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
+                                   "--enable-cni=false", f"--hostname-override={NODE}",
+                                   f"--service-cluster-ip-range={SERVICE_CIDR}", "--health-port=0", "--v=1"])
+
+        def chains_installed():
+            return ":KUBE-ROUTER-FORWARD" in run(["iptables-save", "-t", "filter"], check=False).stdout
+
+        wait_until(chains_installed, 60, "kube-router's network policy chains", interval=1, process=self.processes["kube-router"])
+        log("NetworkPolicy enforced by kube-router's network policy controller")
+
+    # -- cert-manager (the certManager scenarios) -------------------------------------
+    def install_cert_manager(self) -> dict:
+        """cert-manager v1.21.2 as its own Helm chart installs it (the chart
+        in the module, CRDs included), with images of the controller, webhook
+        and CA injector built from the module (tools/certmanager) in place of
+        quay.io's. startupapicheck is off (no image of it); instead this
+        waits, as it does, until a dry-run Certificate passes cert-manager's
+        webhook, which needs the CA injector to have filled that webhook's
+        caBundle. Returns timings."""
+        started = time.time()
+        out = self.tmp / "images"
+        out.mkdir(exist_ok=True)
+        for part, name in CERT_MANAGER_IMAGES.items():
+            image = images.single_binary_image(name, self.bin / f"cert-manager-{part}", f"/cert-manager-{part}",
+                                               entrypoint=[f"/cert-manager-{part}"], user="65532:65532")
+            archive = images.write_oci_archive(image, out / f"cert-manager-{part}.tar")
+            run(["ctr", "--address", self.containerd_sock, "-n", "k8s.io", "images", "import", "--no-unpack", archive], timeout=300)
+        imported = time.time() - started
+        module = json.loads(run(["go", "mod", "download", "-json", CERT_MANAGER_MODULE],
+                                env={**os.environ, "GOFLAGS": "-mod=mod"}).stdout)["Dir"]
+        chart = Path(module) / "deploy" / "charts" / "cert-manager"
+        values = ["--set", "crds.enabled=true", "--set", "startupapicheck.enabled=false"]
+        for part, name in CERT_MANAGER_IMAGES.items():
+            repository, tag = name.rsplit(":", 1)
+            prefix = "" if part == "controller" else f"{part}."
+            values += ["--set", f"{prefix}image.repository={repository}", "--set", f"{prefix}image.tag={tag}"]
+        self.helm("install", "cert-manager", chart, "--namespace", CERT_MANAGER_NS, "--create-namespace", *values,
+                  "--wait", "--timeout", "180s", timeout=300)
+        probe = {"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+                 "metadata": {"name": "startup-check", "namespace": CERT_MANAGER_NS},
+                 "spec": {"secretName": "startup-check", "dnsNames": ["startup.check"],
+                          "issuerRef": {"name": "startup-check", "kind": "Issuer"}}}
+        last = {}
+
+        def answered():
+            result = self.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+            last["error"] = result.stderr.strip()
+            return result.returncode == 0
+
+        try:
+            wait_until(answered, 120, "cert-manager's webhook to answer (its caBundle injected)", interval=2)
+        except TimeoutError as err:
+            logs = {part: self.kubectl("logs", "-n", CERT_MANAGER_NS, "-l", f"app.kubernetes.io/component={part}",
+                                       "--tail=15", check=False).stdout for part in ("controller", "webhook", "cainjector")}
+            raise TimeoutError(f"{err}; last answer: {last.get('error')}; logs: {json.dumps(logs, indent=1)}") from None
+        log(f"cert-manager installed from its chart in {time.time() - started:.1f}s (images {imported:.1f}s)")
+        return {"images_seconds": round(imported, 1), "install_seconds": round(time.time() - started, 1)}
+
     # -- Velero and the chart, installed as an admin does ------------------------------
     def start_object_store_for_pods(self) -> None:
         self.s3_port = free_port()
@@ -456,8 +548,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def helm_install(self, *extra) -> None:
         """The chart with its default values, only the image changed."""
-        self.helm("install", RELEASE, REPO / "charts" / "velero-vm-restore-webhook", "--namespace", WEBHOOK_NS,
-                  "--create-namespace", *self.image_values(), *extra, "--wait", "--timeout", "180s")
+        self.install_output = self.helm("install", RELEASE, REPO / "charts" / "velero-vm-restore-webhook", "--namespace",
+                                        WEBHOOK_NS, "--create-namespace", *self.image_values(), *extra, "--wait",
+                                        "--timeout", "180s").stdout
         log("chart installed (helm install --wait)")
 
     def webhook_pods(self) -> list[dict]:

@@ -121,14 +121,38 @@ def test_chart_pod_security_and_availability(helm):
     drain, finish = int(env["VMRW_SHUTDOWN_DRAIN_DELAY"].rstrip("s")), int(env["VMRW_SHUTDOWN_TIMEOUT"].rstrip("s"))
     assert drain >= 5
     assert pod["terminationGracePeriodSeconds"] > drain + finish
-    assert not by_kind(docs, "NetworkPolicy"), "NetworkPolicy is opt-in"
-    policy = by_kind(render(helm, "--set", "networkPolicy.enabled=true",
-                            "--set", "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/24"), "NetworkPolicy")[0]
+
+
+def test_chart_network_policy(helm):
+    """On by default. Without a cluster (`helm template`) no API server
+    address is found: the webhook port is left open to any source (failurePolicy
+    Fail: availability first) and says so; given sources close it to them.
+    The metrics port admits the release's namespace unless metricsFrom says
+    otherwise. What the lookup finds against a real API server is checked in
+    test_helm_upgrade_keeps_the_ca; the enforcement in test_cluster.py."""
+    (policy,) = by_kind(render(helm), "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "velero-vm-restore-webhook"
     webhook_rule, metrics_rule = policy["spec"]["ingress"]
-    assert webhook_rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
-    assert webhook_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
-    assert metrics_rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert webhook_rule == {"ports": [{"port": 8443, "protocol": "TCP"}]}, "open to any source"
+    assert policy["metadata"]["annotations"]["velero-vm-restore-webhook/webhook-port-sources"] == "any-source"
+    assert metrics_rule == {"ports": [{"port": 9090, "protocol": "TCP"}], "from": [{"podSelector": {}}]}
+
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    (policy,) = by_kind(render(helm, "--set", "networkPolicy.apiServer.cidrs={10.0.0.0/28,fd00::1/128}",
+                               "--set", "networkPolicy.webhookFrom[0].ipBlock.cidr=192.0.2.10/32",
+                               "--set-json", f"networkPolicy.metricsFrom=[{json.dumps(prometheus)}]"), "NetworkPolicy")
+    webhook_rule, metrics_rule = policy["spec"]["ingress"]
+    assert webhook_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/28"}}, {"ipBlock": {"cidr": "fd00::1/128"}},
+                                    {"ipBlock": {"cidr": "192.0.2.10/32"}}]
+    assert policy["metadata"]["annotations"]["velero-vm-restore-webhook/webhook-port-sources"] == "api-server"
+    assert metrics_rule["from"] == [prometheus]
+    # Metrics off: only the webhook port's rule.
+    (policy,) = by_kind(render(helm, "--set", "metrics.enabled=false"), "NetworkPolicy")
+    assert [r["ports"][0]["port"] for r in policy["spec"]["ingress"]] == [8443]
+    assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+    bad = render(helm, "--set", "networkPolicy.apiServer.cidrs={not-a-cidr}", check=False)
+    assert bad.returncode != 0 and "cidrs" in bad.stderr, bad.stderr
 
 
 def test_chart_alert_rules_name_metrics_the_binary_serves(helm, cluster):
@@ -233,9 +257,29 @@ def test_helm_upgrade_keeps_the_ca(helm, cluster):
         return secret, {h["clientConfig"]["caBundle"] for h in mwc["webhooks"]}
 
     try:
-        harness.run([*base, "install", *args, "--create-namespace"])
+        installed = harness.run([*base, "install", *args, "--create-namespace"]).stdout
         secret, bundles = secret_and_bundle()
         assert bundles == {secret["data"]["ca.crt"]}
+        # The NetworkPolicy's webhook port admits what `lookup` found: the
+        # API server's advertised address (its `kubernetes` EndpointSlice).
+        # This API server advertises 127.0.0.1, which it never publishes
+        # (loopback): nothing is found, and the port is left open and NOTES
+        # says so. test_cluster.py's API server publishes the host's address.
+        policy = cluster.get_json("networkpolicy", f"{release}-velero-vm-restore-webhook", "-n", namespace)
+        found = cluster.kubectl("get", "endpointslice", "kubernetes", "-n", "default", "-o", "json", check=False)
+        advertised = [f"{a}/32" for e in json.loads(found.stdout)["endpoints"] for a in e["addresses"]] \
+            if found.returncode == 0 else []
+        if advertised:
+            assert policy["spec"]["ingress"][0]["from"] == [{"ipBlock": {"cidr": c}} for c in advertised]
+            assert f"{advertised[0]}  (its advertised address" in installed, installed
+        else:
+            assert "from" not in policy["spec"]["ingress"][0], policy
+            assert "OPEN TO ANY SOURCE" in installed, installed
+        # Without the lookup and with nothing given: open, and NOTES.txt says so.
+        unlooked = harness.run([*base, "upgrade", *args, "--set", "networkPolicy.apiServer.lookup=false"]).stdout
+        assert "OPEN TO ANY SOURCE" in unlooked, unlooked
+        policy = cluster.get_json("networkpolicy", f"{release}-velero-vm-restore-webhook", "-n", namespace)
+        assert "from" not in policy["spec"]["ingress"][0]
         harness.run([*base, "upgrade", *args, "--set", "server.logLevel=debug"])
         upgraded, upgraded_bundles = secret_and_bundle()
         assert upgraded["data"] == secret["data"], "helm upgrade made a new CA or certificate"

@@ -1,17 +1,14 @@
 """The webhook the way admins run it: a one-node cluster (kubelet, containerd,
-runc, a CNI bridge, kube-proxy, kube-scheduler; node.py), Velero installed by
-`velero install` and the chart by `helm install` with its default values (only
-the image changed), both as pods. The API server reaches the webhook pods
-through the chart's Service; the pods reach the API server through the
-`kubernetes` Service.
+runc, a CNI bridge, kube-proxy, kube-scheduler, kube-router's NetworkPolicy
+enforcer; node.py), Velero installed by `velero install` and the chart by
+`helm install` with its default values (only the image changed), both as
+pods. The API server reaches the webhook pods through the chart's Service;
+the pods reach the API server through the `kubernetes` Service. The chart's
+NetworkPolicy (on by default) is enforced in every scenario.
 
 Run in file order; they share one cluster. Stand-ins: vCenter and VM
 Operator's controllers (nothing reconciles VMs), the distroless base of the
-webhook image (images.py). Not tested: the chart's NetworkPolicy. No CNI
-plugin here enforces NetworkPolicy (the bridge plugin does not), so a test
-could only show it stored, not that it admits the API server and nothing
-else; the README says so.
-"""
+webhook image (images.py)."""
 
 from __future__ import annotations
 
@@ -250,6 +247,131 @@ def test_cluster_helm_test_passes_and_fails_without_the_webhook(cluster):
     report("helm_test", {"installed": "passed", "without_mwc": "failed", "restored": "passed"})
 
 
+# -- the NetworkPolicy, enforced ------------------------------------------------------------
+class Probe:
+    """A pod running the probe program (tools/probe): each round it tries
+    every target once and logs a JSON line; `settle` waits for the rounds to
+    show what a phase expects and counts a few more."""
+
+    def __init__(self, cluster, ns: str, name: str, targets: list[str]):
+        self.cluster, self.ns, self.name, self.targets = cluster, ns, name, targets
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": "probe"}},
+                       "spec": {"terminationGracePeriodSeconds": 1, "automountServiceAccountToken": False,
+                                "containers": [{"name": "probe", "image": node.PROBE_IMAGE, "imagePullPolicy": "Never",
+                                                "args": ["-interval", "500ms", "-timeout", "1500ms", *targets],
+                                                "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}}]}})
+
+        def running():
+            pod = cluster.get_json("pod", name, "-n", ns)
+            return pod if pod["status"].get("phase") == "Running" and pod["status"].get("podIP") else None
+
+        self.ip = wait_until(running, 90, f"probe pod {ns}/{name}", interval=1)["status"]["podIP"]
+
+    def rounds(self) -> list[dict]:
+        out = self.cluster.kubectl("logs", "-n", self.ns, self.name, check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    @staticmethod
+    def port(target: str) -> str:
+        return re.search(r":(\d+)/", target).group(1)
+
+    def settle(self, expect: dict[str, bool], phase: str, count: int = 4, timeout: float = 90) -> dict:
+        """Waits for a round where each port is admitted (True) or refused
+        (False) as `expect` says, then requires the next `count` rounds to
+        agree; returns their counts per port."""
+        def matches(r):
+            return all(t["admitted"] == expect[self.port(t["target"])] for t in r["tries"])
+
+        start = max((r["round"] for r in self.rounds()), default=0)
+        first = wait_until(lambda: next((r["round"] for r in self.rounds() if r["round"] > start and matches(r)), None), timeout,
+                           f"{self.ns}/{self.name}: {phase}", interval=1)
+        later = wait_until(lambda: [r for r in self.rounds() if r["round"] > first][:count]
+                           if len([r for r in self.rounds() if r["round"] > first]) >= count else None, 60,
+                           f"{count} more rounds of {self.ns}/{self.name}", interval=1)
+        counts: dict = {}
+        for r in later:
+            for t in r["tries"]:
+                c = counts.setdefault(self.port(t["target"]), {"admitted": 0, "refused": 0})
+                c["admitted" if t["admitted"] else "refused"] += 1
+        wrong = [r for r in later if not matches(r)]
+        assert not wrong, f"{phase}: rounds after it settled disagree: {wrong[:2]}"
+        return counts
+
+
+def test_cluster_network_policy_is_enforced(cluster):
+    """The chart's default NetworkPolicy under a real enforcer (kube-router):
+    the webhook port admits the API server (labelled creates and `helm test`
+    pass) and refuses a pod of another namespace on both ports, while a pod of
+    the release's namespace reaches the metrics port; with the policy removed
+    the same pod gets through; an ipBlock in networkPolicy.apiServer.cidrs
+    is enforced (the kind of rule the lookup renders for the API server).
+
+    What this cannot show: the API server runs on this host, and kube-router
+    (like the CNI plugins that follow kubelet's needs) admits whatever the
+    node itself sends to its pods, so its calls pass by that rule, not by the
+    ipBlock of its address. The ipBlock the lookup rendered is checked as
+    stored; that an ipBlock admits its address and nothing else is shown
+    with the probe pod's own address."""
+    pods = wait_for_ready_replicas(cluster)
+    chart = REPO / "charts" / "velero-vm-restore-webhook"
+    name = node.FULLNAME
+    policy = cluster.get_json("networkpolicy", name, "-n", WEBHOOK_NS)
+    advertised = [a for e in cluster.get_json("endpointslice", "kubernetes", "-n", "default")["endpoints"] for a in e["addresses"]]
+    assert advertised == [cluster.host_ip], advertised
+    webhook_rule, metrics_rule = policy["spec"]["ingress"]
+    assert webhook_rule["from"] == [{"ipBlock": {"cidr": f"{cluster.host_ip}/32"}}], webhook_rule
+    assert metrics_rule["from"] == [{"podSelector": {}}], metrics_rule
+    assert f"{cluster.host_ip}/32  (its advertised address" in cluster.install_output, cluster.install_output
+    # kube-router has a firewall chain for each webhook pod.
+    rules = run(["iptables-save", "-t", "filter"]).stdout
+    for pod in pods:
+        assert re.search(rf"-A KUBE-ROUTER-FORWARD .*-d {re.escape(pod['status']['podIP'])}/32 .*-j KUBE-POD-FW-", rules), \
+            f"no firewall chain for {pod['metadata']['name']}"
+
+    targets = [t for p in pods for t in (f"https://{p['status']['podIP']}:8443/mutate",
+                                         f"http://{p['status']['podIP']}:9090/metrics")]
+    other = Probe(cluster, "netpol-other", "probe", targets)
+    inside = Probe(cluster, WEBHOOK_NS, "probe", targets)
+    results: dict = {"pods": len(pods), "api_server_ipblock": webhook_rule["from"][0]["ipBlock"]["cidr"]}
+    try:
+        results["policy_on_other_namespace"] = other.settle({"8443": False, "9090": False}, "policy on: refused on both ports")
+        results["policy_on_release_namespace"] = inside.settle({"8443": False, "9090": True},
+                                                               "policy on: metrics admitted, webhook port refused")
+        # The API server still gets through: a labelled dry-run create and `helm test`.
+        ns = "netpol-creates"
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        created = 0
+        for i in range(5):
+            vm = o.vm(ns, f"vm-{i}", None, i, labels={RESTORE_LABEL: "cluster-netpol"})
+            out = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm)).stdout
+            assert "instanceUUID" not in json.loads(out)["spec"], "the webhook did not clean it"
+            created += 1
+        tested = cluster.helm("test", node.RELEASE, "-n", WEBHOOK_NS, check=False, timeout=180)
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        results["api_server"] = {"labelled_dry_run_creates_cleaned": created, "helm_test": "passed"}
+
+        # Negative control: without the policy the same pod gets through on both ports.
+        cluster.kubectl("delete", "networkpolicy", name, "-n", WEBHOOK_NS)
+        results["policy_removed_other_namespace"] = other.settle({"8443": True, "9090": True}, "policy removed: admitted")
+
+        # An ipBlock is enforced: the probe's own address as an API server source.
+        cluster.helm("upgrade", node.RELEASE, chart, "-n", WEBHOOK_NS, "--reuse-values",
+                     "--set", f"networkPolicy.apiServer.cidrs={{{other.ip}/32}}", timeout=240)
+        restored = cluster.get_json("networkpolicy", name, "-n", WEBHOOK_NS)
+        assert {"ipBlock": {"cidr": f"{other.ip}/32"}} in restored["spec"]["ingress"][0]["from"]
+        results["ipblock_of_the_probe"] = other.settle({"8443": True, "9090": False},
+                                                       "its address in apiServer.cidrs: webhook port admitted")
+    finally:
+        cluster.helm("upgrade", node.RELEASE, chart, "-n", WEBHOOK_NS, "--reuse-values",
+                     "--set-json", "networkPolicy.apiServer.cidrs=[]", timeout=240)
+    results["policy_back_other_namespace"] = other.settle({"8443": False, "9090": False}, "default policy back: refused")
+    for probe in (other, inside):
+        cluster.kubectl("delete", "pod", probe.name, "-n", probe.ns, "--wait=false")
+    cluster.kubectl("delete", "namespace", "netpol-other", "netpol-creates", "--wait=false")
+    report("network_policy", results)
+
+
 def test_cluster_full_restore_with_velero_in_a_pod(cluster):
     """test_restore.py's full restore, with Velero as the Deployment `velero
     install` made and the API server calling our pods through the Service:
@@ -445,3 +567,107 @@ def test_cluster_api_server_unreachable_from_the_pods(cluster):
     report("api_unreachable", {"outage_seconds": 20, "admitted_seconds_after": round(admitted_after, 1), "restarts": now})
     assert now == restarts, "a pod was restarted"
     assert "instanceUUID" not in cluster.get_json("virtualmachine", "vm-1", "-n", ns)["spec"]
+
+
+# -- certificates.mode=certManager, with a real cert-manager -----------------------------
+def certificate_pem(cluster) -> bytes:
+    secret = cluster.get_json("secret", f"{node.FULLNAME}-tls", "-n", WEBHOOK_NS)
+    return base64.b64decode(secret["data"]["tls.crt"])
+
+
+def serving_certificate(cluster) -> dict:
+    return cluster.get_json("certificate", f"{node.FULLNAME}-serving", "-n", WEBHOOK_NS)
+
+
+def test_cluster_cert_manager_issues_and_injects(cluster):
+    """README's "Install alongside Velero", option 2: cert-manager (v1.21.2,
+    its own chart; controller, webhook and CA injector built from the
+    module) is installed, the chart is installed again with
+    certificates.mode=certManager. cert-manager issues the serving
+    certificate from the chart's CA Issuer, the CA injector writes the CA
+    into the MutatingWebhookConfiguration (the chart renders no caBundle in
+    this mode), both pods serve the issued certificate, and labelled creates
+    pass through the webhook."""
+    timings = cluster.install_cert_manager()
+    cluster.helm("uninstall", node.RELEASE, "-n", WEBHOOK_NS, "--wait", "--timeout", "120s", timeout=180)
+    wait_until(lambda: not cluster.webhook_pods(), 120, "the helm-mode pods to be gone", interval=1)
+    started = time.time()
+    cluster.install_output = cluster.helm(
+        "install", node.RELEASE, REPO / "charts" / "velero-vm-restore-webhook", "--namespace", WEBHOOK_NS,
+        *cluster.image_values(), "--set", "certificates.mode=certManager", "--wait", "--timeout", "180s", timeout=240).stdout
+    installed_seconds = time.time() - started
+    pods = wait_for_ready_replicas(cluster)
+
+    certificate = serving_certificate(cluster)
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in certificate["status"]["conditions"]), certificate["status"]
+    secret = cluster.get_json("secret", f"{node.FULLNAME}-tls", "-n", WEBHOOK_NS)
+    assert secret["metadata"]["annotations"]["cert-manager.io/certificate-name"] == f"{node.FULLNAME}-serving"
+    mwc = cluster.get_json("mutatingwebhookconfiguration", node.FULLNAME)
+    assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{WEBHOOK_NS}/{node.FULLNAME}-serving"
+    bundles = {h["clientConfig"].get("caBundle", "") for h in mwc["webhooks"]}
+    assert bundles == {secret["data"]["ca.crt"]}, "the CA injector did not write the CA into every webhook"
+    ca = cluster.tmp / "cm-ca.crt"
+    ca.write_bytes(base64.b64decode(secret["data"]["ca.crt"]))
+    verified = run(["openssl", "verify", "-CAfile", ca], input=certificate_pem(cluster).decode(), check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    serial = secret_serial(cluster)
+    served = {serving_serial(p["status"]["podIP"]) for p in pods}
+    assert served == {serial}, (served, serial)
+
+    ns = "cm-creates"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    for i in range(5):
+        vm = o.vm(ns, f"vm-{i}", None, i, labels={RESTORE_LABEL: "cluster-cert-manager"})
+        out = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(vm)).stdout
+        assert "instanceUUID" not in json.loads(out)["spec"], "the webhook did not clean it"
+    tested = cluster.helm("test", node.RELEASE, "-n", WEBHOOK_NS, check=False, timeout=180)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    issuer = run(["openssl", "x509", "-noout", "-issuer"], input=certificate_pem(cluster).decode()).stdout.strip()
+    report("cert_manager", {**timings, "chart_install_seconds": round(installed_seconds, 1), "serial": serial,
+                            "issuer": issuer, "served_by_each_pod": True, "ca_injected": True,
+                            "labelled_dry_run_creates_cleaned": 5, "helm_test": "passed"})
+
+
+def test_cluster_cert_manager_renewal_under_load(cluster):
+    """cert-manager re-issues the serving certificate while labelled creates
+    run (10 a second): what `cmctl renew` does, the Certificate's Issuing
+    condition set True. The Secret gets a new certificate from the same CA
+    (the caBundle does not change), each pod serves it without a restart,
+    and no create fails."""
+    pods = wait_for_ready_replicas(cluster)
+    restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in pods}
+    old, revision = secret_serial(cluster), serving_certificate(cluster)["status"].get("revision", 0)
+    bundle = cluster.get_json("mutatingwebhookconfiguration", node.FULLNAME)["webhooks"][0]["clientConfig"]["caBundle"]
+    assert {serving_serial(p["status"]["podIP"]) for p in pods} == {old}
+    with Load(cluster, "load-cm-renewal") as load:
+        time.sleep(3)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        issuing = {"type": "Issuing", "status": "True", "reason": "ManuallyTriggered",
+                   "message": "Certificate re-issuance manually triggered", "lastTransitionTime": now,
+                   "observedGeneration": serving_certificate(cluster)["metadata"]["generation"]}
+        cluster.kubectl("patch", "certificate", f"{node.FULLNAME}-serving", "-n", WEBHOOK_NS, "--subresource=status",
+                        "--type=json", "-p", json.dumps([{"op": "add", "path": "/status/conditions/-", "value": issuing}]))
+        triggered = time.time()
+        wait_until(lambda: serving_certificate(cluster)["status"].get("revision", 0) > revision and secret_serial(cluster) != old,
+                   120, "cert-manager to re-issue the serving certificate", interval=1)
+        new = secret_serial(cluster)
+        issued_seconds = time.time() - triggered
+        wait_until(lambda: {serving_serial(p["status"]["podIP"]) for p in pods} == {new}, 180,
+                   "each pod to serve the re-issued certificate", interval=2)
+        served_seconds = time.time() - triggered
+        time.sleep(3)
+    summary = load.summary()
+    now_restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.webhook_pods()}
+    certificate = serving_certificate(cluster)
+    report("cert_manager_renewal", {**summary, "old_serial": old, "new_serial": new,
+                                    "revision": [revision, certificate["status"].get("revision")],
+                                    "seconds_until_issued": round(issued_seconds, 1),
+                                    "seconds_until_both_pods_served_it": round(served_seconds, 1)})
+    assert new != old
+    assert now_restarts == restarts, "the pods were restarted, not reloaded"
+    assert summary["sent"] > 50, summary
+    assert summary["failed"] == 0, summary
+    assert summary["uncleaned"] == 0, summary
+    assert cluster.get_json("mutatingwebhookconfiguration", node.FULLNAME)["webhooks"][0]["clientConfig"]["caBundle"] == bundle, \
+        "the renewal changed the CA"
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in certificate["status"]["conditions"])

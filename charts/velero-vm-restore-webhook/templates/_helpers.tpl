@@ -132,3 +132,33 @@ namespaceSelector:
 {{- end -}}
 {{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) | quote -}}
 {{- end -}}
+
+{{/*
+The API server's advertised addresses, as a JSON list of CIDRs (/32, /128):
+the `kubernetes` EndpointSlice in namespace default (the Endpoints of the
+same name where no slice exists), read with `lookup` at install and upgrade.
+Empty under `helm template`, `--dry-run=client`, or with
+networkPolicy.apiServer.lookup=false. A user who may not read them gets a
+failed install (Helm's lookup fails on Forbidden): set lookup=false then.
+*/}}
+{{- define "vmrw.apiServerCIDRs" -}}
+{{- $cidrs := list -}}
+{{- if .Values.networkPolicy.apiServer.lookup -}}
+{{- $slice := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" -}}
+{{- if and $slice $slice.endpoints -}}
+{{- range $slice.endpoints -}}
+{{- range .addresses -}}
+{{- $cidrs = append $cidrs (printf "%s/%s" . (ternary "128" "32" (contains ":" .))) -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- $endpoints := lookup "v1" "Endpoints" "default" "kubernetes" -}}
+{{- range ($endpoints.subsets | default list) -}}
+{{- range (.addresses | default list) -}}
+{{- $cidrs = append $cidrs (printf "%s/%s" .ip (ternary "128" "32" (contains ":" .ip))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $cidrs | uniq | toJson -}}
+{{- end -}}

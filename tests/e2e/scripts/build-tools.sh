@@ -47,6 +47,26 @@ if [[ -d $here/tools/node ]]; then
   has pause && build node pause ./cmd/pause
   has cp && build node cp ./cmd/cp
 fi
+# A real NetworkPolicy enforcer for the cluster mode: kube-router's network
+# policy controller (iptables and ipset; the kernel here lacks nftables'
+# queue expression, which kube-network-policies needs), and the probe
+# program the NetworkPolicy scenarios run in pods.
+if [[ -d $here/tools/netpol ]]; then
+  kr_ver='-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=v2.1.0'
+  has kube-router && build netpol kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router "$kr_ver"
+fi
+[[ -d $here/tools/probe ]] && { has probe && build probe probe ./cmd/probe; }
+# cert-manager for the cluster mode's certManager scenarios: its controller,
+# webhook and CA injector (thin mains around cert-manager's packages: the
+# proxy serves no command module of it). Their images are written by
+# images.py; the CRDs and manifests come from cert-manager's own Helm chart
+# in the module (deploy/charts/cert-manager), installed with our helm.
+if [[ -d $here/tools/certmanager ]]; then
+  cm_ver='-X github.com/cert-manager/cert-manager/pkg/util.AppVersion=v1.21.2'
+  has cert-manager-controller && build certmanager cert-manager-controller ./cmd/controller "$cm_ver"
+  has cert-manager-webhook && build certmanager cert-manager-webhook ./cmd/webhook "$cm_ver"
+  has cert-manager-cainjector && build certmanager cert-manager-cainjector ./cmd/cainjector "$cm_ver"
+fi
 if [[ -d $here/tools/velero ]]; then
   velero_ver='-X github.com/vmware-tanzu/velero/pkg/buildinfo.Version=v1.18.3'
   has velero && build velero velero github.com/vmware-tanzu/velero/cmd/velero "$velero_ver"
