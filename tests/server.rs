@@ -87,11 +87,28 @@ async fn out_of_scope_requests_are_allowed_unchanged() {
     assert!(answer.patch.is_none());
     assert!(answer.warnings().is_empty());
 
+    // Anyone's update but Velero's is not ours.
     let mut update = review_for(&example("vm-v1alpha5.json"), false);
     update["request"]["operation"] = json!("UPDATE");
+    update["request"]["oldObject"] = example("vm-v1alpha5.json");
+    update["request"]["userInfo"]["username"] =
+        json!("system:serviceaccount:vmware-system-vmop:vmware-system-vmop");
     let answer = post_review(&client, &server.url("/mutate"), &update).await;
     assert!(answer.allowed());
     assert!(answer.patch.is_none());
+    // Velero's update that changes nothing cluster-bound: no patch either.
+    update["request"]["userInfo"]["username"] = json!("system:serviceaccount:velero:velero");
+    let answer = post_review(&client, &server.url("/mutate"), &update).await;
+    assert!(answer.allowed());
+    assert!(answer.patch.is_none());
+    // Velero's status write: what is stored stays.
+    let mut status = update.clone();
+    status["request"]["subResource"] = json!("status");
+    status["request"]["object"]["status"] = json!({"uniqueID": "vm-1041"});
+    let answer = post_review(&client, &server.url("/mutate"), &status).await;
+    assert!(answer.allowed());
+    let patched = apply(&status["request"]["object"], &answer.patch);
+    assert!(patched.get("status").is_none(), "{patched}");
 }
 
 #[tokio::test]

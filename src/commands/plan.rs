@@ -66,6 +66,15 @@ pub struct PlanArgs {
     /// `table` (per object and per namespace) or `json`.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanOutput::Table)]
     output: PlanOutput,
+    /// As `velero restore create --status-include-resources`: the resources
+    /// whose backed-up status the restore will write (plan says what that
+    /// would bring, and that the webhook keeps VM Operator's instead).
+    #[arg(
+        long = "status-include-resources",
+        value_delimiter = ',',
+        value_name = "RESOURCE,..."
+    )]
+    status_include_resources: Vec<String>,
     /// Exit 1 when any object would be denied.
     #[arg(long)]
     fail_on_deny: bool,
@@ -163,7 +172,36 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     )
     .with_refs(refs.clone())
     .with_mappings(MappingCache::given(&args.velero_namespace, maps));
-    let items = review_each(&reviewer, input.items, &static_groups, true).await?;
+    // What restoring each VM's or group's status would bring, from the
+    // backup (Velero writes it after the create; the webhook keeps VM
+    // Operator's).
+    let status_notes: BTreeMap<String, String> = input
+        .items
+        .iter()
+        .filter_map(|item| {
+            let gvk = item.review.pointer("/request/kind")?;
+            let kind = vmop::Kind::classify(
+                gvk.get("group")?.as_str()?,
+                gvk.get("version")?.as_str()?,
+                gvk.get("kind")?.as_str()?,
+            )?;
+            let note =
+                vmop::writes::status_note(kind, &item.original, &args.status_include_resources)?;
+            let label = format!(
+                "{} {}/{}",
+                kind.name(),
+                item.original.pointer("/metadata/namespace")?.as_str()?,
+                item.original.pointer("/metadata/name")?.as_str()?
+            );
+            Some((label, note))
+        })
+        .collect();
+    let mut items = review_each(&reviewer, input.items, &static_groups, true).await?;
+    for item in &mut items {
+        if let Some(note) = status_notes.get(&item.label) {
+            item.reviewed.verdict.notes.push(note.clone());
+        }
+    }
     let target_lists = refs
         .stats()
         .iter()

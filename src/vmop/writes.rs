@@ -38,6 +38,60 @@ pub const RULES: &[RuleDoc] = &[
     },
 ];
 
+/// The annotation with which a backed-up object asks Velero (1.16+) to
+/// restore its status, or not, whatever the Restore says.
+pub const RESTORE_STATUS_ANNOTATION: &str = "velero.io/restore-status";
+
+/// Whether Velero will write this backed-up object's status after its create,
+/// and why: its `velero.io/restore-status` annotation (`"true"`/`"false"`,
+/// Velero 1.16+), else the Restore's `--status-include-resources` (`include`:
+/// resources as `plural.group`, or `*`).
+pub fn status_restored_by(
+    object: &Value,
+    resource: &str,
+    include: &[String],
+) -> Option<&'static str> {
+    let annotated = object
+        .pointer("/metadata/annotations")
+        .and_then(|annotations| annotations.get(RESTORE_STATUS_ANNOTATION))
+        .and_then(Value::as_str);
+    match annotated {
+        Some("true") => Some("its velero.io/restore-status annotation (Velero 1.16+)"),
+        Some("false") => None,
+        _ => include
+            .iter()
+            .any(|included| included == "*" || included == resource)
+            .then_some("--status-include-resources"),
+    }
+}
+
+/// For `plan`: what restoring a VM's or group's backed-up status would have
+/// brought, and that the webhook keeps VM Operator's instead.
+pub fn status_note(kind: Kind, object: &Value, include: &[String]) -> Option<String> {
+    let resource = match kind {
+        Kind::VirtualMachine(_) => "virtualmachines.vmoperator.vmware.com",
+        Kind::VirtualMachineGroup(_) => "virtualmachinegroups.vmoperator.vmware.com",
+        _ => return None,
+    };
+    let status = object.get("status").and_then(Value::as_object)?;
+    if status.is_empty() {
+        return None;
+    }
+    let why = status_restored_by(object, resource, include)?;
+    let identity: Vec<String> = ["uniqueID", "instanceUUID", "biosUUID"]
+        .iter()
+        .filter_map(|key| Some(format!("{key} {}", status.get(*key)?.as_str()?)))
+        .collect();
+    let brought = if identity.is_empty() {
+        format!("{} backed-up status fields", status.len())
+    } else {
+        format!("the original's status {}", identity.join(", "))
+    };
+    Some(format!(
+        "Velero will write its backed-up status ({why}); the webhook keeps VM Operator's instead (rule {R_STATUS_RESTORED}), so {brought} never reach it"
+    ))
+}
+
 /// A JSON Pointer token list for `status` and one key under it.
 fn status_path(key: Option<&str>) -> Vec<String> {
     let mut tokens = vec!["status".to_string()];
@@ -187,6 +241,33 @@ mod tests {
         );
         // Nothing to do when Velero writes what is there.
         assert!(keep_status(Kind::VirtualMachine(ApiVersion(5)), &written, &written).is_empty());
+    }
+
+    #[test]
+    fn plan_says_when_velero_will_restore_a_status_and_what_it_held() {
+        let vm = json!({"metadata": {"name": "vm1"}, "status": {"uniqueID": "vm-1041", "powerState": "PoweredOn"}});
+        let kind = Kind::VirtualMachine(ApiVersion(5));
+        assert!(status_note(kind, &vm, &[]).is_none());
+        let note =
+            status_note(kind, &vm, &["virtualmachines.vmoperator.vmware.com".into()]).unwrap();
+        assert!(
+            note.contains("--status-include-resources") && note.contains("uniqueID vm-1041"),
+            "{note}"
+        );
+        assert!(status_note(kind, &vm, &["*".into()]).is_some());
+        let mut annotated = vm.clone();
+        annotated["metadata"]["annotations"] = json!({RESTORE_STATUS_ANNOTATION: "true"});
+        assert!(
+            status_note(kind, &annotated, &[])
+                .unwrap()
+                .contains("annotation")
+        );
+        annotated["metadata"]["annotations"] = json!({RESTORE_STATUS_ANNOTATION: "false"});
+        assert!(
+            status_note(kind, &annotated, &["*".into()]).is_none(),
+            "the annotation wins"
+        );
+        assert!(status_note(Kind::PersistentVolumeClaim, &vm, &["*".into()]).is_none());
     }
 
     #[test]

@@ -289,9 +289,9 @@ def prepare_site_b(cluster, ns):
     wait_admitted(cluster, probe, f"site-b-small-{ns}", f"VM Operator to see the site-B objects of {ns}")
 
 
-def plan(cluster, backup, mappings):
+def plan(cluster, backup, mappings, *extra):
     """`plan BACKUP` against the live cluster, as JSON, by object label."""
-    result = harness.run([cluster.webhook_bin, "plan", backup, "--namespace-mappings", mappings, "-o", "json"],
+    result = harness.run([cluster.webhook_bin, "plan", backup, "--namespace-mappings", mappings, "-o", "json", *extra],
                          check=False, env={**os.environ, "KUBECONFIG": str(cluster.admin_kubeconfig)})
     assert result.returncode == 0, result.stdout + result.stderr
     planned = json.loads(result.stdout)
@@ -843,3 +843,160 @@ def test_vmop_9_a_crafted_vm_costs_no_api_request_and_a_short_answer(cluster):
                      r"the webhook checks at most 32 per VM", result.stderr), result.stderr[:2000]
     assert set(during) <= {("restores.velero.io", "get")} and sum(during.values()) <= 1, during
     assert len(result.stderr) < 4000, len(result.stderr)
+
+
+VELERO_VERSION = tuple(int(part) for part in os.environ.get("VELERO_VERSION", "1.18.3").split("."))
+ORIGINAL_STATUS = {"uniqueID": "vm-1041", "instanceUUID": "4210a6a4-7e7c-4f42-9a2b-64a1b6a6f2c1",
+                   "biosUUID": "4210b2e5-3c1d-7a8b-2d4f-9e0c1a2b3c4d", "powerState": "PoweredOn",
+                   "host": "esx-07.lab.local"}
+
+
+def changes_logged(cluster, restore, rule):
+    """The webhook's log lines of one rule's changes for one restore: {object}."""
+    return {entry.get("object") for entry in cluster.webhook_log()
+            if entry.get("restore") == restore and entry.get("rule") == rule}
+
+
+def without_velero_updates(cluster):
+    """Our webhook configuration without its entries for Velero's updates (the
+    negative control); the caller puts cluster.mwc back."""
+    mwc = json.loads(json.dumps(cluster.mwc))
+    mwc["webhooks"] = [hook for hook in mwc["webhooks"] if "updates." not in hook["name"]]
+    assert len(mwc["webhooks"]) < len(cluster.mwc["webhooks"])
+    cluster.apply(mwc)
+    time.sleep(2)  # the API server's webhook informer picks it up
+
+
+def test_vmop_10_no_vcenter_identity_is_restored_into_status(cluster):
+    """Issue 25: Velero writes a VM's backed-up status after the create when
+    the Restore lists the kind in --status-include-resources, or (Velero
+    1.16+) when the backed-up VM carries velero.io/restore-status: "true".
+    That status names the original vSphere VM (status.uniqueID is what VM
+    Operator looks a VM up by first). The webhook, sent Velero's status
+    write only (matchConditions on Velero's user), keeps the status VM
+    Operator wrote. Without it (the negative control) the restored VM holds
+    the original's uniqueID. VM Operator's own status writes go on while the
+    webhook is down."""
+    src = "st-src"
+    prepare_supervisor(cluster, src)
+    flagged = o.supervisor_vm(src, "web-1", None, 81)
+    annotated = o.supervisor_vm(src, "db-1", None, 82)
+    annotated["metadata"]["annotations"] = {"velero.io/restore-status": "true"}
+    cluster.apply([flagged, annotated])
+    for name in ("web-1", "db-1"):
+        # As VM Operator's provider would have written it for the original.
+        cluster.kubectl("patch", "virtualmachine", name, "-n", src, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": ORIGINAL_STATUS}))
+    cluster.backup("b-st", src)
+    # plan says, before the restore, what writing the status would bring.
+    planned = plan(cluster, "b-st", f"{src}:st-flag", "--status-include-resources", "virtualmachines.vmoperator.vmware.com")
+    planned_notes = [note for note in planned["VirtualMachine st-flag/web-1"]["warnings"] if "backed-up status" in note]
+    assert planned_notes and "uniqueID vm-1041" in planned_notes[0], planned["VirtualMachine st-flag/web-1"]
+    outcomes = {"plan": planned_notes[0]}
+    for case, dst, extra in (("flag", "st-flag", ("--status-include-resources", "virtualmachines.vmoperator.vmware.com")),
+                             ("annotation", "st-annotation", ())):
+        prepare_supervisor(cluster, dst)
+        restore = cluster.restore(f"r-{dst}", "b-st", "--namespace-mappings", f"{src}:{dst}",
+                                  "--exclude-resources", EXCLUDE, *extra)
+        assert restore["status"]["phase"] == "Completed", cluster.restore_describe(f"r-{dst}")
+        statuses = {vm["metadata"]["name"]: vm.get("status", {}) for vm in cluster.get_json("virtualmachines", "-n", dst)["items"]}
+        kept = changes_logged(cluster, f"r-{dst}", "status-restored")
+        outcomes[case] = {"statuses": statuses, "reviewed": sorted(kept)}
+        for name, status in statuses.items():
+            assert not {"uniqueID", "instanceUUID", "biosUUID"} & set(status), f"{case}: {name} {status}"
+    # Velero wrote status only where asked: every VM with the flag, the
+    # annotated one only from 1.16, and the webhook kept VM Operator's.
+    assert outcomes["flag"]["reviewed"] == [f"VirtualMachine st-flag/{n}" for n in ("db-1", "web-1")], outcomes
+    expected = ["VirtualMachine st-annotation/db-1"] if VELERO_VERSION >= (1, 16, 0) else []
+    assert outcomes["annotation"]["reviewed"] == expected, outcomes
+
+    # The negative control: without our entries for Velero's updates, the
+    # restored VM holds the original's vCenter identity in its status.
+    without_velero_updates(cluster)
+    try:
+        prepare_supervisor(cluster, "st-neg")
+        cluster.restore("r-st-neg", "b-st", "--namespace-mappings", f"{src}:st-neg", "--exclude-resources", EXCLUDE,
+                        "--status-include-resources", "virtualmachines.vmoperator.vmware.com")
+        harmed = cluster.get_json("virtualmachine", "web-1", "-n", "st-neg").get("status", {})
+        assert harmed.get("uniqueID") == "vm-1041", harmed
+    finally:
+        cluster.apply(cluster.mwc)
+    outcomes["negative_control"] = harmed
+
+    # VM Operator's own status writes do not depend on the webhook: with it
+    # down, VM Operator's identity writes a restored VM's status; Velero's
+    # write is refused (failurePolicy Fail) rather than let through.
+    vmop_crt, vmop_key = cluster.clients.client("vmop-sa", "system:serviceaccount:vmware-system-vmop:vmware-system-vmop",
+                                                "system:serviceaccounts")
+    cluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": "e2e-vmop-sa"},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "vmware-system-vmop", "namespace": "vmware-system-vmop"}]})
+    vmop_kubeconfig = harness.kubeconfig(cluster.tmp / "vmop-sa.kubeconfig", cluster.server, cluster.server_ca, vmop_crt, vmop_key)
+    write = {"status": {"uniqueID": "vm-2001", "powerState": "PoweredOn"}}
+    cluster.processes.pop("webhook").stop()
+    try:
+        by_vmop = cluster.kubectl("patch", "virtualmachine", "web-1", "-n", "st-flag", "--subresource=status", "--type=merge",
+                                  "-p", json.dumps(write), kubeconfig_path=vmop_kubeconfig, check=False)
+        by_velero = cluster.kubectl("patch", "virtualmachine", "web-1", "-n", "st-flag", "--subresource=status", "--type=merge",
+                                    "-p", json.dumps(write), kubeconfig_path=cluster.velero_kubeconfig, check=False)
+    finally:
+        cluster.start_webhook()
+        wait_until(cluster.webhook_ready, 60, "webhook /readyz after restart")
+    assert by_vmop.returncode == 0, by_vmop.stderr
+    assert by_velero.returncode != 0 and "failed calling webhook" in by_velero.stderr, by_velero.stderr
+    outcomes["webhook_down"] = {"vm_operator_status_write": "ok", "velero_status_write": by_velero.stderr.strip()[:160]}
+    REPORT["status"] = outcomes
+    harness.log(f"status restore (Velero {'.'.join(map(str, VELERO_VERSION))}): {json.dumps(outcomes)}")
+
+
+def test_vmop_11_an_update_of_an_existing_vm_keeps_its_identity(cluster):
+    """Issue 25: --existing-resource-policy=update makes Velero patch an
+    object that already exists towards the backup. A VM was backed up, then
+    recreated with a new identity (as after an incident); the restore's
+    update must not put the backup's instanceUUID, biosUUID, MAC or
+    first-boot annotation onto the live VM. What else the update brings (the
+    restore labels) goes through. The negative control records what VM
+    Operator alone makes of the same update."""
+    ns = "up"
+    prepare_supervisor(cluster, ns)
+    original = o.supervisor_vm(ns, "web-1", None, 83)
+    original["metadata"]["annotations"] = {"virtualmachine.vmoperator.vmware.com/first-boot-done": "true"}
+    cluster.apply(original)
+    cluster.backup("b-up", ns)
+    cluster.kubectl("delete", "virtualmachine", "web-1", "-n", ns)
+    recreated = o.supervisor_vm(ns, "web-1", None, 84)
+    cluster.apply(recreated)
+    live = cluster.get_json("virtualmachine", "web-1", "-n", ns)
+    identity = lambda vm: {"instanceUUID": vm["spec"].get("instanceUUID"), "biosUUID": vm["spec"].get("biosUUID"),  # noqa: E731
+                           "macAddr": vm["spec"]["network"]["interfaces"][0].get("macAddr"),
+                           "first_boot_done": vm["metadata"].get("annotations", {}).get(
+                               "virtualmachine.vmoperator.vmware.com/first-boot-done")}
+    before = identity(live)
+    assert before["instanceUUID"] != original["spec"]["instanceUUID"], before
+    restore = cluster.restore("r-up", "b-up", "--existing-resource-policy=update",
+                              "--include-resources", "virtualmachines.vmoperator.vmware.com")
+    after_vm = cluster.get_json("virtualmachine", "web-1", "-n", ns)
+    after = identity(after_vm)
+    outcome = {"phase": restore["status"]["phase"], "warnings": restore["status"].get("warnings", 0),
+               "before": before, "after": after,
+               "reviewed": sorted(changes_logged(cluster, "r-up", "update-keeps-live")),
+               "restore_label": after_vm["metadata"]["labels"].get(RESTORE_LABEL)}
+    assert after == before, outcome
+    assert outcome["reviewed"] == [f"VirtualMachine {ns}/web-1"], outcome
+    assert outcome["restore_label"] == "r-up", "Velero's update itself went through"
+
+    # Without our webhook: what VM Operator's own webhooks make of it.
+    without_velero_updates(cluster)
+    try:
+        negative = cluster.restore("r-up-neg", "b-up", "--existing-resource-policy=update",
+                                   "--include-resources", "virtualmachines.vmoperator.vmware.com")
+        unguarded = identity(cluster.get_json("virtualmachine", "web-1", "-n", ns))
+    finally:
+        cluster.apply(cluster.mwc)
+    outcome["without_webhook"] = {"phase": negative["status"]["phase"], "warnings": negative["status"].get("warnings", 0),
+                                  "identity": unguarded,
+                                  "velero_said": [line for line in cluster.restore_describe("r-up-neg").splitlines()
+                                                  if "web-1" in line][:3]}
+    REPORT["existing_update"] = outcome
+    harness.log(f"--existing-resource-policy=update: {json.dumps(outcome)}")

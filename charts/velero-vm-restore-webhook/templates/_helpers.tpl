@@ -124,6 +124,28 @@ namespaceSelector:
         {{- end }}
 {{- end -}}
 
+{{/*
+Velero's requests only: a matchCondition on the request's user, where the
+API server has them (Kubernetes 1.28+). Without, the webhook itself leaves
+anyone else's update unchanged (--velero-user), but is called for it.
+*/}}
+{{- define "vmrw.veleroOnly" -}}
+{{- if .matchConditions -}}
+matchConditions:
+  - name: velero-only
+    expression: {{ printf "request.userInfo.username in [%s]" (include "vmrw.celStrings" .users) | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* A list of strings as CEL string literals, comma-separated. */}}
+{{- define "vmrw.celStrings" -}}
+{{- $quoted := list -}}
+{{- range . -}}
+{{- $quoted = append $quoted (printf "'%s'" .) -}}
+{{- end -}}
+{{- join ", " $quoted -}}
+{{- end -}}
+
 {{/* The webhook image: registry/repository:tag (tag defaults to the chart's appVersion). */}}
 {{- define "vmrw.image" -}}
 {{- $repository := .Values.image.repository -}}
