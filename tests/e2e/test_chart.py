@@ -51,9 +51,11 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     (mwc,) = by_kind(docs, "MutatingWebhookConfiguration")
     assert mwc["metadata"]["name"] < "vmware-system-vmop-mutating-webhook-configuration"
     hooks = {h["name"]: h for h in mwc["webhooks"]}
-    assert set(hooks) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io"}
+    assert set(hooks) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io",
+                          "updates.restore.velero-vm-restore-webhook.io", "pvc-updates.restore.velero-vm-restore-webhook.io"}
     hook, pvc_hook = hooks["restore.velero-vm-restore-webhook.io"], hooks["pvc.restore.velero-vm-restore-webhook.io"]
-    for each in (hook, pvc_hook):
+    updates, pvc_updates = hooks["updates.restore.velero-vm-restore-webhook.io"], hooks["pvc-updates.restore.velero-vm-restore-webhook.io"]
+    for each in (hook, pvc_hook, updates, pvc_updates):
         assert each["sideEffects"] == "None"
         assert each["admissionReviewVersions"] == ["v1"]
         assert each["matchPolicy"] == "Equivalent"
@@ -76,6 +78,18 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     assert vmop["apiVersions"] == ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4", "v1alpha5", "v1alpha6"]
     (pvc_rule,) = pvc_hook["rules"]
     assert pvc_rule["resources"] == ["persistentvolumeclaims"] and pvc_rule["operations"] == ["CREATE"]
+    # Velero's updates and status writes, sent from Velero's identity only:
+    # VM Operator's own status writes never reach the webhook.
+    velero_only = [{"name": "velero-only", "expression": "request.userInfo.username in ['system:serviceaccount:velero:velero']"}]
+    for each, failure in ((updates, "Fail"), (pvc_updates, "Ignore")):
+        assert each["matchConditions"] == velero_only, each
+        assert each["failurePolicy"] == failure and each["reinvocationPolicy"] == "Never"
+        (rule,) = each["rules"]
+        assert rule["operations"] == ["UPDATE"], rule
+    assert updates["rules"][0]["resources"] == ["virtualmachines", "virtualmachines/status",
+                                                "virtualmachinegroups", "virtualmachinegroups/status"]
+    assert pvc_updates["rules"][0]["resources"] == ["persistentvolumeclaims"]
+    assert env["VMRW_VELERO_USERS"] == "system:serviceaccount:velero:velero"
     for doc in docs:
         assert doc["metadata"]["labels"]["velero.io/exclude-from-backup"] == "true", doc["kind"]
     if mode == "certManager":
@@ -292,6 +306,22 @@ def test_helm_upgrade_keeps_the_ca(helm, cluster):
         assert renewed_bundles == {renewed["data"]["ca.crt"]}
     finally:
         harness.run([*base, "uninstall", release, "--namespace", namespace], check=False)
+
+
+def test_chart_leaves_velero_updates_out_without_match_conditions(helm):
+    """Before Kubernetes 1.28 there are no matchConditions: VM Operator's own
+    updates of restored objects would depend on the webhook, so the update
+    entries are left out unless asked for."""
+    def names(*args):
+        (mwc,) = by_kind(render(helm, *args), "MutatingWebhookConfiguration")
+        return {h["name"]: h for h in mwc["webhooks"]}
+    assert set(names("--kube-version", "1.27.0")) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io"}
+    hooks = names("--kube-version", "1.27.0", "--set", "webhook.velero.withoutMatchConditions=true")
+    assert "matchConditions" not in hooks["updates.restore.velero-vm-restore-webhook.io"]
+    hooks = names("--set-json", 'webhook.velero.users=["system:serviceaccount:backup:velero-server","ops"]')
+    assert hooks["updates.restore.velero-vm-restore-webhook.io"]["matchConditions"][0]["expression"] == \
+        "request.userInfo.username in ['system:serviceaccount:backup:velero-server', 'ops']"
+    assert "updates.restore.velero-vm-restore-webhook.io" not in names("--set", "webhook.velero.updates=false")
 
 
 def test_chart_rbac_is_minimal(helm):
