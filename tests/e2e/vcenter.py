@@ -200,12 +200,12 @@ def cloud_init(ns: str, name: str) -> dict:
 
 
 def vm(ns: str, name: str, vc: VCenter, site: Site = SITE_A, *, zone: str | None = None, group: str | None = None,
-       mac: str | None = None, policy: str | None = None, power: str = "PoweredOn") -> dict:
+       policy: str | None = None, power: str = "PoweredOn") -> dict:
     """A VM as a user writes it on a Supervisor whose network provider finds
-    port groups by name; VM Operator's mutating webhook adds its UUIDs."""
+    port groups by name (VM Operator allows interfaces[].macAddr with NSX
+    providers only: vCenter assigns the MAC); VM Operator's mutating webhook
+    adds its UUIDs."""
     interface = {"name": "eth0", "network": {"name": site.network}}
-    if mac:
-        interface["macAddr"] = mac
     spec = {"className": site.vm_class, "imageName": vmi_name(vc, site), "storageClass": site.storage_class,
             "powerState": power, "network": {"interfaces": [interface]},
             "bootstrap": {"cloudInit": {"rawCloudConfig": {"name": f"{name}-cloud-init", "key": "user-data"}}}}
