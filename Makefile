@@ -5,6 +5,7 @@
 #   make test-fast  unit + integration tests only
 #   make bench / bench-faults / bench-cluster / fuzz-long   benchmarks and long runs, outside CI
 #   make e2e-cluster  the one-node cluster scenarios alone
+#   make e2e-vcenter  the restores deployed by VM Operator's vSphere provider into vcsim, alone
 #   make container / push   honour REGISTRY, IMAGE and VERSION
 SHELL := /bin/bash
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
@@ -15,7 +16,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan bench-cluster profile e2e e2e-cluster chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan bench-cluster profile e2e e2e-cluster e2e-vcenter chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -72,6 +73,12 @@ bench-cluster: static
 # Only the one-node cluster scenarios (test_cluster.py; also part of `make test`).
 e2e-cluster: static
 	tests/e2e/run.sh test_cluster.py $(E2E_PYTEST_ARGS)
+
+# Only the vCenter scenarios (test_vcenter.py): restores deployed by VM
+# Operator's own VirtualMachine controller and vSphere provider into vcsim,
+# govmomi's vCenter simulator (the stand-in for vCenter).
+e2e-vcenter: static
+	tests/e2e/run.sh test_vcenter.py $(E2E_PYTEST_ARGS)
 
 # perf profile of one whole review (outside CI); PROFILE="logging off" for the other one.
 profile:

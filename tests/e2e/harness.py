@@ -7,7 +7,10 @@ lives in one temp dir, and is killed and removed on exit, failure or signal.
 Stand-ins (what cannot run here): vCenter. VM Operator's own webhooks,
 conversion and VirtualMachineGroup controller (with its fake VM provider) run
 from its Go module once `start_vm_operator` is called (test_vmop.py); before
-that, objects are only stored by the API server.
+that, objects are only stored by the API server. With
+`start_vm_operator(provider="vsphere")` its VirtualMachine controllers and real
+vSphere provider run too, against vcsim, govmomi's vCenter simulator, as the
+stand-in for vCenter (vcenter.py, test_vcenter.py).
 """
 
 from __future__ import annotations
@@ -60,9 +63,14 @@ def run(cmd, *, check=True, env=None, input=None, timeout=300) -> subprocess.Com
     return result
 
 
-def tools_dir() -> Path:
-    """Builds (or finds cached) test infrastructure; prints build times."""
-    result = subprocess.run(["bash", str(E2E / "scripts" / "build-tools.sh")], stdout=subprocess.PIPE, text=True, timeout=3600)
+def tools_dir(own: Path | None = None) -> Path:
+    """Builds (or finds cached) test infrastructure; prints build times.
+    With `own`, links this run's tools there (see build-tools.sh's
+    E2E_BIN_DIR) instead of returning the shared directory, whose links
+    another worktree's build may point elsewhere meanwhile."""
+    env = {**os.environ, "E2E_BIN_DIR": str(own)} if own else None
+    result = subprocess.run(["bash", str(E2E / "scripts" / "build-tools.sh")], stdout=subprocess.PIPE, text=True,
+                            timeout=3600, env=env)
     if result.returncode != 0:
         raise RuntimeError("building the e2e tools failed")
     return Path(result.stdout.strip().splitlines()[-1])
@@ -183,13 +191,19 @@ def kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path) -> Path:
 class Cluster:
     """The whole environment. Use as a context manager."""
 
+    # Every environment not yet closed, in this process: one that starts
+    # beside another pauses the other's Velero (its controller manager serves
+    # metrics on a fixed :8080).
+    live: list["Cluster"] = []
+
     def __init__(self):
         self.tmp = Path(tempfile.mkdtemp(prefix="vmrw-e2e-"))
         self.processes: dict[str, Process] = {}
-        self.bin = tools_dir()
+        self.bin = tools_dir(self.tmp / "bin")
         self.webhook_bin = webhook_binary()
         self.kubectl_bin = self.bin / "kubectl"
         self.closed = False
+        Cluster.live.append(self)
         atexit.register(self.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.getsignal(sig)
@@ -221,6 +235,8 @@ class Cluster:
         if self.closed:
             return
         self.closed = True
+        if self in Cluster.live:
+            Cluster.live.remove(self)
         for process in reversed(list(self.processes.values())):
             process.stop()
         if os.environ.get("VMRW_E2E_KEEP"):
@@ -421,14 +437,18 @@ class Cluster:
         return entries
 
     # -- VM Operator's own admission code -----------------------------------------
-    def start_vm_operator(self, group_controller: bool = True) -> None:
+    def start_vm_operator(self, group_controller: bool = True, provider: str = "fake", privileged_users: str = "") -> None:
         """VM Operator v1.10.0's VirtualMachine and VirtualMachineGroup webhooks,
         its conversion webhook, (optionally) its group controller and, with
         Bring Your Own Key on, its StorageClass controller, built from the
         module (tools/vmop), registered as on a Supervisor: its own webhook
         configurations under their real names, and `conversion: Webhook` on
-        the CRDs it converts. Stand-ins: the fake VM provider (no vCenter);
-        whoever sets a StoragePolicy's status.encrypted plays vCenter's part."""
+        the CRDs it converts. With provider "fake": VM Operator's fake VM
+        provider (no vCenter), and whoever sets a StoragePolicy's
+        status.encrypted plays vCenter's part. With provider "vsphere": its
+        VirtualMachine controllers and real vSphere provider too, against the
+        vCenter its provider ConfigMap names (vcsim, see vcenter.py);
+        `privileged_users` is VM Operator's PRIVILEGED_USERS."""
         config = vmop_config_dir()
         crds = sorted((config / "crd" / "bases").glob("*.yaml")) + sorted((config / "crd" / "external-crds").glob("*.yaml"))
         # NSX Operator's SubnetSet and Subnet, generated from its API types
@@ -442,14 +462,27 @@ class Cluster:
              "--service", "vmware-system-vmop-webhook-service", "--days", "2"])
         self.vmop_port = free_port()
         # VM Operator's own namespace: its StorageClass controller records
-        # each storage policy there.
+        # each storage policy there, and its vSphere provider reads its
+        # ConfigMap and credentials there.
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": VMOP_NS}})
-        self.spawn("vmop-host", [self.bin / "vmop-host", "--cert-dir", certs, "--port", str(self.vmop_port),
-                                 "--health-addr", f"127.0.0.1:{free_port()}", "--byok",
-                                 f"--group-controller={'true' if group_controller else 'false'}"],
-                   env={**os.environ, "KUBECONFIG": str(self.admin_kubeconfig)})
-        wait_until(lambda: socket.create_connection(("127.0.0.1", self.vmop_port), timeout=1).close() is None, 60,
-                   "VM Operator's webhook server", process=self.processes["vmop-host"])
+        if provider == "vsphere":
+            # As on a Supervisor with vSphere networking by name (VM Operator's
+            # NAMED provider: a port group found by its name), namespaces'
+            # folders and pools read from their Zone objects, and VM
+            # Operator's own Deployment's 20 reconciles per controller. One
+            # difference: every object is reconciled again every 3 s (30 min
+            # on a Supervisor). After a step that changes only its backup in
+            # ExtraConfig, which its vm-watcher ignores, VM Operator waits for
+            # the next event; vcsim sends none, so without this a VM stops
+            # short of powering on (see docs/testing.md). Log level 4 keeps
+            # its "Found VM via MoID / instance UUID" lines.
+            self.vmop_args = ["--provider", "vsphere", "--network-provider", "NAMED", "--workload-domain-isolation",
+                              "--max-concurrent-reconciles", "20", "--sync-period", "3s", "--zap-log-level", "4"]
+        else:
+            self.vmop_args = ["--byok"]
+        self.vmop_args += [f"--group-controller={'true' if group_controller else 'false'}"]
+        self.vmop_certs = certs
+        self.spawn_vm_operator(privileged_users)
         ca = base64.b64encode((certs / "ca.crt").read_bytes()).decode()
         self.vmop_configs = []
         for doc in yaml.safe_load_all((config / "webhook" / "manifests.yaml").read_text()):
@@ -471,6 +504,23 @@ class Cluster:
             self.kubectl("patch", "crd", f"{crd}.vmoperator.vmware.com", "--type", "merge", "-p", json.dumps(patch))
         time.sleep(2)  # the API server's webhook informers pick the configurations up
         log(f"VM Operator's webhooks registered ({', '.join(d['metadata']['name'] for d in self.vmop_configs)})")
+
+    def spawn_vm_operator(self, privileged_users: str = "") -> None:
+        """Starts VM Operator's process (tools/vmop's vmop-host) on the port
+        its webhook configurations name."""
+        self.spawn("vmop-host", [self.bin / "vmop-host", "--cert-dir", self.vmop_certs, "--port", str(self.vmop_port),
+                                 "--health-addr", f"127.0.0.1:{free_port()}", *self.vmop_args,
+                                 f"--privileged-users={privileged_users}"],
+                   env={**os.environ, "KUBECONFIG": str(self.admin_kubeconfig)})
+        wait_until(lambda: socket.create_connection(("127.0.0.1", self.vmop_port), timeout=1).close() is None, 60,
+                   "VM Operator's webhook server", process=self.processes["vmop-host"])
+
+    def restart_vm_operator(self, privileged_users: str = "") -> None:
+        """VM Operator restarted with another PRIVILEGED_USERS (it reads its
+        configuration once, at start, as from its Deployment's environment)."""
+        self.processes.pop("vmop-host").stop()
+        self.spawn_vm_operator(privileged_users)
+        time.sleep(2)  # its webhooks' caches
 
     # -- object store and Velero ---------------------------------------------------
     def start_object_store(self) -> None:

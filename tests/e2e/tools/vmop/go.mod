@@ -6,6 +6,7 @@ go 1.24.11
 
 require (
 	github.com/vmware-tanzu/vm-operator v1.10.0
+	github.com/vmware/govmomi v0.53.0-alpha.0.0.20260317210055-e2554e7565cc
 	sigs.k8s.io/controller-runtime v0.22.3
 )
 
@@ -22,6 +23,7 @@ require (
 	github.com/go-openapi/jsonpointer v0.21.0 // indirect
 	github.com/go-openapi/jsonreference v0.20.2 // indirect
 	github.com/go-openapi/swag v0.23.0 // indirect
+	github.com/go-pkgz/expirable-cache/v3 v3.1.0 // indirect
 	github.com/gogo/protobuf v1.3.2 // indirect
 	github.com/google/btree v1.1.3 // indirect
 	github.com/google/gnostic-models v0.7.0 // indirect
@@ -56,12 +58,12 @@ require (
 	github.com/vmware-tanzu/vm-operator/external/vsphere-policy v0.0.0-20260317224852-770055883feb // indirect
 	github.com/vmware-tanzu/vm-operator/pkg/backup/api v0.0.0-20260317224852-770055883feb // indirect
 	github.com/vmware-tanzu/vm-operator/pkg/constants/testlabels v0.0.0-20260317224852-770055883feb // indirect
-	github.com/vmware/govmomi v0.53.0-alpha.0.0.20260317210055-e2554e7565cc // indirect
 	github.com/x448/float16 v0.8.4 // indirect
 	go.uber.org/multierr v1.11.0 // indirect
 	go.uber.org/zap v1.27.0 // indirect
 	go.yaml.in/yaml/v2 v2.4.2 // indirect
 	go.yaml.in/yaml/v3 v3.0.4 // indirect
+	golang.org/x/exp v0.0.0-20240719175910-8a7402abbf56 // indirect
 	golang.org/x/net v0.49.0 // indirect
 	golang.org/x/oauth2 v0.27.0 // indirect
 	golang.org/x/sync v0.19.0 // indirect
