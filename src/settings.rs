@@ -296,6 +296,13 @@ pub struct CompanionArgs {
     #[arg(long, env = "VMRW_COMPANION_MAX_AGE", value_parser = humantime_duration, default_value = "24h")]
     pub max_age: Duration,
 
+    /// How long after a Restore finished a group with a boot order waits for
+    /// VM Operator to finish creating its members before the companion
+    /// starts it anyway (with a Warning Event): a member created after its
+    /// power-on time boots late.
+    #[arg(long, env = "VMRW_COMPANION_START_WAIT", value_parser = humantime_duration, default_value = "5m")]
+    pub start_wait: Duration,
+
     /// How long after a failed step (an API error) the companion tries a
     /// Restore again.
     #[arg(long, env = "VMRW_COMPANION_RETRY", value_parser = humantime_duration, default_value = "10s")]

@@ -155,6 +155,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                     prune_default: args.companion.prune_missing_members,
                     max_age: args.companion.max_age,
                     retry: args.companion.retry,
+                    start_wait: args.companion.start_wait,
                     instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
                 },
                 Some(metrics.clone()),

@@ -69,6 +69,10 @@ pub enum CompanionError {
     #[error("{what}: {message}")]
     List { what: String, message: String },
     #[error(
+        "Restore {restore}: VM Operator is still creating members of {groups}; their boot order starts once it has (or after --companion-start-wait)"
+    )]
+    MembersBeingCreated { restore: String, groups: String },
+    #[error(
         "VirtualMachineGroup {namespace}/{name} kept changing under the companion; tried 3 times"
     )]
     KeptChanging { namespace: String, name: String },
@@ -89,6 +93,9 @@ pub struct CompanionSettings {
     pub retry: Duration,
     /// `reportingInstance` of Events (the pod name).
     pub instance: String,
+    /// How long after the Restore finished a held group waits for VM
+    /// Operator to finish creating its members before it is started.
+    pub start_wait: Duration,
 }
 
 /// The served VirtualMachine and VirtualMachineGroup resources, if any.
@@ -185,6 +192,14 @@ impl Companion {
                             }
                         }
                         Err(CompanionError::RestoreNotFound(_)) => {}
+                        Err(waiting @ CompanionError::MembersBeingCreated { .. }) => {
+                            info!(restore = %name, "{waiting}");
+                            let (queue, retry) = (queue.clone(), this.settings.retry);
+                            tokio::spawn(async move {
+                                tokio::time::sleep(retry).await;
+                                let _ = queue.send(name);
+                            });
+                        }
                         Err(err) => {
                             warn!(restore = %name, error = %err, retry_s = this.settings.retry.as_secs_f64(),
                                 "restore companion failed; it tries again");
@@ -308,6 +323,8 @@ impl Companion {
             .map(|group| group.namespace.as_str())
             .collect();
         let mut acted = 0;
+        let mut waiting: Vec<String> = Vec::new();
+        let mut started_early: Vec<(ObjectState, Vec<String>)> = Vec::new();
         let namespaces = if failed { HashSet::new() } else { namespaces };
         let held = restored_groups.len();
         for namespace in namespaces {
@@ -319,6 +336,23 @@ impl Companion {
                 .collect();
             names.sort_unstable();
             for name in names {
+                // A group about to be started whose members VM Operator is
+                // still creating waits (within --companion-start-wait):
+                // a member created after its power-on time boots late.
+                if let Some(group) = view.groups.get(name)
+                    && !failed
+                    && group.held_for_boot_order()
+                    && view.powered_ancestor(group).is_none()
+                {
+                    let creating = view.creating_under(group);
+                    if !creating.is_empty() {
+                        if finished_ago(&value).is_none_or(|ago| ago < self.settings.start_wait) {
+                            waiting.push(format!("{namespace}/{name} ({})", creating.join(",")));
+                            continue;
+                        }
+                        started_early.push((group.clone(), creating));
+                    }
+                }
                 if self
                     .handle_group(&restore, prune, &resources, &mut view, name)
                     .await?
@@ -328,6 +362,39 @@ impl Companion {
             }
         }
 
+        if !waiting.is_empty() {
+            return Err(CompanionError::MembersBeingCreated {
+                restore: restore.name.clone(),
+                groups: waiting.join(", "),
+            });
+        }
+        for (group, creating) in started_early {
+            let message = format!(
+                "started {}s after Velero Restore {} finished although VM Operator was still creating {}: \
+                 they may power on later than the boot order's delays say",
+                self.settings.start_wait.as_secs(),
+                restore.name,
+                creating.join(", ")
+            );
+            warn!(restore = %restore.name, object = %group.label(), members = %creating.join(","),
+                "companion started a group whose members were still being created");
+            let event = event_for(
+                &EventTarget {
+                    api_version: &resources.group.api_version,
+                    kind: "VirtualMachineGroup",
+                    namespace: &group.namespace,
+                    name: &group.name,
+                    uid: &group.uid,
+                },
+                &restore.uid,
+                "StartedBeforeMembersCreated",
+                "",
+                &message,
+                "Warning",
+                &self.settings.instance,
+            );
+            self.create_event(event).await?;
+        }
         let report = read_report(&self.client, &resources, &restore).await?;
         let mut events = 0;
         for (reason, subject, message) in report.event_lines() {
@@ -633,6 +700,16 @@ pub fn restore_ref(value: &Value) -> RestoreRef {
     }
 }
 
+/// How long ago the Restore finished, if it says.
+fn finished_ago(value: &Value) -> Option<Duration> {
+    let completed = value
+        .pointer("/status/completionTimestamp")
+        .and_then(Value::as_str)
+        .and_then(|text| text.parse::<k8s_openapi::jiff::Timestamp>().ok())?;
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(completed);
+    Some(Duration::from_secs(age.as_secs().max(0) as u64))
+}
+
 fn finished_long_ago(value: &Value, max_age: Duration) -> bool {
     let Some(completed) = value
         .pointer("/status/completionTimestamp")
@@ -711,10 +788,13 @@ async fn read_namespace(
         what: format!("listing VirtualMachines in {namespace}"),
         message,
     })?;
-    Ok(Namespace::new(
-        groups,
-        vms.iter().map(|vm| vm.name.as_str()),
-    ))
+    let mut view = Namespace::new(groups, vms.iter().map(|vm| vm.name.as_str()));
+    view.creating = vms
+        .iter()
+        .filter(|vm| vm.creating)
+        .map(|vm| vm.name.clone())
+        .collect();
+    Ok(view)
 }
 
 /// The report of one Restore, read from the cluster.

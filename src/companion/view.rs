@@ -71,6 +71,9 @@ pub struct ObjectState {
     pub members: Vec<Member>,
     /// `powerOnDelay` of each boot-order step, as written.
     pub delays: Vec<Option<String>>,
+    /// VM Operator reports the VM as still being created (its
+    /// `VirtualMachineCreated` condition is there and not `True`).
+    pub creating: bool,
 }
 
 fn string_map(value: Option<&Value>) -> Option<BTreeMap<String, String>> {
@@ -125,6 +128,15 @@ impl ObjectState {
             power_state: text(object, "/spec/powerState"),
             members,
             delays,
+            creating: object
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|condition| {
+                    condition.get("type").and_then(Value::as_str) == Some(CREATED_CONDITION)
+                        && condition.get("status").and_then(Value::as_str) != Some("True")
+                }),
         }
     }
 
@@ -149,6 +161,9 @@ impl ObjectState {
         self.annotation(POWER_HELD_ANNOTATION) == Some(PowerPolicy::BootOrder.as_str())
     }
 }
+
+/// VM Operator's condition on a VM that it has created in vCenter.
+pub const CREATED_CONDITION: &str = "VirtualMachineCreated";
 
 /// Where the annotations this binary writes start; the only ones the
 /// companion and the report read.
@@ -243,12 +258,29 @@ pub struct SpecWire {
 /// A VM, group or PVC as the companion lists it: the metadata it reads
 /// (only the restore label and our own annotations) and the spec fields of
 /// [`SpecWire`]. What a user writes elsewhere is skipped while decoding.
+/// One status condition, as far as the companion reads it.
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
+pub struct ConditionWire {
+    #[serde(default, rename = "type")]
+    kind: Option<Value>,
+    #[serde(default)]
+    status: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct StatusWire {
+    #[serde(default)]
+    conditions: Option<Vec<ConditionWire>>,
+}
+
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct ObjectWire {
     #[serde(default)]
     metadata: MetaWire,
     #[serde(default)]
     spec: Option<SpecWire>,
+    #[serde(default)]
+    status: Option<StatusWire>,
 }
 
 impl ObjectState {
@@ -267,6 +299,13 @@ impl ObjectState {
         if let Some(spec) = wire.spec {
             object["spec"] = serde_json::to_value(spec).unwrap_or_default();
         }
+        if let Some(conditions) = wire.status.and_then(|status| status.conditions) {
+            let conditions: Vec<Value> = conditions
+                .into_iter()
+                .map(|condition| serde_json::json!({"type": condition.kind, "status": condition.status}))
+                .collect();
+            object["status"] = serde_json::json!({ "conditions": conditions });
+        }
         ObjectState::from_value(kind, &object)
     }
 }
@@ -276,6 +315,8 @@ impl ObjectState {
 pub struct Namespace {
     pub groups: HashMap<String, ObjectState>,
     pub vms: HashSet<String>,
+    /// The VMs VM Operator reports as still being created.
+    pub creating: HashSet<String>,
 }
 
 impl Namespace {
@@ -289,7 +330,35 @@ impl Namespace {
                 .map(|group| (group.name.clone(), group))
                 .collect(),
             vms: vms.into_iter().map(str::to_string).collect(),
+            creating: HashSet::new(),
         }
+    }
+
+    /// The VMs of `group`'s tree that VM Operator is still creating: a
+    /// member whose power-on time passes before it is created powers on
+    /// late, and the boot order's gaps shrink.
+    pub fn creating_under(&self, group: &ObjectState) -> Vec<String> {
+        let mut seen = BTreeSet::from([group.name.as_str()]);
+        let mut pending = vec![group];
+        let mut creating = Vec::new();
+        while let Some(next) = pending.pop() {
+            for member in &next.members {
+                match member.kind.as_str() {
+                    "VirtualMachineGroup" => {
+                        if seen.insert(member.name.as_str())
+                            && let Some(child) = self.groups.get(&member.name)
+                        {
+                            pending.push(child);
+                        }
+                    }
+                    _ if self.creating.contains(&member.name) => creating.push(member.name.clone()),
+                    _ => {}
+                }
+            }
+        }
+        creating.sort();
+        creating.dedup();
+        creating
     }
 
     pub(crate) fn has_member(&self, member: &Member) -> bool {
@@ -362,6 +431,15 @@ mod tests {
         assert_eq!(state.members.len(), 1);
         assert_eq!(state.delays, [Some("5s".to_string())]);
         assert_eq!(state.resource_version, "7");
+        // A VM VM Operator is still creating.
+        let creating: ObjectWire = serde_json::from_value(json!({"metadata": {"name": "vm-a"},
+            "status": {"conditions": [{"type": CREATED_CONDITION, "status": "False", "reason": "x".repeat(1000)}]}}))
+        .unwrap();
+        assert!(ObjectState::from_wire("VirtualMachine", creating).creating);
+        let created: ObjectWire = serde_json::from_value(json!({"metadata": {"name": "vm-b"},
+            "status": {"conditions": [{"type": CREATED_CONDITION, "status": "True"}]}}))
+        .unwrap();
+        assert!(!ObjectState::from_wire("VirtualMachine", created).creating);
         // No annotations at all stays "no map" (a patch must create it).
         let bare: ObjectWire =
             serde_json::from_value(json!({"metadata": {"name": "v", "annotations": null}}))
@@ -371,6 +449,34 @@ mod tests {
                 .annotations
                 .is_none()
         );
+    }
+}
+
+#[cfg(test)]
+mod creating_tests {
+    use super::fixtures::group;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_members_still_being_created_are_found_down_the_tree() {
+        let top = group(
+            "top",
+            None,
+            true,
+            json!([{"members": [{"name": "db-1"},
+            {"kind": "VirtualMachineGroup", "name": "child"}]}]),
+        );
+        let child = group(
+            "child",
+            Some("top"),
+            true,
+            json!([{"members": [{"name": "web-1"}, {"name": "web-2"}]}]),
+        );
+        let mut view = Namespace::new([top.clone(), child], ["db-1", "web-1", "web-2"]);
+        assert!(view.creating_under(&top).is_empty());
+        view.creating = ["web-2".to_string(), "db-1".to_string()].into();
+        assert_eq!(view.creating_under(&top), ["db-1", "web-2"]);
     }
 }
 

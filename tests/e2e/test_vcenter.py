@@ -288,7 +288,7 @@ def power_ons(inventory, moid):
 
 
 def test_vcenter_4_a_restored_group_powers_on_in_boot_order(vc):
-    """A group whose boot order is db-1 10 s after the group's power is set,
+    """A group whose boot order is db-1 5 s after the group's power is set,
     then app-1 15 s later, then web-1 10 s after that, restored beside its
     source. Our webhook holds the group's power during the restore; its
     companion sets it back when the Restore has finished; VM Operator's group
@@ -296,11 +296,13 @@ def test_vcenter_4_a_restored_group_powers_on_in_boot_order(vc):
     powers each on in vcsim then. vcsim's power-on times (VmPoweredOnEvent)
     come in that order, after the Restore finished, with gaps (and offsets
     from the group's power time) within BOOT_TOLERANCE_S of the configured
-    delays. The first step waits 10 s: a member whose apply time passes while
-    VM Operator is still creating it powers on when it is ready (see
-    docs/testing.md), which a first step of 0 s would measure instead."""
+    delays. A member whose apply time passes while VM Operator is still
+    creating it would power on when it is ready instead; so the companion
+    starts the group only once VM Operator reports every member created
+    (within --companion-start-wait), which the members' Created conditions,
+    all before the group's power time, show."""
     src, dst = "boot-src", "boot-dst"
-    steps = [(["db-1"], "10s"), (["app-1"], "15s"), (["web-1"], "10s")]
+    steps = [(["db-1"], "5s"), (["app-1"], "15s"), (["web-1"], "10s")]
     group = o.boot_group(src, "stack", steps)
     zones = {"db-1": "zone-a", "app-1": "zone-b", "web-1": "zone-a"}
     source(vc, src, [(name, {"zone": zone, "group": "stack"}) for name, zone in zones.items()], extra=[group])
@@ -325,7 +327,7 @@ def test_vcenter_4_a_restored_group_powers_on_in_boot_order(vc):
     # created when its apply time passes powers on when it is ready instead.
     created = {name: round((vcs.parse_time(condition(obj, "VirtualMachineCreated")["lastTransitionTime"]) - base)
                            .total_seconds(), 1) for name, (obj, _) in restored.items()}
-    configured = {"db-1": 10.0, "app-1": 25.0, "web-1": 35.0}
+    configured = {"db-1": 5.0, "app-1": 20.0, "web-1": 30.0}
     offsets = {name: round((first[name] - base).total_seconds(), 2) for name in order}
     gaps = {"db-1 -> app-1": round((first["app-1"] - first["db-1"]).total_seconds(), 2),
             "app-1 -> web-1": round((first["web-1"] - first["app-1"]).total_seconds(), 2)}
@@ -336,6 +338,8 @@ def test_vcenter_4_a_restored_group_powers_on_in_boot_order(vc):
     log(f"vcsim (stand-in for vCenter) power-ons after r-boot: {json.dumps(REPORT['boot_order'])}")
 
     assert order == ["db-1", "app-1", "web-1"], f"power-on order in vcsim: {order} ({first})"
+    # The companion waited for VM Operator to create every member first.
+    assert all(seconds <= 1.0 for seconds in created.values()), f"created after the power base: {created}"
     # RFC 3339 timestamps of the API server have whole seconds.
     assert min(first.values()) >= completed - datetime.timedelta(seconds=1), \
         f"a member powered on at {min(first.values())}, before the Restore finished at {completed}"
