@@ -12,6 +12,8 @@ import statistics
 import threading
 import time
 
+import pytest
+
 import harness
 import objects as o
 from harness import RESTORE_LABEL, VELERO_NS, WEBHOOK_NS, p99, wait_until
@@ -142,6 +144,7 @@ def expected_after_restore(cluster, obj, restore, copy=False, backup=None, ns=No
     return expected
 
 
+@pytest.mark.velero_matrix
 def test_2_full_restore(cluster):
     cluster.apply(o.workload("prod"))
     original = snapshot(cluster, "prod")
@@ -210,6 +213,7 @@ def test_2_full_restore(cluster):
     REPORT["phase"] = status["phase"]
 
 
+@pytest.mark.velero_matrix
 def test_3_order_enforced_by_the_api_server(cluster):
     ns = "order"
     cluster.apply([
@@ -252,6 +256,7 @@ def test_3_order_enforced_by_the_api_server(cluster):
     cluster.restart_velero()
 
 
+@pytest.mark.velero_matrix
 def test_4_copy_beside_the_original(cluster):
     originals = snapshot(cluster, "prod")
     restore = cluster.restore("r-copy", "b-prod", "--namespace-mappings", "prod:prod-copy")
@@ -546,6 +551,7 @@ def final_phase_revision(watch, name):
     raise AssertionError(f"no final phase seen for Restore {name}")
 
 
+@pytest.mark.velero_matrix
 def test_12_boot_order_is_kept_through_the_restore(cluster):
     """Issue 9: a group with a three-step boot order and delays. Its VMs are
     created PoweredOff and the group without its power state; once the
@@ -694,6 +700,7 @@ def test_14_two_replicas_act_once(cluster):
         cluster.processes.pop("webhook-2").stop()
 
 
+@pytest.mark.velero_matrix
 def test_15_report_of_the_full_restore(cluster):
     """`velero-vm-restore-webhook report` for scenario 2's restore, as a table
     and as JSON, read from the cluster with an admin's kubeconfig."""

@@ -14,6 +14,7 @@ import os
 import re
 import time
 
+import pytest
 import yaml
 
 import harness
@@ -103,6 +104,7 @@ def vm_operator_said(cluster, restore):
     return lines
 
 
+@pytest.mark.velero_matrix
 def test_vmop_1_every_restored_object_is_admitted_by_vm_operator(cluster):
     """A backup of a Supervisor namespace, restored beside it into a namespace
     that has zone-a only: VM Operator's webhooks admit every object, the VMs
@@ -326,6 +328,7 @@ SITE_B_EXCLUDE = ",".join([EXCLUDE, "resourcequotas", "virtualmachineclasses.vmo
                            "virtualmachineimages.vmoperator.vmware.com"])
 
 
+@pytest.mark.velero_matrix
 def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(cluster):
     """Issue 18, mappings: the Supervisor backup of test_vmop_1 restored into
     a namespace where every name differs. Without mappings VM Operator's own
