@@ -35,15 +35,17 @@ def assert_only_expected_warnings(cluster, name):
     """The only warnings expected: Velero skips the CRDs it backed up along
     with the namespace's custom resources, because they already exist, and
     (on a cluster whose controller manager publishes it, test_cluster.py) the
-    namespace's kube-root-ca.crt ConfigMap, which the new namespace already has."""
+    namespace's kube-root-ca.crt ConfigMap, which the new namespace already has.
+    Velero 1.16+ names the object `Kind:name`, 1.15 `Kind "name"`."""
     details = cluster.restore_describe(name)
     section = details.split("Warnings:", 1)[1].split("Backup:", 1)[0] if "Warnings:" in details else ""
     for line in section.splitlines():
         text = re.sub(r"^\s*(Velero|Cluster|Namespaces):", "", line).strip()
         if not text or text == "<none>":
             continue
-        assert re.match(r"could not restore, CustomResourceDefinition:[\w.]+ already exists", text) or \
-            re.match(r"([\w-]+:\s+)?could not restore, ConfigMap:kube-root-ca.crt already exists", text), f"unexpected warning: {text}"
+        assert re.match(r"could not restore, CustomResourceDefinition(:[\w.]+| \"[\w.]+\") already exists", text) or \
+            re.match(r"([\w-]+:\s+)?could not restore, ConfigMap(:kube-root-ca\.crt| \"kube-root-ca\.crt\") already exists", text), \
+            f"unexpected warning: {text}"
 
 
 def test_1_kubectl_dry_run_shows_removals_and_warnings(cluster):
