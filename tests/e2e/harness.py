@@ -211,6 +211,28 @@ def velero_client_version(binary: Path) -> str:
     return found[0]
 
 
+# Velero's controller manager (every version, 1.15.2 to 1.18.3) serves its
+# metrics on a fixed :8080; no flag changes it.
+VELERO_MANAGER_PORT = 8080
+
+
+def wait_for_velero_manager_port(timeout: float = 600) -> None:
+    """Waits until :8080 is free: a Velero server started while another
+    harness's (another worktree's run on this host) holds it exits at once
+    (`listen tcp :8080: bind: address already in use`)."""
+    def free() -> bool:
+        with socket.socket(socket.AF_INET6) as s:
+            try:
+                s.bind(("::", VELERO_MANAGER_PORT))
+                return True
+            except OSError:
+                return False
+
+    if not free():
+        log(f"waiting for :{VELERO_MANAGER_PORT}, held by another run's Velero")
+        wait_until(free, timeout, f":{VELERO_MANAGER_PORT} (another run's Velero) to be free", interval=2)
+
+
 class Cluster:
     """The whole environment. Use as a context manager."""
 
@@ -591,6 +613,7 @@ class Cluster:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
                "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
         self.velero_env = env
+        wait_for_velero_manager_port()
         self.spawn("velero", [self.velero_bin, "server", "--kubeconfig", self.velero_kubeconfig,
                               "--namespace", VELERO_NS, "--plugin-dir", plugins,
                               "--metrics-address", f"127.0.0.1:{free_port()}",
