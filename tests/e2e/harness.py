@@ -221,9 +221,19 @@ def wait_for_velero_manager_port(timeout: float = 600) -> None:
     harness's (another worktree's run on this host) holds it exits at once
     (`listen tcp :8080: bind: address already in use`)."""
     def free() -> bool:
-        with socket.socket(socket.AF_INET6) as s:
+        # Velero listens on every address (`:8080`); a dual-stack bind on ::
+        # sees an IPv4 holder too. Hosts without IPv6 fall back to 0.0.0.0.
+        family, address = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+        try:
+            probe = socket.socket(family)
+        except OSError:
+            family, address = socket.AF_INET, "0.0.0.0"
+            probe = socket.socket(family)
+        with probe:
+            # As Go's listeners do: connections in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind(("::", VELERO_MANAGER_PORT))
+                probe.bind((address, VELERO_MANAGER_PORT))
                 return True
             except OSError:
                 return False
