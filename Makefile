@@ -6,6 +6,7 @@
 #   make bench / bench-faults / bench-cluster / fuzz-long   benchmarks and long runs, outside CI
 #   make e2e-cluster  the one-node cluster scenarios alone
 #   make e2e-vcenter  the restores deployed by VM Operator's vSphere provider into vcsim, alone
+#   make e2e-velero-matrix  selected e2e scenarios on Velero 1.15.2, 1.16.2, 1.17.2 (CI: the whole suite on 1.18.3)
 #   make container / push   honour REGISTRY, IMAGE and VERSION
 SHELL := /bin/bash
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
@@ -16,7 +17,7 @@ CONTAINER_TOOL ?= docker
 FUZZ_SECONDS ?= 60
 E2E_PYTEST_ARGS ?=
 
-.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan bench-cluster profile e2e e2e-cluster e2e-vcenter chart-test demo helm container push clean
+.PHONY: build static test test-fast lint fuzz fuzz-long bench bench-faults bench-latency bench-peers bench-scale bench-plan bench-cluster profile e2e e2e-cluster e2e-vcenter e2e-velero-matrix chart-test demo helm container push clean
 
 build:
 	cargo build --release --locked --bin velero-vm-restore-webhook
@@ -79,6 +80,15 @@ e2e-cluster: static
 # govmomi's vCenter simulator (the stand-in for vCenter).
 e2e-vcenter: static
 	tests/e2e/run.sh test_vcenter.py $(E2E_PYTEST_ARGS)
+
+# The scenarios marked velero_matrix (tests/e2e/conftest.py: restore, order,
+# copies, boot order, report, VM Operator's admission, plan and
+# change-storage-class, status restores) on each older Velero, one environment
+# per version (VELERO_MATRIX, default 1.15.2 1.16.2 1.17.2); prints what ran
+# and passed per version. Outside CI, which runs the whole suite on 1.18.3.
+# One version alone: VELERO_VERSION=1.15.2 tests/e2e/run.sh -m velero_matrix
+e2e-velero-matrix: static
+	tests/e2e/scripts/velero-matrix.sh $(E2E_PYTEST_ARGS)
 
 # perf profile of one whole review (outside CI); PROFILE="logging off" for the other one.
 profile:

@@ -19,6 +19,7 @@ import atexit
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,17 @@ VELERO_NS = "velero"
 VMOP_NS = "vmware-system-vmop"
 WEBHOOK_NS = "vmrw-system"
 RESTORE_LABEL = "velero.io/restore-name"
+# The Velero server and CLI the run builds and runs (build-tools.sh picks the
+# tools module that pins it): 1.18.3 by default, what CI runs; `make
+# e2e-velero-matrix` runs selected scenarios on the older ones.
+VELERO_VERSION = os.environ.get("VELERO_VERSION", "1.18.3").strip().removeprefix("v")
+
+
+def velero_at_least(version: str) -> bool:
+    """Whether the Velero under test is `version` (e.g. "1.16") or newer."""
+    have = tuple(int(p) for p in VELERO_VERSION.split("."))
+    want = tuple(int(p) for p in version.split("."))
+    return have[:len(want)] >= want
 
 
 def log(message: str) -> None:
@@ -68,7 +80,7 @@ def tools_dir(own: Path | None = None) -> Path:
     With `own`, links this run's tools there (see build-tools.sh's
     E2E_BIN_DIR) instead of returning the shared directory, whose links
     another worktree's build may point elsewhere meanwhile."""
-    env = {**os.environ, "E2E_BIN_DIR": str(own)} if own else None
+    env = {**os.environ, "VELERO_VERSION": VELERO_VERSION, **({"E2E_BIN_DIR": str(own)} if own else {})}
     result = subprocess.run(["bash", str(E2E / "scripts" / "build-tools.sh")], stdout=subprocess.PIPE, text=True,
                             timeout=3600, env=env)
     if result.returncode != 0:
@@ -188,6 +200,49 @@ def kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path) -> Path:
     return path
 
 
+def velero_client_version(binary: Path) -> str:
+    """The version the Velero binary reports (`velero version --client-only`),
+    checked against VELERO_VERSION and printed once per environment."""
+    out = run([binary, "version", "--client-only"], timeout=60).stdout
+    found = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.strip().startswith("Version:")]
+    if found != [f"v{VELERO_VERSION}"]:
+        raise RuntimeError(f"{binary} reports {found or out!r}, not v{VELERO_VERSION} (VELERO_VERSION)")
+    log(f"Velero {VELERO_VERSION} ({binary}, `velero version --client-only`: {found[0]})")
+    return found[0]
+
+
+# Velero's controller manager (every version, 1.15.2 to 1.18.3) serves its
+# metrics on a fixed :8080; no flag changes it.
+VELERO_MANAGER_PORT = 8080
+
+
+def wait_for_velero_manager_port(timeout: float = 600) -> None:
+    """Waits until :8080 is free: a Velero server started while another
+    harness's (another worktree's run on this host) holds it exits at once
+    (`listen tcp :8080: bind: address already in use`)."""
+    def free() -> bool:
+        # Velero listens on every address (`:8080`); a dual-stack bind on ::
+        # sees an IPv4 holder too. Hosts without IPv6 fall back to 0.0.0.0.
+        family, address = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+        try:
+            probe = socket.socket(family)
+        except OSError:
+            family, address = socket.AF_INET, "0.0.0.0"
+            probe = socket.socket(family)
+        with probe:
+            # As Go's listeners do: connections in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, VELERO_MANAGER_PORT))
+                return True
+            except OSError:
+                return False
+
+    if not free():
+        log(f"waiting for :{VELERO_MANAGER_PORT}, held by another run's Velero")
+        wait_until(free, timeout, f":{VELERO_MANAGER_PORT} (another run's Velero) to be free", interval=2)
+
+
 class Cluster:
     """The whole environment. Use as a context manager."""
 
@@ -202,6 +257,8 @@ class Cluster:
         self.bin = tools_dir(self.tmp / "bin")
         self.webhook_bin = webhook_binary()
         self.kubectl_bin = self.bin / "kubectl"
+        self.velero_bin = self.bin / f"velero-{VELERO_VERSION}"
+        self.velero_version = velero_client_version(self.velero_bin)
         self.closed = False
         Cluster.live.append(self)
         atexit.register(self.close)
@@ -345,7 +402,7 @@ class Cluster:
                      "virtualmachinesnapshots", "virtualmachinepublishrequests", "virtualmachineclassinstances",
                      "virtualmachineimages", "clustervirtualmachineimages", "virtualmachineclasses"]:
             self.kubectl("apply", "--server-side", "-f", crds / f"vmoperator.vmware.com_{name}.yaml")
-        velero_crds = run([self.bin / "velero", "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
+        velero_crds = run([self.velero_bin, "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
         self.kubectl("apply", "--server-side", "-f", "-", input=velero_crds)
         for crd in ["virtualmachines.vmoperator.vmware.com", "virtualmachinegroups.vmoperator.vmware.com",
                     "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "virtualmachinesnapshots.vmoperator.vmware.com",
@@ -539,13 +596,19 @@ class Cluster:
                     "spec": {"provider": "aws", "default": True, "objectStorage": {"bucket": "velero"},
                              "config": {"region": "us-east-1", "s3ForcePathStyle": "true",
                                         "s3Url": f"http://127.0.0.1:{self.s3_port}", "checksumAlgorithm": ""}}})
-        # Stand-in: Velero's restore actions read the image of the Deployment
-        # "velero" it normally runs as. Here the server is a local process, so
-        # the Deployment exists as an API object only (0 replicas, no pods).
+        # Stand-in: the Deployment "velero" that `velero install` creates and
+        # Velero normally runs as. Here the server is a local process, so the
+        # Deployment exists as an API object only (0 replicas, no pods), with
+        # the image of the version under test. Velero 1.16+ reads its image
+        # when a restore starts (NewPodVolumeRestoreAction) and fails every
+        # restore without it (`deployments.apps "velero" not found`); 1.15
+        # does not read it. It is created for every version, as an install
+        # would have it.
         self.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "velero", "namespace": VELERO_NS},
                     "spec": {"replicas": 0, "selector": {"matchLabels": {"component": "velero"}},
                              "template": {"metadata": {"labels": {"component": "velero"}},
-                                          "spec": {"containers": [{"name": "velero", "image": "velero/velero:v1.18.3"}]}}}})
+                                          "spec": {"containers": [{"name": "velero",
+                                                                   "image": f"velero/velero:v{VELERO_VERSION}"}]}}}})
         # Velero runs as its own ServiceAccount bound to cluster-admin, as
         # `velero install` sets it up: not system:masters, so not a privileged
         # user in VM Operator's sense.
@@ -560,7 +623,8 @@ class Cluster:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
                "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
         self.velero_env = env
-        self.spawn("velero", [self.bin / "velero", "server", "--kubeconfig", self.velero_kubeconfig,
+        wait_for_velero_manager_port()
+        self.spawn("velero", [self.velero_bin, "server", "--kubeconfig", self.velero_kubeconfig,
                               "--namespace", VELERO_NS, "--plugin-dir", plugins,
                               "--metrics-address", f"127.0.0.1:{free_port()}",
                               "--profiler-address", f"127.0.0.1:{free_port()}",
@@ -570,15 +634,32 @@ class Cluster:
             bsl = self.get_json("backupstoragelocation", "default", "-n", VELERO_NS)
             return bsl.get("status", {}).get("phase") == "Available"
 
+        # Velero 1.16.2+ refuses a restore at validation while the backup
+        # storage location is not Available (1.15.2 has no such check), so
+        # every version is started only once it is.
         wait_until(available, 120, "Velero's backup storage location to be Available", process=self.processes["velero"])
-        log("Velero server up, backup storage location Available")
+        log(f"Velero server {self.velero_server_version()} up, backup storage location Available")
+
+    def velero_server_version(self) -> str:
+        """The version the running server logged at start, checked against
+        VELERO_VERSION."""
+        process = self.processes["velero"]
+
+        def logged():
+            match = re.search(r"Starting Velero server (\S+) ", process.log_path.read_text(errors="replace"))
+            return match and match.group(1)
+
+        version = wait_until(logged, 30, "Velero's start line", process=process)
+        if version != f"v{VELERO_VERSION}":
+            raise RuntimeError(f"the Velero server reports {version}, not v{VELERO_VERSION} (VELERO_VERSION)")
+        return version
 
     def restart_velero(self, extra=()) -> None:
         self.processes.pop("velero").stop()
         self.start_velero(extra)
 
     def velero(self, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
-        return run([self.bin / "velero", "--kubeconfig", self.admin_kubeconfig, "--namespace", VELERO_NS, *args],
+        return run([self.velero_bin, "--kubeconfig", self.admin_kubeconfig, "--namespace", VELERO_NS, *args],
                    check=check, env=self.velero_env, timeout=timeout)
 
     def backup(self, name: str, namespaces: str) -> dict:

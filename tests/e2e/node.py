@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 import images
-from harness import REPO, VELERO_NS, WEBHOOK_NS, Cluster, Openssl, free_port, kubeconfig, log, run, wait_until
+from harness import REPO, VELERO_NS, VELERO_VERSION, WEBHOOK_NS, Cluster, Openssl, free_port, kubeconfig, log, run, wait_until
 
 NODE = "e2e-node"
 BRIDGE = "vmrwe2e0"
@@ -45,7 +45,8 @@ POD_CIDR = "10.244.7.0/24"
 SERVICE_CIDR = "10.96.0.0/24"
 CNI_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 WEBHOOK_IMAGE = "e2e.local/velero-vm-restore-webhook:e2e"
-VELERO_IMAGE = "e2e.local/velero:v1.18.3"
+# The Velero under test (VELERO_VERSION), as `velero install --image` names it.
+VELERO_IMAGE = f"e2e.local/velero:v{VELERO_VERSION}"
 PLUGIN_IMAGE = "e2e.local/velero-plugin-for-aws:e2e"
 PAUSE_IMAGE = "e2e.local/pause:e2e"
 PROBE_IMAGE = "e2e.local/probe:e2e"
@@ -379,7 +380,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             self.webhook_image,
             images.single_binary_image(PAUSE_IMAGE, self.bin / "pause", "/pause", entrypoint=["/pause"], user="65535:65535"),
             images.single_binary_image(PROBE_IMAGE, self.bin / "probe", "/probe", entrypoint=["/probe"], user="65534:65534"),
-            images.single_binary_image(VELERO_IMAGE, self.bin / "velero", "/velero", entrypoint=["/velero"], user=velero_user),
+            images.single_binary_image(VELERO_IMAGE, self.velero_bin, "/velero", entrypoint=["/velero"], user=velero_user),
             images.single_binary_image(PLUGIN_IMAGE, self.bin / "velero-plugin-for-aws", "/plugins/velero-plugin-for-aws",
                                        entrypoint=["cp", "/plugins/velero-plugin-for-aws", "/target/."], user="65532:65532",
                                        extra=[images.Entry("/bin", None), images.Entry("/bin/cp", (self.bin / "cp").read_bytes())]),

@@ -10,7 +10,7 @@ python3 -c 'import pytest, yaml' 2>/dev/null || python3 -m pip install --quiet '
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
 start=$SECONDS
 bash "$here/scripts/build-tools.sh" >/dev/null
-echo "e2e: tools ready in $((SECONDS - start))s"
+echo "e2e: tools ready in $((SECONDS - start))s (Velero ${VELERO_VERSION:-1.18.3})"
 if [[ -z ${VMRW_E2E_BINARY:-} ]]; then
   start=$SECONDS
   VMRW_E2E_BINARY="$("$repo/scripts/build-static.sh" | tail -n1)"

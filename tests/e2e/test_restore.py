@@ -12,6 +12,8 @@ import statistics
 import threading
 import time
 
+import pytest
+
 import harness
 import objects as o
 from harness import RESTORE_LABEL, VELERO_NS, WEBHOOK_NS, p99, wait_until
@@ -33,15 +35,17 @@ def assert_only_expected_warnings(cluster, name):
     """The only warnings expected: Velero skips the CRDs it backed up along
     with the namespace's custom resources, because they already exist, and
     (on a cluster whose controller manager publishes it, test_cluster.py) the
-    namespace's kube-root-ca.crt ConfigMap, which the new namespace already has."""
+    namespace's kube-root-ca.crt ConfigMap, which the new namespace already has.
+    Velero 1.16+ names the object `Kind:name`, 1.15 `Kind "name"`."""
     details = cluster.restore_describe(name)
     section = details.split("Warnings:", 1)[1].split("Backup:", 1)[0] if "Warnings:" in details else ""
     for line in section.splitlines():
         text = re.sub(r"^\s*(Velero|Cluster|Namespaces):", "", line).strip()
         if not text or text == "<none>":
             continue
-        assert re.match(r"could not restore, CustomResourceDefinition:[\w.]+ already exists", text) or \
-            re.match(r"([\w-]+:\s+)?could not restore, ConfigMap:kube-root-ca.crt already exists", text), f"unexpected warning: {text}"
+        assert re.match(r"could not restore, CustomResourceDefinition(:[\w.]+| \"[\w.]+\") already exists", text) or \
+            re.match(r"([\w-]+:\s+)?could not restore, ConfigMap(:kube-root-ca\.crt| \"kube-root-ca\.crt\") already exists", text), \
+            f"unexpected warning: {text}"
 
 
 def test_1_kubectl_dry_run_shows_removals_and_warnings(cluster):
@@ -142,6 +146,7 @@ def expected_after_restore(cluster, obj, restore, copy=False, backup=None, ns=No
     return expected
 
 
+@pytest.mark.velero_matrix
 def test_2_full_restore(cluster):
     cluster.apply(o.workload("prod"))
     original = snapshot(cluster, "prod")
@@ -210,6 +215,7 @@ def test_2_full_restore(cluster):
     REPORT["phase"] = status["phase"]
 
 
+@pytest.mark.velero_matrix
 def test_3_order_enforced_by_the_api_server(cluster):
     ns = "order"
     cluster.apply([
@@ -252,6 +258,7 @@ def test_3_order_enforced_by_the_api_server(cluster):
     cluster.restart_velero()
 
 
+@pytest.mark.velero_matrix
 def test_4_copy_beside_the_original(cluster):
     originals = snapshot(cluster, "prod")
     restore = cluster.restore("r-copy", "b-prod", "--namespace-mappings", "prod:prod-copy")
@@ -546,6 +553,7 @@ def final_phase_revision(watch, name):
     raise AssertionError(f"no final phase seen for Restore {name}")
 
 
+@pytest.mark.velero_matrix
 def test_12_boot_order_is_kept_through_the_restore(cluster):
     """Issue 9: a group with a three-step boot order and delays. Its VMs are
     created PoweredOff and the group without its power state; once the
@@ -694,6 +702,7 @@ def test_14_two_replicas_act_once(cluster):
         cluster.processes.pop("webhook-2").stop()
 
 
+@pytest.mark.velero_matrix
 def test_15_report_of_the_full_restore(cluster):
     """`velero-vm-restore-webhook report` for scenario 2's restore, as a table
     and as JSON, read from the cluster with an admin's kubeconfig."""

@@ -14,6 +14,7 @@ import os
 import re
 import time
 
+import pytest
 import yaml
 
 import harness
@@ -103,6 +104,7 @@ def vm_operator_said(cluster, restore):
     return lines
 
 
+@pytest.mark.velero_matrix
 def test_vmop_1_every_restored_object_is_admitted_by_vm_operator(cluster):
     """A backup of a Supervisor namespace, restored beside it into a namespace
     that has zone-a only: VM Operator's webhooks admit every object, the VMs
@@ -326,6 +328,7 @@ SITE_B_EXCLUDE = ",".join([EXCLUDE, "resourcequotas", "virtualmachineclasses.vmo
                            "virtualmachineimages.vmoperator.vmware.com"])
 
 
+@pytest.mark.velero_matrix
 def test_vmop_5_a_restore_into_another_supervisor_needs_and_takes_the_mappings(cluster):
     """Issue 18, mappings: the Supervisor backup of test_vmop_1 restored into
     a namespace where every name differs. Without mappings VM Operator's own
@@ -845,7 +848,7 @@ def test_vmop_9_a_crafted_vm_costs_no_api_request_and_a_short_answer(cluster):
     assert len(result.stderr) < 4000, len(result.stderr)
 
 
-VELERO_VERSION = tuple(int(part) for part in os.environ.get("VELERO_VERSION", "1.18.3").split("."))
+VELERO_VERSION = tuple(int(part) for part in harness.VELERO_VERSION.split("."))
 ORIGINAL_STATUS = {"uniqueID": "vm-1041", "instanceUUID": "4210a6a4-7e7c-4f42-9a2b-64a1b6a6f2c1",
                    "biosUUID": "4210b2e5-3c1d-7a8b-2d4f-9e0c1a2b3c4d", "powerState": "PoweredOn",
                    "host": "esx-07.lab.local"}
@@ -867,6 +870,7 @@ def without_velero_updates(cluster):
     time.sleep(2)  # the API server's webhook informer picks it up
 
 
+@pytest.mark.velero_matrix
 def test_vmop_10_no_vcenter_identity_is_restored_into_status(cluster):
     """Issue 25: Velero writes a VM's backed-up status after the create when
     the Restore lists the kind in --status-include-resources, or (Velero
@@ -950,6 +954,7 @@ def test_vmop_10_no_vcenter_identity_is_restored_into_status(cluster):
     harness.log(f"status restore (Velero {'.'.join(map(str, VELERO_VERSION))}): {json.dumps(outcomes)}")
 
 
+@pytest.mark.velero_matrix
 def test_vmop_11_an_update_of_an_existing_vm_keeps_its_identity(cluster):
     """Issue 25: --existing-resource-policy=update makes Velero patch an
     object that already exists towards the backup. A VM was backed up, then

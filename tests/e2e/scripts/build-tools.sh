@@ -9,9 +9,10 @@ cache_root=${E2E_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/velero-vm-restore-we
 export GOFLAGS=${GOFLAGS:--buildvcs=false}
 export CGO_ENABLED=0
 
-# build MODULE_DIR OUT_NAME PACKAGE [ldflags]
+# build MODULE_DIR OUT_NAME PACKAGE [ldflags [LINK_NAME]]
+# The binary is linked into bin/ as LINK_NAME (default OUT_NAME).
 build() {
-  local mod=$1 name=$2 pkg=$3 ldflags=${4:-}
+  local mod=$1 name=$2 pkg=$3 ldflags=${4:-} link=${5:-$2}
   local key
   key=$( (cat "$here/tools/$mod/go.mod" "$here/tools/$mod/go.sum"; find "$here/tools/$mod" -name '*.go' -print0 | sort -z | xargs -0 cat; echo "$pkg $ldflags") | sha256sum | cut -c1-16)
   local out="$cache_root/$mod-$key/$name"
@@ -26,10 +27,11 @@ build() {
     echo "e2e tools: built $name in $((SECONDS - start))s" >&2
   fi
   mkdir -p "$cache_root/bin"
-  ln -sf "$out" "$cache_root/bin/$name"
+  built=$out
+  ln -sf "$out" "$cache_root/bin/$link"
   # A run's own links (E2E_BIN_DIR): another worktree's build relinks the
   # shared ones to its builds, which must not swap a running test's binaries.
-  if [[ -n ${E2E_BIN_DIR:-} ]]; then mkdir -p "$E2E_BIN_DIR" && ln -sfn "$out" "$E2E_BIN_DIR/$name"; fi
+  if [[ -n ${E2E_BIN_DIR:-} ]]; then mkdir -p "$E2E_BIN_DIR" && ln -sfn "$out" "$E2E_BIN_DIR/$link"; fi
 }
 
 want=${*:-all}
@@ -70,9 +72,37 @@ if [[ -d $here/tools/certmanager ]]; then
   has cert-manager-webhook && build certmanager cert-manager-webhook ./cmd/webhook "$cm_ver"
   has cert-manager-cainjector && build certmanager cert-manager-cainjector ./cmd/cainjector "$cm_ver"
 fi
+# Velero: VELERO_VERSION (default 1.18.3, what CI runs) picks the tools module
+# that requires exactly that version: tools/velero (1.18.3, with the AWS
+# plugin) or tools/velero-X.Y (an older minor, cmd/velero only). The server
+# and CLI are linked as bin/velero-X.Y.Z, so runs of different versions share
+# the cache; bin/velero stays the 1.18.3 build. The AWS plugin (v1.14.3) is
+# the same for every version: the plugin protocol did not change from 1.15.2
+# to 1.18.3.
+velero_version=${VELERO_VERSION:-1.18.3}
+velero_version=${velero_version#v}
+velero_module=
+for dir in "$here"/tools/velero "$here"/tools/velero-*; do
+  [[ -f $dir/go.mod ]] || continue
+  if grep -Eq "(^|[[:space:]])github\.com/vmware-tanzu/velero v${velero_version//./\\.}([[:space:]]|$)" "$dir/go.mod"; then
+    velero_module=$(basename "$dir")
+    break
+  fi
+done
+if has velero; then
+  if [[ -z $velero_module ]]; then
+    pinned=$(grep -Eho '(^|[[:space:]])github\.com/vmware-tanzu/velero v[0-9.]+' "$here"/tools/velero*/go.mod | awk '{print $2}' | sort -V | paste -sd' ')
+    echo "e2e tools: no tools module pins Velero $velero_version (VELERO_VERSION); pinned: ${pinned}" >&2
+    exit 2
+  fi
+  build "$velero_module" velero github.com/vmware-tanzu/velero/cmd/velero \
+    "-X github.com/vmware-tanzu/velero/pkg/buildinfo.Version=v$velero_version" "velero-$velero_version"
+  if [[ $velero_version == 1.18.3 ]]; then
+    ln -sf "$built" "$cache_root/bin/velero"
+    if [[ -n ${E2E_BIN_DIR:-} ]]; then ln -sfn "$built" "$E2E_BIN_DIR/velero"; fi
+  fi
+fi
 if [[ -d $here/tools/velero ]]; then
-  velero_ver='-X github.com/vmware-tanzu/velero/pkg/buildinfo.Version=v1.18.3'
-  has velero && build velero velero github.com/vmware-tanzu/velero/cmd/velero "$velero_ver"
   has velero-plugin-for-aws && build velero velero-plugin-for-aws github.com/vmware-tanzu/velero-plugin-for-aws/velero-plugin-for-aws
 fi
 [[ -d $here/tools/s3 ]] && { has s3server && build s3 s3server ./cmd/s3server; }
