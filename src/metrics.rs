@@ -225,12 +225,36 @@ impl Metrics {
             "AdmissionReviews answered, by kind, operation, outcome (allowed, denied, deadline, bad_request, too_large, overloaded) and whether a patch was sent",
             reviews.clone(),
         );
+        // The denials of the three kinds Velero restores are served at 0 from
+        // the start: Prometheus's increase() misses the first denial of a
+        // series that appears with it.
+        for kind in [
+            KindLabel::VirtualMachine,
+            KindLabel::VirtualMachineGroup,
+            KindLabel::PersistentVolumeClaim,
+        ] {
+            for outcome in [Outcome::Denied, Outcome::Deadline] {
+                let _ = reviews.get_or_create(&ReviewLabels {
+                    kind,
+                    operation: OperationLabel::Create,
+                    outcome,
+                    patched: false,
+                });
+            }
+        }
         let review_seconds = Family::<KindLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0, 15.0,
                 30.0,
             ])
         });
+        for kind in [
+            KindLabel::VirtualMachine,
+            KindLabel::VirtualMachineGroup,
+            KindLabel::PersistentVolumeClaim,
+        ] {
+            let _ = review_seconds.get_or_create(&KindLabels { kind });
+        }
         registry.register(
             "review_duration_seconds",
             "Time from reading a review to answering it, group waits included",

@@ -75,6 +75,12 @@ pub struct PlanArgs {
         value_name = "RESOURCE,..."
     )]
     status_include_resources: Vec<String>,
+    /// The Velero server that will run the restore, MAJOR.MINOR: from 1.16
+    /// Velero also writes the status of an object annotated
+    /// `velero.io/restore-status: "true"` (and not of one annotated
+    /// `"false"`); 1.15 goes by --status-include-resources alone.
+    #[arg(long = "velero-version", value_name = "MAJOR.MINOR", value_parser = parse_velero_version, default_value = "1.16")]
+    velero_version: (u32, u32),
     /// Exit 1 when any object would be denied.
     #[arg(long)]
     fail_on_deny: bool,
@@ -87,6 +93,20 @@ pub struct PlanArgs {
     max_backup_bytes: u64,
     #[command(flatten)]
     rules: RuleArgs,
+}
+
+/// `1.15`, `1.16.2` or `v1.17.2` as (major, minor).
+fn parse_velero_version(given: &str) -> Result<(u32, u32), String> {
+    let mut parts = given.trim_start_matches('v').split('.');
+    let mut number = |what: &str| -> Result<u32, String> {
+        parts
+            .next()
+            .and_then(|part| part.parse().ok())
+            .ok_or_else(|| {
+                format!("{given:?} is not a Velero version such as 1.15 or 1.16.2 ({what})")
+            })
+    };
+    Ok((number("major")?, number("minor")?))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -175,6 +195,10 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     // What restoring each VM's or group's status would bring, from the
     // backup (Velero writes it after the create; the webhook keeps VM
     // Operator's).
+    let status_restore = vmop::writes::StatusRestore {
+        include: args.status_include_resources.clone(),
+        reads_annotation: args.velero_version >= (1, 16),
+    };
     let status_notes: BTreeMap<String, String> = input
         .items
         .iter()
@@ -185,8 +209,7 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
                 gvk.get("version")?.as_str()?,
                 gvk.get("kind")?.as_str()?,
             )?;
-            let note =
-                vmop::writes::status_note(kind, &item.original, &args.status_include_resources)?;
+            let note = vmop::writes::status_note(kind, &item.original, &status_restore)?;
             let label = format!(
                 "{} {}/{}",
                 kind.name(),
@@ -473,6 +496,15 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn velero_versions_parse_as_major_and_minor() {
+        assert_eq!(parse_velero_version("1.15"), Ok((1, 15)));
+        assert_eq!(parse_velero_version("1.16.2"), Ok((1, 16)));
+        assert_eq!(parse_velero_version("v1.17.2"), Ok((1, 17)));
+        assert!(parse_velero_version("1").unwrap_err().contains("minor"));
+        assert!(parse_velero_version("latest").is_err());
+    }
 
     #[tokio::test]
     async fn a_failed_download_never_prints_the_presigned_url() {

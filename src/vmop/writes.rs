@@ -42,19 +42,30 @@ pub const RULES: &[RuleDoc] = &[
 /// restore its status, or not, whatever the Restore says.
 pub const RESTORE_STATUS_ANNOTATION: &str = "velero.io/restore-status";
 
+/// What a Restore asks of the status of the objects it creates: the
+/// resources it lists (`--status-include-resources`, as `plural.group` or
+/// `*`), and whether the Velero that runs it reads the
+/// `velero.io/restore-status` annotation (1.16 and later; 1.15 ignores it).
+#[derive(Debug, Clone, Default)]
+pub struct StatusRestore {
+    pub include: Vec<String>,
+    pub reads_annotation: bool,
+}
+
 /// Whether Velero will write this backed-up object's status after its create,
 /// and why: its `velero.io/restore-status` annotation (`"true"`/`"false"`,
-/// Velero 1.16+), else the Restore's `--status-include-resources` (`include`:
-/// resources as `plural.group`, or `*`).
+/// where Velero reads it), else the Restore's `--status-include-resources`.
 pub fn status_restored_by(
     object: &Value,
     resource: &str,
-    include: &[String],
+    restore: &StatusRestore,
 ) -> Option<&'static str> {
     let annotated = object
         .pointer("/metadata/annotations")
         .and_then(|annotations| annotations.get(RESTORE_STATUS_ANNOTATION))
-        .and_then(Value::as_str);
+        .and_then(Value::as_str)
+        .filter(|_| restore.reads_annotation);
+    let include = &restore.include;
     match annotated {
         Some("true") => Some("its velero.io/restore-status annotation (Velero 1.16+)"),
         Some("false") => None,
@@ -67,7 +78,7 @@ pub fn status_restored_by(
 
 /// For `plan`: what restoring a VM's or group's backed-up status would have
 /// brought, and that the webhook keeps VM Operator's instead.
-pub fn status_note(kind: Kind, object: &Value, include: &[String]) -> Option<String> {
+pub fn status_note(kind: Kind, object: &Value, restore: &StatusRestore) -> Option<String> {
     let resource = match kind {
         Kind::VirtualMachine(_) => "virtualmachines.vmoperator.vmware.com",
         Kind::VirtualMachineGroup(_) => "virtualmachinegroups.vmoperator.vmware.com",
@@ -77,7 +88,7 @@ pub fn status_note(kind: Kind, object: &Value, include: &[String]) -> Option<Str
     if status.is_empty() {
         return None;
     }
-    let why = status_restored_by(object, resource, include)?;
+    let why = status_restored_by(object, resource, restore)?;
     let identity: Vec<String> = ["uniqueID", "instanceUUID", "biosUUID"]
         .iter()
         .filter_map(|key| Some(format!("{key} {}", status.get(*key)?.as_str()?)))
@@ -245,29 +256,48 @@ mod tests {
 
     #[test]
     fn plan_says_when_velero_will_restore_a_status_and_what_it_held() {
+        let restore = |include: &[&str], reads_annotation: bool| StatusRestore {
+            include: include
+                .iter()
+                .map(|resource| resource.to_string())
+                .collect(),
+            reads_annotation,
+        };
         let vm = json!({"metadata": {"name": "vm1"}, "status": {"uniqueID": "vm-1041", "powerState": "PoweredOn"}});
         let kind = Kind::VirtualMachine(ApiVersion(5));
-        assert!(status_note(kind, &vm, &[]).is_none());
-        let note =
-            status_note(kind, &vm, &["virtualmachines.vmoperator.vmware.com".into()]).unwrap();
+        assert!(status_note(kind, &vm, &restore(&[], true)).is_none());
+        let note = status_note(
+            kind,
+            &vm,
+            &restore(&["virtualmachines.vmoperator.vmware.com"], true),
+        )
+        .unwrap();
         assert!(
             note.contains("--status-include-resources") && note.contains("uniqueID vm-1041"),
             "{note}"
         );
-        assert!(status_note(kind, &vm, &["*".into()]).is_some());
+        assert!(status_note(kind, &vm, &restore(&["*"], true)).is_some());
         let mut annotated = vm.clone();
         annotated["metadata"]["annotations"] = json!({RESTORE_STATUS_ANNOTATION: "true"});
         assert!(
-            status_note(kind, &annotated, &[])
+            status_note(kind, &annotated, &restore(&[], true))
                 .unwrap()
                 .contains("annotation")
         );
+        // Velero 1.15 does not read the annotation.
+        assert!(status_note(kind, &annotated, &restore(&[], false)).is_none());
         annotated["metadata"]["annotations"] = json!({RESTORE_STATUS_ANNOTATION: "false"});
         assert!(
-            status_note(kind, &annotated, &["*".into()]).is_none(),
+            status_note(kind, &annotated, &restore(&["*"], true)).is_none(),
             "the annotation wins"
         );
-        assert!(status_note(Kind::PersistentVolumeClaim, &vm, &["*".into()]).is_none());
+        assert!(
+            status_note(kind, &annotated, &restore(&["*"], false))
+                .unwrap()
+                .contains("--status-include-resources"),
+            "Velero 1.15 writes the status of a kind the Restore lists, whatever the annotation"
+        );
+        assert!(status_note(Kind::PersistentVolumeClaim, &vm, &restore(&["*"], true)).is_none());
     }
 
     #[test]

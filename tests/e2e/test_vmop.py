@@ -897,6 +897,13 @@ def test_vmop_10_no_vcenter_identity_is_restored_into_status(cluster):
     planned_notes = [note for note in planned["VirtualMachine st-flag/web-1"]["warnings"] if "backed-up status" in note]
     assert planned_notes and "uniqueID vm-1041" in planned_notes[0], planned["VirtualMachine st-flag/web-1"]
     outcomes = {"plan": planned_notes[0]}
+    # Without the flag only the annotation asks for a status, which the
+    # Velero under test reads from 1.16: plan, told its version, predicts
+    # which VMs Velero will write the status of (checked against the
+    # restore below).
+    planned = plan(cluster, "b-st", f"{src}:st-annotation", "--velero-version", harness.VELERO_VERSION)
+    outcomes["plan_annotation"] = sorted(label for label, entry in planned.items()
+                                         if any("backed-up status" in note for note in entry["warnings"]))
     for case, dst, extra in (("flag", "st-flag", ("--status-include-resources", "virtualmachines.vmoperator.vmware.com")),
                              ("annotation", "st-annotation", ())):
         prepare_supervisor(cluster, dst)
@@ -913,6 +920,7 @@ def test_vmop_10_no_vcenter_identity_is_restored_into_status(cluster):
     assert outcomes["flag"]["reviewed"] == [f"VirtualMachine st-flag/{n}" for n in ("db-1", "web-1")], outcomes
     expected = ["VirtualMachine st-annotation/db-1"] if VELERO_VERSION >= (1, 16, 0) else []
     assert outcomes["annotation"]["reviewed"] == expected, outcomes
+    assert outcomes["plan_annotation"] == expected, outcomes
 
     # The negative control: without our entries for Velero's updates, the
     # restored VM holds the original's vCenter identity in its status.
