@@ -53,6 +53,14 @@ def source_workload(ns):
     ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def vm_operator(cluster):
+    """VM Operator's webhooks, conversion and group controller, started once
+    for the module, so any one test runs alone (`-k`) as in the whole run."""
+    if "vmop-host" not in cluster.processes:
+        cluster.start_vm_operator()
+
+
 def prepare_supervisor(cluster, ns, zones=("zone-a",)):
     """Creates a namespace's Supervisor objects and waits until VM Operator's
     webhooks see them: its client reads a cache, which lags behind creates."""
@@ -110,7 +118,6 @@ def test_vmop_1_every_restored_object_is_admitted_by_vm_operator(cluster):
     that has zone-a only: VM Operator's webhooks admit every object, the VMs
     get VM Operator's fresh instanceUUID and biosUUID, and the zone label is
     kept where the Zone exists and dropped where it does not."""
-    cluster.start_vm_operator()
     whoami = json.loads(cluster.kubectl("auth", "whoami", "-o", "json", kubeconfig_path=cluster.velero_kubeconfig).stdout)
     user = whoami["status"]["userInfo"]
     assert user["username"] == f"system:serviceaccount:{VELERO_NS}:velero", user
