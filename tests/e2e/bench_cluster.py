@@ -1,9 +1,11 @@
 """The in-cluster webhook measured (outside CI: `make bench-cluster`; env
-CLUSTER_VMS (1000), LATENCY_CREATES per mode and run (300), LATENCY_RUNS (3),
-LATENCY_ROUND (50)), on the one-node cluster of test_cluster.py:
+CLUSTER_VMS (1000), RESTORE_RUNS (3), LATENCY_CREATES per mode and run
+(300), LATENCY_RUNS (3), LATENCY_ROUND (50)), on the one-node cluster of
+test_cluster.py:
 - a Velero restore, Velero running as a pod, of CLUSTER_VMS VMs in 10 groups
   through the chart's pods against the same restore without the webhook
-  (its MutatingWebhookConfiguration removed), as a ratio;
+  (its MutatingWebhookConfiguration removed), RESTORE_RUNS interleaved
+  pairs: the ratio of medians and of means, and each pair's ratio (spread);
 - labelled VM create latency through the chart's Service, interleaved in
   rounds: no webhook; the same pods' no-op route (`/noop`: reads the body and
   allows; the chart installed with VMRW_BENCH_NOOP_ROUTE=true and the
@@ -26,8 +28,19 @@ from test_restore import create_latencies  # noqa: E402
 VMS = int(os.environ.get("CLUSTER_VMS", "1000"))
 CREATES = int(os.environ.get("LATENCY_CREATES", "300"))
 RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
+RESTORE_RUNS = int(os.environ.get("RESTORE_RUNS", "3"))
 ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
 MODES = ["none", "noop", "ours"]
+
+
+def webhook_api_requests(cluster) -> int:
+    """The webhook's requests to the API server so far, summed over its pods
+    (the component="webhook" series; the companion's are its own)."""
+    total = 0.0
+    for line in cluster.metrics().splitlines():
+        if line.startswith("velero_vm_restore_webhook_api_requests_total{") and 'component="webhook"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 def main(cluster):
@@ -54,21 +67,37 @@ def main(cluster):
         docs += [o.vm(src, f"vm-{g}-{i}", f"tier-{g}", i % 100) for i in range(per_group)]
     apply_in_batches(cluster, docs)
     cluster.velero("backup", "create", "b-scale", "--include-namespaces", src, "--snapshot-volumes=false", "--wait", timeout=1800)
-    times = {}
-    for mode in ("with", "without", "with-again"):
-        use("none" if mode == "without" else "ours")
-        target = f"scale-{mode}"
-        started = time.time()
-        restore = cluster.restore(f"r-scale-{mode}", "b-scale", "--namespace-mappings", f"{src}:{target}")
-        times[mode] = time.time() - started
-        assert restore["status"]["phase"] == "Completed", cluster.restore_describe(f"r-scale-{mode}")
-        vms = cluster.get_json("virtualmachines", "-n", target)["items"]
-        assert len(vms) == per_group * 10, len(vms)
-        cleaned = sum("instanceUUID" not in vm["spec"] for vm in vms)
-        assert cleaned == (0 if mode == "without" else len(vms)), (mode, cleaned)
-    report["restore"] = {"vms": per_group * 10, "groups": 10, "seconds_with": round(times["with"], 1),
-                         "seconds_without": round(times["without"], 1), "seconds_with_again": round(times["with-again"], 1),
-                         "ratio": round((times["with"] + times["with-again"]) / 2 / times["without"], 3)}
+    # Interleaved pairs, the order alternating (with first, then without
+    # first, ...), so a cluster that slows as it fills weighs on both alike.
+    times = {"with": [], "without": []}
+    api_requests = []
+    for run in range(RESTORE_RUNS):
+        for mode in (("with", "without") if run % 2 == 0 else ("without", "with")):
+            use("none" if mode == "without" else "ours")
+            target = f"scale-{mode}-{run}"
+            requests_before = webhook_api_requests(cluster)
+            started = time.time()
+            restore = cluster.restore(f"r-{target}", "b-scale", "--namespace-mappings", f"{src}:{target}")
+            times[mode].append(time.time() - started)
+            if mode == "with":
+                # The webhook's own requests to the API server during the
+                # restore (both pods): a Restore GET or two, none per VM.
+                api_requests.append(webhook_api_requests(cluster) - requests_before)
+            assert restore["status"]["phase"] == "Completed", cluster.restore_describe(f"r-{target}")
+            vms = cluster.get_json("virtualmachines", "-n", target)["items"]
+            assert len(vms) == per_group * 10, len(vms)
+            cleaned = sum("instanceUUID" not in vm["spec"] for vm in vms)
+            assert cleaned == (0 if mode == "without" else len(vms)), (mode, cleaned)
+            print(f"[bench-cluster] restore {run} {mode}: {times[mode][-1]:.1f} s", flush=True)
+    pair_ratios = [with_s / without_s for with_s, without_s in zip(times["with"], times["without"])]
+    report["restore"] = {"vms": per_group * 10, "groups": 10, "runs": RESTORE_RUNS,
+                         "seconds_with": [round(t, 1) for t in times["with"]],
+                         "seconds_without": [round(t, 1) for t in times["without"]],
+                         "ratio_of_medians": round(statistics.median(times["with"]) / statistics.median(times["without"]), 3),
+                         "ratio_of_means": round(statistics.mean(times["with"]) / statistics.mean(times["without"]), 3),
+                         "pair_ratios": [round(r, 3) for r in pair_ratios],
+                         "pair_ratio_spread": [round(min(pair_ratios), 3), round(max(pair_ratios), 3)],
+                         "webhook_api_requests_per_restore": api_requests}
     print(f"[bench-cluster] restore: {json.dumps(report['restore'])}", flush=True)
 
     # 2. Create latency through the Service.
