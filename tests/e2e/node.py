@@ -165,6 +165,10 @@ class NodeCluster(Cluster):
         fresh = Path(f"/tmp/vmrw-node-{os.getpid()}-{int(time.time())}")
         self.tmp.rename(fresh)
         self.tmp = fresh
+        # This run's tool links (harness.tools_dir) moved with the directory.
+        self.bin = fresh / "bin"
+        self.kubectl_bin = self.bin / "kubectl"
+        self.velero_bin = self.bin / self.velero_bin.name
         self.host_ip = host_ip()
         self.cni_bin = cni_bin_dir()
         self.netns_before = _netns()
