@@ -1,28 +1,37 @@
 """The in-cluster webhook measured (outside CI: `make bench-cluster`; env
 CLUSTER_VMS (1000), RESTORE_RUNS (3), LATENCY_CREATES per mode and run
-(300), LATENCY_RUNS (3), LATENCY_ROUND (50)), on the one-node cluster of
+(300), LATENCY_RUNS (3), LATENCY_ROUND (50), ATTACKERS (2), BENCH_PARTS
+(restore,latency,attack: which parts run)), on the one-node cluster of
 test_cluster.py:
 - a Velero restore, Velero running as a pod, of CLUSTER_VMS VMs in 10 groups
   through the chart's pods against the same restore without the webhook
-  (its MutatingWebhookConfiguration removed), RESTORE_RUNS interleaved
-  pairs: the ratio of medians and of means, and each pair's ratio (spread);
+  (its MutatingWebhookConfiguration removed) and through the pods' no-op
+  route, RESTORE_RUNS interleaved runs of each: the ratio of medians and of
+  means, and each run's ratio with over without (spread);
 - labelled VM create latency through the chart's Service, interleaved in
   rounds: no webhook; the same pods' no-op route (`/noop`: reads the body and
   allows; the chart installed with VMRW_BENCH_NOOP_ROUTE=true and the
-  webhook's path switched); ours (`/mutate`)."""
+  webhook's path switched); ours (`/mutate`);
+- the same creates through ours while ATTACKERS callers in another namespace
+  send, back to back, dry-run creates of a crafted VM whose interfaces name
+  3,000 SubnetSets, each under a new restore name (issue 26, finding 1),
+  interleaved in rounds with quiet ones: the ratio attacked over quiet."""
 
 import copy
+import http.client
 import json
 import os
 import statistics
+import ssl
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import node  # noqa: E402
 import objects as o  # noqa: E402
 from bench_scale import apply_in_batches  # noqa: E402
-from harness import p99  # noqa: E402
+from harness import RESTORE_LABEL, p99  # noqa: E402
 from test_restore import create_latencies  # noqa: E402
 
 VMS = int(os.environ.get("CLUSTER_VMS", "1000"))
@@ -30,7 +39,41 @@ CREATES = int(os.environ.get("LATENCY_CREATES", "300"))
 RUNS = int(os.environ.get("LATENCY_RUNS", "3"))
 RESTORE_RUNS = int(os.environ.get("RESTORE_RUNS", "3"))
 ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
+ATTACKERS = int(os.environ.get("ATTACKERS", "2"))
+PARTS = set(os.environ.get("BENCH_PARTS", "restore,latency,attack").split(","))
 MODES = ["none", "noop", "ours"]
+
+
+def attack(cluster, ns, attacking, stop, record):
+    """One attacker: while `attacking` is set, dry-run creates of a crafted VM
+    (3,000 SubnetSet interfaces, a new restore name each time, so each review
+    also misses the Restore lookup) over one kept-alive connection; each
+    answer's status goes to `record`."""
+    ctx = ssl.create_default_context(cafile=str(cluster.server_ca))
+    ctx.load_cert_chain(str(cluster.clients.dir / "admin.crt"), str(cluster.clients.dir / "admin.key"))
+    conn = http.client.HTTPSConnection(cluster.api_host, cluster.api_port, context=ctx, timeout=60)
+    vm = o.vm(ns, "crafted", None, 90)
+    vm["spec"]["network"]["interfaces"] = [
+        {"name": f"eth{i}", "network": {"apiVersion": "crd.nsx.vmware.com/v1alpha1", "kind": "SubnetSet", "name": f"missing-{i}"}}
+        for i in range(3000)]
+    path = f"/apis/vmoperator.vmware.com/v1alpha5/namespaces/{ns}/virtualmachines?dryRun=All"
+    sent = 0
+    while not stop.is_set():
+        if not attacking.wait(0.1):
+            continue
+        sent += 1
+        vm["metadata"]["labels"][RESTORE_LABEL] = f"crafted-{threading.get_ident()}-{sent}"
+        try:
+            conn.request("POST", path, json.dumps(vm), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            status = response.status
+        except (OSError, http.client.HTTPException) as err:
+            status = type(err).__name__
+            conn.close()
+            conn = http.client.HTTPSConnection(cluster.api_host, cluster.api_port, context=ctx, timeout=60)
+        record(status)
+    conn.close()
 
 
 def webhook_api_requests(cluster) -> int:
@@ -58,7 +101,16 @@ def main(cluster):
         time.sleep(1.5)  # the API server's webhook informer picks the change up
 
     report = {}
-    # 1. A restore of many VMs, with the webhook and without.
+    if "restore" in PARTS:
+        restore_part(cluster, use, report)
+    if PARTS & {"latency", "attack"}:
+        latency_part(cluster, use, report)
+    print(json.dumps(report))
+
+
+def restore_part(cluster, use, report):
+    """1. A restore of many VMs with the webhook, without, and through the
+    same pods' no-op route (the floor: what any webhook on the path costs)."""
     src = "scale-src"
     docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": src}}, o.resource_policy(src, "web-policy")]
     per_group = VMS // 10
@@ -67,13 +119,14 @@ def main(cluster):
         docs += [o.vm(src, f"vm-{g}-{i}", f"tier-{g}", i % 100) for i in range(per_group)]
     apply_in_batches(cluster, docs)
     cluster.velero("backup", "create", "b-scale", "--include-namespaces", src, "--snapshot-volumes=false", "--wait", timeout=1800)
-    # Interleaved pairs, the order alternating (with first, then without
-    # first, ...), so a cluster that slows as it fills weighs on both alike.
-    times = {"with": [], "without": []}
+    # Interleaved runs, the order rotating (with, without, noop; without,
+    # noop, with; ...), so a cluster that slows as it fills weighs on all alike.
+    order = ["with", "without", "noop"]
+    times = {mode: [] for mode in order}
     api_requests = []
     for run in range(RESTORE_RUNS):
-        for mode in (("with", "without") if run % 2 == 0 else ("without", "with")):
-            use("none" if mode == "without" else "ours")
+        for mode in order[run % 3:] + order[:run % 3]:
+            use({"with": "ours", "without": "none", "noop": "noop"}[mode])
             target = f"scale-{mode}-{run}"
             requests_before = webhook_api_requests(cluster)
             started = time.time()
@@ -83,16 +136,26 @@ def main(cluster):
                 # The webhook's own requests to the API server during the
                 # restore (both pods): a Restore GET or two, none per VM.
                 api_requests.append(webhook_api_requests(cluster) - requests_before)
-            assert restore["status"]["phase"] == "Completed", cluster.restore_describe(f"r-{target}")
+            if restore["status"]["phase"] != "Completed":
+                # Velero marks a restore Failed when its pod restarts mid-run.
+                pods = cluster.kubectl("get", "pods", "-n", node.VELERO_NS, "-o", "wide", check=False).stdout
+                raise AssertionError(f"{cluster.restore_describe(f'r-{target}')}\n{pods}")
             vms = cluster.get_json("virtualmachines", "-n", target)["items"]
             assert len(vms) == per_group * 10, len(vms)
             cleaned = sum("instanceUUID" not in vm["spec"] for vm in vms)
-            assert cleaned == (0 if mode == "without" else len(vms)), (mode, cleaned)
+            assert cleaned == (len(vms) if mode == "with" else 0), (mode, cleaned)
             print(f"[bench-cluster] restore {run} {mode}: {times[mode][-1]:.1f} s", flush=True)
+            # Each restore into a cluster of the same size: the namespace goes
+            # before the next one (15 namespaces of 1,000 VMs made Velero's
+            # pod restart mid-restore, which fails the restore).
+            cluster.kubectl("delete", "namespace", target, "--wait=true", "--timeout=600s", timeout=660)
     pair_ratios = [with_s / without_s for with_s, without_s in zip(times["with"], times["without"])]
     report["restore"] = {"vms": per_group * 10, "groups": 10, "runs": RESTORE_RUNS,
                          "seconds_with": [round(t, 1) for t in times["with"]],
                          "seconds_without": [round(t, 1) for t in times["without"]],
+                         "seconds_noop_route": [round(t, 1) for t in times["noop"]],
+                         "noop_route_over_without_median": round(statistics.median(times["noop"]) / statistics.median(times["without"]), 3),
+                         "with_over_noop_route_median": round(statistics.median(times["with"]) / statistics.median(times["noop"]), 3),
                          "ratio_of_medians": round(statistics.median(times["with"]) / statistics.median(times["without"]), 3),
                          "ratio_of_means": round(statistics.mean(times["with"]) / statistics.mean(times["without"]), 3),
                          "pair_ratios": [round(r, 3) for r in pair_ratios],
@@ -100,11 +163,21 @@ def main(cluster):
                          "webhook_api_requests_per_restore": api_requests}
     print(f"[bench-cluster] restore: {json.dumps(report['restore'])}", flush=True)
 
-    # 2. Create latency through the Service.
+
+def latency_part(cluster, use, report):
+    """2. Create latency through the Service; 3. the same under attack."""
     ns = "latency"
     cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     use("ours")
     create_latencies(cluster, ns, 20, "warmup")
+    if "latency" in PARTS:
+        modes_part(cluster, use, report, ns)
+    if "attack" in PARTS:
+        attack_part(cluster, use, report, ns)
+
+
+def modes_part(cluster, use, report, ns):
+    """2. Labelled creates with no webhook, the no-op route and ours."""
     results = {run: {mode: [] for mode in MODES} for run in range(RUNS)}
     for run in range(RUNS):
         for round_index in range(CREATES // ROUND):
@@ -129,7 +202,77 @@ def main(cluster):
                      "medians_ms": {m: round(stats[m][0], 2) for m in MODES}})
         print("    " + json.dumps(runs[-1]))
     report["latency"] = {"creates_per_mode_per_run": CREATES, "runs": runs}
-    print(json.dumps(report))
+    print(f"[bench-cluster] latency: {json.dumps(report['latency'])}", flush=True)
+
+
+def attack_part(cluster, use, report, ns):
+    """3. The same creates, quiet and while crafted VMs arrive from another
+    namespace, interleaved in rounds, through ours and through the no-op
+    route: how much of the slowdown is the webhook's, and how much the API
+    server's (decoding and forwarding 300 KB bodies on the same 2 cores)."""
+    bad_ns = "attacker"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": bad_ns}})
+    attacking, stop = threading.Event(), threading.Event()
+    answers = {"ours": {}, "noop": {}}
+    current = {"mode": "ours"}
+    lock = threading.Lock()
+
+    def attacker():
+        def record(status):
+            with lock:
+                counts = answers[current["mode"]]
+                counts[str(status)] = counts.get(str(status), 0) + 1
+        attack(cluster, bad_ns, attacking, stop, record)
+
+    attackers = [threading.Thread(target=attacker, daemon=True) for _ in range(ATTACKERS)]
+    for thread in attackers:
+        thread.start()
+    phases = [("ours", "quiet"), ("ours", "attacked"), ("noop", "quiet"), ("noop", "attacked")]
+    under = {run: {phase: [] for phase in phases} for run in range(RUNS)}
+    requests = 0
+    try:
+        for run in range(RUNS):
+            for round_index in range(CREATES // ROUND):
+                for mode, load in phases:
+                    if load == "quiet":
+                        use(mode)
+                        current["mode"] = mode
+                    before = webhook_api_requests(cluster)
+                    if load == "attacked":
+                        attacking.set()
+                        time.sleep(0.5)  # the attackers' requests are in flight
+                    latencies, failures = create_latencies(cluster, ns, ROUND, f"a{run}-{round_index}-{mode}-{load}")
+                    attacking.clear()
+                    time.sleep(0.3)  # the last crafted requests are answered
+                    if mode == "ours" and load == "attacked":
+                        requests += webhook_api_requests(cluster) - before
+                    assert not failures, failures
+                    under[run][(mode, load)] += latencies
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(timeout=120)
+        use("ours")
+    answered = {}
+    for mode, counts in answers.items():
+        for status, n in counts.items():
+            answered[f"{mode} {status}"] = n
+    # Every crafted VM refused (by our webhook's denial, or, through the
+    # no-op route, by the API server's validation), none lost to a timeout.
+    assert answered and all(key.split()[1].startswith("4") for key in answered), answered
+    attacked_runs = []
+    for run in range(RUNS):
+        med = {f"{m} {p}": statistics.median(under[run][(m, p)]) * 1000 for m, p in phases}
+        high = {f"{m} {p}": p99(under[run][(m, p)]) * 1000 for m, p in phases}
+        attacked_runs.append({"median_ms": {k: round(v, 2) for k, v in med.items()},
+                              "p99_ms": {k: round(v, 2) for k, v in high.items()},
+                              "ours attacked/quiet median": round(med["ours attacked"] / med["ours quiet"], 3),
+                              "noop attacked/quiet median": round(med["noop attacked"] / med["noop quiet"], 3),
+                              "attacked ours/noop median": round(med["ours attacked"] / med["noop attacked"], 3)})
+        print("    " + json.dumps(attacked_runs[-1]), flush=True)
+    report["under_attack"] = {"attackers": ATTACKERS, "crafted_creates_answered": answered,
+                              "webhook_api_requests_while_attacked": requests, "runs": attacked_runs}
+    print(f"[bench-cluster] under attack: {json.dumps(report['under_attack'])}", flush=True)
 
 
 if __name__ == "__main__":
