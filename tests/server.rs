@@ -316,6 +316,46 @@ async fn certificate_rotation_while_requests_run() {
 }
 
 #[tokio::test]
+async fn during_the_drain_delay_answers_close_their_connection() {
+    // The API server keeps connections to a replica alive; once draining,
+    // each answer tells it to drop the connection instead of reusing one the
+    // drain will close (a POST racing that close fails unretried).
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.serving();
+    let secret = SecretDir::new(&cert, &key);
+    let mut limits = limits();
+    limits.drain_delay = Duration::from_secs(3);
+    let mut server = TestServer::start(&secret, settings(Duration::from_secs(1)), limits).await;
+    let client = client_trusting(&[&ca.ca_pem]);
+    let body = review_for(&example("pvc.json"), false);
+    let serving = client
+        .post(server.url("/mutate"))
+        .json(&body)
+        .send()
+        .await
+        .expect("review before the drain");
+    assert_eq!(serving.status(), 200);
+    assert!(serving.headers().get("connection").is_none());
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let draining = client
+        .post(server.url("/mutate"))
+        .json(&body)
+        .send()
+        .await
+        .expect("still served during the drain delay");
+    assert_eq!(draining.status(), 200);
+    assert_eq!(
+        draining.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    tokio::time::timeout(Duration::from_secs(10), &mut server.handle)
+        .await
+        .expect("server stopped after draining")
+        .unwrap();
+}
+
+#[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_reviews() {
     let (mut server, client, _secret, _ca) = started(Duration::from_secs(10)).await;
     let in_flight = spawn_review(

@@ -295,6 +295,21 @@ async fn noop(State(state): State<AppState>, body: Body) -> Response {
     bench_answer(&state, body, None).await
 }
 
+/// During the drain delay every answer says `Connection: close`, so the API
+/// server drops each kept-alive connection to this replica after its answer
+/// and dials again (to a replica still ready) instead of writing its next
+/// review onto a connection the drain is about to close: a POST racing that
+/// close fails, and the API server does not retry it.
+async fn close_while_draining(State(state): State<AppState>, mut response: Response) -> Response {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 /// The least a mutating webhook that changes something does: `/noop` with a
 /// fixed one-operation patch (a label), so that the API server applies a
 /// patch. With `/noop`, it splits what any patch costs the API server from
@@ -461,7 +476,12 @@ impl Bound {
                 .route("/noop", post(noop))
                 .route("/noop-patch", post(noop_patch));
         }
-        let app = app.with_state(state.clone());
+        let app = app
+            .layer(axum::middleware::map_response_with_state(
+                state.clone(),
+                close_while_draining,
+            ))
+            .with_state(state.clone());
         let metrics_app = Router::new()
             .route("/metrics", get(metrics_handler))
             .route("/healthz", get(healthz))
