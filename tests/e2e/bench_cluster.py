@@ -229,14 +229,15 @@ def attack_part(cluster, use, report, ns):
                     if load == "quiet":
                         use(mode)
                         current["mode"] = mode
-                    before = webhook_requests(cluster)
+                    counted = mode == "ours" and load == "attacked"
+                    before = webhook_requests(cluster) if counted else {}
                     if load == "attacked":
                         attacking.set()
                         time.sleep(0.5)  # the attackers' requests are in flight
                     latencies, failures = create_latencies(cluster, ns, ROUND, f"a{run}-{round_index}-{mode}-{load}")
                     attacking.clear()
                     time.sleep(0.3)  # the last crafted requests are answered
-                    if mode == "ours" and load == "attacked":
+                    if counted:
                         requests += sum(requests_since(before, webhook_requests(cluster)).values())
                     assert not failures, failures
                     under[run][(mode, load)] += latencies
