@@ -188,6 +188,14 @@ pub struct ReloadLabels {
     pub result: ReloadResult,
 }
 
+/// A watched cache's counters, as it reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounters {
+    pub live_reads: u64,
+    pub errors: u64,
+    pub confirmations: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub reviews: Family<ReviewLabels, Counter>,
@@ -204,6 +212,7 @@ pub struct Metrics {
     pub cache_ready: Family<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
     pub cache_live_reads: Family<CacheLabels, Counter<u64, AtomicU64>>,
     pub cache_errors: Family<CacheLabels, Counter<u64, AtomicU64>>,
+    pub cache_confirmations: Family<CacheLabels, Counter<u64, AtomicU64>>,
     api_requests_sent: AtomicU64,
     pub connections_refused: Family<ConnectionLabels, Counter<u64, AtomicU64>>,
     pub log_lines_dropped: Counter<u64, AtomicU64>,
@@ -325,7 +334,7 @@ impl Metrics {
             Family::<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
         registry.register(
             "cache_ready",
-            "1 when a watched cache has listed once or its kind is not served (readiness waits for every one)",
+            "1 when a watched cache has listed once or its kind is not served (0: reviews read the kind live; readiness does not wait for it)",
             cache_ready.clone(),
         );
         let cache_live_reads = Family::<CacheLabels, Counter<u64, AtomicU64>>::default();
@@ -339,6 +348,12 @@ impl Metrics {
             "cache_watch_errors",
             "Lists and watches of a cache that failed (each is retried with a backoff)",
             cache_errors.clone(),
+        );
+        let cache_confirmations = Family::<CacheLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "cache_confirmations",
+            "Live lists of one namespace made to confirm a miss before a VM is denied or a reference stripped (a watch can lag a create made a moment before)",
+            cache_confirmations.clone(),
         );
         let connections_refused = Family::<ConnectionLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
@@ -368,6 +383,7 @@ impl Metrics {
             cache_ready,
             cache_live_reads,
             cache_errors,
+            cache_confirmations,
             companion_actions,
             registry,
             reviews,
@@ -419,14 +435,14 @@ impl Metrics {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Sets a cache's figures, at scrape time.
+    /// Sets a cache's figures, at scrape time: its objects, whether it is
+    /// ready, and its live reads, errors and confirmations so far.
     pub fn set_cache(
         &self,
         resource: &'static str,
         objects: usize,
         ready: bool,
-        live_reads: u64,
-        errors: u64,
+        counters: CacheCounters,
     ) {
         use std::sync::atomic::Ordering;
         let labels = CacheLabels { resource };
@@ -436,14 +452,16 @@ impl Metrics {
         self.cache_ready
             .get_or_create(&labels)
             .set(i64::from(ready));
-        self.cache_live_reads
-            .get_or_create(&labels)
-            .inner()
-            .store(live_reads, Ordering::Relaxed);
-        self.cache_errors
-            .get_or_create(&labels)
-            .inner()
-            .store(errors, Ordering::Relaxed);
+        for (family, value) in [
+            (&self.cache_live_reads, counters.live_reads),
+            (&self.cache_errors, counters.errors),
+            (&self.cache_confirmations, counters.confirmations),
+        ] {
+            family
+                .get_or_create(&labels)
+                .inner()
+                .store(value, Ordering::Relaxed);
+        }
     }
 
     /// The OpenMetrics text exposition.

@@ -361,8 +361,10 @@ impl Reviewer {
         {
             facts.refs_named = references.len();
             if references.len() <= decide::MAX_CHECKED_REFERENCES {
-                let view = self
+                let mut view = self
                     .target_view(refs.as_ref(), subject.namespace, &references, deadline)
+                    .await;
+                self.confirm_misses(refs.as_ref(), subject, &references, &mut view, deadline)
                     .await;
                 check_references(&mut facts, references, &view);
             }
@@ -410,6 +412,48 @@ impl Reviewer {
             Ok(view) => view,
             Err(_) => TargetView::unknown("reading it did not finish before the deadline"),
         }
+    }
+
+    /// A reference the view (a cache) says is missing is denied or stripped
+    /// for it; a watch can lag behind a create made a moment ago (Velero
+    /// creates images, then the VMs naming them). So before a miss counts,
+    /// the collections it was looked up in are listed live in the VM's
+    /// namespace, within the same short share of the deadline, and that
+    /// answer replaces the cache's. A warm review that misses nothing reads
+    /// nothing live.
+    async fn confirm_misses(
+        &self,
+        refs: &dyn TargetFacts,
+        subject: &Subject<'_>,
+        references: &[crate::vmop::ClusterRef],
+        view: &mut TargetView,
+        deadline: Deadline,
+    ) {
+        let missed: BTreeSet<Collection> = references
+            .iter()
+            .filter(|reference| targets::check(view, reference) == Checked::Missing)
+            .flat_map(|reference| targets::collections_for(reference.kind).iter().copied())
+            .collect();
+        if missed.is_empty() {
+            return;
+        }
+        debug!(
+            object = subject.object_label,
+            collections = missed.len(),
+            "confirming a miss live"
+        );
+        let confirmed = match deadline
+            .min_after(REF_CHECK_BOUND)
+            .run(refs.confirm_view(subject.namespace, &missed))
+            .await
+        {
+            Ok(confirmed) => confirmed,
+            // Not confirmed in time: unknown, so nothing is denied or
+            // stripped for it (VM Operator's own check stands).
+            Err(_) => TargetView::unknown("confirming a miss did not finish before the deadline")
+                .only(&missed),
+        };
+        view.overlay(confirmed);
     }
 
     async fn confirm(
@@ -735,5 +779,162 @@ mod tests {
             "{:?}",
             reviewed.verdict.changes
         );
+    }
+
+    /// A target whose cache lags: `cached` is what the watch has delivered,
+    /// `live` what the API server holds; confirmations are counted.
+    struct LaggingRefs {
+        cached: Arc<crate::facts::given::StaticRefs>,
+        live: Arc<crate::facts::given::StaticRefs>,
+        confirmations: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TargetFacts for LaggingRefs {
+        fn view<'a>(
+            &'a self,
+            namespace: &'a str,
+            needed: &'a BTreeSet<Collection>,
+        ) -> futures::future::BoxFuture<'a, TargetView> {
+            self.cached.view(namespace, needed)
+        }
+        fn confirm_view<'a>(
+            &'a self,
+            namespace: &'a str,
+            needed: &'a BTreeSet<Collection>,
+        ) -> futures::future::BoxFuture<'a, TargetView> {
+            self.confirmations
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.live.view(namespace, needed)
+        }
+    }
+
+    async fn review_with_refs(refs: Arc<LaggingRefs>, vm: serde_json::Value) -> Reviewed {
+        let restores = StaticRestores::new(
+            "velero",
+            RestoreLookup::Found(RestoreInfo {
+                name: "r1".into(),
+                uid: Some("u1".into()),
+                ..Default::default()
+            }),
+        );
+        let reviewer = Reviewer::new(
+            crate::facts::given::StaticGroups::new([]),
+            restores,
+            ReviewSettings::default(),
+            None,
+        )
+        .with_refs(refs);
+        let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u", "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": "VirtualMachine"},
+            "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+            "namespace": "prod", "operation": "CREATE", "userInfo": {"username": "velero"},
+            "object": vm}});
+        reviewer
+            .review(
+                body.to_string().as_bytes(),
+                Deadline::for_request(tokio::time::Instant::now(), None, Duration::from_secs(5)),
+            )
+            .await
+            .unwrap()
+    }
+
+    fn refs(cached: &[(RefKind, &str)], live: &[(RefKind, &str)]) -> Arc<LaggingRefs> {
+        let given = |names: &[(RefKind, &str)]| {
+            crate::facts::given::StaticRefs::new(
+                names
+                    .iter()
+                    .map(|(kind, name)| (*kind, "prod".to_string(), name.to_string())),
+            )
+        };
+        Arc::new(LaggingRefs {
+            cached: given(cached),
+            live: given(live),
+            confirmations: Default::default(),
+        })
+    }
+
+    fn labelled_vm(spec: serde_json::Value, labels: serde_json::Value) -> serde_json::Value {
+        let mut labels = labels;
+        labels["velero.io/restore-name"] = json!("r1");
+        json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+            "metadata": {"name": "vm1", "namespace": "prod", "labels": labels}, "spec": spec})
+    }
+
+    /// Issue 33, finding 1: the cache has not seen a class created a moment
+    /// before the VM; before, the VM was denied for it. The miss is now
+    /// confirmed live, and the VM admitted. A class that is missing live too
+    /// is still denied, and one the cache has costs no confirmation.
+    #[tokio::test]
+    async fn a_miss_in_the_cache_is_confirmed_live_before_it_denies() {
+        let vm = labelled_vm(json!({"className": "small"}), json!({}));
+        let lagging = refs(
+            &[(RefKind::Class, "large")],
+            &[(RefKind::Class, "large"), (RefKind::Class, "small")],
+        );
+        let reviewed = review_with_refs(lagging.clone(), vm.clone()).await;
+        assert!(
+            reviewed.verdict.denial.is_none(),
+            "{:?}",
+            reviewed.verdict.denial
+        );
+        assert_eq!(
+            lagging
+                .confirmations
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+
+        let missing = refs(&[(RefKind::Class, "large")], &[(RefKind::Class, "large")]);
+        let reviewed = review_with_refs(missing.clone(), vm.clone()).await;
+        let denial = reviewed
+            .verdict
+            .denial
+            .expect("a class missing live too is denied");
+        assert!(denial.contains("small"), "{denial}");
+        assert_eq!(
+            missing
+                .confirmations
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+
+        let warm = refs(&[(RefKind::Class, "small")], &[]);
+        let reviewed = review_with_refs(warm.clone(), vm).await;
+        assert!(reviewed.verdict.denial.is_none());
+        assert_eq!(
+            warm.confirmations.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a warm review reads nothing live"
+        );
+    }
+
+    /// Issue 33, finding 1: a zone the cache has not seen is not stripped
+    /// (before, the label was removed and VM Operator placed the VM in any
+    /// zone); a zone missing live too still is.
+    #[tokio::test]
+    async fn a_zone_label_is_stripped_only_for_a_miss_confirmed_live() {
+        let vm = labelled_vm(json!({}), json!({"topology.kubernetes.io/zone": "zone-a"}));
+        let strips_zone = |reviewed: &Reviewed| {
+            reviewed
+                .verdict
+                .changes
+                .iter()
+                .any(|change| change.rule == crate::vmop::vm::R_ZONE_LABEL)
+        };
+        let lagging = refs(
+            &[(RefKind::Zone, "zone-b")],
+            &[(RefKind::Zone, "zone-a"), (RefKind::Zone, "zone-b")],
+        );
+        let reviewed = review_with_refs(lagging.clone(), vm.clone()).await;
+        assert!(!strips_zone(&reviewed), "{:?}", reviewed.verdict.changes);
+        assert_eq!(
+            lagging
+                .confirmations
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        let missing = refs(&[(RefKind::Zone, "zone-b")], &[(RefKind::Zone, "zone-b")]);
+        let reviewed = review_with_refs(missing, vm).await;
+        assert!(strips_zone(&reviewed), "{:?}", reviewed.verdict.changes);
     }
 }

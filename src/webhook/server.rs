@@ -401,8 +401,11 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
             cache.resource,
             cache.objects,
             cache.ready,
-            cache.live_reads,
-            cache.errors,
+            crate::metrics::CacheCounters {
+                live_reads: cache.live_reads,
+                errors: cache.errors,
+                confirmations: cache.confirmations,
+            },
         );
     }
     (
