@@ -115,6 +115,14 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         let mut discovery = Discovery::new();
         let (targets, target_runner) =
             TargetCache::live(client.clone(), &args.vm_operator_namespace, &mut discovery);
+        tokio::spawn(crate::facts::cache_health::report_unlistable(
+            client.clone(),
+            {
+                let targets = targets.clone();
+                move || targets.stats()
+            },
+            crate::facts::cache_health::PodRef::from_env(),
+        ));
         refs = Some(targets);
         let (groups, group_runner) = GroupCache::live(client.clone(), &mut discovery);
         let crds: Arc<Watched<()>> =

@@ -17,6 +17,7 @@
 //! the other way.
 
 pub mod api_requests;
+pub mod cache_health;
 pub mod discovery;
 pub mod given;
 pub mod group_cache;

@@ -34,6 +34,14 @@ use crate::webhook::waits::{GroupWaits, WaitLimits, WaitOutcome};
 /// cache's watch is broken).
 const REF_CHECK_BOUND: Duration = Duration::from_secs(2);
 
+/// How long readiness waits for the caches of what VMs refer to after the
+/// server starts. Past it, a kind that has not listed (a 403, a CRD whose
+/// conversion webhook is broken) is read live by the reviews that need it,
+/// and the replica stays in the Service: one broken kind never takes every
+/// replica out, which under `failurePolicy: Fail` would fail every labelled
+/// create, even of VMs that never name that kind.
+pub const REFS_READY_GRACE: Duration = Duration::from_secs(10);
+
 /// Kept free after a group wait for the live GET that confirms a miss.
 const CONFIRM_RESERVE: Duration = Duration::from_millis(750);
 
@@ -160,9 +168,19 @@ impl Reviewer {
         stats
     }
 
-    /// Whether the reference caches have listed once (readiness).
+    /// Whether the reference caches have listed once.
     pub fn refs_synced(&self) -> bool {
         self.refs.as_ref().is_none_or(|refs| refs.is_synced())
+    }
+
+    /// Readiness, `serving_for` after the server started: what every review
+    /// needs (groups, Restores, mappings) has listed, and the reference
+    /// caches have too or had their [`REFS_READY_GRACE`].
+    pub fn is_ready(&self, serving_for: Duration) -> bool {
+        self.groups.is_synced()
+            && self.restores.is_synced()
+            && self.mappings_synced()
+            && (self.refs_synced() || serving_for >= REFS_READY_GRACE)
     }
 
     /// Maps VMs' storage classes, classes, images, networks and zones by
@@ -936,5 +954,38 @@ mod tests {
         let missing = refs(&[(RefKind::Zone, "zone-b")], &[(RefKind::Zone, "zone-b")]);
         let reviewed = review_with_refs(missing, vm).await;
         assert!(strips_zone(&reviewed), "{:?}", reviewed.verdict.changes);
+    }
+
+    /// A target source one of whose kinds never lists.
+    struct NeverSynced;
+
+    impl TargetFacts for NeverSynced {
+        fn is_synced(&self) -> bool {
+            false
+        }
+        fn view<'a>(
+            &'a self,
+            _namespace: &'a str,
+            _needed: &'a BTreeSet<Collection>,
+        ) -> futures::future::BoxFuture<'a, TargetView> {
+            Box::pin(futures::future::ready(TargetView::default()))
+        }
+    }
+
+    /// Issue 33, finding 2: one reference kind that never lists keeps the
+    /// replica unready only for the grace; before, for ever (and every
+    /// replica with it).
+    #[test]
+    fn a_kind_that_never_lists_keeps_the_replica_unready_only_for_the_grace() {
+        let reviewer = Reviewer::new(
+            crate::facts::given::StaticGroups::new([]),
+            StaticRestores::none(),
+            ReviewSettings::default(),
+            None,
+        )
+        .with_refs(Arc::new(NeverSynced));
+        assert!(!reviewer.is_ready(Duration::ZERO));
+        assert!(!reviewer.is_ready(REFS_READY_GRACE - Duration::from_millis(1)));
+        assert!(reviewer.is_ready(REFS_READY_GRACE));
     }
 }

@@ -138,17 +138,17 @@ struct AppState {
     source_shares: Arc<SourceShares>,
     limits: Limits,
     shutting_down: Arc<AtomicBool>,
+    /// When serving began: the reference caches get
+    /// [`crate::webhook::review::REFS_READY_GRACE`] to list before readiness
+    /// stops waiting for them.
+    started: tokio::time::Instant,
     /// For the certificate's end, at scrape time.
     certificate: Arc<ReloadingCert>,
 }
 
 impl AppState {
     fn ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::SeqCst)
-            && self.reviewer.groups.is_synced()
-            && self.reviewer.restores.is_synced()
-            && self.reviewer.mappings_synced()
-            && self.reviewer.refs_synced()
+        !self.shutting_down.load(Ordering::SeqCst) && self.reviewer.is_ready(self.started.elapsed())
     }
 }
 
@@ -367,7 +367,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the caches (VirtualMachineGroups, Restores, mapping ConfigMaps, what VMs refer to) to list once",
+            "waiting for the caches (VirtualMachineGroups, Restores, mapping ConfigMaps; what VMs refer to, for 10 s at most) to list once",
         )
             .into_response()
     }
@@ -468,6 +468,7 @@ impl Bound {
             source_shares: Arc::default(),
             limits: limits.clone(),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            started: tokio::time::Instant::now(),
             certificate: certificate.clone(),
         };
         let mut app = Router::new()
