@@ -216,6 +216,7 @@ pub struct Metrics {
     api_requests_sent: AtomicU64,
     pub connections_refused: Family<ConnectionLabels, Counter<u64, AtomicU64>>,
     pub log_lines_dropped: Counter<u64, AtomicU64>,
+    pub velero_unrecognised: Counter<u64, AtomicU64>,
     pub certificate_not_after: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
@@ -367,6 +368,12 @@ impl Metrics {
             "Log lines (a review's lines count once) dropped because stderr could not keep up; the warnings in the responses still say what changed",
             log_lines_dropped.clone(),
         );
+        let velero_unrecognised = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "velero_identity_unrecognised",
+            "Labelled creates from a user the webhook does not take for Velero (--velero-user, --velero-group): if Velero runs as that user, its status writes and updates skip the webhook",
+            velero_unrecognised.clone(),
+        );
         let certificate_not_after = Gauge::default();
         registry.register(
             "serving_certificate_expiry_timestamp_seconds",
@@ -376,6 +383,7 @@ impl Metrics {
         Metrics {
             certificate_not_after,
             log_lines_dropped,
+            velero_unrecognised,
             connections_refused,
             api_requests_sent: AtomicU64::new(0),
             api_requests,

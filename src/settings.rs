@@ -152,14 +152,26 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
     pub velero_namespace: String,
 
-    /// Velero's identity (`request.userInfo.username`; repeat, or
-    /// comma-separate in the variable): only its updates are reviewed (the
-    /// backed-up status it writes after a create, and objects it updates
-    /// with --existing-resource-policy=update). Default: Velero's
-    /// ServiceAccount in --velero-namespace,
-    /// system:serviceaccount:NAMESPACE:velero.
+    /// Velero's identity, by user name (`request.userInfo.username`; repeat,
+    /// or comma-separate in the variable), besides --velero-group: only its
+    /// updates are reviewed (the backed-up status it writes after a create,
+    /// and objects it updates with --existing-resource-policy=update), and a
+    /// labelled create from anyone else is warned about. Default: none.
     #[arg(long = "velero-user", env = "VMRW_VELERO_USERS", value_delimiter = ',')]
     pub velero_users: Vec<String>,
+
+    /// Velero's identity, by group (any of `request.userInfo.groups`;
+    /// repeat, or comma-separate in the variable). Default: every
+    /// ServiceAccount of --velero-namespace,
+    /// system:serviceaccounts:NAMESPACE, which is Velero however it was
+    /// installed (`velero install` names its ServiceAccount `velero`,
+    /// Velero's Helm chart `velero-server`).
+    #[arg(
+        long = "velero-group",
+        env = "VMRW_VELERO_GROUPS",
+        value_delimiter = ','
+    )]
+    pub velero_groups: Vec<String>,
 
     /// VM Operator's own namespace, where it records which storage policies
     /// encrypt (StoragePolicy objects): read to check a VM's encryption

@@ -23,7 +23,7 @@ use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::targets::{self, Checked, Collection, TargetView};
 use crate::vmop::{Kind, RefKind};
-use crate::webhook::admission::{self, ReviewError, Scope, Write};
+use crate::webhook::admission::{self, ReviewError, Scope, VeleroIdentity, Write};
 use crate::webhook::decide::{
     self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
 };
@@ -54,14 +54,9 @@ pub struct ReviewSettings {
     pub disabled_rules: Arc<BTreeSet<String>>,
     pub power_policy: PowerPolicy,
     pub wait_limits: WaitLimits,
-    /// Who Velero is (`request.userInfo.username`): only its updates are
-    /// Velero's writes to review.
-    pub velero_users: Arc<Vec<String>>,
-}
-
-/// Velero's identity as `velero install` sets it up in `namespace`.
-pub fn default_velero_user(namespace: &str) -> String {
-    format!("system:serviceaccount:{namespace}:velero")
+    /// Who Velero is: only its updates are Velero's writes to review, and
+    /// a labelled create from anyone else is warned about.
+    pub velero: Arc<VeleroIdentity>,
 }
 
 impl Default for ReviewSettings {
@@ -74,7 +69,7 @@ impl Default for ReviewSettings {
             disabled_rules: Arc::default(),
             power_policy: PowerPolicy::default(),
             wait_limits: WaitLimits::default(),
-            velero_users: Arc::new(vec![default_velero_user("velero")]),
+            velero: Arc::new(VeleroIdentity::of_namespace("velero")),
         }
     }
 }
@@ -269,7 +264,7 @@ impl Reviewer {
         span.record("dry_run", request.dry_run);
 
         let (kind, restore, write) =
-            match admission::scope(request, input.object.as_ref(), &self.settings.velero_users) {
+            match admission::scope(request, input.object.as_ref(), &self.settings.velero) {
                 Scope::Out(reason) => {
                     debug!(kind = %request.kind.kind, reason, "allowed unchanged: out of scope");
                     let review = admission::respond(request, &Default::default()).into_review();
@@ -305,7 +300,20 @@ impl Reviewer {
             dry_run: request.dry_run,
         };
         let facts = self.gather(&subject, deadline).await;
-        let decision = decide::decide(&subject, &facts, &self.decide_settings);
+        let mut decision = decide::decide(&subject, &facts, &self.decide_settings);
+        // Velero's identity is checked on every labelled create, where it
+        // is known to be Velero's (or a person's trying a restore by hand):
+        // its later status writes and updates reach the webhook only from
+        // the identity the chart's matchConditions name.
+        if write == Write::Create && !self.settings.velero.matches(&request.user_info) {
+            decision
+                .verdict
+                .notes
+                .push(unrecognised_velero(request, &self.settings.velero));
+            if let Some(metrics) = &self.metrics {
+                metrics.velero_unrecognised.inc();
+            }
+        }
         let outcome = match decision.deny_reason {
             None => Outcome::Allowed,
             Some(DenyReason::Deadline) => Outcome::Deadline,
@@ -683,6 +691,25 @@ impl Reviewer {
     }
 }
 
+/// The warning for a labelled create from a user the webhook does not take
+/// for Velero.
+fn unrecognised_velero(
+    request: &kube::core::admission::AdmissionRequest<DynamicObject>,
+    velero: &VeleroIdentity,
+) -> String {
+    let user = request
+        .user_info
+        .username
+        .as_deref()
+        .unwrap_or("an unnamed user");
+    // The identity the webhook knows is in the log line, not the warning
+    // (kubectl cuts long warnings).
+    debug!(user, velero = %velero.describe(), "a labelled create from a user that is not Velero");
+    format!(
+        "{user}: not Velero as configured (webhook.velero); if Velero runs as it, its later writes skip the webhook"
+    )
+}
+
 /// Each reference checked against what its namespace has, and, for the
 /// kinds that deny a VM when missing, what the namespace has instead.
 fn check_references(
@@ -987,5 +1014,60 @@ mod tests {
         assert!(!reviewer.is_ready(Duration::ZERO));
         assert!(!reviewer.is_ready(REFS_READY_GRACE - Duration::from_millis(1)));
         assert!(reviewer.is_ready(REFS_READY_GRACE));
+    }
+
+    /// Issue 33, finding 3: a labelled create from a user the webhook does
+    /// not take for Velero says so (its later writes would skip the
+    /// webhook); one from any ServiceAccount of Velero's namespace does not.
+    #[tokio::test]
+    async fn a_labelled_create_from_someone_not_velero_is_warned_about() {
+        let reviewer = Reviewer::new(
+            crate::facts::given::StaticGroups::new([]),
+            StaticRestores::none(),
+            ReviewSettings::default(),
+            None,
+        );
+        let notes = |user: serde_json::Value| {
+            let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u", "kind": {"group": "", "version": "v1", "kind": "PersistentVolumeClaim"},
+                "resource": {"group": "", "version": "v1", "resource": "persistentvolumeclaims"},
+                "namespace": "prod", "operation": "CREATE", "userInfo": user,
+                "object": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "d", "namespace": "prod", "labels": {"velero.io/restore-name": "r1"}}}}});
+            let reviewer = &reviewer;
+            async move {
+                reviewer
+                    .review(
+                        body.to_string().as_bytes(),
+                        Deadline::for_request(
+                            tokio::time::Instant::now(),
+                            None,
+                            Duration::from_secs(1),
+                        ),
+                    )
+                    .await
+                    .unwrap()
+                    .verdict
+                    .notes
+            }
+        };
+        let server = notes(json!({"username": "system:serviceaccount:velero:velero-server",
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:velero", "system:authenticated"]})).await;
+        assert!(
+            !server.iter().any(|note| note.contains("not Velero")),
+            "{server:?}"
+        );
+        let admin =
+            notes(json!({"username": "kubernetes-admin", "groups": ["system:masters"]})).await;
+        assert!(
+            admin
+                .iter()
+                .any(|note| note.starts_with("kubernetes-admin: not Velero as configured")),
+            "{admin:?}"
+        );
+        assert!(
+            admin.iter().all(|note| note.chars().count() < 120),
+            "{admin:?}"
+        );
     }
 }

@@ -292,7 +292,9 @@ pub fn review_for(object: &Value, dry_run: bool) -> Value {
             "name": object["metadata"]["name"],
             "namespace": object["metadata"]["namespace"],
             "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:velero:velero"},
+            // As the API server names Velero's ServiceAccount.
+            "userInfo": {"username": "system:serviceaccount:velero:velero",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:velero", "system:authenticated"]},
             "object": object,
             "dryRun": dry_run
         }

@@ -125,9 +125,13 @@ class Openssl:
              "-days", "2", "-subj", "/CN=e2e-client-ca", "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign", "-keyout", self.ca_key, "-out", self.ca_crt])
 
-    def client(self, name: str, cn: str, org: str | None) -> tuple[Path, Path]:
+    def client(self, name: str, cn: str, org: str | list | None) -> tuple[Path, Path]:
+        """A client certificate: user `cn`, groups `org` (one or several, as
+        the API server names a ServiceAccount: system:serviceaccounts and
+        system:serviceaccounts:NAMESPACE)."""
         key, csr, crt = self.dir / f"{name}.key", self.dir / f"{name}.csr", self.dir / f"{name}.crt"
-        subject = f"/CN={cn}" + (f"/O={org}" if org else "")
+        orgs = [org] if isinstance(org, str) else (org or [])
+        subject = f"/CN={cn}" + "".join(f"/O={each}" for each in orgs)
         run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-subj", subject, "-keyout", key, "-out", csr])
         # Extensions make it an X.509 v3 certificate, which rustls requires.
@@ -618,7 +622,8 @@ class Cluster:
                          "metadata": {"name": "velero"},
                          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
                          "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": VELERO_NS}]}])
-            crt, key = self.clients.client("velero", f"system:serviceaccount:{VELERO_NS}:velero", "system:serviceaccounts")
+            crt, key = self.clients.client("velero", f"system:serviceaccount:{VELERO_NS}:velero",
+                                           ["system:serviceaccounts", f"system:serviceaccounts:{VELERO_NS}"])
             self.velero_kubeconfig = kubeconfig(self.tmp / "velero.kubeconfig", self.server, self.server_ca, crt, key)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
                "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
