@@ -111,8 +111,12 @@ label_enum! {
 label_enum! {
     /// Why a connection was refused or closed early.
     ConnectionRefusal {
-        /// Its source address already had its share of open connections.
+        /// Its source address already had its share of open connections:
+        /// answered 503.
         PerSource => "per_source",
+        /// The same, while the port was already answering as many refusals
+        /// as it does at once: closed without an answer.
+        PerSourceUnanswered => "per_source_unanswered",
         /// The TLS handshake failed or took too long.
         Handshake => "handshake",
         /// A request's head did not arrive in time.
@@ -359,7 +363,7 @@ impl Metrics {
         let connections_refused = Family::<ConnectionLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
             "connections_refused",
-            "Connections refused or closed early, by port (https, metrics) and reason (per_source: its address had its share open; handshake; slow_head)",
+            "Connections refused or closed early, by port (https, metrics) and reason (per_source: its address had its share open, answered 503; per_source_unanswered: the same, closed unanswered while the port answered as many refusals as it does at once; handshake; slow_head)",
             connections_refused.clone(),
         );
         let log_lines_dropped = Counter::<u64, AtomicU64>::default();

@@ -151,6 +151,7 @@ pub fn limits() -> Limits {
         max_buffered_bytes: 4 * 1024 * 1024,
         max_connections: 256,
         max_connections_per_source: 256,
+        api_server_cidrs: Vec::new(),
         timeout_margin: Duration::from_secs(1),
         drain_delay: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(10),

@@ -167,6 +167,16 @@ def test_chart_network_policy(helm):
     (policy,) = by_kind(render(helm, "--set", "metrics.enabled=false"), "NetworkPolicy")
     assert [r["ports"][0]["port"] for r in policy["spec"]["ingress"]] == [8443]
     assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+    # The same addresses go to the server, which does not cap them per source;
+    # none found or given: no variable.
+    def api_server_env(*values):
+        deployment = by_kind(render(helm, *values), "Deployment")[0]
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return env.get("VMRW_API_SERVER_CIDRS")
+    assert api_server_env() is None
+    given = ("--set", "networkPolicy.apiServer.cidrs={10.0.0.0/28,fd00::1/128}")
+    assert api_server_env(*given) == "10.0.0.0/28,fd00::1/128"
+    assert api_server_env(*given, "--set", "networkPolicy.enabled=false") == "10.0.0.0/28,fd00::1/128"
     bad = render(helm, "--set", "networkPolicy.apiServer.cidrs={not-a-cidr}", check=False)
     assert bad.returncode != 0 and "cidrs" in bad.stderr, bad.stderr
 
