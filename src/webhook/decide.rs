@@ -281,13 +281,16 @@ pub fn denied_before_group(
 pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
     match subject.write {
         Write::Create => decide_create(subject, facts, settings),
-        Write::StatusUpdate | Write::Update => decide_update(subject, settings),
+        Write::StatusUpdate | Write::Update => decide_update(subject, facts, settings),
     }
 }
 
 /// Velero's write of the backed-up status, or its update of an object that
-/// exists: what is stored stays where it is cluster-bound.
-fn decide_update(subject: &Subject, settings: &DecideSettings) -> Decision {
+/// exists: what is stored stays where it is cluster-bound, whatever create
+/// rules are turned off (only `update-keeps-live` and `status-restored`
+/// turn this off); a field the live object lacks is mapped by the
+/// Restore's mappings.
+fn decide_update(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
     let Some(stored) = subject.old_object else {
         return Decision::deny(
             Verdict::default(),
@@ -304,15 +307,20 @@ fn decide_update(subject: &Subject, settings: &DecideSettings) -> Decision {
             subject.object,
             stored,
         )),
-        _ => vmop::writes::keep_live(
-            subject.kind,
-            subject.object,
-            stored,
-            &CleanupOptions {
-                disabled_rules: settings.disabled_rules.clone(),
-                ..CleanupOptions::default()
-            },
-        ),
+        _ => {
+            if let Some(err) = &facts.mapping_error {
+                return Decision::deny(
+                    Verdict::default(),
+                    DenyReason::MappingInvalid,
+                    format!(
+                        "{}: the mappings for Velero Restore {} cannot be used: {err}. \
+                         Fix that ConfigMap (or remove it), then restore again",
+                        subject.object_label, subject.restore_label
+                    ),
+                );
+            }
+            vmop::writes::keep_live(subject.kind, subject.object, stored, &facts.mappings)
+        }
     };
     let enabled = |rule: &str| !settings.disabled_rules.contains(rule);
     match changes {
