@@ -335,10 +335,15 @@ impl Reviewer {
     /// Everything `decide` needs from the cluster, each step bounded by the
     /// request's deadline.
     async fn gather(&self, subject: &Subject<'_>, deadline: Deadline) -> Facts {
-        // Velero's status write and its update of an object that exists are
-        // decided from the object and what is stored: nothing to look up.
-        if subject.write != Write::Create {
-            return Facts::default();
+        // Velero's status write is decided from the object and what is
+        // stored; its update of an object that exists needs only the
+        // Restore's mappings, for a VM.
+        let wants_mappings =
+            matches!(subject.kind, Kind::VirtualMachine(_)) && self.mappings.is_some();
+        match subject.write {
+            Write::Create => {}
+            Write::Update if wants_mappings => {}
+            Write::Update | Write::StatusUpdate => return Facts::default(),
         }
         let restore = match deadline
             .run(self.restores.lookup(subject.restore_label))
@@ -355,8 +360,9 @@ impl Reviewer {
             restore,
             ..Facts::default()
         };
-        if decide::already_reviewed(subject, &facts.restore)
-            || decide::denied_before_group(subject, &facts.restore, &self.decide_settings)
+        if subject.write == Write::Create
+            && (decide::already_reviewed(subject, &facts.restore)
+                || decide::denied_before_group(subject, &facts.restore, &self.decide_settings))
         {
             return facts;
         }
@@ -370,7 +376,11 @@ impl Reviewer {
             match mappings.for_restore(restore) {
                 Ok(selected) => {
                     let disabled = &self.settings.disabled_rules;
-                    facts.mappings = Arc::new(selected.in_effect(|rule| !disabled.contains(rule)));
+                    // An update keeps the live values whatever create rules
+                    // are off: every mapping counts there.
+                    facts.mappings = Arc::new(selected.in_effect(|rule| {
+                        subject.write == Write::Update || !disabled.contains(rule)
+                    }));
                 }
                 Err(err) => {
                     warn!(restore = subject.restore_label, object = subject.object_label, error = %err,
@@ -380,6 +390,9 @@ impl Reviewer {
                     return facts;
                 }
             }
+        }
+        if subject.write == Write::Update {
+            return facts;
         }
         if let Kind::VirtualMachine(_) = subject.kind
             && let Some(refs) = &self.refs
@@ -1069,5 +1082,89 @@ mod tests {
             admin.iter().all(|note| note.chars().count() < 120),
             "{admin:?}"
         );
+    }
+
+    /// Issue 33, finding 4: Velero's update of a VM is mapped by the
+    /// mappings its Restore selects (before, the update gathered nothing
+    /// and the source's class and network landed on the live VM where it
+    /// had none of its own). A Restore naming no ConfigMap gets the
+    /// labelled one; one naming another gets that one.
+    #[tokio::test]
+    async fn an_update_of_a_vm_is_mapped_by_its_restores_mappings() {
+        use crate::facts::mapping_cache::MappingCache;
+        use crate::vmop::mapping::{
+            ConfigMapData, MAPPINGS_ANNOTATION, PLUGIN_CONFIG_LABEL, RESTORE_ITEM_ACTION,
+            VM_MAPPINGS_LABEL,
+        };
+        let configmap = |name: &str, labelled: bool, classes: &str| {
+            let labels = if labelled {
+                json!({PLUGIN_CONFIG_LABEL: "", VM_MAPPINGS_LABEL: RESTORE_ITEM_ACTION})
+            } else {
+                json!({})
+            };
+            ConfigMapData::from_value(&json!({"metadata": {"name": name, "namespace": "velero",
+                "labels": labels}, "data": {"classes": classes}}))
+        };
+        let maps = [
+            configmap("site-b", true, "small: medium"),
+            configmap("site-c", false, "small: large"),
+        ];
+        let rows = [(None, Some("medium")), (Some("site-c"), Some("large"))];
+        for (named, expected) in rows {
+            let restore = RestoreInfo {
+                name: "r2".into(),
+                uid: Some("u2".into()),
+                annotations: named
+                    .map(|name: &str| [(MAPPINGS_ANNOTATION.to_string(), name.to_string())].into())
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            let reviewer = Reviewer::new(
+                Arc::new(LaggingGroups),
+                StaticRestores::new("velero", RestoreLookup::Found(restore)),
+                ReviewSettings {
+                    // A create rule turned off changes nothing on an update.
+                    disabled_rules: Arc::new(["vm-map-class".to_string()].into()),
+                    ..ReviewSettings::default()
+                },
+                None,
+            )
+            .with_mappings(MappingCache::given("velero", maps.clone()));
+            let vm = |class: Option<&str>| {
+                let mut vm = json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+                    "metadata": {"name": "vm1", "namespace": "prod", "labels": {"velero.io/restore-name": "r2"}},
+                    "spec": {"powerState": "PoweredOn"}});
+                if let Some(class) = class {
+                    vm["spec"]["className"] = json!(class);
+                }
+                vm
+            };
+            let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u", "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": "VirtualMachine"},
+                "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+                "namespace": "prod", "operation": "UPDATE",
+                "userInfo": {"username": "system:serviceaccount:velero:velero", "groups": ["system:serviceaccounts", "system:serviceaccounts:velero"]},
+                "object": vm(Some("small")), "oldObject": vm(None)}});
+            let reviewed = reviewer
+                .review(
+                    body.to_string().as_bytes(),
+                    Deadline::for_request(
+                        tokio::time::Instant::now(),
+                        None,
+                        Duration::from_secs(1),
+                    ),
+                )
+                .await
+                .unwrap();
+            assert!(reviewed.verdict.denial.is_none(), "{:?}", reviewed.verdict);
+            let stored =
+                crate::patch::apply(&vm(Some("small")), &reviewed.verdict.changes).unwrap();
+            assert_eq!(
+                stored["spec"]["className"].as_str(),
+                expected,
+                "{named:?}: {:?}",
+                reviewed.verdict.changes
+            );
+        }
     }
 }
