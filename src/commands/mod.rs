@@ -10,6 +10,7 @@ pub mod review;
 pub mod rules;
 pub mod selftest;
 pub mod serve;
+pub mod velero_check;
 
 use std::sync::Arc;
 

@@ -78,9 +78,11 @@ pub struct PlanArgs {
     /// The Velero server that will run the restore, MAJOR.MINOR: from 1.16
     /// Velero also writes the status of an object annotated
     /// `velero.io/restore-status: "true"` (and not of one annotated
-    /// `"false"`); 1.15 goes by --status-include-resources alone.
-    #[arg(long = "velero-version", value_name = "MAJOR.MINOR", value_parser = parse_velero_version, default_value = "1.16")]
-    velero_version: (u32, u32),
+    /// `"false"`); 1.15 goes by --status-include-resources alone. Default:
+    /// read from the image of Velero's Deployment (`velero` in --namespace),
+    /// else 1.16.
+    #[arg(long = "velero-version", value_name = "MAJOR.MINOR", value_parser = parse_velero_version)]
+    velero_version: Option<(u32, u32)>,
     /// Exit 1 when any object would be denied.
     #[arg(long)]
     fail_on_deny: bool,
@@ -147,6 +149,20 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
         .map_err(|err| {
             format!("cannot build a Kubernetes client from KUBECONFIG or ~/.kube/config: {err}")
         })?;
+    // The Velero that will run the restore: its version, and whether the
+    // webhook's update entry sends its writes (its identity).
+    let mut velero = super::velero_check::check(&client, &args.velero_namespace).await;
+    let velero_version = match (args.velero_version, velero.version) {
+        (Some(given), _) => given,
+        (None, Some(found)) => found,
+        (None, None) => {
+            velero.lines.push(
+                "Velero's version unknown: status writes predicted as Velero 1.16+ makes them (give --velero-version)"
+                    .into(),
+            );
+            (1, 16)
+        }
+    };
     let tarball = download(
         &client,
         &args.velero_namespace,
@@ -197,7 +213,7 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
     // Operator's).
     let status_restore = vmop::writes::StatusRestore {
         include: args.status_include_resources.clone(),
-        reads_annotation: args.velero_version >= (1, 16),
+        reads_annotation: velero_version >= (1, 16),
     };
     let status_notes: BTreeMap<String, String> = input
         .items
@@ -231,6 +247,7 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
         .map(|cache| cache.live_reads)
         .sum::<u64>();
     Ok(Planned {
+        velero: velero.lines,
         items,
         target_lists,
         api_requests: metrics.api_requests_sent(),
@@ -239,6 +256,8 @@ async fn plan(args: &PlanArgs) -> Result<Planned, String> {
 
 /// What a plan found, and what it cost the API server.
 struct Planned {
+    /// What was found of Velero (version, identity), one line each.
+    velero: Vec<String>,
     items: Vec<ReviewedItem>,
     /// Lists of what target namespaces have (one per kind and namespace).
     target_lists: u64,
@@ -443,7 +462,12 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
         .any(|item| item.reviewed.verdict.denial.is_some());
     match args.output {
         PlanOutput::Table => {
-            let mut out: String = items.iter().map(ReviewedItem::summary).collect();
+            let mut out: String = planned
+                .velero
+                .iter()
+                .map(|line| format!("{line}\n"))
+                .collect();
+            out.extend(items.iter().map(ReviewedItem::summary));
             out.push_str(&backup_summary(items));
             out.push_str(&format!(
                 "Checked against the live target: {} lists (each kind once per namespace), {} API requests in all.\n",
@@ -480,7 +504,7 @@ fn print(args: &PlanArgs, planned: &Planned) -> ExitCode {
             all_fixes.sort();
             all_fixes.dedup();
             let text = serde_json::to_string_pretty(&json!({
-                "backup": args.backup, "objects": objects, "fixes": fixes_json(&all_fixes),
+                "backup": args.backup, "velero": planned.velero, "objects": objects, "fixes": fixes_json(&all_fixes),
                 "targetLists": planned.target_lists, "apiRequests": planned.api_requests}))
             .unwrap_or_default();
             println!("{text}");
