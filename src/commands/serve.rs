@@ -66,6 +66,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
     };
     let mut refs: Option<Arc<dyn TargetFacts>> = None;
+    let unrecognised = Arc::new(crate::facts::unrecognised::Unrecognised::default());
     let mut mappings: Option<Arc<dyn MappingFacts>> = None;
     let (groups, restores): (Arc<dyn GroupFacts>, Arc<dyn RestoreFacts>) = if args.no_kube {
         let listed = match parse_groups(&args.groups) {
@@ -157,6 +158,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                 },
                 Some(metrics.clone()),
                 mappings.clone(),
+                Some(unrecognised.clone()),
             );
             info!(
                 prune_missing_members = args.companion.prune_missing_members,
@@ -174,7 +176,8 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             .watch(args.tls_reload_interval, Some(metrics.clone())),
     );
     info!(velero = %settings.velero.describe(), "Velero's identity: its updates are reviewed");
-    let mut reviewer = Reviewer::new(groups, restores, settings, Some(metrics.clone()));
+    let mut reviewer = Reviewer::new(groups, restores, settings, Some(metrics.clone()))
+        .with_unrecognised(unrecognised);
     if let Some(refs) = refs {
         reviewer = reviewer.with_refs(refs);
     }

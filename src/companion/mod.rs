@@ -38,6 +38,7 @@ use tracing::{info, warn};
 
 use crate::facts::mapping_cache::list_configmaps;
 use crate::facts::restore_cache::restore_resource;
+use crate::facts::unrecognised::Unrecognised;
 use crate::facts::watched::list_all;
 use crate::facts::{MappingFacts, RestoreInfo};
 use crate::metrics::{CompanionAction, Metrics};
@@ -49,6 +50,9 @@ use view::{FINAL_PHASES, Namespace, ObjectState, ObjectWire, RestoreRef};
 
 /// The `component` of the Events the companion writes.
 pub const COMPONENT: &str = "velero-vm-restore-webhook";
+/// The Event on a Restore whose labelled creates came from a user the
+/// webhook does not take for Velero.
+pub const UNRECOGNISED_REASON: &str = "VeleroIdentityUnrecognised";
 
 /// The Event reason on a Restore whose mapping ConfigMaps are malformed.
 pub const MAPPING_INVALID_REASON: &str = "VMRestoreMappingInvalid";
@@ -134,6 +138,9 @@ pub struct Companion {
     /// The webhook's watch of the mapping ConfigMaps, when it runs in this
     /// process: asked instead of listing them again for each Restore.
     mappings: Option<Arc<dyn MappingFacts>>,
+    /// The users the webhook of this process saw make a restore's labelled
+    /// creates that are not Velero by its settings: one Warning Event each.
+    unrecognised: Option<Arc<Unrecognised>>,
     /// Whether each Restore's mappings could be used, as seen while it ran,
     /// by Restore UID (forgotten after `max_age`).
     while_running: Mutex<HashMap<String, (std::time::Instant, Option<String>)>>,
@@ -145,7 +152,7 @@ impl Companion {
         settings: CompanionSettings,
         metrics: Option<Arc<Metrics>>,
     ) -> Arc<Companion> {
-        Companion::with_mappings(client, settings, metrics, None)
+        Companion::with_mappings(client, settings, metrics, None, None)
     }
 
     /// The same, reading each Restore's mappings from `mappings` (the
@@ -155,12 +162,14 @@ impl Companion {
         settings: CompanionSettings,
         metrics: Option<Arc<Metrics>>,
         mappings: Option<Arc<dyn MappingFacts>>,
+        unrecognised: Option<Arc<Unrecognised>>,
     ) -> Arc<Companion> {
         Arc::new(Companion {
             client,
             settings,
             metrics,
             mappings,
+            unrecognised,
             while_running: Mutex::default(),
         })
     }
@@ -421,6 +430,24 @@ impl Companion {
             );
             let event =
                 self.restore_event(&restore, MAPPING_INVALID_REASON, "", &message, "Warning");
+            if self.create_event(event).await? {
+                events += 1;
+            }
+        }
+        let users = self
+            .unrecognised
+            .as_ref()
+            .map(|seen| seen.take(&restore.name))
+            .unwrap_or_default();
+        for user in users {
+            let message = format!(
+                "this restore's objects were created by {user}, which the webhook does not take for Velero \
+                 (--velero-user, --velero-group): Velero's status writes and updates from {user} skip the webhook, \
+                 so a restored status can keep the original's uniqueID. If Velero runs as {user}: helm upgrade … \
+                 --set-json 'webhook.velero.users=[\"{user}\"]'"
+            );
+            let event =
+                self.restore_event(&restore, UNRECOGNISED_REASON, &user, &message, "Warning");
             if self.create_event(event).await? {
                 events += 1;
             }

@@ -25,6 +25,7 @@ pub mod mapping_cache;
 pub mod restore;
 pub mod restore_cache;
 pub mod targets;
+pub mod unrecognised;
 pub mod watched;
 
 use futures::FutureExt;

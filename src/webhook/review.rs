@@ -83,6 +83,9 @@ pub struct Reviewer {
     refs: Option<Arc<dyn TargetFacts>>,
     /// The restore's mappings; none: nothing is mapped.
     mappings: Option<Arc<dyn MappingFacts>>,
+    /// Where labelled creates from a user that is not Velero are recorded,
+    /// for the companion's Event on the Restore.
+    unrecognised: Option<Arc<crate::facts::unrecognised::Unrecognised>>,
     waits: GroupWaits,
     decide_settings: DecideSettings,
 }
@@ -138,6 +141,7 @@ impl Reviewer {
         Reviewer {
             refs: None,
             mappings: None,
+            unrecognised: None,
             waits: GroupWaits::new(settings.wait_limits),
             groups,
             restores,
@@ -182,6 +186,16 @@ impl Reviewer {
     /// the restore's ConfigMaps.
     pub fn with_mappings(mut self, mappings: Arc<dyn MappingFacts>) -> Reviewer {
         self.mappings = Some(mappings);
+        self
+    }
+
+    /// Records labelled creates from users that are not Velero, per
+    /// restore (dry runs aside), for the companion's Event on the Restore.
+    pub fn with_unrecognised(
+        mut self,
+        unrecognised: Arc<crate::facts::unrecognised::Unrecognised>,
+    ) -> Reviewer {
+        self.unrecognised = Some(unrecognised);
         self
     }
 
@@ -312,6 +326,14 @@ impl Reviewer {
                 .push(unrecognised_velero(request, &self.settings.velero));
             if let Some(metrics) = &self.metrics {
                 metrics.velero_unrecognised.inc();
+            }
+            if let Some(seen) = &self.unrecognised
+                && !request.dry_run
+            {
+                seen.record(
+                    &restore,
+                    request.user_info.username.as_deref().unwrap_or_default(),
+                );
             }
         }
         let outcome = match decision.deny_reason {
@@ -1034,12 +1056,14 @@ mod tests {
     /// webhook); one from any ServiceAccount of Velero's namespace does not.
     #[tokio::test]
     async fn a_labelled_create_from_someone_not_velero_is_warned_about() {
+        let seen = Arc::new(crate::facts::unrecognised::Unrecognised::default());
         let reviewer = Reviewer::new(
             crate::facts::given::StaticGroups::new([]),
             StaticRestores::none(),
             ReviewSettings::default(),
             None,
-        );
+        )
+        .with_unrecognised(seen.clone());
         let notes = |user: serde_json::Value| {
             let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
                 "uid": "u", "kind": {"group": "", "version": "v1", "kind": "PersistentVolumeClaim"},
@@ -1082,6 +1106,8 @@ mod tests {
             admin.iter().all(|note| note.chars().count() < 120),
             "{admin:?}"
         );
+        // For the companion's Event on the Restore: the user, once.
+        assert_eq!(seen.take("r1"), ["kubernetes-admin"]);
     }
 
     /// Issue 33, finding 4: Velero's update of a VM is mapped by the
