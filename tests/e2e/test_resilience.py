@@ -424,21 +424,25 @@ STATUS_EXCLUDE = ",".join(["resourcequotas", "virtualmachineclasses.vmoperator.v
                            "virtualmachineimages.vmoperator.vmware.com"])
 
 
-def chart_values_know(key: str) -> bool:
-    """Whether the chart under test has webhook.velero.<key> (its schema
-    refuses values it does not know)."""
-    schema = json.loads((harness.REPO / "charts" / "velero-vm-restore-webhook" / "values.schema.json").read_text())
-    return key in schema["properties"]["webhook"]["properties"]["velero"]["properties"]
+# What the chart's matchConditions were by default before issue 33: Velero's
+# writes after the create sent only from the ServiceAccount `velero`.
+OLD_DEFAULT = f"request.userInfo.username in ['system:serviceaccount:{VELERO_NS}:velero']"
 
 
-def registered(cluster, docs):
-    """The rendered MutatingWebhookConfiguration, its clientConfig swapped for
-    the webhook on loopback as register_webhook does."""
-    (mwc,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
-    for hook in mwc["webhooks"]:
-        hook["clientConfig"] = {"url": f"https://127.0.0.1:{cluster.webhook_port}/mutate",
-                                "caBundle": hook["clientConfig"]["caBundle"]}
-    return mwc
+def with_old_default(mwc):
+    """Our webhook configuration with the old default's matchConditions on
+    Velero's writes after the create (since issue 33 an empty
+    webhook.velero.groups means the default group, so the old default is
+    set here as that chart rendered it)."""
+    old = json.loads(json.dumps(mwc))
+    changed = 0
+    for hook in old["webhooks"]:
+        for condition in hook.get("matchConditions", []):
+            if condition["name"] == "velero-only":
+                condition["expression"] = OLD_DEFAULT
+                changed += 1
+    assert changed, "no velero-only matchConditions in our webhook configuration"
+    return old
 
 
 def match_conditions(mwc):
@@ -473,17 +477,14 @@ def test_resilience_3_status_restore_with_velero_as_velero_server_keeps_the_stat
     the chart's webhook configuration as rendered by default, and restores a
     VM with --status-include-resources: the stored status has no backed-up
     uniqueID, and the webhook logged the status write. The negative control:
-    the configuration rendered with the old default (groups [], users
-    [system:serviceaccount:velero:velero]) lets the backed-up uniqueID in."""
+    the same configuration with the old default's matchConditions (user
+    system:serviceaccount:velero:velero only) lets the backed-up uniqueID in."""
     src = "res-st-src"
     prepare_namespace(cluster, src)
     cluster.apply(o.vm(src, "web-1", None, 33))
     cluster.kubectl("patch", "virtualmachine", "web-1", "-n", src, "--subresource=status", "--type=merge",
                     "-p", json.dumps({"status": ORIGINAL_STATUS}))
     cluster.backup("b-res-st", src)
-    old_default = ["--set-json", f'webhook.velero.users=["system:serviceaccount:{VELERO_NS}:velero"]']
-    if chart_values_know("groups"):
-        old_default += ["--set-json", "webhook.velero.groups=[]"]
     outcome = {"default_match_conditions": match_conditions(cluster.mwc)}
     cluster.restart_velero(service_account="velero-server")
     try:
@@ -496,7 +497,7 @@ def test_resilience_3_status_restore_with_velero_as_velero_server_keeps_the_stat
         status, reviewed = status_restore(cluster, src, "res-st-dst", "r-res-st")
         outcome["default"] = {"status": status, "reviewed": reviewed}
 
-        old = registered(cluster, cluster.render_chart("--set", "webhook.failurePolicy=Fail", *old_default))
+        old = with_old_default(cluster.mwc)
         outcome["old_default_match_conditions"] = match_conditions(old)
         cluster.apply(old)
         try:
