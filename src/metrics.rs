@@ -111,8 +111,12 @@ label_enum! {
 label_enum! {
     /// Why a connection was refused or closed early.
     ConnectionRefusal {
-        /// Its source address already had its share of open connections.
+        /// Its source address already had its share of open connections:
+        /// answered 503.
         PerSource => "per_source",
+        /// The same, while the port was already answering as many refusals
+        /// as it does at once: closed without an answer.
+        PerSourceUnanswered => "per_source_unanswered",
         /// The TLS handshake failed or took too long.
         Handshake => "handshake",
         /// A request's head did not arrive in time.
@@ -188,6 +192,14 @@ pub struct ReloadLabels {
     pub result: ReloadResult,
 }
 
+/// A watched cache's counters, as it reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounters {
+    pub live_reads: u64,
+    pub errors: u64,
+    pub confirmations: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub reviews: Family<ReviewLabels, Counter>,
@@ -204,9 +216,11 @@ pub struct Metrics {
     pub cache_ready: Family<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
     pub cache_live_reads: Family<CacheLabels, Counter<u64, AtomicU64>>,
     pub cache_errors: Family<CacheLabels, Counter<u64, AtomicU64>>,
+    pub cache_confirmations: Family<CacheLabels, Counter<u64, AtomicU64>>,
     api_requests_sent: AtomicU64,
     pub connections_refused: Family<ConnectionLabels, Counter<u64, AtomicU64>>,
     pub log_lines_dropped: Counter<u64, AtomicU64>,
+    pub velero_unrecognised: Counter<u64, AtomicU64>,
     pub certificate_not_after: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
@@ -325,7 +339,7 @@ impl Metrics {
             Family::<CacheLabels, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
         registry.register(
             "cache_ready",
-            "1 when a watched cache has listed once or its kind is not served (readiness waits for every one)",
+            "1 when a watched cache has listed once or its kind is not served (0: reviews read the kind live; readiness does not wait for it)",
             cache_ready.clone(),
         );
         let cache_live_reads = Family::<CacheLabels, Counter<u64, AtomicU64>>::default();
@@ -340,10 +354,16 @@ impl Metrics {
             "Lists and watches of a cache that failed (each is retried with a backoff)",
             cache_errors.clone(),
         );
+        let cache_confirmations = Family::<CacheLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "cache_confirmations",
+            "Live lists of one namespace made to confirm a miss before a VM is denied or a reference stripped (a watch can lag a create made a moment before)",
+            cache_confirmations.clone(),
+        );
         let connections_refused = Family::<ConnectionLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
             "connections_refused",
-            "Connections refused or closed early, by port (https, metrics) and reason (per_source: its address had its share open; handshake; slow_head)",
+            "Connections refused or closed early, by port (https, metrics) and reason (per_source: its address had its share open, answered 503; per_source_unanswered: the same, closed unanswered while the port answered as many refusals as it does at once; handshake; slow_head)",
             connections_refused.clone(),
         );
         let log_lines_dropped = Counter::<u64, AtomicU64>::default();
@@ -351,6 +371,12 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines (a review's lines count once) dropped because stderr could not keep up; the warnings in the responses still say what changed",
             log_lines_dropped.clone(),
+        );
+        let velero_unrecognised = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "velero_identity_unrecognised",
+            "Labelled creates from a user the webhook does not take for Velero (--velero-user, --velero-group): if Velero runs as that user, its status writes and updates skip the webhook",
+            velero_unrecognised.clone(),
         );
         let certificate_not_after = Gauge::default();
         registry.register(
@@ -361,6 +387,7 @@ impl Metrics {
         Metrics {
             certificate_not_after,
             log_lines_dropped,
+            velero_unrecognised,
             connections_refused,
             api_requests_sent: AtomicU64::new(0),
             api_requests,
@@ -368,6 +395,7 @@ impl Metrics {
             cache_ready,
             cache_live_reads,
             cache_errors,
+            cache_confirmations,
             companion_actions,
             registry,
             reviews,
@@ -419,14 +447,14 @@ impl Metrics {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Sets a cache's figures, at scrape time.
+    /// Sets a cache's figures, at scrape time: its objects, whether it is
+    /// ready, and its live reads, errors and confirmations so far.
     pub fn set_cache(
         &self,
         resource: &'static str,
         objects: usize,
         ready: bool,
-        live_reads: u64,
-        errors: u64,
+        counters: CacheCounters,
     ) {
         use std::sync::atomic::Ordering;
         let labels = CacheLabels { resource };
@@ -436,14 +464,16 @@ impl Metrics {
         self.cache_ready
             .get_or_create(&labels)
             .set(i64::from(ready));
-        self.cache_live_reads
-            .get_or_create(&labels)
-            .inner()
-            .store(live_reads, Ordering::Relaxed);
-        self.cache_errors
-            .get_or_create(&labels)
-            .inner()
-            .store(errors, Ordering::Relaxed);
+        for (family, value) in [
+            (&self.cache_live_reads, counters.live_reads),
+            (&self.cache_errors, counters.errors),
+            (&self.cache_confirmations, counters.confirmations),
+        ] {
+            family
+                .get_or_create(&labels)
+                .inner()
+                .store(value, Ordering::Relaxed);
+        }
     }
 
     /// The OpenMetrics text exposition.

@@ -1,7 +1,7 @@
 //! The `serve` settings: every flag has an environment variable (`VMRW_…`).
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -152,14 +152,26 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
     pub velero_namespace: String,
 
-    /// Velero's identity (`request.userInfo.username`; repeat, or
-    /// comma-separate in the variable): only its updates are reviewed (the
-    /// backed-up status it writes after a create, and objects it updates
-    /// with --existing-resource-policy=update). Default: Velero's
-    /// ServiceAccount in --velero-namespace,
-    /// system:serviceaccount:NAMESPACE:velero.
+    /// Velero's identity, by user name (`request.userInfo.username`; repeat,
+    /// or comma-separate in the variable), besides --velero-group: only its
+    /// updates are reviewed (the backed-up status it writes after a create,
+    /// and objects it updates with --existing-resource-policy=update), and a
+    /// labelled create from anyone else is warned about. Default: none.
     #[arg(long = "velero-user", env = "VMRW_VELERO_USERS", value_delimiter = ',')]
     pub velero_users: Vec<String>,
+
+    /// Velero's identity, by group (any of `request.userInfo.groups`;
+    /// repeat, or comma-separate in the variable). Default: every
+    /// ServiceAccount of --velero-namespace,
+    /// system:serviceaccounts:NAMESPACE, which is Velero however it was
+    /// installed (`velero install` names its ServiceAccount `velero`,
+    /// Velero's Helm chart `velero-server`).
+    #[arg(
+        long = "velero-group",
+        env = "VMRW_VELERO_GROUPS",
+        value_delimiter = ','
+    )]
+    pub velero_groups: Vec<String>,
 
     /// VM Operator's own namespace, where it records which storage policies
     /// encrypt (StoragePolicy objects): read to check a VM's encryption
@@ -220,6 +232,18 @@ pub struct ServeArgs {
     #[arg(long, env = "VMRW_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections_per_source: u32,
+
+    /// Addresses the API server calls the webhook from, as CIDRs (a bare
+    /// address is one host; repeat, or comma-separate in the variable):
+    /// their connections count only against --max-connections, never against
+    /// --max-connections-per-source, and their reviews only against the whole
+    /// byte budget, not one source's share of it. With --client-ca-file,
+    /// every connection that presents a certificate it signed is treated so
+    /// too. The chart passes the API server's addresses it finds or is given
+    /// (networkPolicy.apiServer).
+    #[arg(long = "api-server-cidr", env = "VMRW_API_SERVER_CIDRS", value_delimiter = ',',
+          value_parser = Cidr::parse)]
+    pub api_server_cidrs: Vec<Cidr>,
 
     /// VMs waiting for their VirtualMachineGroup at once, over all namespaces.
     /// A VM beyond it is not held: its group is checked once.
@@ -309,6 +333,66 @@ pub struct CompanionArgs {
     pub retry: Duration,
 }
 
+/// An address range, `10.0.0.0/28` or `fd00::/120`; a bare address is one
+/// host. An IPv4 address seen as IPv4-mapped IPv6 (`::ffff:10.0.0.1`, from a
+/// dual-stack listener) is matched as IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let text = text.trim();
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or CIDR like 10.0.0.0/28"))?;
+        let address = address.to_canonical();
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|prefix| *prefix <= bits)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {bits}"))?,
+        };
+        Ok(Cidr {
+            network: address,
+            prefix,
+        })
+    }
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        match (self.network, address.to_canonical()) {
+            (IpAddr::V4(network), IpAddr::V4(address)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(network) & mask == u32::from(address) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(address)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(network) & mask == u128::from(address) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
 /// The longest duration any setting takes: larger values are refused, so
 /// that no deadline arithmetic can overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -359,6 +443,37 @@ mod tests {
         assert!(humantime_duration("1e300h").is_err());
         assert!(humantime_duration("8d").is_err());
         assert_eq!(humantime_duration("168h").unwrap(), MAX_DURATION);
+    }
+
+    #[test]
+    fn cidrs() {
+        let range = Cidr::parse("10.0.0.0/28").unwrap();
+        assert!(range.contains("10.0.0.15".parse().unwrap()));
+        assert!(!range.contains("10.0.0.16".parse().unwrap()));
+        // A dual-stack listener sees IPv4 clients as IPv4-mapped IPv6.
+        assert!(range.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!range.contains("fd00::1".parse().unwrap()));
+        let host = Cidr::parse("192.0.2.10").unwrap();
+        assert_eq!(host.to_string(), "192.0.2.10/32");
+        assert!(host.contains("192.0.2.10".parse().unwrap()));
+        assert!(!host.contains("192.0.2.11".parse().unwrap()));
+        let v6 = Cidr::parse("fd00::/120").unwrap();
+        assert!(v6.contains("fd00::ff".parse().unwrap()));
+        assert!(!v6.contains("fd00::100".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("203.0.113.1".parse().unwrap())
+        );
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "nope",
+            "10.0.0.0/x",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -426,7 +426,24 @@ async fn metrics_and_probes() {
 
 #[tokio::test]
 async fn reinvocation_keeps_what_vm_operator_set_after_us() {
-    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    use velero_vm_restore_webhook::facts::RestoreInfo;
+    use velero_vm_restore_webhook::facts::given::StaticRestores;
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.serving();
+    let secret = SecretDir::new(&cert, &key);
+    let restore = RestoreInfo {
+        name: "nightly-20261125".into(),
+        uid: Some("uid-1".into()),
+        ..Default::default()
+    };
+    let server = TestServer::start_with_restores(
+        &secret,
+        settings(Duration::from_secs(2)),
+        limits(),
+        StaticRestores::found(restore),
+    )
+    .await;
+    let client = client_trusting(&[&ca.ca_pem]);
     server.groups.insert("prod", "web-tier");
     let object = example("vm-v1alpha5.json");
     let first = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
@@ -434,7 +451,7 @@ async fn reinvocation_keeps_what_vm_operator_set_after_us() {
     assert!(patched.pointer("/spec/instanceUUID").is_none());
     assert_eq!(
         patched["metadata"]["annotations"]["velero-vm-restore-webhook/reviewed-for-restore"],
-        "nightly-20261125"
+        "nightly-20261125/uid-1"
     );
     // Stand-in for VM Operator's mutating webhook, which runs after ours and
     // assigns a fresh instance UUID; reinvocationPolicy IfNeeded calls us again.
@@ -465,6 +482,39 @@ async fn reinvocation_keeps_what_vm_operator_set_after_us() {
     assert!(cleaned.pointer("/spec/instanceUUID").is_none());
     assert_eq!(
         cleaned["metadata"]["annotations"]["velero-vm-restore-webhook/reviewed-for-restore"],
-        "next-restore"
+        "next-restore/uid-1"
     );
+}
+
+/// Issue 33, finding 8: without a Restore (labelled by hand) the bare
+/// marker proves nothing, so a reinvocation cleans again: VM Operator's
+/// fresh instanceUUID goes, nothing else changes, and the patch applies.
+#[tokio::test]
+async fn without_a_restore_a_reinvocation_cleans_again_and_only_that() {
+    let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
+    server.groups.insert("prod", "web-tier");
+    let object = example("vm-v1alpha5.json");
+    let first = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
+    let patched = apply(&object, &first.patch);
+    assert_eq!(
+        patched["metadata"]["annotations"]["velero-vm-restore-webhook/reviewed-for-restore"],
+        "nightly-20261125"
+    );
+    let again = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&patched, false),
+    )
+    .await;
+    assert!(again.patch.is_none(), "{}", again.body);
+    let mut defaulted = patched.clone();
+    defaulted["spec"]["instanceUUID"] = json!("1b4e28ba-2fa1-11d2-883f-0016d3cca427");
+    let again = post_review(
+        &client,
+        &server.url("/mutate"),
+        &review_for(&defaulted, false),
+    )
+    .await;
+    assert!(again.allowed());
+    assert_eq!(apply(&defaulted, &again.patch), patched, "{}", again.body);
 }

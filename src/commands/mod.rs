@@ -14,7 +14,8 @@ pub mod serve;
 use std::sync::Arc;
 
 use crate::settings::RuleArgs;
-use crate::webhook::review::{ReviewSettings, default_velero_user};
+use crate::webhook::admission::VeleroIdentity;
+use crate::webhook::review::ReviewSettings;
 use crate::webhook::waits::WaitLimits;
 
 pub fn review_settings(rules: &RuleArgs) -> Result<ReviewSettings, String> {
@@ -26,7 +27,7 @@ pub fn review_settings(rules: &RuleArgs) -> Result<ReviewSettings, String> {
         disabled_rules: Arc::new(rules.disabled_rule_set()?),
         power_policy: rules.power_policy,
         wait_limits: WaitLimits::default(),
-        velero_users: Arc::new(vec![default_velero_user("velero")]),
+        velero: Arc::new(VeleroIdentity::of_namespace("velero")),
     })
 }
 

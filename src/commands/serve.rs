@@ -19,6 +19,7 @@ use crate::facts::watched::Watched;
 use crate::facts::{GroupFacts, MappingFacts, RestoreFacts, TargetFacts};
 use crate::metrics::{Component, Metrics};
 use crate::settings::{GroupPolicy, ServeArgs};
+use crate::webhook::admission::VeleroIdentity;
 use crate::webhook::review::Reviewer;
 use crate::webhook::waits::WaitLimits;
 use crate::webhook::{server, tls};
@@ -31,19 +32,8 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let velero_users: Vec<String> = args
-        .velero_users
-        .iter()
-        .map(|user| user.trim().to_string())
-        .filter(|user| !user.is_empty())
-        .collect();
-    settings.velero_users = Arc::new(if velero_users.is_empty() {
-        vec![crate::webhook::review::default_velero_user(
-            &args.velero_namespace,
-        )]
-    } else {
-        velero_users
-    });
+    settings.velero = Arc::new(velero_identity(&args));
+    info!(velero = %settings.velero.describe(), "Velero's identity: its updates are reviewed");
     // Waiting VMs hold review slots: keep at least half of the slots for
     // reviews that need no wait.
     let max_waits = (args.max_group_waits as usize).min(args.max_concurrent_reviews as usize / 2);
@@ -115,6 +105,14 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         let mut discovery = Discovery::new();
         let (targets, target_runner) =
             TargetCache::live(client.clone(), &args.vm_operator_namespace, &mut discovery);
+        tokio::spawn(crate::facts::cache_health::report_unlistable(
+            client.clone(),
+            {
+                let targets = targets.clone();
+                move || targets.stats()
+            },
+            crate::facts::cache_health::PodRef::from_env(),
+        ));
         refs = Some(targets);
         let (groups, group_runner) = GroupCache::live(client.clone(), &mut discovery);
         let crds: Arc<Watched<()>> =
@@ -201,6 +199,27 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             error!(error = %err, "server failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Velero's identity from the flags: the users given, and the groups given
+/// or else every ServiceAccount of Velero's namespace.
+fn velero_identity(args: &ServeArgs) -> VeleroIdentity {
+    let given = |names: &[String]| -> Vec<String> {
+        names
+            .iter()
+            .map(|name| name.trim().to_string())
+            .filter(|name| !name.is_empty())
+            .collect()
+    };
+    let groups = given(&args.velero_groups);
+    VeleroIdentity {
+        users: given(&args.velero_users),
+        groups: if groups.is_empty() {
+            vec![VeleroIdentity::namespace_group(&args.velero_namespace)]
+        } else {
+            groups
+        },
     }
 }
 

@@ -17,6 +17,7 @@
 //! the other way.
 
 pub mod api_requests;
+pub mod cache_health;
 pub mod discovery;
 pub mod given;
 pub mod group_cache;
@@ -68,6 +69,8 @@ pub struct CacheStats {
     pub live_reads: u64,
     /// Lists and watches that failed.
     pub errors: u64,
+    /// Live lists made to confirm a miss.
+    pub confirmations: u64,
 }
 
 /// What a review needs to know of a VirtualMachineGroup.
@@ -146,6 +149,19 @@ pub trait TargetFacts: Send + Sync {
         namespace: &'a str,
         needed: &'a BTreeSet<Collection>,
     ) -> BoxFuture<'a, TargetView>;
+
+    /// What `namespace` has of each collection in `needed`, read live now,
+    /// never from a cache: what confirms a miss before a VM is denied or a
+    /// reference stripped (a watch can lag behind a create made a moment
+    /// ago). By default the same as [`TargetFacts::view`], for sources that
+    /// hold no cache. The caller bounds the wait.
+    fn confirm_view<'a>(
+        &'a self,
+        namespace: &'a str,
+        needed: &'a BTreeSet<Collection>,
+    ) -> BoxFuture<'a, TargetView> {
+        self.view(namespace, needed)
+    }
 }
 
 /// The mappings of a restore into another Supervisor (Velero's

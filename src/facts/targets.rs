@@ -240,6 +240,13 @@ trait CollectionCache: Send + Sync {
         view: &'a mut TargetView,
         namespace: &'a str,
     ) -> BoxFuture<'a, ()>;
+    /// Like `read_into`, but listed live now ([`Watched::confirm`]).
+    fn confirm_into<'a>(
+        &'a self,
+        client: &'a Client,
+        view: &'a mut TargetView,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, ()>;
 }
 
 struct Slot<P> {
@@ -262,16 +269,35 @@ impl<P: Project> CollectionCache for Slot<P> {
         namespace: &'a str,
     ) -> BoxFuture<'a, ()> {
         async move {
-            // Cluster-scoped kinds are kept under "".
-            let namespace = match &self.namespace {
-                Some(fixed) => fixed.as_str(),
-                None if self.collection.cluster_scoped() => "",
-                None => namespace,
-            };
-            let listing = self.watched.read(client, namespace).await;
+            let listing = self.watched.read(client, self.scope(namespace)).await;
             (self.put)(view, listing);
         }
         .boxed()
+    }
+
+    fn confirm_into<'a>(
+        &'a self,
+        client: &'a Client,
+        view: &'a mut TargetView,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        async move {
+            let listing = self.watched.confirm(client, self.scope(namespace)).await;
+            (self.put)(view, listing);
+        }
+        .boxed()
+    }
+}
+
+impl<P> Slot<P> {
+    /// Where the collection is read for a VM in `namespace`: cluster-scoped
+    /// kinds are kept under "", StoragePolicies in VM Operator's namespace.
+    fn scope<'a>(&'a self, namespace: &'a str) -> &'a str {
+        match &self.namespace {
+            Some(fixed) => fixed.as_str(),
+            None if self.collection.cluster_scoped() => "",
+            None => namespace,
+        }
     }
 }
 
@@ -476,6 +502,23 @@ impl TargetFacts for TargetCache {
             for (collection, cache) in &self.caches {
                 if needed.contains(collection) {
                     cache.read_into(&self.client, &mut view, namespace).await;
+                }
+            }
+            view
+        }
+        .boxed()
+    }
+
+    fn confirm_view<'a>(
+        &'a self,
+        namespace: &'a str,
+        needed: &'a BTreeSet<Collection>,
+    ) -> BoxFuture<'a, TargetView> {
+        async move {
+            let mut view = TargetView::default();
+            for (collection, cache) in &self.caches {
+                if needed.contains(collection) {
+                    cache.confirm_into(&self.client, &mut view, namespace).await;
                 }
             }
             view

@@ -35,13 +35,15 @@ pub const CONVERSION_ANNOTATION: &str = "vmoperator.vmware.com/conversion";
 /// power-state time); the marker tells that second call the object was
 /// already cleaned for this restore, so those new values stay. A later
 /// restore of a backup of this object, even by a Restore re-created under
-/// the same name, has another UID and is cleaned again.
+/// the same name, has another UID and is cleaned again. Without the
+/// Restore's UID no marker counts: every call cleans the object again (the
+/// rules are idempotent), and VM Operator's fresh `instanceUUID` goes too.
 pub const REVIEWED_ANNOTATION: &str = "velero-vm-restore-webhook/reviewed-for-restore";
 pub const R_REVIEWED_MARKER: &str = "reviewed-marker";
 pub const R_APPLIED_RULES: &str = "applied-rules";
 
 /// The marker's value: `<restore>/<uid>`, or `<restore>` when the Restore
-/// object could not be read.
+/// object could not be read (a record of the review, never proof of one).
 pub fn marker_value(restore_label: &str, uid: Option<&str>) -> String {
     match uid {
         Some(uid) => format!("{restore_label}/{uid}"),
@@ -50,15 +52,20 @@ pub fn marker_value(restore_label: &str, uid: Option<&str>) -> String {
 }
 
 /// Whether the object's marker says it was reviewed for this restore: it
-/// equals the marker this review would set, `<restore>/<uid>` with the
-/// Restore's UID, or the bare `<restore>` set when no Restore was found. A
-/// marker that came back from a backup (another Restore's UID) never counts.
+/// equals `<restore>/<uid>` with the Restore's UID. A marker that came back
+/// from a backup (another Restore's UID) never counts, and neither does any
+/// marker when the UID is unknown (the Restore was not found or not read):
+/// a bare `<restore>` may have come back from a backup of an object an
+/// earlier restore of the same name reviewed.
 pub fn marker_matches(object: &serde_json::Value, restore_label: &str, uid: Option<&str>) -> bool {
+    let Some(uid) = uid else {
+        return false;
+    };
     object
         .pointer("/metadata/annotations")
         .and_then(|annotations| annotations.get(REVIEWED_ANNOTATION))
         .and_then(serde_json::Value::as_str)
-        .is_some_and(|current| current == marker_value(restore_label, uid))
+        .is_some_and(|current| current == marker_value(restore_label, Some(uid)))
 }
 
 /// What starts the annotations this binary writes.
@@ -389,14 +396,14 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     docs.push(RuleDoc {
         id: R_STALE_OWN,
         kind: "all three",
-        what: "on create, remove every `velero-vm-restore-webhook/…` annotation the object brought from the backup that this review does not set (an old marker, `applied-rules`, `power-held`, `restored-power-state`, the companion's)",
+        what: "on create, remove every `velero-vm-restore-webhook/…` annotation the object brought from the backup that this review does not set (an old marker, `applied-rules`, `power-held`, `restored-power-state`, the companion's); without the Restore's UID an `applied-rules` there is kept, with this review's rules added (it may be this review's own before a reinvocation). On Velero's updates, `update-keeps-live` gives them the live object's values",
         why: "a backup of restored objects holds them; a stale hold would wait for a companion that never releases it, and a stale `applied-rules` would count in the report as a change",
     });
     docs.push(RuleDoc {
         id: R_REVIEWED_MARKER,
         kind: "all three",
-        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>/<restore UID>` on admitted VMs and groups, and on PVCs it changed",
-        why: "on reinvocation (`IfNeeded`) the object is left alone, so VM Operator's fresh `instanceUUID`, `biosUUID` and power-state time survive",
+        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>/<restore UID>` on admitted VMs and groups, and on PVCs it changed (`<restore>` alone when the Restore was not read: a record that never counts)",
+        why: "on reinvocation (`IfNeeded`) the object is left alone, so VM Operator's fresh `instanceUUID`, `biosUUID` and power-state time survive; only a marker with the Restore's UID proves that, as a backup may bring back any other",
     });
     docs
 }
@@ -464,6 +471,37 @@ mod tests {
             added["metadata"]["annotations"],
             json!({"x": "y", REVIEWED_ANNOTATION: "r1"})
         );
+    }
+
+    /// Issue 33, finding 8: a marker counts only with the Restore's UID. A
+    /// bare `<restore>` (written where no Restore was read) may have come
+    /// back from a backup of an object an earlier restore of the same name
+    /// reviewed, so it never proves this review.
+    #[test]
+    fn a_marker_counts_only_with_the_restores_uid() {
+        use serde_json::json;
+        let rows: &[(Option<&str>, Option<&str>, bool)] = &[
+            (Some("r1/u1"), Some("u1"), true),
+            (Some("r1/u0"), Some("u1"), false),
+            (Some("r1"), Some("u1"), false),
+            (Some("r1"), None, false),
+            (Some("r1/u1"), None, false),
+            (Some("r1/"), None, false),
+            (Some("r2/u1"), Some("u1"), false),
+            (None, Some("u1"), false),
+            (None, None, false),
+        ];
+        for (marker, uid, counts) in rows {
+            let mut object = json!({"metadata": {"name": "vm1", "annotations": {"x": "y"}}});
+            if let Some(marker) = marker {
+                object["metadata"]["annotations"][REVIEWED_ANNOTATION] = json!(marker);
+            }
+            assert_eq!(
+                marker_matches(&object, "r1", *uid),
+                *counts,
+                "marker {marker:?}, Restore UID {uid:?}"
+            );
+        }
     }
 
     #[test]

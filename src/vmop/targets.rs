@@ -10,7 +10,7 @@
 //! what a view holds grows with the number of objects, never with what a
 //! user writes into their metadata.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::vmop::mapping::{self, NETWORK_KINDS};
@@ -251,6 +251,65 @@ pub struct TargetView {
 }
 
 impl TargetView {
+    /// Takes every collection `newer` has, in place of what this view had
+    /// of it (a confirmation read live over what a cache said).
+    pub fn overlay(&mut self, newer: TargetView) {
+        fn take<P>(mine: &mut Option<Listing<P>>, theirs: Option<Listing<P>>) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        take(&mut self.zones, newer.zones);
+        take(&mut self.availability_zones, newer.availability_zones);
+        take(&mut self.classes, newer.classes);
+        take(&mut self.class_instances, newer.class_instances);
+        take(&mut self.images, newer.images);
+        take(&mut self.cluster_images, newer.cluster_images);
+        take(&mut self.resource_quotas, newer.resource_quotas);
+        take(&mut self.policy_quotas, newer.policy_quotas);
+        take(&mut self.storage_classes, newer.storage_classes);
+        take(&mut self.storage_policies, newer.storage_policies);
+        self.networks.extend(newer.networks);
+    }
+
+    /// This view with only the collections in `keep`.
+    pub fn only(mut self, keep: &BTreeSet<Collection>) -> TargetView {
+        use Collection::*;
+        let keeps = |collection: Collection| keep.contains(&collection);
+        if !keeps(Zones) {
+            self.zones = None;
+        }
+        if !keeps(AvailabilityZones) {
+            self.availability_zones = None;
+        }
+        if !keeps(Classes) {
+            self.classes = None;
+        }
+        if !keeps(ClassInstances) {
+            self.class_instances = None;
+        }
+        if !keeps(Images) {
+            self.images = None;
+        }
+        if !keeps(ClusterImages) {
+            self.cluster_images = None;
+        }
+        if !keeps(ResourceQuotas) {
+            self.resource_quotas = None;
+        }
+        if !keeps(StoragePolicyQuotas) {
+            self.policy_quotas = None;
+        }
+        if !keeps(StorageClasses) {
+            self.storage_classes = None;
+        }
+        if !keeps(StoragePolicies) {
+            self.storage_policies = None;
+        }
+        self.networks.retain(|kind, _| keeps(Networks(*kind)));
+        self
+    }
+
     /// Every collection unknown, for `reason`: what checks answer when the
     /// objects could not be read in time.
     pub fn unknown(reason: &str) -> TargetView {

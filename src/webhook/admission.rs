@@ -311,15 +311,70 @@ pub fn restore_label(object: &Value) -> Option<&str> {
         .filter(|value| !value.is_empty())
 }
 
+/// Who Velero is, as the API server names the requests it makes: any of
+/// `users` (`request.userInfo.username`), or a member of any of `groups`
+/// (`request.userInfo.groups`). The chart sends Velero's updates to the
+/// webhook by the same test (matchConditions), so the two never disagree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VeleroIdentity {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+impl VeleroIdentity {
+    /// Every ServiceAccount of Velero's namespace
+    /// (`system:serviceaccounts:NAMESPACE`): Velero however it was
+    /// installed (`velero install` names its ServiceAccount `velero`,
+    /// Velero's Helm chart `velero-server`).
+    pub fn namespace_group(velero_namespace: &str) -> String {
+        format!("system:serviceaccounts:{velero_namespace}")
+    }
+
+    /// Velero's namespace's ServiceAccounts, and `users` besides.
+    pub fn of_namespace(velero_namespace: &str) -> VeleroIdentity {
+        VeleroIdentity {
+            users: Vec::new(),
+            groups: vec![Self::namespace_group(velero_namespace)],
+        }
+    }
+
+    /// Whether a request made as `user_info` is Velero's.
+    pub fn matches(&self, user_info: &k8s_openapi::api::authentication::v1::UserInfo) -> bool {
+        let username = user_info.username.as_deref().unwrap_or_default();
+        self.users.iter().any(|user| user == username)
+            || user_info
+                .groups
+                .iter()
+                .flatten()
+                .any(|group| self.groups.contains(group))
+    }
+
+    /// For messages: `users a, b; groups c`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.users.is_empty() {
+            parts.push(format!("users {}", self.users.join(", ")));
+        }
+        if !self.groups.is_empty() {
+            parts.push(format!("groups {}", self.groups.join(", ")));
+        }
+        if parts.is_empty() {
+            "nobody".to_string()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
 /// Whether the request is a write of Velero's the webhook changes: the
-/// create of a labelled object; and, from one of `velero_users` only, the
+/// create of a labelled object; and, from Velero's identity only, the
 /// update of one (an existing object patched towards the backup) or of a
 /// VM's or group's status (the backed-up status). Anyone else's update is
 /// not ours, whatever the API server sends.
 pub fn scope(
     request: &AdmissionRequest<DynamicObject>,
     object: Option<&Value>,
-    velero_users: &[String],
+    velero: &VeleroIdentity,
 ) -> Scope {
     let write = match (&request.operation, request.sub_resource.as_deref()) {
         (Operation::Create, None) => Write::Create,
@@ -328,11 +383,7 @@ pub fn scope(
         (Operation::Create | Operation::Update, Some(_)) => return Scope::Out("a subresource"),
         _ => return Scope::Out("not a CREATE or UPDATE"),
     };
-    if write != Write::Create
-        && !velero_users
-            .iter()
-            .any(|user| *user == request.user_info.username.clone().unwrap_or_default())
-    {
+    if write != Write::Create && !velero.matches(&request.user_info) {
         return Scope::Out("an update by someone other than Velero");
     }
     let gvk = &request.kind;
@@ -608,7 +659,10 @@ mod tests {
         let labelled =
             json!({"metadata": {"name": "vm1", "labels": {"velero.io/restore-name": "r1"}}});
         let input = parse_review(&review(labelled.clone(), "CREATE", "VirtualMachine")).unwrap();
-        let velero = ["velero".to_string()];
+        let velero = VeleroIdentity {
+            users: vec!["velero".to_string()],
+            groups: Vec::new(),
+        };
         assert!(
             matches!(scope(&input.request, input.object.as_ref(), &velero), Scope::In { restore, write: Write::Create, .. } if restore == "r1")
         );
@@ -635,7 +689,7 @@ mod tests {
             scope(
                 &status,
                 input.object.as_ref(),
-                &["system:serviceaccount:velero:velero".to_string()]
+                &VeleroIdentity::of_namespace("velero")
             ),
             Scope::Out("an update by someone other than Velero")
         );
@@ -655,6 +709,47 @@ mod tests {
             scope(&input.request, input.object.as_ref(), &velero),
             Scope::Out(_)
         ));
+    }
+
+    /// Issue 33, finding 3: Velero is recognised by its namespace's
+    /// ServiceAccounts group, whatever its ServiceAccount is named (`velero`
+    /// from `velero install`, `velero-server` from Velero's Helm chart);
+    /// before, only `system:serviceaccount:velero:velero` was.
+    #[test]
+    fn velero_is_any_service_account_of_its_namespace_by_default() {
+        let identity = VeleroIdentity::of_namespace("velero");
+        let user = |name: &str, groups: &[&str]| k8s_openapi::api::authentication::v1::UserInfo {
+            username: Some(name.to_string()),
+            groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+            ..Default::default()
+        };
+        let accounts = [
+            "system:serviceaccounts",
+            "system:serviceaccounts:velero",
+            "system:authenticated",
+        ];
+        assert!(identity.matches(&user("system:serviceaccount:velero:velero", &accounts)));
+        assert!(identity.matches(&user(
+            "system:serviceaccount:velero:velero-server",
+            &accounts
+        )));
+        // Another namespace's account, or a person, is not Velero.
+        assert!(!identity.matches(&user(
+            "system:serviceaccount:prod:velero",
+            &["system:serviceaccounts", "system:serviceaccounts:prod"]
+        )));
+        assert!(!identity.matches(&user("kubernetes-admin", &["system:masters"])));
+        assert!(!identity.matches(&k8s_openapi::api::authentication::v1::UserInfo::default()));
+        // Named users count besides.
+        let named = VeleroIdentity {
+            users: vec!["backup-operator".into()],
+            ..identity.clone()
+        };
+        assert!(named.matches(&user("backup-operator", &[])));
+        assert_eq!(
+            named.describe(),
+            "users backup-operator; groups system:serviceaccounts:velero"
+        );
     }
 
     #[test]

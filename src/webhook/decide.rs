@@ -171,7 +171,9 @@ pub fn restore_uid(restore: &RestoreFact) -> Option<&str> {
 }
 
 /// Whether the object already carries this restore's marker: a reinvocation
-/// after a later webhook (VM Operator's) changed it.
+/// after a later webhook (VM Operator's) changed it. Only with the Restore's
+/// UID: a bare `<restore>` marker may come from a backup of an object an
+/// earlier restore of the same name reviewed, so it never counts.
 pub fn already_reviewed(subject: &Subject, restore: &RestoreFact) -> bool {
     vmop::marker_matches(subject.object, subject.restore_label, restore_uid(restore))
 }
@@ -281,13 +283,16 @@ pub fn denied_before_group(
 pub fn decide(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
     match subject.write {
         Write::Create => decide_create(subject, facts, settings),
-        Write::StatusUpdate | Write::Update => decide_update(subject, settings),
+        Write::StatusUpdate | Write::Update => decide_update(subject, facts, settings),
     }
 }
 
 /// Velero's write of the backed-up status, or its update of an object that
-/// exists: what is stored stays where it is cluster-bound.
-fn decide_update(subject: &Subject, settings: &DecideSettings) -> Decision {
+/// exists: what is stored stays where it is cluster-bound, whatever create
+/// rules are turned off (only `update-keeps-live` and `status-restored`
+/// turn this off); a field the live object lacks is mapped by the
+/// Restore's mappings.
+fn decide_update(subject: &Subject, facts: &Facts, settings: &DecideSettings) -> Decision {
     let Some(stored) = subject.old_object else {
         return Decision::deny(
             Verdict::default(),
@@ -304,15 +309,20 @@ fn decide_update(subject: &Subject, settings: &DecideSettings) -> Decision {
             subject.object,
             stored,
         )),
-        _ => vmop::writes::keep_live(
-            subject.kind,
-            subject.object,
-            stored,
-            &CleanupOptions {
-                disabled_rules: settings.disabled_rules.clone(),
-                ..CleanupOptions::default()
-            },
-        ),
+        _ => {
+            if let Some(err) = &facts.mapping_error {
+                return Decision::deny(
+                    Verdict::default(),
+                    DenyReason::MappingInvalid,
+                    format!(
+                        "{}: the mappings for Velero Restore {} cannot be used: {err}. \
+                         Fix that ConfigMap (or remove it), then restore again",
+                        subject.object_label, subject.restore_label
+                    ),
+                );
+            }
+            vmop::writes::keep_live(subject.kind, subject.object, stored, &facts.mappings)
+        }
     };
     let enabled = |rule: &str| !settings.disabled_rules.contains(rule);
     match changes {
@@ -365,6 +375,16 @@ fn decide_create(subject: &Subject, facts: &Facts, settings: &DecideSettings) ->
     let restore = subject.restore_label;
     let (power_policy, power_note) = power_policy(settings, &facts.restore);
     verdict.notes.extend(power_note);
+    // Without the Restore, no companion releases a boot-order hold (it
+    // finds held objects by the Restore's UID in the marker): nothing is
+    // held for it. A review then cannot tell its own annotations of an
+    // earlier call (a reinvocation) from a backup's, so it sets none that
+    // the next call would remove as not its own.
+    let restore_read = matches!(facts.restore, RestoreFact::Lookup(RestoreLookup::Found(_)));
+    let power_policy = match power_policy {
+        PowerPolicy::BootOrder if !restore_read => PowerPolicy::AsBackedUp,
+        policy => policy,
+    };
     let mut options = CleanupOptions {
         new_identity: false,
         disabled_rules: settings.disabled_rules.clone(),
@@ -523,13 +543,33 @@ fn decide_create(subject: &Subject, facts: &Facts, settings: &DecideSettings) ->
         }
     }
 
-    let changed = !verdict.changes.is_empty() || !annotations.is_empty();
+    // Without the Restore, an `applied-rules` already there may be this
+    // review's own from the call before a reinvocation: kept, with this
+    // call's rules added, and the object counts as changed (a PVC keeps its
+    // marker), so a second review changes nothing.
+    let earlier_rules = (!restore_read)
+        .then(|| {
+            subject
+                .object
+                .pointer("/metadata/annotations")
+                .and_then(|annotations| annotations.get(vmop::power::APPLIED_RULES_ANNOTATION))
+                .and_then(Value::as_str)
+        })
+        .flatten();
+    let changed = !verdict.changes.is_empty() || !annotations.is_empty() || earlier_rules.is_some();
     if changed && options.enabled(vmop::R_APPLIED_RULES) {
         let rules: BTreeSet<&str> = verdict
             .changes
             .iter()
             .map(|change| change.rule)
             .chain(annotations.iter().map(|set| set.rule))
+            .chain(
+                earlier_rules
+                    .into_iter()
+                    .flat_map(|rules| rules.split(','))
+                    .map(str::trim)
+                    .filter(|rule| !rule.is_empty()),
+            )
             .collect();
         annotations.push(AnnotationSet::new(
             vmop::power::APPLIED_RULES_ANNOTATION,
@@ -557,9 +597,26 @@ fn decide_create(subject: &Subject, facts: &Facts, settings: &DecideSettings) ->
         .changes
         .extend(vmop::annotation_changes(subject.object, &annotations));
     if options.enabled(vmop::R_STALE_OWN) {
-        verdict
-            .changes
-            .extend(stale_own_annotations(subject.object, &annotations));
+        // Without the Restore, policy `off`'s record of an object already
+        // off (by the call before a reinvocation) stays: it holds nothing
+        // anyone must release.
+        let own_off_record = !restore_read
+            && power_policy == PowerPolicy::Off
+            && subject
+                .object
+                .pointer("/metadata/annotations")
+                .and_then(|annotations| annotations.get(vmop::power::POWER_HELD_ANNOTATION))
+                .and_then(Value::as_str)
+                == Some(PowerPolicy::Off.as_str());
+        let records = [
+            vmop::power::POWER_HELD_ANNOTATION,
+            vmop::power::RESTORED_POWER_STATE_ANNOTATION,
+        ];
+        verdict.changes.extend(
+            stale_own_annotations(subject.object, &annotations)
+                .into_iter()
+                .filter(|change| !(own_off_record && records.contains(&change.tokens[2].as_str()))),
+        );
     }
     Decision {
         verdict,
@@ -781,6 +838,137 @@ mod tests {
         assert_eq!(annotations[APPLIED_RULES_ANNOTATION], "vm-instance-uuid");
         assert_eq!(annotations["owner"], "team-web");
         assert!(patched.pointer("/spec/instanceUUID").is_none());
+    }
+
+    /// Issue 33, finding 8: without the Restore's UID (not found, or not
+    /// read with `--restore-unreadable=keep-identity`) a bare marker from a
+    /// backup is no proof of review: the object is cleaned. So is a
+    /// reinvocation's object, which no review can tell from a backup's: the
+    /// second review of a cleaned object changes nothing (it holds no power,
+    /// as no companion could release it, and keeps the `applied-rules` it
+    /// finds), and after VM Operator's webhook only its fresh
+    /// `instanceUUID` goes again.
+    #[test]
+    fn without_the_restores_uid_a_bare_marker_is_no_proof_and_a_second_review_changes_nothing() {
+        use vmop::power::{
+            APPLIED_RULES_ANNOTATION, POWER_HELD_ANNOTATION, RESTORED_POWER_STATE_ANNOTATION,
+        };
+        let ours = json!({
+            REVIEWED_ANNOTATION: "r1",
+            POWER_HELD_ANNOTATION: "boot-order",
+            RESTORED_POWER_STATE_ANNOTATION: "PoweredOn",
+            APPLIED_RULES_ANNOTATION: "vm-zone-label",
+            "owner": "team-web",
+        });
+        let mut vm = vm();
+        vm["metadata"]["annotations"] = ours.clone();
+        vm["spec"]["powerState"] = json!("PoweredOn");
+        let step = |name: &str| json!({"members": [{"kind": "VirtualMachine", "name": name}]});
+        let mut group = json!({"metadata": {"name": "g", "labels": {"velero.io/restore-name": "r1"},
+                "annotations": ours.clone()},
+            "spec": {"powerState": "PoweredOn", "bootOrder": [step("db"), step("web")]}});
+        group["metadata"]["annotations"]["vmoperator.vmware.com.protected/apply-power-state-time"] =
+            json!("2025-01-01T00:00:00Z");
+        let mut pvc = json!({"metadata": {"name": "p", "labels": {"velero.io/restore-name": "r1"},
+            "annotations": ours.clone()}});
+        pvc["metadata"]["annotations"]["volumehealth.storage.kubernetes.io/health"] =
+            json!("accessible");
+        let unread = [
+            RestoreFact::Lookup(RestoreLookup::NotFound),
+            RestoreFact::Lookup(RestoreLookup::Failed("connection refused".into())),
+            RestoreFact::DeadlineExceeded,
+        ];
+        let kinds = [
+            (
+                Kind::VirtualMachine(ApiVersion(5)),
+                &vm,
+                "/spec/instanceUUID",
+            ),
+            (
+                Kind::VirtualMachineGroup(ApiVersion(5)),
+                &group,
+                "/metadata/annotations/vmoperator.vmware.com.protected~1apply-power-state-time",
+            ),
+            (
+                Kind::PersistentVolumeClaim,
+                &pvc,
+                "/metadata/annotations/volumehealth.storage.kubernetes.io~1health",
+            ),
+        ];
+        for (restore, policy) in unread.into_iter().flat_map(|restore| {
+            [PowerPolicy::BootOrder, PowerPolicy::Off].map(|p| (restore.clone(), p))
+        }) {
+            let keep = DecideSettings {
+                restore_unreadable: RestoreUnreadable::KeepIdentity,
+                power_policy: policy,
+                ..settings()
+            };
+            for (kind, object, cleaned) in kinds {
+                let facts = Facts {
+                    restore: restore.clone(),
+                    group: present(),
+                    group_holds_power: true,
+                    ..Default::default()
+                };
+                let review = |object: &Value| {
+                    let subject = Subject {
+                        kind,
+                        ..subject(object)
+                    };
+                    let decision = decide(&subject, &facts, &keep);
+                    assert!(decision.verdict.denial.is_none(), "{decision:?}");
+                    assert!(decision.unchanged_because.is_none(), "{decision:?}");
+                    let patched = crate::patch::apply(object, &decision.verdict.changes)
+                        .unwrap_or_else(|err| panic!("{kind:?}, {restore:?}: {err}"));
+                    (decision.verdict.changes, patched)
+                };
+                let (_, first) = review(object);
+                assert!(
+                    first.pointer(cleaned).is_none(),
+                    "{kind:?}, {restore:?}: {first}"
+                );
+                assert_eq!(annotation(&first, REVIEWED_ANNOTATION), Some("r1"));
+                match (policy, kind) {
+                    (PowerPolicy::Off, Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_)) => {
+                        // Every VM and group is off, as the operator asked.
+                        assert_eq!(annotation(&first, POWER_HELD_ANNOTATION), Some("off"));
+                        assert_eq!(
+                            annotation(&first, RESTORED_POWER_STATE_ANNOTATION),
+                            Some("PoweredOn")
+                        );
+                        assert_ne!(first["spec"]["powerState"], "PoweredOn", "{first}");
+                    }
+                    _ => {
+                        // Nothing held for boot order: no companion would
+                        // release it.
+                        assert_eq!(annotation(&first, POWER_HELD_ANNOTATION), None, "{first}");
+                        assert_eq!(annotation(&first, RESTORED_POWER_STATE_ANNOTATION), None);
+                        assert_eq!(first["spec"]["powerState"], object["spec"]["powerState"]);
+                    }
+                }
+                assert_eq!(annotation(&first, "owner"), Some("team-web"));
+                // A second review (a reinvocation) changes nothing.
+                let (again, second) = review(&first);
+                assert!(again.is_empty(), "{kind:?}, {restore:?}: {again:?}");
+                assert_eq!(second, first);
+                if let Kind::VirtualMachine(_) = kind {
+                    // VM Operator's webhook ran between: only its fresh
+                    // instanceUUID goes again.
+                    let mut defaulted = first.clone();
+                    defaulted["spec"]["instanceUUID"] = json!("fresh-from-vm-operator");
+                    let (again, third) = review(&defaulted);
+                    assert_eq!(
+                        again
+                            .iter()
+                            .map(|c| c.pointer().to_string())
+                            .collect::<Vec<_>>(),
+                        ["/spec/instanceUUID"],
+                        "{again:?}"
+                    );
+                    assert_eq!(third, first);
+                }
+            }
+        }
     }
 
     #[test]

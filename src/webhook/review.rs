@@ -23,7 +23,7 @@ use crate::settings::{GroupPolicy, RestoreUnreadable};
 use crate::vmop::power::PowerPolicy;
 use crate::vmop::targets::{self, Checked, Collection, TargetView};
 use crate::vmop::{Kind, RefKind};
-use crate::webhook::admission::{self, ReviewError, Scope, Write};
+use crate::webhook::admission::{self, ReviewError, Scope, VeleroIdentity, Write};
 use crate::webhook::decide::{
     self, DecideSettings, Decision, DenyReason, Facts, GroupFact, RestoreFact, Subject,
 };
@@ -33,6 +33,14 @@ use crate::webhook::waits::{GroupWaits, WaitLimits, WaitOutcome};
 /// caches it takes microseconds; this bounds the live reads made while a
 /// cache's watch is broken).
 const REF_CHECK_BOUND: Duration = Duration::from_secs(2);
+
+/// How long readiness waits for the caches of what VMs refer to after the
+/// server starts. Past it, a kind that has not listed (a 403, a CRD whose
+/// conversion webhook is broken) is read live by the reviews that need it,
+/// and the replica stays in the Service: one broken kind never takes every
+/// replica out, which under `failurePolicy: Fail` would fail every labelled
+/// create, even of VMs that never name that kind.
+pub const REFS_READY_GRACE: Duration = Duration::from_secs(10);
 
 /// Kept free after a group wait for the live GET that confirms a miss.
 const CONFIRM_RESERVE: Duration = Duration::from_millis(750);
@@ -46,14 +54,9 @@ pub struct ReviewSettings {
     pub disabled_rules: Arc<BTreeSet<String>>,
     pub power_policy: PowerPolicy,
     pub wait_limits: WaitLimits,
-    /// Who Velero is (`request.userInfo.username`): only its updates are
-    /// Velero's writes to review.
-    pub velero_users: Arc<Vec<String>>,
-}
-
-/// Velero's identity as `velero install` sets it up in `namespace`.
-pub fn default_velero_user(namespace: &str) -> String {
-    format!("system:serviceaccount:{namespace}:velero")
+    /// Who Velero is: only its updates are Velero's writes to review, and
+    /// a labelled create from anyone else is warned about.
+    pub velero: Arc<VeleroIdentity>,
 }
 
 impl Default for ReviewSettings {
@@ -66,7 +69,7 @@ impl Default for ReviewSettings {
             disabled_rules: Arc::default(),
             power_policy: PowerPolicy::default(),
             wait_limits: WaitLimits::default(),
-            velero_users: Arc::new(vec![default_velero_user("velero")]),
+            velero: Arc::new(VeleroIdentity::of_namespace("velero")),
         }
     }
 }
@@ -160,9 +163,19 @@ impl Reviewer {
         stats
     }
 
-    /// Whether the reference caches have listed once (readiness).
+    /// Whether the reference caches have listed once.
     pub fn refs_synced(&self) -> bool {
         self.refs.as_ref().is_none_or(|refs| refs.is_synced())
+    }
+
+    /// Readiness, `serving_for` after the server started: what every review
+    /// needs (groups, Restores, mappings) has listed, and the reference
+    /// caches have too or had their [`REFS_READY_GRACE`].
+    pub fn is_ready(&self, serving_for: Duration) -> bool {
+        self.groups.is_synced()
+            && self.restores.is_synced()
+            && self.mappings_synced()
+            && (self.refs_synced() || serving_for >= REFS_READY_GRACE)
     }
 
     /// Maps VMs' storage classes, classes, images, networks and zones by
@@ -251,7 +264,7 @@ impl Reviewer {
         span.record("dry_run", request.dry_run);
 
         let (kind, restore, write) =
-            match admission::scope(request, input.object.as_ref(), &self.settings.velero_users) {
+            match admission::scope(request, input.object.as_ref(), &self.settings.velero) {
                 Scope::Out(reason) => {
                     debug!(kind = %request.kind.kind, reason, "allowed unchanged: out of scope");
                     let review = admission::respond(request, &Default::default()).into_review();
@@ -287,7 +300,20 @@ impl Reviewer {
             dry_run: request.dry_run,
         };
         let facts = self.gather(&subject, deadline).await;
-        let decision = decide::decide(&subject, &facts, &self.decide_settings);
+        let mut decision = decide::decide(&subject, &facts, &self.decide_settings);
+        // Velero's identity is checked on every labelled create, where it
+        // is known to be Velero's (or a person's trying a restore by hand):
+        // its later status writes and updates reach the webhook only from
+        // the identity the chart's matchConditions name.
+        if write == Write::Create && !self.settings.velero.matches(&request.user_info) {
+            decision
+                .verdict
+                .notes
+                .push(unrecognised_velero(request, &self.settings.velero));
+            if let Some(metrics) = &self.metrics {
+                metrics.velero_unrecognised.inc();
+            }
+        }
         let outcome = match decision.deny_reason {
             None => Outcome::Allowed,
             Some(DenyReason::Deadline) => Outcome::Deadline,
@@ -309,10 +335,15 @@ impl Reviewer {
     /// Everything `decide` needs from the cluster, each step bounded by the
     /// request's deadline.
     async fn gather(&self, subject: &Subject<'_>, deadline: Deadline) -> Facts {
-        // Velero's status write and its update of an object that exists are
-        // decided from the object and what is stored: nothing to look up.
-        if subject.write != Write::Create {
-            return Facts::default();
+        // Velero's status write is decided from the object and what is
+        // stored; its update of an object that exists needs only the
+        // Restore's mappings, for a VM.
+        let wants_mappings =
+            matches!(subject.kind, Kind::VirtualMachine(_)) && self.mappings.is_some();
+        match subject.write {
+            Write::Create => {}
+            Write::Update if wants_mappings => {}
+            Write::Update | Write::StatusUpdate => return Facts::default(),
         }
         let restore = match deadline
             .run(self.restores.lookup(subject.restore_label))
@@ -329,8 +360,9 @@ impl Reviewer {
             restore,
             ..Facts::default()
         };
-        if decide::already_reviewed(subject, &facts.restore)
-            || decide::denied_before_group(subject, &facts.restore, &self.decide_settings)
+        if subject.write == Write::Create
+            && (decide::already_reviewed(subject, &facts.restore)
+                || decide::denied_before_group(subject, &facts.restore, &self.decide_settings))
         {
             return facts;
         }
@@ -344,7 +376,11 @@ impl Reviewer {
             match mappings.for_restore(restore) {
                 Ok(selected) => {
                     let disabled = &self.settings.disabled_rules;
-                    facts.mappings = Arc::new(selected.in_effect(|rule| !disabled.contains(rule)));
+                    // An update keeps the live values whatever create rules
+                    // are off: every mapping counts there.
+                    facts.mappings = Arc::new(selected.in_effect(|rule| {
+                        subject.write == Write::Update || !disabled.contains(rule)
+                    }));
                 }
                 Err(err) => {
                     warn!(restore = subject.restore_label, object = subject.object_label, error = %err,
@@ -355,14 +391,19 @@ impl Reviewer {
                 }
             }
         }
+        if subject.write == Write::Update {
+            return facts;
+        }
         if let Kind::VirtualMachine(_) = subject.kind
             && let Some(refs) = &self.refs
             && let Ok(references) = crate::vmop::vm::cluster_refs(subject.object, &facts.mappings)
         {
             facts.refs_named = references.len();
             if references.len() <= decide::MAX_CHECKED_REFERENCES {
-                let view = self
+                let mut view = self
                     .target_view(refs.as_ref(), subject.namespace, &references, deadline)
+                    .await;
+                self.confirm_misses(refs.as_ref(), subject, &references, &mut view, deadline)
                     .await;
                 check_references(&mut facts, references, &view);
             }
@@ -410,6 +451,48 @@ impl Reviewer {
             Ok(view) => view,
             Err(_) => TargetView::unknown("reading it did not finish before the deadline"),
         }
+    }
+
+    /// A reference the view (a cache) says is missing is denied or stripped
+    /// for it; a watch can lag behind a create made a moment ago (Velero
+    /// creates images, then the VMs naming them). So before a miss counts,
+    /// the collections it was looked up in are listed live in the VM's
+    /// namespace, within the same short share of the deadline, and that
+    /// answer replaces the cache's. A warm review that misses nothing reads
+    /// nothing live.
+    async fn confirm_misses(
+        &self,
+        refs: &dyn TargetFacts,
+        subject: &Subject<'_>,
+        references: &[crate::vmop::ClusterRef],
+        view: &mut TargetView,
+        deadline: Deadline,
+    ) {
+        let missed: BTreeSet<Collection> = references
+            .iter()
+            .filter(|reference| targets::check(view, reference) == Checked::Missing)
+            .flat_map(|reference| targets::collections_for(reference.kind).iter().copied())
+            .collect();
+        if missed.is_empty() {
+            return;
+        }
+        debug!(
+            object = subject.object_label,
+            collections = missed.len(),
+            "confirming a miss live"
+        );
+        let confirmed = match deadline
+            .min_after(REF_CHECK_BOUND)
+            .run(refs.confirm_view(subject.namespace, &missed))
+            .await
+        {
+            Ok(confirmed) => confirmed,
+            // Not confirmed in time: unknown, so nothing is denied or
+            // stripped for it (VM Operator's own check stands).
+            Err(_) => TargetView::unknown("confirming a miss did not finish before the deadline")
+                .only(&missed),
+        };
+        view.overlay(confirmed);
     }
 
     async fn confirm(
@@ -621,6 +704,25 @@ impl Reviewer {
     }
 }
 
+/// The warning for a labelled create from a user the webhook does not take
+/// for Velero.
+fn unrecognised_velero(
+    request: &kube::core::admission::AdmissionRequest<DynamicObject>,
+    velero: &VeleroIdentity,
+) -> String {
+    let user = request
+        .user_info
+        .username
+        .as_deref()
+        .unwrap_or("an unnamed user");
+    // The identity the webhook knows is in the log line, not the warning
+    // (kubectl cuts long warnings).
+    debug!(user, velero = %velero.describe(), "a labelled create from a user that is not Velero");
+    format!(
+        "{user}: not Velero as configured (webhook.velero); if Velero runs as it, its later writes skip the webhook"
+    )
+}
+
 /// Each reference checked against what its namespace has, and, for the
 /// kinds that deny a VM when missing, what the namespace has instead.
 fn check_references(
@@ -735,5 +837,334 @@ mod tests {
             "{:?}",
             reviewed.verdict.changes
         );
+    }
+
+    /// A target whose cache lags: `cached` is what the watch has delivered,
+    /// `live` what the API server holds; confirmations are counted.
+    struct LaggingRefs {
+        cached: Arc<crate::facts::given::StaticRefs>,
+        live: Arc<crate::facts::given::StaticRefs>,
+        confirmations: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TargetFacts for LaggingRefs {
+        fn view<'a>(
+            &'a self,
+            namespace: &'a str,
+            needed: &'a BTreeSet<Collection>,
+        ) -> futures::future::BoxFuture<'a, TargetView> {
+            self.cached.view(namespace, needed)
+        }
+        fn confirm_view<'a>(
+            &'a self,
+            namespace: &'a str,
+            needed: &'a BTreeSet<Collection>,
+        ) -> futures::future::BoxFuture<'a, TargetView> {
+            self.confirmations
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.live.view(namespace, needed)
+        }
+    }
+
+    async fn review_with_refs(refs: Arc<LaggingRefs>, vm: serde_json::Value) -> Reviewed {
+        let restores = StaticRestores::new(
+            "velero",
+            RestoreLookup::Found(RestoreInfo {
+                name: "r1".into(),
+                uid: Some("u1".into()),
+                ..Default::default()
+            }),
+        );
+        let reviewer = Reviewer::new(
+            crate::facts::given::StaticGroups::new([]),
+            restores,
+            ReviewSettings::default(),
+            None,
+        )
+        .with_refs(refs);
+        let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u", "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": "VirtualMachine"},
+            "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+            "namespace": "prod", "operation": "CREATE", "userInfo": {"username": "velero"},
+            "object": vm}});
+        reviewer
+            .review(
+                body.to_string().as_bytes(),
+                Deadline::for_request(tokio::time::Instant::now(), None, Duration::from_secs(5)),
+            )
+            .await
+            .unwrap()
+    }
+
+    fn refs(cached: &[(RefKind, &str)], live: &[(RefKind, &str)]) -> Arc<LaggingRefs> {
+        let given = |names: &[(RefKind, &str)]| {
+            crate::facts::given::StaticRefs::new(
+                names
+                    .iter()
+                    .map(|(kind, name)| (*kind, "prod".to_string(), name.to_string())),
+            )
+        };
+        Arc::new(LaggingRefs {
+            cached: given(cached),
+            live: given(live),
+            confirmations: Default::default(),
+        })
+    }
+
+    fn labelled_vm(spec: serde_json::Value, labels: serde_json::Value) -> serde_json::Value {
+        let mut labels = labels;
+        labels["velero.io/restore-name"] = json!("r1");
+        json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+            "metadata": {"name": "vm1", "namespace": "prod", "labels": labels}, "spec": spec})
+    }
+
+    /// Issue 33, finding 1: the cache has not seen a class created a moment
+    /// before the VM; before, the VM was denied for it. The miss is now
+    /// confirmed live, and the VM admitted. A class that is missing live too
+    /// is still denied, and one the cache has costs no confirmation.
+    #[tokio::test]
+    async fn a_miss_in_the_cache_is_confirmed_live_before_it_denies() {
+        let vm = labelled_vm(json!({"className": "small"}), json!({}));
+        let lagging = refs(
+            &[(RefKind::Class, "large")],
+            &[(RefKind::Class, "large"), (RefKind::Class, "small")],
+        );
+        let reviewed = review_with_refs(lagging.clone(), vm.clone()).await;
+        assert!(
+            reviewed.verdict.denial.is_none(),
+            "{:?}",
+            reviewed.verdict.denial
+        );
+        assert_eq!(
+            lagging
+                .confirmations
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+
+        let missing = refs(&[(RefKind::Class, "large")], &[(RefKind::Class, "large")]);
+        let reviewed = review_with_refs(missing.clone(), vm.clone()).await;
+        let denial = reviewed
+            .verdict
+            .denial
+            .expect("a class missing live too is denied");
+        assert!(denial.contains("small"), "{denial}");
+        assert_eq!(
+            missing
+                .confirmations
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+
+        let warm = refs(&[(RefKind::Class, "small")], &[]);
+        let reviewed = review_with_refs(warm.clone(), vm).await;
+        assert!(reviewed.verdict.denial.is_none());
+        assert_eq!(
+            warm.confirmations.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a warm review reads nothing live"
+        );
+    }
+
+    /// Issue 33, finding 1: a zone the cache has not seen is not stripped
+    /// (before, the label was removed and VM Operator placed the VM in any
+    /// zone); a zone missing live too still is.
+    #[tokio::test]
+    async fn a_zone_label_is_stripped_only_for_a_miss_confirmed_live() {
+        let vm = labelled_vm(json!({}), json!({"topology.kubernetes.io/zone": "zone-a"}));
+        let strips_zone = |reviewed: &Reviewed| {
+            reviewed
+                .verdict
+                .changes
+                .iter()
+                .any(|change| change.rule == crate::vmop::vm::R_ZONE_LABEL)
+        };
+        let lagging = refs(
+            &[(RefKind::Zone, "zone-b")],
+            &[(RefKind::Zone, "zone-a"), (RefKind::Zone, "zone-b")],
+        );
+        let reviewed = review_with_refs(lagging.clone(), vm.clone()).await;
+        assert!(!strips_zone(&reviewed), "{:?}", reviewed.verdict.changes);
+        assert_eq!(
+            lagging
+                .confirmations
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        let missing = refs(&[(RefKind::Zone, "zone-b")], &[(RefKind::Zone, "zone-b")]);
+        let reviewed = review_with_refs(missing, vm).await;
+        assert!(strips_zone(&reviewed), "{:?}", reviewed.verdict.changes);
+    }
+
+    /// A target source one of whose kinds never lists.
+    struct NeverSynced;
+
+    impl TargetFacts for NeverSynced {
+        fn is_synced(&self) -> bool {
+            false
+        }
+        fn view<'a>(
+            &'a self,
+            _namespace: &'a str,
+            _needed: &'a BTreeSet<Collection>,
+        ) -> futures::future::BoxFuture<'a, TargetView> {
+            Box::pin(futures::future::ready(TargetView::default()))
+        }
+    }
+
+    /// Issue 33, finding 2: one reference kind that never lists keeps the
+    /// replica unready only for the grace; before, for ever (and every
+    /// replica with it).
+    #[test]
+    fn a_kind_that_never_lists_keeps_the_replica_unready_only_for_the_grace() {
+        let reviewer = Reviewer::new(
+            crate::facts::given::StaticGroups::new([]),
+            StaticRestores::none(),
+            ReviewSettings::default(),
+            None,
+        )
+        .with_refs(Arc::new(NeverSynced));
+        assert!(!reviewer.is_ready(Duration::ZERO));
+        assert!(!reviewer.is_ready(REFS_READY_GRACE - Duration::from_millis(1)));
+        assert!(reviewer.is_ready(REFS_READY_GRACE));
+    }
+
+    /// Issue 33, finding 3: a labelled create from a user the webhook does
+    /// not take for Velero says so (its later writes would skip the
+    /// webhook); one from any ServiceAccount of Velero's namespace does not.
+    #[tokio::test]
+    async fn a_labelled_create_from_someone_not_velero_is_warned_about() {
+        let reviewer = Reviewer::new(
+            crate::facts::given::StaticGroups::new([]),
+            StaticRestores::none(),
+            ReviewSettings::default(),
+            None,
+        );
+        let notes = |user: serde_json::Value| {
+            let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u", "kind": {"group": "", "version": "v1", "kind": "PersistentVolumeClaim"},
+                "resource": {"group": "", "version": "v1", "resource": "persistentvolumeclaims"},
+                "namespace": "prod", "operation": "CREATE", "userInfo": user,
+                "object": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "d", "namespace": "prod", "labels": {"velero.io/restore-name": "r1"}}}}});
+            let reviewer = &reviewer;
+            async move {
+                reviewer
+                    .review(
+                        body.to_string().as_bytes(),
+                        Deadline::for_request(
+                            tokio::time::Instant::now(),
+                            None,
+                            Duration::from_secs(1),
+                        ),
+                    )
+                    .await
+                    .unwrap()
+                    .verdict
+                    .notes
+            }
+        };
+        let server = notes(json!({"username": "system:serviceaccount:velero:velero-server",
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:velero", "system:authenticated"]})).await;
+        assert!(
+            !server.iter().any(|note| note.contains("not Velero")),
+            "{server:?}"
+        );
+        let admin =
+            notes(json!({"username": "kubernetes-admin", "groups": ["system:masters"]})).await;
+        assert!(
+            admin
+                .iter()
+                .any(|note| note.starts_with("kubernetes-admin: not Velero as configured")),
+            "{admin:?}"
+        );
+        assert!(
+            admin.iter().all(|note| note.chars().count() < 120),
+            "{admin:?}"
+        );
+    }
+
+    /// Issue 33, finding 4: Velero's update of a VM is mapped by the
+    /// mappings its Restore selects (before, the update gathered nothing
+    /// and the source's class and network landed on the live VM where it
+    /// had none of its own). A Restore naming no ConfigMap gets the
+    /// labelled one; one naming another gets that one.
+    #[tokio::test]
+    async fn an_update_of_a_vm_is_mapped_by_its_restores_mappings() {
+        use crate::facts::mapping_cache::MappingCache;
+        use crate::vmop::mapping::{
+            ConfigMapData, MAPPINGS_ANNOTATION, PLUGIN_CONFIG_LABEL, RESTORE_ITEM_ACTION,
+            VM_MAPPINGS_LABEL,
+        };
+        let configmap = |name: &str, labelled: bool, classes: &str| {
+            let labels = if labelled {
+                json!({PLUGIN_CONFIG_LABEL: "", VM_MAPPINGS_LABEL: RESTORE_ITEM_ACTION})
+            } else {
+                json!({})
+            };
+            ConfigMapData::from_value(&json!({"metadata": {"name": name, "namespace": "velero",
+                "labels": labels}, "data": {"classes": classes}}))
+        };
+        let maps = [
+            configmap("site-b", true, "small: medium"),
+            configmap("site-c", false, "small: large"),
+        ];
+        let rows = [(None, Some("medium")), (Some("site-c"), Some("large"))];
+        for (named, expected) in rows {
+            let restore = RestoreInfo {
+                name: "r2".into(),
+                uid: Some("u2".into()),
+                annotations: named
+                    .map(|name: &str| [(MAPPINGS_ANNOTATION.to_string(), name.to_string())].into())
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            let reviewer = Reviewer::new(
+                Arc::new(LaggingGroups),
+                StaticRestores::new("velero", RestoreLookup::Found(restore)),
+                ReviewSettings {
+                    // A create rule turned off changes nothing on an update.
+                    disabled_rules: Arc::new(["vm-map-class".to_string()].into()),
+                    ..ReviewSettings::default()
+                },
+                None,
+            )
+            .with_mappings(MappingCache::given("velero", maps.clone()));
+            let vm = |class: Option<&str>| {
+                let mut vm = json!({"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
+                    "metadata": {"name": "vm1", "namespace": "prod", "labels": {"velero.io/restore-name": "r2"}},
+                    "spec": {"powerState": "PoweredOn"}});
+                if let Some(class) = class {
+                    vm["spec"]["className"] = json!(class);
+                }
+                vm
+            };
+            let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u", "kind": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "kind": "VirtualMachine"},
+                "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
+                "namespace": "prod", "operation": "UPDATE",
+                "userInfo": {"username": "system:serviceaccount:velero:velero", "groups": ["system:serviceaccounts", "system:serviceaccounts:velero"]},
+                "object": vm(Some("small")), "oldObject": vm(None)}});
+            let reviewed = reviewer
+                .review(
+                    body.to_string().as_bytes(),
+                    Deadline::for_request(
+                        tokio::time::Instant::now(),
+                        None,
+                        Duration::from_secs(1),
+                    ),
+                )
+                .await
+                .unwrap();
+            assert!(reviewed.verdict.denial.is_none(), "{:?}", reviewed.verdict);
+            let stored =
+                crate::patch::apply(&vm(Some("small")), &reviewed.verdict.changes).unwrap();
+            assert_eq!(
+                stored["spec"]["className"].as_str(),
+                expected,
+                "{named:?}: {:?}",
+                reviewed.verdict.changes
+            );
+        }
     }
 }

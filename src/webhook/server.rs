@@ -3,8 +3,9 @@
 //! The HTTPS port serves `POST /mutate`, `GET /healthz` and `GET /readyz`; the
 //! plain-HTTP metrics port serves `/metrics` and the same probes. Both ports'
 //! connections are driven by [`super::connections`], with the same limits
-//! (connection caps in total and per source address, handshake, header and
-//! idle timeouts) and the same drain on shutdown.
+//! (connection caps in total and per source address, the API server exempt
+//! from the latter; handshake, header and idle timeouts) and the same drain
+//! on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +20,6 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -27,9 +27,9 @@ use tracing::{info, warn};
 
 use crate::deadline::Deadline;
 use crate::metrics::{Metrics, Outcome, PortLabel};
-use crate::settings::ServeArgs;
+use crate::settings::{Cidr, ServeArgs};
 use crate::webhook::admission::{self, ReviewError};
-use crate::webhook::connections::{ConnectionLimits, Peer, Port};
+use crate::webhook::connections::{ConnectionLimits, DrainState, Peer, Port};
 use crate::webhook::review::Reviewer;
 use crate::webhook::tls::{ReloadingCert, TlsError};
 
@@ -50,6 +50,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Open connections from one source address, on each port.
     pub max_connections_per_source: usize,
+    /// The API server's addresses: not capped per source (connections, or
+    /// share of the byte budget).
+    pub api_server_cidrs: Vec<Cidr>,
     /// Subtracted from the API server's `?timeout=` to fix each request's deadline.
     pub timeout_margin: Duration,
     /// On shutdown: serve with /readyz failing for this long, then stop accepting.
@@ -69,6 +72,7 @@ impl From<&ServeArgs> for Limits {
             max_buffered_bytes: args.max_buffered_bytes as usize,
             max_connections: args.max_connections.max(1) as usize,
             max_connections_per_source: args.max_connections_per_source.max(1) as usize,
+            api_server_cidrs: args.api_server_cidrs.clone(),
             timeout_margin: args.rules.timeout_margin,
             drain_delay: args.shutdown_drain_delay,
             shutdown_timeout: args.shutdown_timeout,
@@ -82,9 +86,14 @@ impl Limits {
         ConnectionLimits {
             max_connections: self.max_connections,
             max_per_source: self.max_connections_per_source,
+            uncapped_sources: self.api_server_cidrs.clone(),
             handshake_timeout: self.request_read_timeout,
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
+            // Half the drain delay: a connection the API server uses within
+            // that is ended by its answer's `Connection: close`, the rest
+            // are closed idle, and none is left when the delay ends.
+            drain_idle: self.drain_delay / 2,
         }
     }
 }
@@ -100,7 +109,10 @@ fn budget_kib(limits: &Limits) -> usize {
 
 /// The share of the byte budget one source address may hold: a quarter, and
 /// at least one largest body, so no single caller reading slowly can hold
-/// the whole budget while the API server's bodies wait.
+/// the whole budget while the API server's bodies wait. The API server's own
+/// requests (its addresses, or its client certificate) take from the whole
+/// budget only: it sends every review, and a quarter would cap the replica's
+/// reviews in flight at a quarter of what the budget holds.
 fn source_share_kib(limits: &Limits) -> usize {
     (budget_kib(limits) / 4)
         .max(limits.max_body_bytes.div_ceil(1024))
@@ -138,17 +150,17 @@ struct AppState {
     source_shares: Arc<SourceShares>,
     limits: Limits,
     shutting_down: Arc<AtomicBool>,
+    /// When serving began: the reference caches get
+    /// [`crate::webhook::review::REFS_READY_GRACE`] to list before readiness
+    /// stops waiting for them.
+    started: tokio::time::Instant,
     /// For the certificate's end, at scrape time.
     certificate: Arc<ReloadingCert>,
 }
 
 impl AppState {
     fn ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::SeqCst)
-            && self.reviewer.groups.is_synced()
-            && self.reviewer.restores.is_synced()
-            && self.reviewer.mappings_synced()
-            && self.reviewer.refs_synced()
+        !self.shutting_down.load(Ordering::SeqCst) && self.reviewer.is_ready(self.started.elapsed())
     }
 }
 
@@ -210,11 +222,13 @@ async fn mutate(
         .unwrap_or(limit)
         .div_ceil(1024)
         .clamp(1, budget_kib(&state.limits)) as u32;
-    let source_share = peer.map(|Extension(Peer(addr))| {
-        state
-            .source_shares
-            .of(addr.ip(), source_share_kib(&state.limits))
-    });
+    let source_share = peer
+        .filter(|Extension(peer)| peer.capped)
+        .map(|Extension(peer)| {
+            state
+                .source_shares
+                .of(peer.addr.ip(), source_share_kib(&state.limits))
+        });
     let reserved = deadline
         .run(async {
             let share = match &source_share {
@@ -367,7 +381,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the caches (VirtualMachineGroups, Restores, mapping ConfigMaps, what VMs refer to) to list once",
+            "waiting for the caches (VirtualMachineGroups, Restores, mapping ConfigMaps; what VMs refer to, for 10 s at most) to list once",
         )
             .into_response()
     }
@@ -401,8 +415,11 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
             cache.resource,
             cache.objects,
             cache.ready,
-            cache.live_reads,
-            cache.errors,
+            crate::metrics::CacheCounters {
+                live_reads: cache.live_reads,
+                errors: cache.errors,
+                confirmations: cache.confirmations,
+            },
         );
     }
     (
@@ -414,11 +431,6 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-/// Resolves once the stop flag is set (or its sender is gone).
-async fn until_stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 /// Listeners bound up front, so callers (and tests) know the ports.
@@ -465,6 +477,7 @@ impl Bound {
             source_shares: Arc::default(),
             limits: limits.clone(),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            started: tokio::time::Instant::now(),
             certificate: certificate.clone(),
         };
         let mut app = Router::new()
@@ -489,26 +502,27 @@ impl Bound {
             .with_state(state.clone());
 
         let acceptor = TlsAcceptor::from(Arc::new(certificate.server_config()?));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(DrainState::Serving);
         {
             // Readiness fails at once; serving goes on for the drain delay,
             // so endpoints stop routing here before the listener closes.
+            // Meanwhile answers say `Connection: close` and idle connections
+            // are closed (`connections::Activity::deadline`).
             let shutting_down = state.shutting_down.clone();
             let drain_delay = limits.drain_delay;
             tokio::spawn(async move {
                 shutdown.await;
                 shutting_down.store(true, Ordering::SeqCst);
+                let _ = drain_tx.send(DrainState::Draining);
                 info!(
                     drain_delay_ms = drain_delay.as_millis() as u64,
                     "shutting down: /readyz fails now; still serving during the drain delay"
                 );
                 tokio::time::sleep(drain_delay).await;
-                let _ = stop_tx.send(true);
+                let _ = drain_tx.send(DrainState::Stopped);
             });
         }
         info!(https = %self.tls_addr, metrics = %self.metrics_addr, "serving");
-        let graceful = Arc::new(GracefulShutdown::new());
-        let metrics_graceful = Arc::new(GracefulShutdown::new());
         let metrics_port = Port {
             label: PortLabel::Metrics,
             listener: self.metrics_listener,
@@ -516,39 +530,34 @@ impl Bound {
             app: metrics_app,
             limits: limits.connections(),
         };
-        let metrics_server = tokio::spawn(metrics_port.serve(
-            metrics_graceful.clone(),
-            until_stopped(stop_rx.clone()),
-            metrics.clone(),
-        ));
-        Port {
+        let metrics_server = tokio::spawn(metrics_port.serve(drain_rx.clone(), metrics.clone()));
+        let https = Port {
             label: PortLabel::Https,
             listener: self.tls_listener,
             tls: Some(acceptor),
             app,
             limits: limits.connections(),
         }
-        .serve(graceful.clone(), until_stopped(stop_rx), metrics.clone())
+        .serve(drain_rx, metrics.clone())
         .await;
 
         state.shutting_down.store(true, Ordering::SeqCst);
         info!(
-            connections = graceful.count(),
+            connections = https.count(),
             "drain delay over: no longer accepting; finishing in-flight reviews"
         );
-        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-        if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+        if tokio::time::timeout(limits.shutdown_timeout, https.closed())
             .await
             .is_err()
         {
             warn!("shutdown timeout reached with reviews still in flight");
         }
-        if let Err(err) = metrics_server.await {
-            warn!(error = %err, "metrics server task failed");
+        match metrics_server.await {
+            Ok(connections) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), connections.closed()).await;
+            }
+            Err(err) => warn!(error = %err, "metrics server task failed"),
         }
-        let metrics_graceful =
-            Arc::try_unwrap(metrics_graceful).unwrap_or_else(|_| GracefulShutdown::new());
-        let _ = tokio::time::timeout(Duration::from_secs(1), metrics_graceful.shutdown()).await;
         info!("stopped");
         Ok(())
     }

@@ -151,6 +151,7 @@ pub fn limits() -> Limits {
         max_buffered_bytes: 4 * 1024 * 1024,
         max_connections: 256,
         max_connections_per_source: 256,
+        api_server_cidrs: Vec::new(),
         timeout_margin: Duration::from_secs(1),
         drain_delay: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(10),
@@ -292,7 +293,9 @@ pub fn review_for(object: &Value, dry_run: bool) -> Value {
             "name": object["metadata"]["name"],
             "namespace": object["metadata"]["namespace"],
             "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:velero:velero"},
+            // As the API server names Velero's ServiceAccount.
+            "userInfo": {"username": "system:serviceaccount:velero:velero",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:velero", "system:authenticated"]},
             "object": object,
             "dryRun": dry_run
         }

@@ -80,7 +80,8 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     assert pvc_rule["resources"] == ["persistentvolumeclaims"] and pvc_rule["operations"] == ["CREATE"]
     # Velero's updates and status writes, sent from Velero's identity only:
     # VM Operator's own status writes never reach the webhook.
-    velero_only = [{"name": "velero-only", "expression": "request.userInfo.username in ['system:serviceaccount:velero:velero']"}]
+    velero_only = [{"name": "velero-only", "expression":
+                    "(has(request.userInfo.groups) && request.userInfo.groups.exists(g, g in ['system:serviceaccounts:velero']))"}]
     for each, failure in ((updates, "Fail"), (pvc_updates, "Ignore")):
         assert each["matchConditions"] == velero_only, each
         assert each["failurePolicy"] == failure and each["reinvocationPolicy"] == "Never"
@@ -89,7 +90,8 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     assert updates["rules"][0]["resources"] == ["virtualmachines", "virtualmachines/status",
                                                 "virtualmachinegroups", "virtualmachinegroups/status"]
     assert pvc_updates["rules"][0]["resources"] == ["persistentvolumeclaims"]
-    assert env["VMRW_VELERO_USERS"] == "system:serviceaccount:velero:velero"
+    assert env["VMRW_VELERO_USERS"] == ""
+    assert env["VMRW_VELERO_GROUPS"] == "system:serviceaccounts:velero"
     for doc in docs:
         assert doc["metadata"]["labels"]["velero.io/exclude-from-backup"] == "true", doc["kind"]
     if mode == "certManager":
@@ -165,6 +167,16 @@ def test_chart_network_policy(helm):
     (policy,) = by_kind(render(helm, "--set", "metrics.enabled=false"), "NetworkPolicy")
     assert [r["ports"][0]["port"] for r in policy["spec"]["ingress"]] == [8443]
     assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+    # The same addresses go to the server, which does not cap them per source;
+    # none found or given: no variable.
+    def api_server_env(*values):
+        deployment = by_kind(render(helm, *values), "Deployment")[0]
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return env.get("VMRW_API_SERVER_CIDRS")
+    assert api_server_env() is None
+    given = ("--set", "networkPolicy.apiServer.cidrs={10.0.0.0/28,fd00::1/128}")
+    assert api_server_env(*given) == "10.0.0.0/28,fd00::1/128"
+    assert api_server_env(*given, "--set", "networkPolicy.enabled=false") == "10.0.0.0/28,fd00::1/128"
     bad = render(helm, "--set", "networkPolicy.apiServer.cidrs={not-a-cidr}", check=False)
     assert bad.returncode != 0 and "cidrs" in bad.stderr, bad.stderr
 
@@ -318,9 +330,17 @@ def test_chart_leaves_velero_updates_out_without_match_conditions(helm):
     assert set(names("--kube-version", "1.27.0")) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io"}
     hooks = names("--kube-version", "1.27.0", "--set", "webhook.velero.withoutMatchConditions=true")
     assert "matchConditions" not in hooks["updates.restore.velero-vm-restore-webhook.io"]
-    hooks = names("--set-json", 'webhook.velero.users=["system:serviceaccount:backup:velero-server","ops"]')
-    assert hooks["updates.restore.velero-vm-restore-webhook.io"]["matchConditions"][0]["expression"] == \
-        "request.userInfo.username in ['system:serviceaccount:backup:velero-server', 'ops']"
+    # Issue 33, finding 3: by default every ServiceAccount of Velero's
+    # namespace is Velero (`velero` from `velero install`, `velero-server`
+    # from Velero's chart); users given are added.
+    expression = lambda hooks: hooks["updates.restore.velero-vm-restore-webhook.io"]["matchConditions"][0]["expression"]  # noqa: E731
+    assert expression(names()) == \
+        "(has(request.userInfo.groups) && request.userInfo.groups.exists(g, g in ['system:serviceaccounts:velero']))"
+    hooks = names("--set-json", 'webhook.velero.users=["system:serviceaccount:backup:velero-server","ops"]',
+                  "--set-json", 'webhook.velero.groups=["system:serviceaccounts:backup"]')
+    assert expression(hooks) == \
+        "request.userInfo.username in ['system:serviceaccount:backup:velero-server', 'ops'] || " \
+        "(has(request.userInfo.groups) && request.userInfo.groups.exists(g, g in ['system:serviceaccounts:backup']))"
     assert "updates.restore.velero-vm-restore-webhook.io" not in names("--set", "webhook.velero.updates=false")
 
 

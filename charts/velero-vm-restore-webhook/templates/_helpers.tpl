@@ -131,9 +131,19 @@ anyone else's update unchanged (--velero-user), but is called for it.
 */}}
 {{- define "vmrw.veleroOnly" -}}
 {{- if .matchConditions -}}
+{{- $tests := list -}}
+{{- if .users -}}
+{{- $tests = append $tests (printf "request.userInfo.username in [%s]" (include "vmrw.celStrings" .users)) -}}
+{{- end -}}
+{{- if .groups -}}
+{{- $tests = append $tests (printf "(has(request.userInfo.groups) && request.userInfo.groups.exists(g, g in [%s]))" (include "vmrw.celStrings" .groups)) -}}
+{{- end -}}
+{{- if not $tests -}}
+{{- fail "webhook.velero.users and webhook.velero.groups are both empty: nothing would be taken for Velero" -}}
+{{- end -}}
 matchConditions:
   - name: velero-only
-    expression: {{ printf "request.userInfo.username in [%s]" (include "vmrw.celStrings" .users) | quote }}
+    expression: {{ join " || " $tests | quote }}
 {{- end -}}
 {{- end -}}
 
@@ -183,4 +193,13 @@ failed install (Helm's lookup fails on Forbidden): set lookup=false then.
 {{- end -}}
 {{- end -}}
 {{- $cidrs | uniq | toJson -}}
+{{- end -}}
+
+{{/* Velero's identity: the users given, and the groups given or else every
+ServiceAccount of Velero's namespace (Velero however it was installed). */}}
+{{- define "vmrw.veleroUsers" -}}
+{{- .Values.webhook.velero.users | default list | toJson -}}
+{{- end -}}
+{{- define "vmrw.veleroGroups" -}}
+{{- .Values.webhook.velero.groups | default (list (printf "system:serviceaccounts:%s" .Values.server.veleroNamespace)) | toJson -}}
 {{- end -}}
