@@ -87,6 +87,17 @@ def metric_values(metrics_text: str, name: str) -> dict:
     return values
 
 
+def confirmations(metrics_text: str) -> dict:
+    """cache_confirmations_total by resource: the live lists made to confirm
+    a miss (the metric since issue 33; empty before)."""
+    return {re.sub(r'^\{resource="(.*)"\}$', r"\1", labels): int(value)
+            for labels, value in metric_values(metrics_text, "cache_confirmations_total").items()}
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
+
+
 def since(before: dict, after: dict) -> dict:
     return {f"{r} {v}": n - before.get((r, v), 0) for (r, v), n in after.items() if n != before.get((r, v), 0)}
 
@@ -336,18 +347,20 @@ def test_resilience_1_a_vm_whose_image_was_created_a_moment_before_is_admitted(c
     ns = "race"
     prepare_namespace(cluster, ns)
     requests_now = lambda: api_requests(cluster.metrics())  # noqa: E731
-    before = requests_now()
+    before, confirmed_before = requests_now(), confirmations(cluster.metrics())
     outcomes = race(cluster, ns, "race", RACE_VMS)
     during = since(before, requests_now())
+    confirmed = delta(confirmed_before, confirmations(cluster.metrics()))
     denied, missing_reads = deny_missing(cluster, ns, requests_now)
     report = {"vms": RACE_VMS, "webhook_requests_during": during, "image_confirmation_reads": image_reads(during),
-              "missing_image_requests": missing_reads}
+              "cache_confirmations": confirmed, "missing_image_requests": missing_reads}
     refused = tally(outcomes, report)
     REPORT["race"] = report
     log(f"finding 1, back to back: {report['admitted']} of {RACE_VMS} VMs admitted, denied {len(refused)}: "
         f"{json.dumps(refused, indent=1)}")
     log(f"finding 1, back to back: the webhook's API requests during them (watches aside): {during or 'none'}; "
-        f"image reads: {report['image_confirmation_reads']}; for the image that exists nowhere: {missing_reads or 'none'}")
+        f"image reads: {report['image_confirmation_reads']} (cache_confirmations: {confirmed or 'none'}); "
+        f"for the image that exists nowhere: {missing_reads or 'none'}")
     check_race(cluster, ns, outcomes)
     assert denied.returncode != 0, "a VM naming an image that exists nowhere was admitted"
     assert f'spec.imageName "{MISSING_IMAGE}" resolves to no VirtualMachineImage in namespace {ns}' \
@@ -379,16 +392,17 @@ def test_resilience_2_a_vm_whose_image_the_cache_has_not_seen_is_admitted(cluste
             requests_before = requests_now()
             proxy.hold()
             try:
-                before = requests_now()
+                before, confirmed_before = requests_now(), confirmations(metrics_of(ports["metrics"]))
                 outcomes = race(cluster, ns, "held", RACE_VMS)
                 during = since(before, requests_now())
+                confirmed = delta(confirmed_before, confirmations(metrics_of(ports["metrics"])))
                 denied, missing_reads = deny_missing(cluster, ns, requests_now)
                 cached_held = metric_values(metrics_of(ports["metrics"]), "cache_objects").get(images)
             finally:
                 proxy.release()
             image_requests = [line for line in proxy.requests_held if "virtualmachineimages" in line]
             report.update(webhook_requests_during=during, image_confirmation_reads=image_reads(during),
-                          missing_image_requests=missing_reads, image_cache_before=cached_before,
+                          cache_confirmations=confirmed, missing_image_requests=missing_reads, image_cache_before=cached_before,
                           image_cache_while_held=cached_held, watch_chunks_held=proxy.held_chunks,
                           image_requests_seen_by_proxy=len(image_requests),
                           image_requests_sample=image_requests[:3],
@@ -403,8 +417,8 @@ def test_resilience_2_a_vm_whose_image_the_cache_has_not_seen_is_admitted(cluste
     log(f"finding 1, watch held: {report['admitted']} of {RACE_VMS} VMs admitted, denied {len(refused)}: "
         f"{json.dumps(refused, indent=1)}")
     log(f"finding 1, watch held: the replica's API requests during them (watches aside): {during or 'none'}; "
-        f"image reads: {report['image_confirmation_reads']}; for the image that exists nowhere: {missing_reads or 'none'}; "
-        f"image cache {cached_before} before, {cached_held} while held; {proxy.held_chunks} watch chunks held")
+        f"image reads: {report['image_confirmation_reads']} (cache_confirmations: {confirmed or 'none'}); "
+        f"for the image that exists nowhere: {missing_reads or 'none'}; image cache {cached_before} before, {cached_held} while held; {proxy.held_chunks} watch chunks held")
     # The premise: the image watch had events to deliver and delivered none
     # (held), and the replica did not list every image again meanwhile.
     assert proxy.held_chunks >= 1, f"the premise: the image watch was held ({report})"
