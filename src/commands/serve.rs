@@ -33,7 +33,6 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
     };
     settings.velero = Arc::new(velero_identity(&args));
-    info!(velero = %settings.velero.describe(), "Velero's identity: its updates are reviewed");
     // Waiting VMs hold review slots: keep at least half of the slots for
     // reviews that need no wait.
     let max_waits = (args.max_group_waits as usize).min(args.max_concurrent_reviews as usize / 2);
@@ -174,6 +173,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             .clone()
             .watch(args.tls_reload_interval, Some(metrics.clone())),
     );
+    info!(velero = %settings.velero.describe(), "Velero's identity: its updates are reviewed");
     let mut reviewer = Reviewer::new(groups, restores, settings, Some(metrics.clone()));
     if let Some(refs) = refs {
         reviewer = reviewer.with_refs(refs);
