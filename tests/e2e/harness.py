@@ -125,13 +125,12 @@ class Openssl:
              "-days", "2", "-subj", "/CN=e2e-client-ca", "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign", "-keyout", self.ca_key, "-out", self.ca_crt])
 
-    def client(self, name: str, cn: str, org: str | list | None) -> tuple[Path, Path]:
-        """A client certificate: user `cn`, groups `org` (one or several, as
-        the API server names a ServiceAccount: system:serviceaccounts and
-        system:serviceaccounts:NAMESPACE)."""
+    def client(self, name: str, cn: str, org: "str | tuple[str, ...] | list[str] | None") -> tuple[Path, Path]:
+        """A client certificate: the API server takes CN as the user name and
+        each O as one of its groups (`org`, one or several)."""
         key, csr, crt = self.dir / f"{name}.key", self.dir / f"{name}.csr", self.dir / f"{name}.crt"
-        orgs = [org] if isinstance(org, str) else (org or [])
-        subject = f"/CN={cn}" + "".join(f"/O={each}" for each in orgs)
+        orgs = [org] if isinstance(org, str) else list(org or ())
+        subject = f"/CN={cn}" + "".join(f"/O={o}" for o in orgs)
         run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-subj", subject, "-keyout", key, "-out", csr])
         # Extensions make it an X.509 v3 certificate, which rustls requires.
@@ -440,11 +439,15 @@ class Cluster:
                                "--listen", f"127.0.0.1:{self.webhook_port}", "--metrics-listen", f"127.0.0.1:{self.webhook_metrics_port}",
                                "--velero-namespace", VELERO_NS, "--group-wait-timeout", group_wait, *extra], env=env)
 
-    def start_replica(self, name: str) -> int:
+    def start_replica(self, name: str, kubeconfig_path: Path | None = None, ports: dict | None = None) -> int:
         """A second webhook process, as a second pod would run: its own ports,
-        the same identity and settings. Returns its metrics port."""
+        the same identity and settings (or the identity of `kubeconfig_path`).
+        Returns its metrics port; `ports`, if given, gets both ("port",
+        "metrics")."""
         port, metrics_port = free_port(), free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.webhook_kubeconfig), "HOSTNAME": name}
+        if ports is not None:
+            ports.update(port=port, metrics=metrics_port)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig_path or self.webhook_kubeconfig), "HOSTNAME": name}
         self.spawn(name, [self.webhook_bin, "--log-format", "json", "serve",
                           "--tls-cert-file", self.webhook_certs / "tls.crt", "--tls-key-file", self.webhook_certs / "tls.key",
                           "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
@@ -615,16 +618,11 @@ class Cluster:
                                                                    "image": f"velero/velero:v{VELERO_VERSION}"}]}}}})
         # Velero runs as its own ServiceAccount bound to cluster-admin, as
         # `velero install` sets it up: not system:masters, so not a privileged
-        # user in VM Operator's sense.
+        # user in VM Operator's sense. restart_velero(service_account=...)
+        # runs it as another one (Velero's Helm chart names it velero-server).
         if not hasattr(self, "velero_kubeconfig"):
-            self.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "velero", "namespace": VELERO_NS}},
-                        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                         "metadata": {"name": "velero"},
-                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-                         "subjects": [{"kind": "ServiceAccount", "name": "velero", "namespace": VELERO_NS}]}])
-            crt, key = self.clients.client("velero", f"system:serviceaccount:{VELERO_NS}:velero",
-                                           ["system:serviceaccounts", f"system:serviceaccounts:{VELERO_NS}"])
-            self.velero_kubeconfig = kubeconfig(self.tmp / "velero.kubeconfig", self.server, self.server_ca, crt, key)
+            self.velero_kubeconfig = self.service_account_kubeconfig(VELERO_NS, "velero", binding="velero")
+            self.velero_default_kubeconfig = self.velero_kubeconfig
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret-key",
                "VELERO_NAMESPACE": VELERO_NS, "KUBECONFIG": str(self.admin_kubeconfig)}
         self.velero_env = env
@@ -659,8 +657,33 @@ class Cluster:
             raise RuntimeError(f"the Velero server reports {version}, not v{VELERO_VERSION} (VELERO_VERSION)")
         return version
 
-    def restart_velero(self, extra=()) -> None:
+    def service_account_kubeconfig(self, namespace: str, name: str, binding: str | None = None,
+                                   cluster_role: str = "cluster-admin") -> Path:
+        """A kubeconfig for ServiceAccount `name` in `namespace`, bound to
+        `cluster_role` (ClusterRoleBinding `binding`, default
+        e2e-NAMESPACE-NAME): a client certificate with the user name and the
+        groups a token of that ServiceAccount authenticates as
+        (system:serviceaccount:NAMESPACE:NAME in system:serviceaccounts and
+        system:serviceaccounts:NAMESPACE)."""
+        self.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}},
+                    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                     "metadata": {"name": binding or f"e2e-{namespace}-{name}"},
+                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+                     "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}])
+        file = name if namespace == VELERO_NS else f"{namespace}-{name}"
+        crt, key = self.clients.client(file, f"system:serviceaccount:{namespace}:{name}",
+                                       ("system:serviceaccounts", f"system:serviceaccounts:{namespace}"))
+        return kubeconfig(self.tmp / f"{file}.kubeconfig", self.server, self.server_ca, crt, key)
+
+    def restart_velero(self, extra=(), service_account: str | None = None) -> None:
+        """Velero's server restarted; with `service_account`, running as that
+        ServiceAccount of Velero's namespace from now on ("velero" is the one
+        it starts as)."""
         self.processes.pop("velero").stop()
+        if service_account == "velero":
+            self.velero_kubeconfig = self.velero_default_kubeconfig
+        elif service_account:
+            self.velero_kubeconfig = self.service_account_kubeconfig(VELERO_NS, service_account)
         self.start_velero(extra)
 
     def velero(self, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
