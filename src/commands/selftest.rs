@@ -1,6 +1,8 @@
 //! `selftest`, what `helm test` runs in the webhook's own image: a
 //! server-side dry-run create of a labelled VirtualMachine, checked for the
-//! webhook's cleanup. Nothing is stored.
+//! webhook's cleanup, and Velero's identity (its Deployment's
+//! ServiceAccount) checked against the webhook's update entry. Nothing is
+//! stored.
 
 use std::process::ExitCode;
 
@@ -18,11 +20,15 @@ pub struct SelftestArgs {
     /// Name of the dry-run VM.
     #[arg(long, default_value = "velero-vm-restore-webhook-selftest")]
     name: String,
+    /// Velero's namespace, where its Deployment `velero` says which
+    /// ServiceAccount Velero runs as.
+    #[arg(long, env = "VMRW_VELERO_NAMESPACE", default_value = "velero")]
+    velero_namespace: String,
 }
 
 /// Prints each check that passed, or `FAIL:` and the reason (exit 1).
 pub async fn run(args: SelftestArgs) -> ExitCode {
-    match check(&args.namespace, &args.name).await {
+    match check(&args.namespace, &args.name, &args.velero_namespace).await {
         Ok(lines) => {
             for line in lines {
                 println!("{line}");
@@ -49,12 +55,18 @@ pub enum SelfTestError {
         "the webhook did not clean the VM: {0}; check that the MutatingWebhookConfiguration exists and the pods are ready"
     )]
     NotCleaned(String),
+    #[error("{0}")]
+    VeleroNotSent(String),
 }
 
 const TEST_UUID: &str = "4210a6a4-0000-0000-0000-000000000001";
 
 /// Runs the check in `namespace`; returns the lines to print on success.
-pub async fn check(namespace: &str, name: &str) -> Result<Vec<String>, SelfTestError> {
+pub async fn check(
+    namespace: &str,
+    name: &str,
+    velero_namespace: &str,
+) -> Result<Vec<String>, SelfTestError> {
     let client = Client::try_default()
         .await
         .map_err(|err| SelfTestError::Client(err.to_string()))?;
@@ -76,7 +88,7 @@ pub async fn check(namespace: &str, name: &str) -> Result<Vec<String>, SelfTestE
         "spec": {"className": "best-effort-small", "imageName": "vmi-helm-test", "instanceUUID": TEST_UUID}
     }))
     .map_err(|err| SelfTestError::Refused(err.to_string()))?;
-    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &resource);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
     let params = PostParams {
         dry_run: true,
         ..Default::default()
@@ -105,9 +117,26 @@ pub async fn check(namespace: &str, name: &str) -> Result<Vec<String>, SelfTestE
             vmop::vm::FIRST_BOOT_DONE
         )));
     }
-    Ok(vec![format!(
+    let mut lines = vec![format!(
         "PASS: a dry-run create of VirtualMachine {namespace}/{name} ({}) labelled velero.io/restore-name lost spec.instanceUUID and {}",
         resource.api_version,
         vmop::vm::FIRST_BOOT_DONE
-    )])
+    )];
+    // Velero's status writes and updates reach the webhook only from the
+    // identity its update entry names: a Velero running as another account
+    // would have its restored status keep the original's uniqueID.
+    let velero = super::velero_check::check(&client, velero_namespace).await;
+    if velero.misses_webhook {
+        let problem = velero
+            .lines
+            .iter()
+            .find(|line| line.starts_with("WARNING:"))
+            .cloned()
+            .unwrap_or_default();
+        return Err(SelfTestError::VeleroNotSent(
+            problem.trim_start_matches("WARNING: ").to_string(),
+        ));
+    }
+    lines.extend(velero.lines.into_iter().map(|line| format!("NOTE: {line}")));
+    Ok(lines)
 }

@@ -414,6 +414,24 @@ def test_8_selftest_is_what_helm_test_runs(cluster):
     finally:
         cluster.apply(cluster.mwc)
         time.sleep(2)
+    # Issue 33, finding 3: Velero's identity. Its Deployment here runs as
+    # its namespace's `default` ServiceAccount, which the chart's default
+    # (every ServiceAccount of Velero's namespace) sends; the old default,
+    # one user name, does not, and selftest says so and fails.
+    assert "is sent to the webhook's updates.restore.velero-vm-restore-webhook.io entry" in passed.stdout, passed.stdout
+    old = json.loads(json.dumps(cluster.mwc))
+    for hook in old["webhooks"]:
+        for condition in hook.get("matchConditions", []):
+            condition["expression"] = "request.userInfo.username in ['system:serviceaccount:velero:velero']"
+    cluster.apply(old)
+    try:
+        time.sleep(2)
+        failed = harness.run([cluster.webhook_bin, "selftest", "--namespace", "selftest"], env=env, check=False)
+        assert failed.returncode == 1, failed.stdout
+        assert "FAIL: Velero runs as system:serviceaccount:velero:default, which the webhook's" in failed.stdout, failed.stdout
+    finally:
+        cluster.apply(cluster.mwc)
+        time.sleep(2)
 
 
 def test_9_readme_cluster_check_works_on_a_fresh_namespace(cluster):
