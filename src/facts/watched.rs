@@ -1354,6 +1354,37 @@ mod tests {
         runner.abort();
     }
 
+    /// Issue 33, finding 7: one list that never answers (a slow or stuck
+    /// kind) no longer stalls another cache's first list: before, the one
+    /// page permit of the whole process was held across the network.
+    #[tokio::test]
+    async fn a_stuck_list_does_not_stall_another_caches_first_list() {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let stuck_client = {
+            let asked = asked.clone();
+            let service = tower::service_fn(move |_request: Request<kube::client::Body>| {
+                asked.fetch_add(1, Ordering::SeqCst);
+                futures::future::pending::<Result<Response<Body>, Infallible>>()
+            });
+            Client::new(service, "default")
+        };
+        let stuck = quick_cache(quick());
+        let (_stuck_served, receiver) = watch::channel(Served::Yes(resource()));
+        let stuck_runner = tokio::spawn(stuck.clone().run(stuck_client, receiver));
+        eventually("the stuck list was sent", || {
+            asked.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        let (api, _events) = FakeApi::new(&[("prod", "a")]);
+        let cache = quick_cache(quick());
+        let (_served, receiver) = watch::channel(Served::Yes(resource()));
+        let runner = tokio::spawn(cache.clone().run(client_for(api), receiver));
+        eventually("the other cache listed", || cache.is_ready()).await;
+        assert!(!stuck.is_ready());
+        runner.abort();
+        stuck_runner.abort();
+    }
+
     #[tokio::test]
     async fn a_kind_not_served_answers_without_a_request() {
         let (api, _events) = FakeApi::new(&[]);
