@@ -73,9 +73,15 @@ pub mod tempfile_dir {
 
     impl TempDir {
         pub fn new(prefix: &str) -> TempDir {
+            // The counter, not the clock, makes names unique: two tests of
+            // one process asking in the same clock tick got the same
+            // directory (issue 33, finding 10: 1 run in 20 of `cargo test`
+            // while the e2e ran failed so).
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let unique = format!(
-                "{prefix}-{}-{}",
+                "{prefix}-{}-{}-{}",
                 std::process::id(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos())
