@@ -173,6 +173,18 @@ pub struct ServeArgs {
     )]
     pub velero_groups: Vec<String>,
 
+    /// Users never taken for Velero, even as members of a --velero-group
+    /// (repeat, or comma-separate in the variable): the webhook's own
+    /// ServiceAccount, which the chart sets, since its companion patches
+    /// restored groups and, installed in Velero's namespace, it is in
+    /// Velero's group. Default: none.
+    #[arg(
+        long = "not-velero-user",
+        env = "VMRW_NOT_VELERO_USERS",
+        value_delimiter = ','
+    )]
+    pub not_velero_users: Vec<String>,
+
     /// VM Operator's own namespace, where it records which storage policies
     /// encrypt (StoragePolicy objects): read to check a VM's encryption
     /// class against its storage class.

@@ -223,6 +223,7 @@ fn velero_identity(args: &ServeArgs) -> VeleroIdentity {
         } else {
             groups
         },
+        not_users: given(&args.not_velero_users),
     }
 }
 

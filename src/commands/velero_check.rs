@@ -30,8 +30,13 @@ pub struct VeleroFound {
 
 /// `velero/velero:v1.15.2`, `registry/vmware/velero:v1.15.2_vmware.1` → (1, 15).
 pub fn image_version(image: &str) -> Option<(u32, u32)> {
+    let image = image.split('@').next()?;
     let tag = image.rsplit_once(':')?.1;
-    let tag = tag.split('@').next()?.trim_start_matches('v');
+    if tag.contains('/') {
+        // A registry's port, no tag.
+        return None;
+    }
+    let tag = tag.trim_start_matches('v');
     let mut parts = tag.split(['.', '_', '-', '+']);
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
@@ -39,17 +44,34 @@ pub fn image_version(image: &str) -> Option<(u32, u32)> {
 }
 
 /// The string literals of a CEL expression such as the chart's
-/// (`request.userInfo.username in ['a'] || … g in ['b']`).
-fn literals(expression: &str) -> Vec<&str> {
-    expression.split('\'').skip(1).step_by(2).collect()
+/// (`(request.userInfo.username in ['a'] || … g in ['b']) &&
+/// request.userInfo.username != 'c'`), each with whether it is excluded
+/// (`!= '…'`).
+fn literals(expression: &str) -> Vec<(&str, bool)> {
+    let mut found = Vec::new();
+    let mut rest = expression;
+    while let Some(start) = rest.find('\'') {
+        let excluded = rest[..start].trim_end().ends_with("!=");
+        let Some(length) = rest[start + 1..].find('\'') else {
+            break;
+        };
+        found.push((&rest[start + 1..start + 1 + length], excluded));
+        rest = &rest[start + 1 + length + 1..];
+    }
+    found
 }
 
 /// Whether the chart's matchConditions `expression` sends a request made as
-/// `user`, a member of `groups`: it names the user or one of the groups.
+/// `user`, a member of `groups`: it names the user or one of the groups,
+/// and does not exclude the user.
 pub fn expression_admits(expression: &str, user: &str, groups: &[String]) -> bool {
-    literals(expression)
+    let literals = literals(expression);
+    !literals
         .iter()
-        .any(|literal| *literal == user || groups.iter().any(|group| group == literal))
+        .any(|(literal, excluded)| *excluded && *literal == user)
+        && literals.iter().any(|(literal, excluded)| {
+            !excluded && (*literal == user || groups.iter().any(|group| group == literal))
+        })
 }
 
 /// Reads Velero's Deployment (`velero` in `namespace`) and the webhook's
@@ -167,6 +189,11 @@ mod tests {
             image_version("registry.local:5000/vmware/velero:v1.15.2_vmware.1"),
             Some((1, 15))
         );
+        assert_eq!(
+            image_version("velero/velero:v1.16.2@sha256:0123abcd"),
+            Some((1, 16))
+        );
+        assert_eq!(image_version("registry.local:5000/velero/velero"), None);
         assert_eq!(image_version("velero/velero:latest"), None);
         assert_eq!(image_version("velero/velero"), None);
     }
@@ -195,5 +222,10 @@ mod tests {
             "system:serviceaccount:backup:velero",
             &["system:serviceaccounts:backup".to_string()]
         ));
+        // The webhook's own account, excluded, is never taken for Velero.
+        let own = "system:serviceaccount:velero:vm-restore-velero-vm-restore-webhook";
+        let chart = format!("({new}) && request.userInfo.username != '{own}'");
+        assert!(expression_admits(&chart, server, &groups));
+        assert!(!expression_admits(&chart, own, &groups));
     }
 }

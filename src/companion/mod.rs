@@ -439,7 +439,7 @@ impl Companion {
             .as_ref()
             .map(|seen| seen.take(&restore.name))
             .unwrap_or_default();
-        for user in users {
+        for (index, user) in users.iter().enumerate() {
             let message = format!(
                 "this restore's objects were created by {user}, which the webhook does not take for Velero \
                  (--velero-user, --velero-group): Velero's status writes and updates from {user} skip the webhook, \
@@ -447,9 +447,17 @@ impl Companion {
                  --set-json 'webhook.velero.users=[\"{user}\"]'"
             );
             let event =
-                self.restore_event(&restore, UNRECOGNISED_REASON, &user, &message, "Warning");
-            if self.create_event(event).await? {
-                events += 1;
+                self.restore_event(&restore, UNRECOGNISED_REASON, user, &message, "Warning");
+            match self.create_event(event).await {
+                Ok(true) => events += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    // Kept for the retry of this Restore.
+                    if let Some(seen) = &self.unrecognised {
+                        seen.restore_users(&restore.name, &users[index..]);
+                    }
+                    return Err(err);
+                }
             }
         }
         if events > 0 {

@@ -3,8 +3,9 @@
 //! the restore companion of the same process, once the Restore has finished,
 //! writes one Warning Event on the Restore per user (`kubectl describe
 //! restore`), since Velero's later writes from that user skip the webhook.
-//! Bounded: a user of one namespace labelling objects with made-up restore
-//! names fills at most [`MAX_RESTORES`] entries, never memory.
+//! Recorded only for Restores that exist. Bounded: at most [`MAX_RESTORES`]
+//! restores (a new one evicts another, so the record never fills for
+//! good), [`MAX_USERS`] users each, and user names cut to [`MAX_USER_BYTES`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -13,6 +14,8 @@ use std::sync::Mutex;
 pub const MAX_RESTORES: usize = 256;
 /// Users remembered per restore.
 pub const MAX_USERS: usize = 4;
+/// A longer user name is cut (no ServiceAccount's is this long).
+pub const MAX_USER_BYTES: usize = 256;
 
 #[derive(Debug, Default)]
 pub struct Unrecognised {
@@ -23,12 +26,27 @@ impl Unrecognised {
     /// `user` made a labelled create for `restore` and is not Velero.
     pub fn record(&self, restore: &str, user: &str) {
         let mut by_restore = self.by_restore.lock().unwrap_or_else(|e| e.into_inner());
-        if !by_restore.contains_key(restore) && by_restore.len() >= MAX_RESTORES {
-            return;
+        if !by_restore.contains_key(restore)
+            && by_restore.len() >= MAX_RESTORES
+            && let Some(evicted) = by_restore.keys().next().cloned()
+        {
+            by_restore.remove(&evicted);
+        }
+        let mut end = user.len().min(MAX_USER_BYTES);
+        while !user.is_char_boundary(end) {
+            end -= 1;
         }
         let users = by_restore.entry(restore.to_string()).or_default();
         if users.len() < MAX_USERS {
-            users.insert(user.to_string());
+            users.insert(user[..end].to_string());
+        }
+    }
+
+    /// Records `users` for `restore` again (their Event could not be
+    /// written; the companion tries the Restore again).
+    pub fn restore_users(&self, restore: &str, users: &[String]) {
+        for user in users {
+            self.record(restore, user);
         }
     }
 
@@ -57,9 +75,6 @@ mod tests {
         for i in 0..10 {
             seen.record("r2", &format!("user-{i}"));
         }
-        for i in 0..(MAX_RESTORES * 2) {
-            seen.record(&format!("made-up-{i}"), "attacker");
-        }
         assert_eq!(
             seen.take("r1"),
             [
@@ -69,9 +84,19 @@ mod tests {
         );
         assert!(seen.take("r1").is_empty(), "taken once");
         assert_eq!(seen.take("r2").len(), MAX_USERS);
+        seen.record("r1", "kubernetes-admin");
+        for i in 0..(MAX_RESTORES * 2) {
+            seen.record(&format!("made-up-{i:04}"), "attacker");
+        }
+        seen.record("r3", &"x".repeat(10_000));
+        // Past the bound one entry is evicted: a later restore is still
+        // recorded, and its user name cut.
+        assert_eq!(seen.take("r3"), ["x".repeat(MAX_USER_BYTES)]);
         let kept = (0..(MAX_RESTORES * 2))
-            .filter(|i| !seen.take(&format!("made-up-{i}")).is_empty())
+            .filter(|i| !seen.take(&format!("made-up-{i:04}")).is_empty())
             .count();
-        assert_eq!(kept, MAX_RESTORES - 2);
+        assert!(kept < MAX_RESTORES, "{kept}");
+        seen.restore_users("r4", &["velero-server".into()]);
+        assert_eq!(seen.take("r4"), ["velero-server"]);
     }
 }

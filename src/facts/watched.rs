@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::future::{BoxFuture, Shared};
+use futures::future::{BoxFuture, Shared, WeakShared};
 use futures::{FutureExt, TryStreamExt};
 use http_body_util::BodyExt;
 use kube::Client;
@@ -205,6 +205,8 @@ impl Timings {
 /// A live list of one namespace that confirms a miss; those waiting on the
 /// same one share its answer.
 type Confirmation<P> = Shared<BoxFuture<'static, Listing<P>>>;
+/// A confirmation as the map keeps it: weakly.
+type PendingConfirmation<P> = WeakShared<BoxFuture<'static, Listing<P>>>;
 
 /// Counters a cache keeps for the metrics.
 #[derive(Debug, Default)]
@@ -228,9 +230,11 @@ pub struct Watched<P> {
     changes: watch::Sender<u64>,
     /// Live reads by namespace, while the cache is not trusted.
     live: Mutex<HashMap<String, (Instant, Listing<P>)>>,
-    /// Confirmations in flight (or done), by namespace, with when each
-    /// started: a miss joins only one that started after it was seen.
-    confirming: Mutex<HashMap<String, (Instant, Confirmation<P>)>>,
+    /// Confirmations in flight, by namespace, with when each started: a
+    /// miss joins only one that started after it was seen. Held weakly: a
+    /// confirmation every waiter gave up on (their deadlines) is dropped
+    /// with its request and its permit, never kept alive by this map.
+    confirming: Mutex<HashMap<String, (Instant, PendingConfirmation<P>)>>,
     timings: Timings,
     pub stats: WatchStats,
 }
@@ -482,11 +486,15 @@ impl<P: Project> Watched<P> {
         };
         let confirmation = {
             let mut confirming = self.confirming.lock().unwrap_or_else(|e| e.into_inner());
-            match confirming.get(namespace) {
-                Some((started, confirmation)) if *started >= seen => confirmation.clone(),
-                _ => {
+            let joined = confirming
+                .get(namespace)
+                .filter(|(started, _)| *started >= seen)
+                .and_then(|(_, pending)| pending.upgrade());
+            match joined {
+                Some(confirmation) => confirmation,
+                None => {
                     self.stats.confirmations.fetch_add(1, Ordering::Relaxed);
-                    let confirmation = confirm_live::<P>(
+                    let confirmation: Confirmation<P> = confirm_live::<P>(
                         client.clone(),
                         resource,
                         namespace.to_string(),
@@ -495,13 +503,12 @@ impl<P: Project> Watched<P> {
                     )
                     .boxed()
                     .shared();
-                    if confirming.len() >= 1024 {
-                        confirming.retain(|_, (_, pending)| pending.peek().is_none());
+                    if confirming.len() >= 64 {
+                        confirming.retain(|_, (_, pending)| pending.upgrade().is_some());
                     }
-                    confirming.insert(
-                        namespace.to_string(),
-                        (Instant::now(), confirmation.clone()),
-                    );
+                    if let Some(weak) = confirmation.downgrade() {
+                        confirming.insert(namespace.to_string(), (Instant::now(), weak));
+                    }
                     confirmation
                 }
             }
@@ -1383,6 +1390,40 @@ mod tests {
         assert!(!stuck.is_ready());
         runner.abort();
         stuck_runner.abort();
+    }
+
+    /// The review of issue 33: a confirmation every waiter gave up on (a
+    /// stuck list, the request's deadline) must not keep its permit; before
+    /// the map held it strongly, and after 8 such, no miss could be
+    /// confirmed any more, in any namespace.
+    #[tokio::test]
+    async fn a_confirmation_nobody_waits_for_gives_its_permit_back() {
+        let stuck_client = Client::new(
+            tower::service_fn(|_request: Request<kube::client::Body>| {
+                futures::future::pending::<Result<Response<Body>, Infallible>>()
+            }),
+            "default",
+        );
+        let stuck = quick_cache(quick());
+        stuck.write_state().served = Served::Yes(resource());
+        for i in 0..(CONFIRMATIONS_AT_ONCE + 2) {
+            let waited = tokio::time::timeout(
+                Duration::from_millis(20),
+                stuck.confirm(&stuck_client, &format!("ns-{i}")),
+            )
+            .await;
+            assert!(waited.is_err(), "the stuck list never answers");
+        }
+        let (api, _events) = FakeApi::new(&[("prod", "a")]);
+        let cache = quick_cache(quick());
+        cache.write_state().served = Served::Yes(resource());
+        let confirmed = tokio::time::timeout(
+            Duration::from_secs(10),
+            cache.confirm(&client_for(api), "prod"),
+        )
+        .await
+        .expect("a permit is free again");
+        assert!(matches!(confirmed, Listing::Listed(prod) if prod.contains_key("a")));
     }
 
     #[tokio::test]

@@ -319,6 +319,10 @@ pub fn restore_label(object: &Value) -> Option<&str> {
 pub struct VeleroIdentity {
     pub users: Vec<String>,
     pub groups: Vec<String>,
+    /// Never Velero, even as a member of one of `groups`: the webhook's own
+    /// ServiceAccount, whose companion patches restored groups (installed
+    /// in Velero's namespace, it is in Velero's group).
+    pub not_users: Vec<String>,
 }
 
 impl VeleroIdentity {
@@ -335,12 +339,16 @@ impl VeleroIdentity {
         VeleroIdentity {
             users: Vec::new(),
             groups: vec![Self::namespace_group(velero_namespace)],
+            not_users: Vec::new(),
         }
     }
 
     /// Whether a request made as `user_info` is Velero's.
     pub fn matches(&self, user_info: &k8s_openapi::api::authentication::v1::UserInfo) -> bool {
         let username = user_info.username.as_deref().unwrap_or_default();
+        if self.not_users.iter().any(|user| user == username) {
+            return false;
+        }
         self.users.iter().any(|user| user == username)
             || user_info
                 .groups
@@ -661,7 +669,7 @@ mod tests {
         let input = parse_review(&review(labelled.clone(), "CREATE", "VirtualMachine")).unwrap();
         let velero = VeleroIdentity {
             users: vec!["velero".to_string()],
-            groups: Vec::new(),
+            ..Default::default()
         };
         assert!(
             matches!(scope(&input.request, input.object.as_ref(), &velero), Scope::In { restore, write: Write::Create, .. } if restore == "r1")

@@ -87,7 +87,52 @@ pub struct Reviewer {
     /// for the companion's Event on the Restore.
     unrecognised: Option<Arc<crate::facts::unrecognised::Unrecognised>>,
     waits: GroupWaits,
+    /// Confirmations of a miss in flight, per namespace.
+    confirm_shares: ConfirmShares,
     decide_settings: DecideSettings,
+}
+
+/// Confirmations in flight per namespace, at most
+/// [`CONFIRMATIONS_PER_NAMESPACE`] each.
+#[derive(Default)]
+struct ConfirmShares {
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// Confirmations one namespace may have in flight at once.
+pub const CONFIRMATIONS_PER_NAMESPACE: usize = 2;
+
+/// One confirmation's share of its namespace, given back on drop.
+struct ConfirmShare {
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    namespace: String,
+}
+
+impl ConfirmShares {
+    fn take(&self, namespace: &str) -> Option<ConfirmShare> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let count = in_flight.entry(namespace.to_string()).or_default();
+        if *count >= CONFIRMATIONS_PER_NAMESPACE {
+            return None;
+        }
+        *count += 1;
+        Some(ConfirmShare {
+            in_flight: self.in_flight.clone(),
+            namespace: namespace.to_string(),
+        })
+    }
+}
+
+impl Drop for ConfirmShare {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = in_flight.get_mut(&self.namespace) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                in_flight.remove(&self.namespace);
+            }
+        }
+    }
 }
 
 /// What one review produced: the response, and for the metrics and the
@@ -143,6 +188,7 @@ impl Reviewer {
             mappings: None,
             unrecognised: None,
             waits: GroupWaits::new(settings.wait_limits),
+            confirm_shares: ConfirmShares::default(),
             groups,
             restores,
             settings,
@@ -327,8 +373,14 @@ impl Reviewer {
             if let Some(metrics) = &self.metrics {
                 metrics.velero_unrecognised.inc();
             }
+            // Only for a Restore that exists: a made-up restore name can
+            // neither fill the record nor put an Event anywhere.
             if let Some(seen) = &self.unrecognised
                 && !request.dry_run
+                && matches!(
+                    facts.restore,
+                    RestoreFact::Lookup(crate::facts::RestoreLookup::Found(_))
+                )
             {
                 seen.record(
                     &restore,
@@ -490,14 +542,36 @@ impl Reviewer {
         view: &mut TargetView,
         deadline: Deadline,
     ) {
+        // Only a miss that denies the VM or strips its zone is confirmed: a
+        // stripped `spec.class` or `spec.image` is resolved again by VM
+        // Operator from `spec.className` or `spec.imageName`, so a lagging
+        // cache costs nothing there, and a copy into another namespace (whose
+        // class instances always differ) stays free of requests.
         let missed: BTreeSet<Collection> = references
             .iter()
+            .filter(|reference| {
+                reference.kind.denies_when_missing() || reference.kind == RefKind::Zone
+            })
             .filter(|reference| targets::check(view, reference) == Checked::Missing)
             .flat_map(|reference| targets::collections_for(reference.kind).iter().copied())
             .collect();
         if missed.is_empty() {
             return;
         }
+        // One namespace's flood of VMs naming what does not exist cannot
+        // take every confirmation (nor multiply lists): past its share, its
+        // misses stay unknown, so nothing is denied or stripped for them and
+        // VM Operator's own check stands. Velero creates one object at a
+        // time, so a restore never needs more than one.
+        let Some(_share) = self.confirm_shares.take(subject.namespace) else {
+            view.overlay(
+                TargetView::unknown(
+                    "too many confirmations in flight in this namespace; not confirmed",
+                )
+                .only(&missed),
+            );
+            return;
+        };
         debug!(
             object = subject.object_label,
             collections = missed.len(),
@@ -1059,7 +1133,11 @@ mod tests {
         let seen = Arc::new(crate::facts::unrecognised::Unrecognised::default());
         let reviewer = Reviewer::new(
             crate::facts::given::StaticGroups::new([]),
-            StaticRestores::none(),
+            StaticRestores::found(RestoreInfo {
+                name: "r1".into(),
+                uid: Some("u1".into()),
+                ..Default::default()
+            }),
             ReviewSettings::default(),
             None,
         )
@@ -1192,5 +1270,25 @@ mod tests {
                 reviewed.verdict.changes
             );
         }
+    }
+
+    /// The review of issue 33: one namespace has at most
+    /// `CONFIRMATIONS_PER_NAMESPACE` confirmations in flight; a share comes
+    /// back when its confirmation ends, and other namespaces are not
+    /// affected.
+    #[test]
+    fn confirmations_are_shared_out_per_namespace() {
+        let shares = ConfirmShares::default();
+        let held: Vec<_> = (0..CONFIRMATIONS_PER_NAMESPACE)
+            .map(|_| shares.take("flood").expect("a share"))
+            .collect();
+        assert!(shares.take("flood").is_none(), "past its share");
+        assert!(
+            shares.take("prod").is_some(),
+            "another namespace still confirms"
+        );
+        drop(held);
+        assert!(shares.take("flood").is_some());
+        assert!(shares.in_flight.lock().unwrap().is_empty(), "nothing kept");
     }
 }

@@ -141,9 +141,13 @@ anyone else's update unchanged (--velero-user), but is called for it.
 {{- if not $tests -}}
 {{- fail "webhook.velero.users and webhook.velero.groups are both empty: nothing would be taken for Velero" -}}
 {{- end -}}
+{{- $expression := join " || " $tests -}}
+{{- if .self -}}
+{{- $expression = printf "(%s) && request.userInfo.username != '%s'" $expression .self -}}
+{{- end }}
 matchConditions:
   - name: velero-only
-    expression: {{ join " || " $tests | quote }}
+    expression: {{ $expression | quote }}
 {{- end -}}
 {{- end -}}
 
@@ -202,4 +206,10 @@ ServiceAccount of Velero's namespace (Velero however it was installed). */}}
 {{- end -}}
 {{- define "vmrw.veleroGroups" -}}
 {{- .Values.webhook.velero.groups | default (list (printf "system:serviceaccounts:%s" .Values.server.veleroNamespace)) | toJson -}}
+{{- end -}}
+
+{{/* The webhook's own user: never Velero, even in Velero's group (its
+companion patches restored groups). */}}
+{{- define "vmrw.selfUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "vmrw.serviceAccountName" .) -}}
 {{- end -}}
