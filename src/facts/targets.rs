@@ -234,18 +234,14 @@ type Put<P> = Box<dyn Fn(&mut TargetView, Listing<P>) + Send + Sync>;
 /// The cache of one collection, whatever its projection.
 trait CollectionCache: Send + Sync {
     fn stats(&self) -> CacheStats;
+    /// What `namespace` has of the collection, into `view`: from the cache,
+    /// or, with `fresh`, listed live now ([`Watched::confirm`]).
     fn read_into<'a>(
         &'a self,
         client: &'a Client,
         view: &'a mut TargetView,
         namespace: &'a str,
-    ) -> BoxFuture<'a, ()>;
-    /// Like `read_into`, but listed live now ([`Watched::confirm`]).
-    fn confirm_into<'a>(
-        &'a self,
-        client: &'a Client,
-        view: &'a mut TargetView,
-        namespace: &'a str,
+        fresh: bool,
     ) -> BoxFuture<'a, ()>;
 }
 
@@ -267,22 +263,15 @@ impl<P: Project> CollectionCache for Slot<P> {
         client: &'a Client,
         view: &'a mut TargetView,
         namespace: &'a str,
+        fresh: bool,
     ) -> BoxFuture<'a, ()> {
         async move {
-            let listing = self.watched.read(client, self.scope(namespace)).await;
-            (self.put)(view, listing);
-        }
-        .boxed()
-    }
-
-    fn confirm_into<'a>(
-        &'a self,
-        client: &'a Client,
-        view: &'a mut TargetView,
-        namespace: &'a str,
-    ) -> BoxFuture<'a, ()> {
-        async move {
-            let listing = self.watched.confirm(client, self.scope(namespace)).await;
+            let scope = self.scope(namespace);
+            let listing = if fresh {
+                self.watched.confirm(client, scope).await
+            } else {
+                self.watched.read(client, scope).await
+            };
             (self.put)(view, listing);
         }
         .boxed()
@@ -497,16 +486,7 @@ impl TargetFacts for TargetCache {
         namespace: &'a str,
         needed: &'a BTreeSet<Collection>,
     ) -> BoxFuture<'a, TargetView> {
-        async move {
-            let mut view = TargetView::default();
-            for (collection, cache) in &self.caches {
-                if needed.contains(collection) {
-                    cache.read_into(&self.client, &mut view, namespace).await;
-                }
-            }
-            view
-        }
-        .boxed()
+        self.read_view(namespace, needed, false)
     }
 
     fn confirm_view<'a>(
@@ -514,11 +494,25 @@ impl TargetFacts for TargetCache {
         namespace: &'a str,
         needed: &'a BTreeSet<Collection>,
     ) -> BoxFuture<'a, TargetView> {
+        self.read_view(namespace, needed, true)
+    }
+}
+
+impl TargetCache {
+    /// Each collection in `needed`, read once (live now, with `fresh`).
+    fn read_view<'a>(
+        &'a self,
+        namespace: &'a str,
+        needed: &'a BTreeSet<Collection>,
+        fresh: bool,
+    ) -> BoxFuture<'a, TargetView> {
         async move {
             let mut view = TargetView::default();
             for (collection, cache) in &self.caches {
                 if needed.contains(collection) {
-                    cache.confirm_into(&self.client, &mut view, namespace).await;
+                    cache
+                        .read_into(&self.client, &mut view, namespace, fresh)
+                        .await;
                 }
             }
             view
