@@ -197,6 +197,18 @@ def supervisor(ns, zones=("zone-a",)):
     return docs
 
 
+def active_class_instance(ns, vm_class):
+    """The active instance of `vm_class` (the VirtualMachineClass object read
+    from `ns`) that VM Operator names in each VM's spec.class
+    (ImmutableClasses); its name differs per namespace, as a hash does."""
+    return {"apiVersion": V, "kind": "VirtualMachineClassInstance",
+            "metadata": {"name": f"{vm_class['metadata']['name']}-{ns}", "namespace": ns,
+                         "labels": {"vmoperator.vmware.com/active": ""},
+                         "ownerReferences": [{"apiVersion": V, "kind": "VirtualMachineClass",
+                                              "name": vm_class["metadata"]["name"], "uid": vm_class["metadata"]["uid"]}]},
+            "spec": vm_class["spec"]}
+
+
 def supervisor_vm(ns, name, group_name, index, zone="zone-a"):
     """A VM as a VPC Supervisor stores it: its interface on the namespace's
     SubnetSet, and the zone VM Operator placed it in."""

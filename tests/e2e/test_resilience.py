@@ -45,13 +45,7 @@ def prepare_namespace(cluster, ns):
     instance, an image. Waits until the webhook admits a labelled VM that
     uses them (its caches have them)."""
     cluster.apply(o.supervisor(ns, zones=()))
-    vm_class = cluster.get_json("virtualmachineclass", "best-effort-small", "-n", ns)
-    cluster.apply({"apiVersion": o.V, "kind": "VirtualMachineClassInstance",
-                   "metadata": {"name": f"best-effort-small-{ns}", "namespace": ns,
-                                "labels": {"vmoperator.vmware.com/active": ""},
-                                "ownerReferences": [{"apiVersion": o.V, "kind": "VirtualMachineClass",
-                                                     "name": "best-effort-small", "uid": vm_class["metadata"]["uid"]}]},
-                   "spec": vm_class["spec"]})
+    cluster.apply(o.active_class_instance(ns, cluster.get_json("virtualmachineclass", "best-effort-small", "-n", ns)))
     probe = labelled_vm(ns, "probe", 99, "probe")
     wait_until(lambda: cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe),
                                        check=False).returncode == 0,

@@ -65,15 +65,7 @@ def prepare_supervisor(cluster, ns, zones=("zone-a",)):
     """Creates a namespace's Supervisor objects and waits until VM Operator's
     webhooks see them: its client reads a cache, which lags behind creates."""
     cluster.apply(o.supervisor(ns, zones=zones))
-    # The class's active instance (ImmutableClasses): VM Operator names it in
-    # each VM's spec.class. Its name differs per namespace, as a hash does.
-    vm_class = cluster.get_json("virtualmachineclass", "best-effort-small", "-n", ns)
-    cluster.apply({"apiVersion": o.V, "kind": "VirtualMachineClassInstance",
-                   "metadata": {"name": f"best-effort-small-{ns}", "namespace": ns,
-                                "labels": {"vmoperator.vmware.com/active": ""},
-                                "ownerReferences": [{"apiVersion": o.V, "kind": "VirtualMachineClass",
-                                                     "name": "best-effort-small", "uid": vm_class["metadata"]["uid"]}]},
-                   "spec": vm_class["spec"]})
+    cluster.apply(o.active_class_instance(ns, cluster.get_json("virtualmachineclass", "best-effort-small", "-n", ns)))
     wait_admitted(cluster, o.supervisor_vm(ns, "probe", None, 99, zone=zones[0]), f"best-effort-small-{ns}",
                   f"VM Operator to see the Supervisor objects of {ns}")
 
