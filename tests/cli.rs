@@ -123,10 +123,21 @@ fn the_marker_is_set_unless_disabled() {
     let marker = "velero-vm-restore-webhook/reviewed-for-restore";
     let out = run(&["review", "--patched", "-"], Some(&input));
     let patched: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        patched["metadata"]["annotations"][marker],
-        "nightly-20261125"
-    );
+    // No Restore behind the label here: the marker says when it was
+    // written, and counts only within the same admission.
+    let written = patched["metadata"]["annotations"][marker]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let at: u64 = written
+        .strip_prefix("nightly-20261125/unread-at-")
+        .and_then(|at| at.parse().ok())
+        .unwrap_or_else(|| panic!("{written}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(at <= now && now - at < 3600, "{written}");
     let out = run(
         &[
             "review",

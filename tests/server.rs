@@ -486,27 +486,27 @@ async fn reinvocation_keeps_what_vm_operator_set_after_us() {
     );
 }
 
-/// Issue 33, finding 8: without a Restore (labelled by hand) the bare
-/// marker proves nothing, so a reinvocation cleans again: VM Operator's
-/// fresh instanceUUID goes, nothing else changes, and the patch applies.
+/// Issue 33, finding 8: without a Restore (labelled by hand) the marker
+/// says when it was written: the reinvocation of the same create keeps VM
+/// Operator's fresh instanceUUID, while the same object come back from a
+/// backup with an old marker, or a bare one, is cleaned again.
 #[tokio::test]
-async fn without_a_restore_a_reinvocation_cleans_again_and_only_that() {
+async fn without_a_restore_only_this_admissions_marker_counts() {
     let (server, client, _secret, _ca) = started(Duration::from_secs(2)).await;
     server.groups.insert("prod", "web-tier");
+    let marker = "velero-vm-restore-webhook/reviewed-for-restore";
     let object = example("vm-v1alpha5.json");
     let first = post_review(&client, &server.url("/mutate"), &review_for(&object, false)).await;
     let patched = apply(&object, &first.patch);
-    assert_eq!(
-        patched["metadata"]["annotations"]["velero-vm-restore-webhook/reviewed-for-restore"],
-        "nightly-20261125"
+    let written = patched["metadata"]["annotations"][marker]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        written.starts_with("nightly-20261125/unread-at-"),
+        "{written}"
     );
-    let again = post_review(
-        &client,
-        &server.url("/mutate"),
-        &review_for(&patched, false),
-    )
-    .await;
-    assert!(again.patch.is_none(), "{}", again.body);
+    // The reinvocation: VM Operator's webhook set a fresh instanceUUID.
     let mut defaulted = patched.clone();
     defaulted["spec"]["instanceUUID"] = json!("1b4e28ba-2fa1-11d2-883f-0016d3cca427");
     let again = post_review(
@@ -516,5 +516,25 @@ async fn without_a_restore_a_reinvocation_cleans_again_and_only_that() {
     )
     .await;
     assert!(again.allowed());
-    assert_eq!(apply(&defaulted, &again.patch), patched, "{}", again.body);
+    assert!(again.patch.is_none(), "{}", again.body);
+    // From a backup: a bare marker, or one written a day ago.
+    for old in ["nightly-20261125", "nightly-20261125/unread-at-1000"] {
+        let mut backed_up = defaulted.clone();
+        backed_up["metadata"]["annotations"][marker] = json!(old);
+        let again = post_review(
+            &client,
+            &server.url("/mutate"),
+            &review_for(&backed_up, false),
+        )
+        .await;
+        let cleaned = apply(&backed_up, &again.patch);
+        assert!(cleaned.pointer("/spec/instanceUUID").is_none(), "{old}");
+        assert!(
+            cleaned["metadata"]["annotations"][marker]
+                .as_str()
+                .unwrap()
+                .starts_with("nightly-20261125/unread-at-"),
+            "{old}"
+        );
+    }
 }

@@ -35,7 +35,7 @@ impl RestoreRef {
 
     /// The webhook's marker value for this Restore.
     pub fn marker(&self) -> String {
-        marker_value(&self.label(), Some(&self.uid))
+        marker_value(&self.label(), Some(&self.uid), 0)
     }
 }
 

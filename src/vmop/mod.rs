@@ -36,36 +36,61 @@ pub const CONVERSION_ANNOTATION: &str = "vmoperator.vmware.com/conversion";
 /// already cleaned for this restore, so those new values stay. A later
 /// restore of a backup of this object, even by a Restore re-created under
 /// the same name, has another UID and is cleaned again. Without the
-/// Restore's UID no marker counts: every call cleans the object again (the
-/// rules are idempotent), and VM Operator's fresh `instanceUUID` goes too.
+/// Restore's UID the marker carries when it was written and counts only
+/// within the same admission (see [`marker_matches`]).
 pub const REVIEWED_ANNOTATION: &str = "velero-vm-restore-webhook/reviewed-for-restore";
 pub const R_REVIEWED_MARKER: &str = "reviewed-marker";
 pub const R_APPLIED_RULES: &str = "applied-rules";
 
-/// The marker's value: `<restore>/<uid>`, or `<restore>` when the Restore
-/// object could not be read (a record of the review, never proof of one).
-pub fn marker_value(restore_label: &str, uid: Option<&str>) -> String {
+/// How long a marker written without the Restore's UID counts: the
+/// reinvocation of the same create comes within the API server's webhook
+/// timeouts (30 s each at most); a marker that came back from a backup is
+/// older than this.
+pub const UNREAD_MARKER_SECONDS: u64 = 120;
+
+/// The marker's value: `<restore>/<uid>`, or, when the Restore object could
+/// not be read (not found, labelled by hand), `<restore>/unread-at-<unix
+/// seconds>`.
+pub fn marker_value(restore_label: &str, uid: Option<&str>, now_unix: u64) -> String {
     match uid {
         Some(uid) => format!("{restore_label}/{uid}"),
-        None => restore_label.to_string(),
+        None => format!("{restore_label}/unread-at-{now_unix}"),
     }
 }
 
 /// Whether the object's marker says it was reviewed for this restore: it
 /// equals `<restore>/<uid>` with the Restore's UID. A marker that came back
-/// from a backup (another Restore's UID) never counts, and neither does any
-/// marker when the UID is unknown (the Restore was not found or not read):
-/// a bare `<restore>` may have come back from a backup of an object an
-/// earlier restore of the same name reviewed.
-pub fn marker_matches(object: &serde_json::Value, restore_label: &str, uid: Option<&str>) -> bool {
-    let Some(uid) = uid else {
-        return false;
-    };
-    object
+/// from a backup (another Restore's UID) never counts. Without the UID (the
+/// Restore was not found or not read) only a marker written in this
+/// admission counts: `<restore>/unread-at-<t>` with `t` at most
+/// [`UNREAD_MARKER_SECONDS`] before `now_unix` (a little clock skew between
+/// replicas allowed), so VM Operator's fresh defaults survive the
+/// reinvocation, while a bare `<restore>` or an old one from a backup does
+/// not count.
+pub fn marker_matches(
+    object: &serde_json::Value,
+    restore_label: &str,
+    uid: Option<&str>,
+    now_unix: u64,
+) -> bool {
+    let Some(current) = object
         .pointer("/metadata/annotations")
         .and_then(|annotations| annotations.get(REVIEWED_ANNOTATION))
         .and_then(serde_json::Value::as_str)
-        .is_some_and(|current| current == marker_value(restore_label, Some(uid)))
+    else {
+        return false;
+    };
+    match uid {
+        Some(uid) => current == marker_value(restore_label, Some(uid), now_unix),
+        None => current
+            .strip_prefix(restore_label)
+            .and_then(|rest| rest.strip_prefix("/unread-at-"))
+            .and_then(|at| at.parse::<u64>().ok())
+            .is_some_and(|at| {
+                at <= now_unix.saturating_add(5)
+                    && now_unix.saturating_sub(at) <= UNREAD_MARKER_SECONDS
+            }),
+    }
 }
 
 /// What starts the annotations this binary writes.
@@ -402,8 +427,8 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     docs.push(RuleDoc {
         id: R_REVIEWED_MARKER,
         kind: "all three",
-        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>/<restore UID>` on admitted VMs and groups, and on PVCs it changed (`<restore>` alone when the Restore was not read: a record that never counts)",
-        why: "on reinvocation (`IfNeeded`) the object is left alone, so VM Operator's fresh `instanceUUID`, `biosUUID` and power-state time survive; only a marker with the Restore's UID proves that, as a backup may bring back any other",
+        what: "set annotation `velero-vm-restore-webhook/reviewed-for-restore: <restore>/<restore UID>` on admitted VMs and groups, and on PVCs it changed (`<restore>/unread-at-<unix seconds>` when the Restore was not read: it counts for 120 s, the reinvocation of the same create)",
+        why: "on reinvocation (`IfNeeded`) the object is left alone, so VM Operator's fresh `instanceUUID`, `biosUUID` and power-state time survive; only a marker with the Restore's UID, or one written in this admission, proves that, as a backup may bring back any other",
     });
     docs
 }
@@ -473,21 +498,33 @@ mod tests {
         );
     }
 
-    /// Issue 33, finding 8: a marker counts only with the Restore's UID. A
-    /// bare `<restore>` (written where no Restore was read) may have come
-    /// back from a backup of an object an earlier restore of the same name
-    /// reviewed, so it never proves this review.
+    /// Issue 33, finding 8: with the Restore's UID, only `<restore>/<uid>`
+    /// counts. Without it, a bare `<restore>` (written by earlier versions,
+    /// or come back from a backup of an object an earlier restore of the
+    /// same name reviewed) never counts; only a marker written in this
+    /// admission does (`unread-at-` a moment ago), so the reinvocation after
+    /// VM Operator's webhook keeps its fresh `instanceUUID`.
     #[test]
-    fn a_marker_counts_only_with_the_restores_uid() {
+    fn a_marker_counts_only_with_the_restores_uid_or_from_this_admission() {
         use serde_json::json;
-        let rows: &[(Option<&str>, Option<&str>, bool)] = &[
-            (Some("r1/u1"), Some("u1"), true),
-            (Some("r1/u0"), Some("u1"), false),
-            (Some("r1"), Some("u1"), false),
-            (Some("r1"), None, false),
-            (Some("r1/u1"), None, false),
-            (Some("r1/"), None, false),
-            (Some("r2/u1"), Some("u1"), false),
+        let now = 1_800_000_000;
+        let at = |t: u64| format!("r1/unread-at-{t}");
+        let rows: &[(Option<String>, Option<&str>, bool)] = &[
+            (Some("r1/u1".into()), Some("u1"), true),
+            (Some("r1/u0".into()), Some("u1"), false),
+            (Some("r1".into()), Some("u1"), false),
+            (Some("r1".into()), None, false),
+            (Some("r1/u1".into()), None, false),
+            (Some("r1/".into()), None, false),
+            (Some("r2/u1".into()), Some("u1"), false),
+            (Some(at(now - 3)), None, true),
+            (Some(at(now + 2)), None, true),
+            (Some(at(now - UNREAD_MARKER_SECONDS - 1)), None, false),
+            (Some(at(now - 86_400)), None, false),
+            (Some(at(now + 3600)), None, false),
+            (Some(at(now)), Some("u1"), false),
+            (Some(format!("r2/unread-at-{now}")), None, false),
+            (Some("r1/unread-at-soon".into()), None, false),
             (None, Some("u1"), false),
             (None, None, false),
         ];
@@ -497,11 +534,13 @@ mod tests {
                 object["metadata"]["annotations"][REVIEWED_ANNOTATION] = json!(marker);
             }
             assert_eq!(
-                marker_matches(&object, "r1", *uid),
+                marker_matches(&object, "r1", *uid, now),
                 *counts,
                 "marker {marker:?}, Restore UID {uid:?}"
             );
         }
+        assert_eq!(marker_value("r1", None, now), at(now));
+        assert_eq!(marker_value("r1", Some("u1"), now), "r1/u1");
     }
 
     #[test]

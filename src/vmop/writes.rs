@@ -522,6 +522,7 @@ mod tests {
             object: updated,
             object_label: "VirtualMachine prod/web-1",
             dry_run: false,
+            received_at_unix: 1_800_000_000,
         };
         let settings = DecideSettings {
             group_policy: GroupPolicy::WaitThenDeny,

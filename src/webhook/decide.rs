@@ -34,6 +34,9 @@ pub struct Subject<'a> {
     /// `Kind namespace/name`, for messages.
     pub object_label: &'a str,
     pub dry_run: bool,
+    /// When the request came (seconds since the epoch): how old a marker
+    /// written without the Restore's UID is.
+    pub received_at_unix: u64,
 }
 
 /// What the Restore lookup gave, within the request's deadline.
@@ -175,7 +178,12 @@ pub fn restore_uid(restore: &RestoreFact) -> Option<&str> {
 /// UID: a bare `<restore>` marker may come from a backup of an object an
 /// earlier restore of the same name reviewed, so it never counts.
 pub fn already_reviewed(subject: &Subject, restore: &RestoreFact) -> bool {
-    vmop::marker_matches(subject.object, subject.restore_label, restore_uid(restore))
+    vmop::marker_matches(
+        subject.object,
+        subject.restore_label,
+        restore_uid(restore),
+        subject.received_at_unix,
+    )
 }
 
 /// A per-restore choice: the Restore's annotation (read by `chosen`), or
@@ -588,7 +596,11 @@ fn decide_create(subject: &Subject, facts: &Facts, settings: &DecideSettings) ->
     if wants_marker && options.enabled(vmop::R_REVIEWED_MARKER) {
         annotations.push(AnnotationSet::new(
             vmop::REVIEWED_ANNOTATION,
-            &vmop::marker_value(restore, restore_uid(&facts.restore)),
+            &vmop::marker_value(
+                restore,
+                restore_uid(&facts.restore),
+                subject.received_at_unix,
+            ),
             vmop::R_REVIEWED_MARKER,
             "keeps VM Operator's new defaults on reinvocation",
         ));
@@ -628,6 +640,9 @@ fn decide_create(subject: &Subject, facts: &Facts, settings: &DecideSettings) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// When the test requests come (seconds since the epoch).
+    const TEST_NOW: u64 = 1_800_000_000;
     use crate::facts::RestoreInfo;
     use crate::vmop::{ApiVersion, REVIEWED_ANNOTATION};
     use crate::webhook::admission::MappingFix;
@@ -653,6 +668,7 @@ mod tests {
             object,
             object_label: "VirtualMachine prod/vm1",
             dry_run: false,
+            received_at_unix: TEST_NOW,
         }
     }
 
@@ -849,7 +865,7 @@ mod tests {
     /// finds), and after VM Operator's webhook only its fresh
     /// `instanceUUID` goes again.
     #[test]
-    fn without_the_restores_uid_a_bare_marker_is_no_proof_and_a_second_review_changes_nothing() {
+    fn without_the_restores_uid_only_a_marker_of_this_admission_counts() {
         use vmop::power::{
             APPLIED_RULES_ANNOTATION, POWER_HELD_ANNOTATION, RESTORED_POWER_STATE_ANNOTATION,
         };
@@ -917,17 +933,25 @@ mod tests {
                     };
                     let decision = decide(&subject, &facts, &keep);
                     assert!(decision.verdict.denial.is_none(), "{decision:?}");
-                    assert!(decision.unchanged_because.is_none(), "{decision:?}");
                     let patched = crate::patch::apply(object, &decision.verdict.changes)
                         .unwrap_or_else(|err| panic!("{kind:?}, {restore:?}: {err}"));
-                    (decision.verdict.changes, patched)
+                    (
+                        decision.verdict.changes,
+                        patched,
+                        decision.unchanged_because,
+                    )
                 };
-                let (_, first) = review(object);
+                let (_, first, unchanged) = review(object);
+                assert!(unchanged.is_none(), "a bare marker is no proof");
                 assert!(
                     first.pointer(cleaned).is_none(),
                     "{kind:?}, {restore:?}: {first}"
                 );
-                assert_eq!(annotation(&first, REVIEWED_ANNOTATION), Some("r1"));
+                let written = format!("r1/unread-at-{TEST_NOW}");
+                assert_eq!(
+                    annotation(&first, REVIEWED_ANNOTATION),
+                    Some(written.as_str())
+                );
                 match (policy, kind) {
                     (PowerPolicy::Off, Kind::VirtualMachine(_) | Kind::VirtualMachineGroup(_)) => {
                         // Every VM and group is off, as the operator asked.
@@ -947,26 +971,25 @@ mod tests {
                     }
                 }
                 assert_eq!(annotation(&first, "owner"), Some("team-web"));
-                // A second review (a reinvocation) changes nothing.
-                let (again, second) = review(&first);
-                assert!(again.is_empty(), "{kind:?}, {restore:?}: {again:?}");
-                assert_eq!(second, first);
+                // The reinvocation after VM Operator's webhook, in the same
+                // admission: the marker written a moment ago counts, so
+                // VM Operator's fresh instanceUUID stays.
+                let mut defaulted = first.clone();
                 if let Kind::VirtualMachine(_) = kind {
-                    // VM Operator's webhook ran between: only its fresh
-                    // instanceUUID goes again.
-                    let mut defaulted = first.clone();
                     defaulted["spec"]["instanceUUID"] = json!("fresh-from-vm-operator");
-                    let (again, third) = review(&defaulted);
-                    assert_eq!(
-                        again
-                            .iter()
-                            .map(|c| c.pointer().to_string())
-                            .collect::<Vec<_>>(),
-                        ["/spec/instanceUUID"],
-                        "{again:?}"
-                    );
-                    assert_eq!(third, first);
                 }
+                let (again, second, unchanged) = review(&defaulted);
+                assert!(again.is_empty(), "{kind:?}, {restore:?}: {again:?}");
+                assert!(unchanged.is_some());
+                assert_eq!(second, defaulted);
+                // The same marker come back from a backup a day later is no
+                // proof: the object is cleaned again, idempotently.
+                let mut backed_up = first.clone();
+                backed_up["metadata"]["annotations"][REVIEWED_ANNOTATION] =
+                    json!(format!("r1/unread-at-{}", TEST_NOW - 86_400));
+                let (_, cleaned_again, unchanged) = review(&backed_up);
+                assert!(unchanged.is_none());
+                assert_eq!(cleaned_again, first, "{kind:?}, {restore:?}");
             }
         }
     }

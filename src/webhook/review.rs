@@ -358,6 +358,10 @@ impl Reviewer {
             object,
             object_label: &object_label,
             dry_run: request.dry_run,
+            received_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|since| since.as_secs())
+                .unwrap_or_default(),
         };
         let facts = self.gather(&subject, deadline).await;
         let mut decision = decide::decide(&subject, &facts, &self.decide_settings);
