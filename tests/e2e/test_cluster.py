@@ -355,16 +355,26 @@ def test_cluster_network_policy_is_enforced(cluster):
         cluster.kubectl("delete", "networkpolicy", name, "-n", WEBHOOK_NS)
         results["policy_removed_other_namespace"] = other.settle({"8443": True, "9090": True}, "policy removed: admitted")
 
-        # An ipBlock is enforced: the probe's own address as an API server source.
-        cluster.helm("upgrade", node.RELEASE, chart, "-n", WEBHOOK_NS, "--reuse-values",
-                     "--set", f"networkPolicy.apiServer.cidrs={{{other.ip}/32}}", timeout=240)
+        # An ipBlock is enforced: the probe's own address as an API server
+        # source, in the NetworkPolicy the chart renders for
+        # networkPolicy.apiServer.cidrs. Only the policy is applied: a
+        # `helm upgrade` would also roll the pods (they get the same list as
+        # --api-server-cidr, issue 33), and the probe's targets are the pods'
+        # addresses.
+        rendered = cluster.helm("template", node.RELEASE, chart, "-n", WEBHOOK_NS, "--show-only",
+                                "templates/networkpolicy.yaml", "--set",
+                                f"networkPolicy.apiServer.cidrs={{{other.ip}/32,{cluster.host_ip}/32}}").stdout
+        cluster.kubectl("apply", "-f", "-", input=rendered)
         restored = cluster.get_json("networkpolicy", name, "-n", WEBHOOK_NS)
         assert {"ipBlock": {"cidr": f"{other.ip}/32"}} in restored["spec"]["ingress"][0]["from"]
         results["ipblock_of_the_probe"] = other.settle({"8443": True, "9090": False},
                                                        "its address in apiServer.cidrs: webhook port admitted")
     finally:
-        cluster.helm("upgrade", node.RELEASE, chart, "-n", WEBHOOK_NS, "--reuse-values",
-                     "--set-json", "networkPolicy.apiServer.cidrs=[]", timeout=240)
+        for key in ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"):
+            policy["metadata"].pop(key, None)
+        policy["metadata"].get("annotations", {}).pop("kubectl.kubernetes.io/last-applied-configuration", None)
+        cluster.kubectl("delete", "networkpolicy", name, "-n", WEBHOOK_NS, "--ignore-not-found")
+        cluster.apply(policy)
     results["policy_back_other_namespace"] = other.settle({"8443": False, "9090": False}, "default policy back: refused")
     for probe in (other, inside):
         cluster.kubectl("delete", "pod", probe.name, "-n", probe.ns, "--wait=false")
