@@ -414,6 +414,19 @@ impl<P: Project> Watched<P> {
             .cloned()
     }
 
+    /// The resource to list live, or what a read answers without a request
+    /// (the kind is not served, or not discovered yet).
+    fn served_resource(&self) -> Result<ApiResource, Listing<P>> {
+        match self.served() {
+            Served::Yes(resource) => Ok(resource),
+            Served::No => Err(Listing::NotServed),
+            Served::Unknown => Err(Listing::Unknown(format!(
+                "{} has not been discovered yet (is the API server reachable?)",
+                self.what
+            ))),
+        }
+    }
+
     /// The objects of `namespace`: from the cache, or, while it cannot
     /// answer, from a live list of that namespace alone (remembered for a few
     /// seconds, so a restore of many VMs lists it once). The caller bounds
@@ -431,32 +444,16 @@ impl<P: Project> Watched<P> {
         {
             return listing.clone();
         }
-        let served = self.read_state().served.clone();
-        let listing = match served {
-            Served::No => Listing::NotServed,
-            Served::Unknown => {
-                return Listing::Unknown(format!(
-                    "{} has not been discovered yet (is the API server reachable?)",
-                    self.what
-                ));
-            }
-            Served::Yes(resource) => {
+        let listing = match self.served_resource() {
+            Err(listing) => listing,
+            Ok(resource) => {
                 self.stats.live_reads.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     resource = self.what,
                     namespace, "cache not synced: listing live"
                 );
-                let scope = (!namespace.is_empty()).then_some(namespace);
-                match self.list(client, &resource, scope, false).await {
-                    Ok((objects, _)) => Listing::listed(
-                        objects
-                            .into_iter()
-                            .filter(|(ns, _, _)| ns.as_str() == namespace)
-                            .map(|(_, name, projection)| (name, projection)),
-                    ),
-                    Err(Failure::NotServed) => Listing::NotServed,
-                    Err(err) => Listing::Unknown(format!("listing {}: {err}", self.what)),
-                }
+                list_namespace::<P>(client, &resource, namespace, self.metadata_only, self.what)
+                    .await
             }
         };
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -474,15 +471,9 @@ impl<P: Project> Watched<P> {
     /// predates the question. The caller bounds the wait.
     pub async fn confirm(&self, client: &Client, namespace: &str) -> Listing<P> {
         let seen = Instant::now();
-        let resource = match self.served() {
-            Served::No => return Listing::NotServed,
-            Served::Unknown => {
-                return Listing::Unknown(format!(
-                    "{} has not been discovered yet (is the API server reachable?)",
-                    self.what
-                ));
-            }
-            Served::Yes(resource) => resource,
+        let resource = match self.served_resource() {
+            Ok(resource) => resource,
+            Err(listing) => return listing,
         };
         let confirmation = {
             let mut confirming = self.confirming.lock().unwrap_or_else(|e| e.into_inner());
@@ -581,9 +572,7 @@ impl<P: Project> Watched<P> {
     async fn list_and_watch(self: Arc<Self>, client: Client, resource: ApiResource) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let listed = self
-                .list(&client, &resource, self.scope.as_deref(), true)
-                .await;
+            let listed = self.list(&client, &resource, self.scope.as_deref()).await;
             let version = match listed {
                 Ok((objects, version)) => {
                     self.replace(objects);
@@ -627,12 +616,11 @@ impl<P: Project> Watched<P> {
         client: &Client,
         resource: &ApiResource,
         scope: Option<&str>,
-        one_page_at_a_time: bool,
     ) -> Result<(Vec<(String, String, P)>, String), Failure> {
         let shape = ListShape {
             metadata_only: self.metadata_only,
             label_selector: None,
-            one_page_at_a_time,
+            one_page_at_a_time: true,
         };
         let mut objects = Vec::new();
         let version = list_pages::<P::Wire>(client, resource, scope, &shape, |wire| {
@@ -782,14 +770,27 @@ async fn confirm_live<P: Project>(
         resource = what,
         namespace, "confirming a miss: listing live"
     );
+    list_namespace::<P>(&client, &resource, &namespace, metadata_only, what).await
+}
+
+/// One live list of `namespace` ("" for a cluster-scoped kind), all pages,
+/// keeping that namespace's objects: what a read makes while the cache is
+/// not trusted, and what confirms a miss.
+async fn list_namespace<P: Project>(
+    client: &Client,
+    resource: &ApiResource,
+    namespace: &str,
+    metadata_only: bool,
+    what: &str,
+) -> Listing<P> {
     let shape = ListShape {
         metadata_only,
         label_selector: None,
         one_page_at_a_time: false,
     };
-    let scope = (!namespace.is_empty()).then_some(namespace.as_str());
+    let scope = (!namespace.is_empty()).then_some(namespace);
     let mut objects = Vec::new();
-    let listed = list_pages::<P::Wire>(&client, &resource, scope, &shape, |wire| {
+    let listed = list_pages::<P::Wire>(client, resource, scope, &shape, |wire| {
         if P::namespace(&wire).unwrap_or_default() == namespace {
             let name = P::name(&wire).to_string();
             objects.push((name, P::project(wire)));
