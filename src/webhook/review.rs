@@ -865,6 +865,21 @@ mod tests {
     use crate::facts::{GroupInfo, RestoreInfo, RestoreLookup};
     use serde_json::json;
 
+    /// Reviews one AdmissionReview body, answering within `within`.
+    async fn review_json(
+        reviewer: &Reviewer,
+        body: &serde_json::Value,
+        within: Duration,
+    ) -> Reviewed {
+        reviewer
+            .review(
+                body.to_string().as_bytes(),
+                Deadline::for_request(tokio::time::Instant::now(), None, within),
+            )
+            .await
+            .expect("a well-formed AdmissionReview")
+    }
+
     /// A group source whose cache has not seen the group yet; the live GET
     /// finds it, holding its power.
     struct LaggingGroups;
@@ -922,13 +937,7 @@ mod tests {
             "object": {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": "VirtualMachine",
                 "metadata": {"name": "vm1", "namespace": "prod", "labels": {"velero.io/restore-name": "r1"}},
                 "spec": {"groupName": "g", "powerState": "PoweredOn"}}}});
-        let reviewed = reviewer
-            .review(
-                body.to_string().as_bytes(),
-                Deadline::for_request(tokio::time::Instant::now(), None, Duration::from_secs(1)),
-            )
-            .await
-            .unwrap();
+        let reviewed = review_json(&reviewer, &body, Duration::from_secs(1)).await;
         assert!(reviewed.verdict.denial.is_none(), "{:?}", reviewed.verdict);
         assert!(
             reviewed.verdict.changes.iter().any(|change| {
@@ -987,13 +996,7 @@ mod tests {
             "resource": {"group": "vmoperator.vmware.com", "version": "v1alpha5", "resource": "virtualmachines"},
             "namespace": "prod", "operation": "CREATE", "userInfo": {"username": "velero"},
             "object": vm}});
-        reviewer
-            .review(
-                body.to_string().as_bytes(),
-                Deadline::for_request(tokio::time::Instant::now(), None, Duration::from_secs(5)),
-            )
-            .await
-            .unwrap()
+        review_json(&reviewer, &body, Duration::from_secs(5)).await
     }
 
     fn refs(cached: &[(RefKind, &str)], live: &[(RefKind, &str)]) -> Arc<LaggingRefs> {
@@ -1155,17 +1158,8 @@ mod tests {
                     "metadata": {"name": "d", "namespace": "prod", "labels": {"velero.io/restore-name": "r1"}}}}});
             let reviewer = &reviewer;
             async move {
-                reviewer
-                    .review(
-                        body.to_string().as_bytes(),
-                        Deadline::for_request(
-                            tokio::time::Instant::now(),
-                            None,
-                            Duration::from_secs(1),
-                        ),
-                    )
+                review_json(reviewer, &body, Duration::from_secs(1))
                     .await
-                    .unwrap()
                     .verdict
                     .notes
             }
@@ -1253,17 +1247,7 @@ mod tests {
                 "namespace": "prod", "operation": "UPDATE",
                 "userInfo": {"username": "system:serviceaccount:velero:velero", "groups": ["system:serviceaccounts", "system:serviceaccounts:velero"]},
                 "object": vm(Some("small")), "oldObject": vm(None)}});
-            let reviewed = reviewer
-                .review(
-                    body.to_string().as_bytes(),
-                    Deadline::for_request(
-                        tokio::time::Instant::now(),
-                        None,
-                        Duration::from_secs(1),
-                    ),
-                )
-                .await
-                .unwrap();
+            let reviewed = review_json(&reviewer, &body, Duration::from_secs(1)).await;
             assert!(reviewed.verdict.denial.is_none(), "{:?}", reviewed.verdict);
             let stored =
                 crate::patch::apply(&vm(Some("small")), &reviewed.verdict.changes).unwrap();
