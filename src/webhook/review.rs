@@ -748,6 +748,7 @@ impl Reviewer {
 
     /// One log line and one counter per change; one line per denial.
     fn report(&self, subject: &Subject<'_>, decision: &Decision) {
+        let change_lines = !QUIET_CHANGES.try_with(|quiet| *quiet).unwrap_or(false);
         let (restore, object, dry_run) =
             (subject.restore_label, subject.object_label, subject.dry_run);
         let verdict = &decision.verdict;
@@ -774,7 +775,12 @@ impl Reviewer {
         }
         // As many lines as the response has warnings: a rule's changes past
         // the bound are one line that counts them.
-        for line in crate::patch::described(&verdict.changes) {
+        let lines = if change_lines {
+            crate::patch::described(&verdict.changes)
+        } else {
+            Vec::new()
+        };
+        for line in lines {
             match line {
                 crate::patch::Line::Change(change) => info!(
                     restore,
@@ -802,6 +808,18 @@ impl Reviewer {
             warn!(restore, object, dry_run, "{note}");
         }
     }
+}
+
+tokio::task_local! {
+    /// Set by [`without_change_lines`]: the review logs no change lines.
+    static QUIET_CHANGES: bool;
+}
+
+/// Runs a review whose change lines (INFO) are not logged, as with logs at
+/// `warn`: the bench route that measures what the lines cost a create
+/// (`/bench/mutate-quiet-changes`). Denials and notes are still logged.
+pub async fn without_change_lines<T>(review: impl Future<Output = T>) -> T {
+    QUIET_CHANGES.scope(true, review).await
 }
 
 /// The warning for a labelled create from a user the webhook does not take

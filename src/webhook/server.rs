@@ -195,6 +195,50 @@ async fn mutate(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    review_request(state, peer, uri, headers, body, Way::Shipped).await
+}
+
+/// How a bench route answers (`make bench-cluster`): ours as shipped, or ours
+/// with one of a create's costs taken away, to tell which one costs what.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// `/mutate`.
+    Shipped,
+    /// `/bench/mutate-no-warnings`: the same review and patch, no `warnings`.
+    NoWarnings,
+    /// `/bench/mutate-quiet-changes`: the same answer, the change lines (INFO)
+    /// not logged, as with logs at `warn`.
+    QuietChanges,
+}
+
+async fn bench_no_warnings(
+    State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    review_request(state, peer, uri, headers, body, Way::NoWarnings).await
+}
+
+async fn bench_quiet_changes(
+    State(state): State<AppState>,
+    peer: Option<Extension<Peer>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    review_request(state, peer, uri, headers, body, Way::QuietChanges).await
+}
+
+async fn review_request(
+    state: AppState,
+    peer: Option<Extension<Peer>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+    way: Way,
+) -> Response {
     // One deadline for the whole request, fixed on arrival.
     let deadline = Deadline::for_request(
         tokio::time::Instant::now(),
@@ -291,8 +335,20 @@ async fn mutate(
             );
         }
     };
-    match state.reviewer.review(&bytes, deadline).await {
-        Ok(reviewed) => json_response(StatusCode::OK, &admission::WireReview(&reviewed.review)),
+    let reviewed = if way == Way::QuietChanges {
+        crate::webhook::review::without_change_lines(state.reviewer.review(&bytes, deadline)).await
+    } else {
+        state.reviewer.review(&bytes, deadline).await
+    };
+    match reviewed {
+        Ok(mut reviewed) => {
+            if way == Way::NoWarnings
+                && let Some(response) = reviewed.review.response.as_mut()
+            {
+                response.warnings = None;
+            }
+            json_response(StatusCode::OK, &admission::WireReview(&reviewed.review))
+        }
         Err(err) => json_response(StatusCode::BAD_REQUEST, &admission::invalid(&err)),
     }
 }
@@ -332,6 +388,33 @@ async fn noop_patch(State(state): State<AppState>, body: Body) -> Response {
     // [{"op":"add","path":"/metadata/labels/vmrw-bench-noop","value":"patched"}]
     const PATCH: &str = "W3sib3AiOiJhZGQiLCJwYXRoIjoiL21ldGFkYXRhL2xhYmVscy92bXJ3LWJlbmNoLW5vb3AiLCJ2YWx1ZSI6InBhdGNoZWQifV0=";
     bench_answer(&state, body, Some(PATCH)).await
+}
+
+/// `/noop-patch/{bytes}`: the no-op route answering with a patch of `bytes`
+/// bytes (before base64), one label whose value pads it: the fair floor for a
+/// create ours patches with that many bytes (`make bench-cluster` sizes it
+/// from ours' answer for the same VM).
+async fn noop_patch_sized(
+    State(state): State<AppState>,
+    axum::extract::Path(bytes): axum::extract::Path<usize>,
+    body: Body,
+) -> Response {
+    use base64::Engine as _;
+    const HEAD: &str = r#"[{"op":"add","path":"/metadata/labels/vmrw-bench-noop","value":""#;
+    const TAIL: &str = r#""}]"#;
+    // A label value is at most 63 characters: the rest pads an annotation.
+    const ANNOTATION_HEAD: &str =
+        r#"[{"op":"add","path":"/metadata/annotations/vmrw-bench-noop","value":""#;
+    let bytes = bytes.min(state.limits.max_body_bytes);
+    let head = if bytes > HEAD.len() + TAIL.len() + 63 {
+        ANNOTATION_HEAD
+    } else {
+        HEAD
+    };
+    let pad = bytes.saturating_sub(head.len() + TAIL.len()).max(1);
+    let patch = format!("{head}{}{TAIL}", "x".repeat(pad));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(patch);
+    bench_answer(&state, body, Some(&encoded)).await
 }
 
 async fn bench_answer(state: &AppState, body: Body, patch: Option<&str>) -> Response {
@@ -487,7 +570,10 @@ impl Bound {
         if limits.bench_noop_route {
             app = app
                 .route("/noop", post(noop))
-                .route("/noop-patch", post(noop_patch));
+                .route("/noop-patch", post(noop_patch))
+                .route("/noop-patch/{bytes}", post(noop_patch_sized))
+                .route("/bench/mutate-no-warnings", post(bench_no_warnings))
+                .route("/bench/mutate-quiet-changes", post(bench_quiet_changes));
         }
         let app = app
             .layer(axum::middleware::map_response_with_state(

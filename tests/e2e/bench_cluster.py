@@ -42,7 +42,6 @@ RESTORE_RUNS = int(os.environ.get("RESTORE_RUNS", "3"))
 ROUND = int(os.environ.get("LATENCY_ROUND", "50"))
 ATTACKERS = int(os.environ.get("ATTACKERS", "2"))
 PARTS = set(os.environ.get("BENCH_PARTS", "restore,latency,attack").split(","))
-MODES = ["none", "noop", "ours"]
 
 
 def attack(cluster, ns, attacking, stop, record):
@@ -85,10 +84,16 @@ def main(cluster):
     for hook in noop["webhooks"]:
         hook["clientConfig"]["service"]["path"] = "/noop"
 
-    def use(mode):
+    def use(mode, path=None):
+        """No webhook, ours, or the no-op route; `path`: the webhook's path
+        (a bench route of the same pods) instead."""
         cluster.kubectl("delete", "mutatingwebhookconfiguration", node.FULLNAME, "--ignore-not-found")
         if mode != "none":
-            cluster.apply(ours if mode == "ours" else noop)
+            config = copy.deepcopy(ours if mode == "ours" else noop)
+            if path:
+                for hook in config["webhooks"]:
+                    hook["clientConfig"]["service"]["path"] = path
+            cluster.apply(config)
         time.sleep(1.5)  # the API server's webhook informer picks the change up
 
     report = {}
@@ -161,39 +166,146 @@ def latency_part(cluster, use, report):
     ns = "latency"
     cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     use("ours")
-    create_latencies(cluster, ns, 20, "warmup")
+    create_latencies(cluster, ns, 20, "warmup", as_user=VELERO_USER)
     if "latency" in PARTS:
         modes_part(cluster, use, report, ns)
     if "attack" in PARTS:
         attack_part(cluster, use, report, ns)
 
 
+# The creates' ways, interleaved in rounds (issue 35): no webhook; the no-op
+# route (reads the body, allows); the no-op route answering with a patch of
+# ours' size (the fair floor for a create ours patches); ours as shipped;
+# ours without its change lines (INFO), as with logs at `warn`; ours with the
+# same patch but no `warnings`. Each way but `none` is the same pods, only
+# the webhook's path switched.
+WAYS = ["none", "noop", "noop-sized", "ours", "ours-quiet-changes", "ours-no-warnings"]
+# Velero's identity (`velero install`'s ServiceAccount): the creates are
+# Velero's as in a restore, so no create pays the unrecognised-user warning.
+VELERO_USER = f"system:serviceaccount:{node.VELERO_NS}:velero"
+
+
+def way_path(way, patch_bytes):
+    return {"none": None, "noop": "/noop", "noop-sized": f"/noop-patch/{patch_bytes}", "ours": None,
+            "ours-quiet-changes": "/bench/mutate-quiet-changes", "ours-no-warnings": "/bench/mutate-no-warnings"}[way]
+
+
+def patch_ops(sent, stored, path=""):
+    """The JSON Patch that turns `sent` into `stored` (objects compared key by
+    key, anything else replaced whole): the size of what ours answered."""
+    ops = []
+    for key, value in sent.items():
+        at = f"{path}/{key.replace('~', '~0').replace('/', '~1')}"
+        if key not in stored:
+            ops.append({"op": "remove", "path": at})
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            ops += patch_ops(value, stored[key], at)
+        elif value != stored[key]:
+            ops.append({"op": "replace", "path": at, "value": stored[key]})
+    for key, value in stored.items():
+        if key not in sent:
+            ops.append({"op": "add", "path": f"{path}/{key.replace('~', '~0').replace('/', '~1')}", "value": value})
+    return ops
+
+
+def ours_patch_bytes(cluster, use, ns):
+    """The size of ours' patch for the bench's VM: the same VM created
+    through the no-op route and through ours, the two stored objects
+    compared (so the API server's defaults count in neither)."""
+    for way in ("noop", "ours"):
+        use("ours", way_path(way, 0))
+        _, failures = create_latencies(cluster, ns, 1, f"size-{way}", as_user=VELERO_USER)
+        assert not failures, failures
+    # The names differ, and with them the cloud-init fields derived from them.
+    sent = json.loads(json.dumps(cluster.get_json("virtualmachine", "size-noop-0", "-n", ns)).replace("size-noop-0", "size-ours-0"))
+    stored = cluster.get_json("virtualmachine", "size-ours-0", "-n", ns)
+    ops = []
+    for part in ("labels", "annotations"):
+        ops += patch_ops(sent["metadata"].get(part, {}), stored["metadata"].get(part, {}), f"/metadata/{part}")
+    ops += patch_ops(sent["spec"], stored["spec"], "/spec")
+    return len(json.dumps(ops, separators=(",", ":"))), ops
+
+
+def component_cpu(cluster):
+    """CPU seconds (user + system, all threads) so far of the API server,
+    etcd, containerd, every containerd shim and the webhook's processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = {"kube-apiserver": [cluster.processes["kube-apiserver"].proc.pid],
+            "etcd": [cluster.processes["etcd"].proc.pid],
+            "containerd": [cluster.processes["containerd"].proc.pid], "shims": [], "webhook pods": []}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"containerd-shim" in cmdline:
+            pids["shims"].append(int(entry))
+        elif b"velero-vm-restore-webhook" in cmdline and b" serve" in cmdline:
+            pids["webhook pods"].append(int(entry))
+    seconds = {}
+    for component, group in pids.items():
+        total = 0
+        for pid in group:
+            try:
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        seconds[component] = total / tick
+    return seconds
+
+
 def modes_part(cluster, use, report, ns):
-    """2. Labelled creates with no webhook, the no-op route and ours."""
-    results = {run: {mode: [] for mode in MODES} for run in range(RUNS)}
+    """2. Labelled creates, as Velero, through each of WAYS."""
+    size, ops = ours_patch_bytes(cluster, use, ns)
+    print(f"[bench-cluster] ours' patch for the bench VM: {size} bytes, {len(ops)} operations: {json.dumps(ops)}", flush=True)
+    results = {run: {way: [] for way in WAYS} for run in range(RUNS)}
+    cpu = {way: {} for way in WAYS}
     for run in range(RUNS):
         for round_index in range(CREATES // ROUND):
-            for mode in MODES:
-                use(mode)
-                latencies, failures = create_latencies(cluster, ns, ROUND, f"r{run}-{round_index}-{mode}")
+            # The order rotates each round, so no way always follows another.
+            shift = (run * (CREATES // ROUND) + round_index) % len(WAYS)
+            for way in WAYS[shift:] + WAYS[:shift]:
+                use("none" if way == "none" else "ours", way_path(way, size))
+                before = component_cpu(cluster)
+                latencies, failures = create_latencies(cluster, ns, ROUND, f"r{run}-{round_index}-{way}", as_user=VELERO_USER)
+                after = component_cpu(cluster)
                 assert not failures, failures
-                results[run][mode] += latencies
-    assert "instanceUUID" not in cluster.get_json("virtualmachine", "r0-0-ours-0", "-n", ns)["spec"], "ours was not in the path"
-    assert "instanceUUID" in cluster.get_json("virtualmachine", "r0-0-noop-0", "-n", ns)["spec"], "the no-op route changed a VM"
+                results[run][way] += latencies
+                for component, spent in after.items():
+                    cpu[way][component] = cpu[way].get(component, 0) + spent - before.get(component, 0)
+    first = {way: cluster.get_json("virtualmachine", f"r0-0-{way}-0", "-n", ns) for way in WAYS}
+    for way in ("ours", "ours-quiet-changes", "ours-no-warnings"):
+        assert "instanceUUID" not in first[way]["spec"], f"{way} was not in the path"
+    for way in ("none", "noop", "noop-sized"):
+        assert "instanceUUID" in first[way]["spec"], f"{way} changed a VM"
+    assert "vmrw-bench-noop" in first["noop-sized"]["metadata"]["annotations"], "the sized no-op patch was not applied"
     use("ours")
     runs = []
-    print(f"{'run':>3} {'mode':>6} {'median ms':>10} {'p99 ms':>8}")
+    print(f"{'run':>3} {'way':>18} {'median ms':>10} {'p99 ms':>8}")
     for run in range(RUNS):
-        stats = {mode: (statistics.median(results[run][mode]) * 1000, p99(results[run][mode]) * 1000) for mode in MODES}
-        for mode in MODES:
-            print(f"{run:>3} {mode:>6} {stats[mode][0]:>10.3f} {stats[mode][1]:>8.3f}")
-        runs.append({"ours/none median": round(stats["ours"][0] / stats["none"][0], 3),
+        stats = {way: (statistics.median(results[run][way]) * 1000, p99(results[run][way]) * 1000) for way in WAYS}
+        for way in WAYS:
+            print(f"{run:>3} {way:>18} {stats[way][0]:>10.3f} {stats[way][1]:>8.3f}")
+        runs.append({"medians_ms": {way: round(stats[way][0], 3) for way in WAYS},
+                     "ours - noop-sized ms": round(stats["ours"][0] - stats["noop-sized"][0], 3),
+                     "ours - noop ms": round(stats["ours"][0] - stats["noop"][0], 3),
+                     "ours/noop-sized median": round(stats["ours"][0] / stats["noop-sized"][0], 3),
                      "ours/noop median": round(stats["ours"][0] / stats["noop"][0], 3),
-                     "ours/noop p99": round(stats["ours"][1] / stats["noop"][1], 3),
-                     "noop/none median": round(stats["noop"][0] / stats["none"][0], 3),
-                     "medians_ms": {m: round(stats[m][0], 2) for m in MODES}})
+                     "noop/none median": round(stats["noop"][0] / stats["none"][0], 3)})
         print("    " + json.dumps(runs[-1]))
-    report["latency"] = {"creates_per_mode_per_run": CREATES, "runs": runs}
+    over = [r["ours - noop-sized ms"] for r in runs]
+    per_thousand = {way: {component: round(spent * 1000 / (RUNS * (CREATES // ROUND) * ROUND), 3)
+                          for component, spent in cpu[way].items()} for way in WAYS}
+    print(f"{'way':>18} " + " ".join(f"{c:>15}" for c in cpu["ours"]) + "   (CPU s per 1,000 creates)")
+    for way in WAYS:
+        print(f"{way:>18} " + " ".join(f"{per_thousand[way][c]:>15.3f}" for c in cpu["ours"]))
+    report["latency"] = {"creates_per_way_per_run": CREATES, "runs": RUNS, "patch_bytes": size,
+                         "ours_over_noop_sized_ms_median_of_runs": round(statistics.median(over), 3),
+                         "ours_over_noop_sized_ms_spread": [min(over), max(over)],
+                         "cpu_seconds_per_1000_creates": per_thousand, "per_run": runs}
     print(f"[bench-cluster] latency: {json.dumps(report['latency'])}", flush=True)
 
 

@@ -308,10 +308,11 @@ def test_5_failure_policy(cluster):
         cluster.register_webhook("Fail")
 
 
-def create_latencies(cluster, ns, count, prefix, clean=False, restore="latency"):
+def create_latencies(cluster, ns, count, prefix, clean=False, restore="latency", as_user=None):
     """Times labelled VM creates over one kept-alive connection. `clean`: VMs
     with nothing to remove, so the webhook's patch is its marker alone;
-    `restore`: the restore label's value."""
+    `restore`: the restore label's value; `as_user`: the user the creates
+    impersonate (a ServiceAccount's gets its groups), else the admin's."""
     ctx = ssl.create_default_context(cafile=str(cluster.server_ca))
     ctx.load_cert_chain(str(cluster.clients.dir / "admin.crt"), str(cluster.clients.dir / "admin.key"))
     conn = http.client.HTTPSConnection(cluster.api_host, cluster.api_port, context=ctx, timeout=30)
@@ -323,8 +324,10 @@ def create_latencies(cluster, ns, count, prefix, clean=False, restore="latency")
             vm["metadata"]["annotations"] = {"owner": "team-web"}
         body = json.dumps(vm)
         start = time.perf_counter()
-        conn.request("POST", f"/apis/vmoperator.vmware.com/v1alpha5/namespaces/{ns}/virtualmachines", body,
-                     {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if as_user:
+            headers["Impersonate-User"] = as_user
+        conn.request("POST", f"/apis/vmoperator.vmware.com/v1alpha5/namespaces/{ns}/virtualmachines", body, headers)
         response = conn.getresponse()
         payload = response.read()
         latencies.append(time.perf_counter() - start)
