@@ -67,9 +67,12 @@ bench-plan: static
 
 # The one-node cluster (kubelet, containerd, Velero and the chart as pods):
 # a 1,000-VM restore with the webhook, without it and through its no-op route;
-# create latency through the chart's Service against its no-op route, and
-# while crafted VMs arrive from another namespace (outside CI; about 20 min;
-# env RESTORE_RUNS, LATENCY_RUNS, ATTACKERS, BENCH_PARTS: see bench_cluster.py).
+# creates through the chart's Service six ways (no webhook, the no-op route,
+# the no-op route with a patch of ours' size, ours, ours without its change
+# lines, ours without warnings) with each component's CPU, and creates while
+# crafted VMs arrive from another namespace (outside CI; 5 runs of each, about
+# 25 min; env RESTORE_RUNS, LATENCY_RUNS, ATTACKERS, BENCH_PARTS: see
+# bench_cluster.py).
 bench-cluster: static
 	E2E_SCRIPT=bench_cluster.py tests/e2e/run.sh
 
