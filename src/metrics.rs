@@ -55,6 +55,9 @@ label_enum! {
         PersistentVolumeClaim => "PersistentVolumeClaim",
         VirtualMachineSnapshot => "VirtualMachineSnapshot",
         VirtualMachinePublishRequest => "VirtualMachinePublishRequest",
+        VirtualMachineGroupPublishRequest => "VirtualMachineGroupPublishRequest",
+        VirtualMachineWebConsoleRequest => "VirtualMachineWebConsoleRequest",
+        CnsRegisterVolume => "CnsRegisterVolume",
         /// Out of scope, or not parsed far enough to know.
         Other => "other",
     }

@@ -38,6 +38,10 @@ const BACKUP_RESOURCES: &[&str] = &[
     "persistentvolumeclaims",
     "virtualmachinesnapshots.vmoperator.vmware.com",
     "virtualmachinepublishrequests.vmoperator.vmware.com",
+    "virtualmachinegrouppublishrequests.vmoperator.vmware.com",
+    "virtualmachinewebconsolerequests.vmoperator.vmware.com",
+    "webconsolerequests.vmoperator.vmware.com",
+    "cnsregistervolumes.cns.vmware.com",
 ];
 
 /// Parses text holding JSON, or YAML with one or more documents.

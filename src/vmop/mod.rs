@@ -3,7 +3,9 @@
 //! version, and what to do with them. Pure functions over `serde_json::Value`,
 //! so that fields this crate does not model pass through untouched.
 
+pub mod cns_register_volume;
 pub mod group;
+pub mod group_publish;
 pub mod mapping;
 pub mod power;
 pub mod pvc;
@@ -11,6 +13,7 @@ pub mod refused;
 pub mod shape;
 pub mod targets;
 pub mod vm;
+pub mod web_console;
 pub mod writes;
 
 use std::collections::BTreeSet;
@@ -172,6 +175,11 @@ pub enum Kind {
     /// Denied whole: see [`refused`].
     VirtualMachineSnapshot,
     VirtualMachinePublishRequest,
+    VirtualMachineGroupPublishRequest,
+    /// VirtualMachineWebConsoleRequest, and v1alpha1's WebConsoleRequest.
+    VirtualMachineWebConsoleRequest,
+    /// cns.vmware.com's CnsRegisterVolume.
+    CnsRegisterVolume,
 }
 
 impl Kind {
@@ -185,6 +193,13 @@ impl Kind {
             ("", "PersistentVolumeClaim") if version == "v1" => Some(Kind::PersistentVolumeClaim),
             (GROUP, "VirtualMachineSnapshot") => Some(Kind::VirtualMachineSnapshot),
             (GROUP, "VirtualMachinePublishRequest") => Some(Kind::VirtualMachinePublishRequest),
+            (GROUP, "VirtualMachineGroupPublishRequest") => {
+                Some(Kind::VirtualMachineGroupPublishRequest)
+            }
+            (GROUP, "VirtualMachineWebConsoleRequest" | "WebConsoleRequest") => {
+                Some(Kind::VirtualMachineWebConsoleRequest)
+            }
+            ("cns.vmware.com", "CnsRegisterVolume") => Some(Kind::CnsRegisterVolume),
             _ => None,
         }
     }
@@ -197,6 +212,9 @@ impl Kind {
             Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
             Kind::VirtualMachineSnapshot => "VirtualMachineSnapshot",
             Kind::VirtualMachinePublishRequest => "VirtualMachinePublishRequest",
+            Kind::VirtualMachineGroupPublishRequest => "VirtualMachineGroupPublishRequest",
+            Kind::VirtualMachineWebConsoleRequest => "VirtualMachineWebConsoleRequest",
+            Kind::CnsRegisterVolume => "CnsRegisterVolume",
         }
     }
 }
@@ -380,6 +398,9 @@ pub fn plan(
         Kind::VirtualMachineSnapshot | Kind::VirtualMachinePublishRequest => {
             refused::plan(kind, object, options)
         }
+        Kind::VirtualMachineGroupPublishRequest => group_publish::plan(object, options),
+        Kind::VirtualMachineWebConsoleRequest => web_console::plan(object, options),
+        Kind::CnsRegisterVolume => cns_register_volume::plan(object, options),
     }
 }
 
@@ -391,7 +412,10 @@ pub fn group_name(kind: Kind, object: &serde_json::Value) -> Result<Option<Strin
         Kind::VirtualMachineGroup(_) => group::group_name(object),
         Kind::PersistentVolumeClaim
         | Kind::VirtualMachineSnapshot
-        | Kind::VirtualMachinePublishRequest => Ok(None),
+        | Kind::VirtualMachinePublishRequest
+        | Kind::VirtualMachineGroupPublishRequest
+        | Kind::VirtualMachineWebConsoleRequest
+        | Kind::CnsRegisterVolume => Ok(None),
     }
 }
 
@@ -411,6 +435,9 @@ pub fn rule_docs() -> Vec<RuleDoc> {
     docs.extend_from_slice(group::RULES);
     docs.extend_from_slice(pvc::RULES);
     docs.extend_from_slice(refused::RULES);
+    docs.extend_from_slice(group_publish::RULES);
+    docs.extend_from_slice(web_console::RULES);
+    docs.extend_from_slice(cns_register_volume::RULES);
     docs.extend_from_slice(writes::RULES);
     docs.push(RuleDoc {
         id: R_APPLIED_RULES,

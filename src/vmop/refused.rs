@@ -1,7 +1,9 @@
 //! Restored objects that must not be created at all: they stand for work VM
-//! Operator did on the original (a snapshot taken, an image published) and
-//! keep its outcome in status, which Velero drops. Created again, VM Operator
-//! would take a new, meaningless snapshot, or publish again.
+//! Operator (or the CSI driver) did on the original (a snapshot taken, an
+//! image published, a console ticket issued, a disk registered) and keep its
+//! outcome in status, which Velero drops. Created again, they would act
+//! again. Each kind has its file (its rule, its reason, its table test);
+//! this one holds the denial they share and the two oldest kinds.
 
 use serde_json::Value;
 
@@ -22,23 +24,49 @@ pub const RULES: &[RuleDoc] = &[
         id: R_PUBLISH_REQUEST,
         kind: "VirtualMachinePublishRequest",
         what: "deny restored VirtualMachinePublishRequests, naming the `--exclude-resources` value",
-        why: "the request's outcome lived in status: VM Operator would publish the image again",
+        why: "the request's outcome lived in status: VM Operator would publish the image again (a group publish request's children are refused by VM Operator anyway: label without owner)",
     },
 ];
 
-/// What to pass to `velero restore create --exclude-resources`.
-pub const EXCLUDE_RESOURCES: &str = "virtualmachinesnapshots.vmoperator.vmware.com,virtualmachinepublishrequests.vmoperator.vmware.com";
+/// What to pass to `velero restore create --exclude-resources`: every kind
+/// this webhook refuses whole, so one value serves whichever a backup holds.
+pub const EXCLUDE_RESOURCES: &str = "virtualmachinesnapshots.vmoperator.vmware.com,\
+virtualmachinepublishrequests.vmoperator.vmware.com,\
+virtualmachinegrouppublishrequests.vmoperator.vmware.com,\
+virtualmachinewebconsolerequests.vmoperator.vmware.com,\
+webconsolerequests.vmoperator.vmware.com,\
+cnsregistervolumes.cns.vmware.com";
 
 pub fn plan(kind: Kind, object: &Value, options: &CleanupOptions) -> Result<Plan, ShapeError> {
+    match kind {
+        Kind::VirtualMachineSnapshot => deny(
+            object,
+            options,
+            R_SNAPSHOT,
+            "a new, meaningless snapshot would be taken",
+        ),
+        _ => deny(
+            object,
+            options,
+            R_PUBLISH_REQUEST,
+            "the image would be published again",
+        ),
+    }
+}
+
+/// The denial every refused kind answers with, unless its `rule` is off:
+/// `acts` says what the restored object would do again.
+pub fn deny(
+    object: &Value,
+    options: &CleanupOptions,
+    rule: &'static str,
+    acts: &str,
+) -> Result<Plan, ShapeError> {
     shape::meta(shape::root(object)?)?;
-    let (rule, what) = match kind {
-        Kind::VirtualMachineSnapshot => (R_SNAPSHOT, "a new, meaningless snapshot would be taken"),
-        _ => (R_PUBLISH_REQUEST, "the image would be published again"),
-    };
     let mut plan = Plan::default();
     if options.enabled(rule) {
         plan.denial = Some(format!(
-            "is restored, but its outcome was kept in status, which Velero does not restore: {what}. \
+            "is restored, but its outcome was kept in status, which Velero does not restore: {acts}. \
              Exclude these objects from the restore: velero restore create ... --exclude-resources {EXCLUDE_RESOURCES}"
         ));
     }
@@ -79,5 +107,22 @@ mod tests {
                 .denial
                 .is_none()
         );
+    }
+
+    #[test]
+    fn the_exclude_value_names_each_refused_resource_once() {
+        let resources: Vec<&str> = EXCLUDE_RESOURCES.split(',').collect();
+        assert_eq!(resources.len(), 6, "{resources:?}");
+        for resource in &resources {
+            assert!(
+                resource.contains('.') && !resource.contains(' '),
+                "{resource}"
+            );
+            assert_eq!(
+                resources.iter().filter(|r| *r == resource).count(),
+                1,
+                "{resource}"
+            );
+        }
     }
 }

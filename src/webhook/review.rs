@@ -166,6 +166,9 @@ fn kind_label(kind: Kind) -> KindLabel {
         Kind::PersistentVolumeClaim => KindLabel::PersistentVolumeClaim,
         Kind::VirtualMachineSnapshot => KindLabel::VirtualMachineSnapshot,
         Kind::VirtualMachinePublishRequest => KindLabel::VirtualMachinePublishRequest,
+        Kind::VirtualMachineGroupPublishRequest => KindLabel::VirtualMachineGroupPublishRequest,
+        Kind::VirtualMachineWebConsoleRequest => KindLabel::VirtualMachineWebConsoleRequest,
+        Kind::CnsRegisterVolume => KindLabel::CnsRegisterVolume,
     }
 }
 
@@ -344,7 +347,10 @@ impl Reviewer {
                 } => (kind, restore, write),
             };
         let object = input.object.as_ref().unwrap_or(&serde_json::Value::Null);
-        let object_label = admission::object_label(kind.name(), request, input.object.as_ref());
+        // The kind as sent: v1alpha1's WebConsoleRequest is named so, though
+        // it shares its rule with VirtualMachineWebConsoleRequest.
+        let object_label =
+            admission::object_label(&request.kind.kind, request, input.object.as_ref());
         span.record("kind", kind.name());
         span.record("object", object_label.as_str());
         span.record("restore", restore.as_str());

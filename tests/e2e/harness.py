@@ -403,15 +403,21 @@ class Cluster:
         crds = vmop_crd_dir()
         for name in ["virtualmachines", "virtualmachinegroups", "virtualmachinesetresourcepolicies",
                      "virtualmachinesnapshots", "virtualmachinepublishrequests", "virtualmachineclassinstances",
-                     "virtualmachineimages", "clustervirtualmachineimages", "virtualmachineclasses"]:
+                     "virtualmachineimages", "clustervirtualmachineimages", "virtualmachineclasses",
+                     "virtualmachinegrouppublishrequests", "virtualmachinewebconsolerequests", "webconsolerequests"]:
             self.kubectl("apply", "--server-side", "-f", crds / f"vmoperator.vmware.com_{name}.yaml")
+        # The CSI driver's, as VM Operator's module carries it.
+        self.kubectl("apply", "--server-side", "-f", crds.parent / "external-crds" / "cns.vmware.com_cnsregistervolumes.yaml")
         velero_crds = run([self.velero_bin, "install", "--crds-only", "--dry-run", "-o", "yaml"]).stdout
         self.kubectl("apply", "--server-side", "-f", "-", input=velero_crds)
         for crd in ["virtualmachines.vmoperator.vmware.com", "virtualmachinegroups.vmoperator.vmware.com",
                     "virtualmachinesetresourcepolicies.vmoperator.vmware.com", "virtualmachinesnapshots.vmoperator.vmware.com",
                     "virtualmachinepublishrequests.vmoperator.vmware.com", "virtualmachineclassinstances.vmoperator.vmware.com",
                     "virtualmachineimages.vmoperator.vmware.com", "clustervirtualmachineimages.vmoperator.vmware.com",
-                    "virtualmachineclasses.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io"]:
+                    "virtualmachineclasses.vmoperator.vmware.com", "restores.velero.io", "backups.velero.io",
+                    "virtualmachinegrouppublishrequests.vmoperator.vmware.com",
+                    "virtualmachinewebconsolerequests.vmoperator.vmware.com", "webconsolerequests.vmoperator.vmware.com",
+                    "cnsregistervolumes.cns.vmware.com"]:
             self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         log(f"CRDs installed from {crds}")
 

@@ -52,10 +52,15 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     assert mwc["metadata"]["name"] < "vmware-system-vmop-mutating-webhook-configuration"
     hooks = {h["name"]: h for h in mwc["webhooks"]}
     assert set(hooks) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io",
-                          "updates.restore.velero-vm-restore-webhook.io", "pvc-updates.restore.velero-vm-restore-webhook.io"}
+                          "updates.restore.velero-vm-restore-webhook.io", "pvc-updates.restore.velero-vm-restore-webhook.io",
+                          "cns.restore.velero-vm-restore-webhook.io"}
     hook, pvc_hook = hooks["restore.velero-vm-restore-webhook.io"], hooks["pvc.restore.velero-vm-restore-webhook.io"]
     updates, pvc_updates = hooks["updates.restore.velero-vm-restore-webhook.io"], hooks["pvc-updates.restore.velero-vm-restore-webhook.io"]
-    for each in (hook, pvc_hook, updates, pvc_updates):
+    cns = hooks["cns.restore.velero-vm-restore-webhook.io"]
+    assert cns["rules"] == [{"apiGroups": ["cns.vmware.com"], "apiVersions": ["v1alpha1"], "operations": ["CREATE"],
+                             "resources": ["cnsregistervolumes"], "scope": "Namespaced"}]
+    assert cns["failurePolicy"] == "Fail" and cns["reinvocationPolicy"] == "Never"
+    for each in (hook, pvc_hook, updates, pvc_updates, cns):
         assert each["sideEffects"] == "None"
         assert each["admissionReviewVersions"] == ["v1"]
         assert each["matchPolicy"] == "Equivalent"
@@ -73,7 +78,8 @@ def test_chart_renders_each_certificate_mode(helm, mode):
     assert wait < hook["timeoutSeconds"] <= 30
     (vmop,) = hook["rules"]
     assert vmop["apiGroups"] == ["vmoperator.vmware.com"]
-    assert vmop["resources"] == ["virtualmachines", "virtualmachinegroups", "virtualmachinesnapshots", "virtualmachinepublishrequests"]
+    assert vmop["resources"] == ["virtualmachines", "virtualmachinegroups", "virtualmachinesnapshots", "virtualmachinepublishrequests",
+                                 "virtualmachinegrouppublishrequests", "virtualmachinewebconsolerequests", "webconsolerequests"]
     assert vmop["operations"] == ["CREATE"]
     assert vmop["apiVersions"] == ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4", "v1alpha5", "v1alpha6"]
     (pvc_rule,) = pvc_hook["rules"]
@@ -332,7 +338,8 @@ def test_chart_leaves_velero_updates_out_without_match_conditions(helm):
     def names(*args):
         (mwc,) = by_kind(render(helm, *args), "MutatingWebhookConfiguration")
         return {h["name"]: h for h in mwc["webhooks"]}
-    assert set(names("--kube-version", "1.27.0")) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io"}
+    assert set(names("--kube-version", "1.27.0")) == {"restore.velero-vm-restore-webhook.io", "pvc.restore.velero-vm-restore-webhook.io",
+                                                      "cns.restore.velero-vm-restore-webhook.io"}
     hooks = names("--kube-version", "1.27.0", "--set", "webhook.velero.withoutMatchConditions=true")
     assert "matchConditions" not in hooks["updates.restore.velero-vm-restore-webhook.io"]
     # Issue 33, finding 3: by default every ServiceAccount of Velero's

@@ -485,7 +485,7 @@ def test_10_what_vm_operator_refuses_is_removed_or_denied(cluster):
     assert [v["name"] for v in created["spec"]["volumes"]] == ["data"]
     assert "removed spec.volumes[1] (instance storage" in result.stderr, result.stderr
 
-    exclude = "--exclude-resources virtualmachinesnapshots.vmoperator.vmware.com,virtualmachinepublishrequests.vmoperator.vmware.com"
+    exclude = f"--exclude-resources {REFUSED_EXCLUDE}"
     for kind in ("VirtualMachineSnapshot", "VirtualMachinePublishRequest"):
         obj = {"apiVersion": "vmoperator.vmware.com/v1alpha5", "kind": kind,
                "metadata": {"name": "restored", "namespace": "dryrun", "labels": labels}, "spec": {}}
@@ -903,3 +903,100 @@ def test_18_groups_flooded_with_annotations_cost_the_webhook_no_memory(cluster):
     harness.log(f"annotation flood: {REPORT['annotation_flood']}")
     cluster.delete_namespace(ns)
     assert after - before < 16, REPORT["annotation_flood"]
+
+
+# Every kind the webhook refuses whole, in one --exclude-resources value.
+REFUSED_EXCLUDE = ",".join(["virtualmachinesnapshots.vmoperator.vmware.com", "virtualmachinepublishrequests.vmoperator.vmware.com",
+                            "virtualmachinegrouppublishrequests.vmoperator.vmware.com",
+                            "virtualmachinewebconsolerequests.vmoperator.vmware.com", "webconsolerequests.vmoperator.vmware.com",
+                            "cnsregistervolumes.cns.vmware.com"])
+FAILED_ITEM = re.compile(r'error restoring ([a-z.]+)/([^/]+)/([^:]+): admission webhook "([^"]+)" denied the request: (.*)$')
+
+
+def acts_again_objects(ns):
+    """What a namespace holds that stands for work done on the original: a
+    group publish request, web console requests of both API versions, and a
+    CnsRegisterVolume as VM Operator writes one (naming the VM's VMDK)."""
+    v5 = "vmoperator.vmware.com/v1alpha5"
+    return [
+        {"apiVersion": v5, "kind": "VirtualMachineGroupPublishRequest", "metadata": {"name": "publish-app", "namespace": ns},
+         "spec": {"source": "app", "virtualMachines": ["web-1"]}},
+        {"apiVersion": v5, "kind": "VirtualMachineWebConsoleRequest", "metadata": {"name": "console-web-1", "namespace": ns},
+         "spec": {"name": "web-1", "publicKey": "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----"}},
+        {"apiVersion": "vmoperator.vmware.com/v1alpha1", "kind": "WebConsoleRequest", "metadata": {"name": "console-old", "namespace": ns},
+         "spec": {"virtualMachineName": "web-1", "publicKey": "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----"}},
+        {"apiVersion": "cns.vmware.com/v1alpha1", "kind": "CnsRegisterVolume", "metadata": {"name": "web-1-disk-0", "namespace": ns,
+                                                                                         "labels": {"vmoperator.vmware.com/created-by": "web-1"}},
+         "spec": {"pvcName": "web-1-disk-0", "diskURLPath": "https://vc.example/folder/web-1/web-1.vmdk?dcPath=dc0&dsName=ds0",
+                  "accessMode": "ReadWriteOnce", "volumeMode": "Filesystem"}},
+    ]
+
+
+def test_19_what_would_act_again_is_denied_and_planned(cluster):
+    """Issue 32: a restored group publish request, web console request (both
+    API versions) or CnsRegisterVolume would act again (publish, issue a
+    console ticket for the backed-up key, register the original VM's disk):
+    through a real Velero restore each is denied, naming the one
+    --exclude-resources value; `plan` predicted exactly those denials; with
+    that value the same restore completes. The control: the CRDs admit the
+    same objects unlabelled (the refusal is the webhook's), and a restore with
+    the rules off creates them. VM Operator's and the CSI driver's
+    controllers are not running here: what they would do is from their
+    source (docs/rules.md), not shown."""
+    src, dst, ok, off = "acts-src", "acts-dst", "acts-excluded", "acts-rules-off"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": src}})
+    objects = acts_again_objects(src)
+    for obj in objects:
+        cluster.apply(obj)
+    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": src}, "data": {"a": "b"}})
+    cluster.velero("backup", "create", "b-acts", "--include-namespaces", src, "--snapshot-volumes=false", "--wait")
+    labels = {f"{o_['kind']} {dst}/{o_['metadata']['name']}" for o_ in objects}
+
+    from test_vmop import plan
+    planned = plan(cluster, "b-acts", f"{src}:{dst}")
+    predicted = {label: entry["denial"] for label, entry in planned.items() if entry["outcome"] == "denied"}
+    assert set(predicted) == labels, planned
+
+    restore = cluster.restore("r-acts", "b-acts", "--namespace-mappings", f"{src}:{dst}")
+    details = cluster.restore_describe("r-acts")
+    failed = {}
+    for line in details.splitlines():
+        match = FAILED_ITEM.search(line.strip())
+        if match:
+            resource, ns, name, webhook, message = match.groups()
+            failed[(resource, name)] = (webhook, message)
+    assert restore["status"]["phase"] == "PartiallyFailed", details
+    resources = {"VirtualMachineGroupPublishRequest": "virtualmachinegrouppublishrequests.vmoperator.vmware.com",
+                 "VirtualMachineWebConsoleRequest": "virtualmachinewebconsolerequests.vmoperator.vmware.com",
+                 "WebConsoleRequest": "webconsolerequests.vmoperator.vmware.com",
+                 "CnsRegisterVolume": "cnsregistervolumes.cns.vmware.com"}
+    assert set(failed) == {(resources[o_["kind"]], o_["metadata"]["name"]) for o_ in objects}, details
+    for obj in objects:
+        webhook, message = failed[(resources[obj["kind"]], obj["metadata"]["name"])]
+        assert webhook == ("cns.restore.velero-vm-restore-webhook.io" if obj["kind"] == "CnsRegisterVolume"
+                           else "restore.velero-vm-restore-webhook.io"), (obj["kind"], webhook)
+        assert f"--exclude-resources {REFUSED_EXCLUDE}" in message, message
+        # The plan said the same before anything was restored.
+        assert message == predicted[f"{obj['kind']} {dst}/{obj['metadata']['name']}"], (message, predicted)
+    for kind in resources.values():
+        assert not cluster.get_json(kind, "-n", dst)["items"], kind
+    assert cluster.get_json("configmap", "settings", "-n", dst)["data"] == {"a": "b"}
+
+    # With the value the denial names, the same restore completes.
+    restore = cluster.restore("r-acts-excluded", "b-acts", "--namespace-mappings", f"{src}:{ok}", "--exclude-resources", REFUSED_EXCLUDE)
+    assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-acts-excluded")
+
+    # Controls: unlabelled, the CRDs admit each object (a dry run)...
+    for obj in acts_again_objects(dst):
+        cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(obj))
+    # ...and with the rules off the restore creates them.
+    cluster.restart_webhook(extra=("--disable-rule", "vmgrouppublishrequest-deny", "--disable-rule", "webconsolerequest-deny",
+                                   "--disable-rule", "cnsregistervolume-deny"))
+    try:
+        restore = cluster.restore("r-acts-off", "b-acts", "--namespace-mappings", f"{src}:{off}")
+        assert restore["status"]["phase"] == "Completed", cluster.restore_describe("r-acts-off")
+        for obj in objects:
+            cluster.get_json(resources[obj["kind"]], obj["metadata"]["name"], "-n", off)
+    finally:
+        cluster.restart_webhook()
+    harness.log(f"restored objects that would act again: denied {sorted(failed)}; planned {sorted(predicted)}")
