@@ -73,6 +73,49 @@ pub fn deny(
     Ok(plan)
 }
 
+/// The table test every refused kind's file runs on its `plan`: denied
+/// (naming what it would do and the exclude value) whatever the object
+/// holds, not with its rule off; an object that is no object is an error.
+#[cfg(test)]
+pub(crate) fn assert_refused(
+    plan: fn(&Value, &CleanupOptions) -> Result<Plan, ShapeError>,
+    rule: &str,
+    acts: &str,
+) {
+    use serde_json::json;
+    let off = CleanupOptions {
+        disabled_rules: std::sync::Arc::new([rule.to_string()].into()),
+        ..Default::default()
+    };
+    let restored = json!({"metadata": {"name": "r", "namespace": "ns"}, "spec": {}});
+    // (object, options, denied?)
+    let cases = [
+        (restored.clone(), CleanupOptions::default(), true),
+        (
+            json!({"metadata": {"name": "bare"}}),
+            CleanupOptions::default(),
+            true,
+        ),
+        (restored, off, false),
+    ];
+    for (object, options, denied) in cases {
+        let plan = plan(&object, &options).expect("plan");
+        assert!(plan.changes.is_empty());
+        match plan.denial {
+            Some(denial) => {
+                assert!(denied, "{object}: {denial}");
+                assert!(denial.contains(acts), "{denial}");
+                assert!(
+                    denial.contains(&format!("--exclude-resources {EXCLUDE_RESOURCES}")),
+                    "{denial}"
+                );
+            }
+            None => assert!(!denied, "{object} was not denied"),
+        }
+    }
+    assert!(plan(&json!("text"), &CleanupOptions::default()).is_err());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

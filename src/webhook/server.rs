@@ -188,17 +188,28 @@ fn api_timeout(uri: &Uri) -> Option<Duration> {
     crate::deadline::api_timeout_from_query(uri.query()?)
 }
 
-async fn mutate(
+/// `/mutate`, and the bench routes that answer like it with one of a
+/// create's costs taken away ([`Way`]).
+async fn mutate<const WAY: u8>(
     State(state): State<AppState>,
     peer: Option<Extension<Peer>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    review_request(state, peer, uri, headers, body, Way::Shipped).await
+    let way = match WAY {
+        NO_WARNINGS => Way::NoWarnings,
+        QUIET_CHANGES => Way::QuietChanges,
+        _ => Way::Shipped,
+    };
+    review_request(state, peer, uri, headers, body, way).await
 }
 
-/// How a bench route answers (`make bench-cluster`): ours as shipped, or ours
+const SHIPPED: u8 = 0;
+const NO_WARNINGS: u8 = 1;
+const QUIET_CHANGES: u8 = 2;
+
+/// How a route answers (`make bench-cluster`): ours as shipped, or ours
 /// with one of a create's costs taken away, to tell which one costs what.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Way {
@@ -209,26 +220,6 @@ enum Way {
     /// `/bench/mutate-quiet-changes`: the same answer, the change lines (INFO)
     /// not logged, as with logs at `warn`.
     QuietChanges,
-}
-
-async fn bench_no_warnings(
-    State(state): State<AppState>,
-    peer: Option<Extension<Peer>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    review_request(state, peer, uri, headers, body, Way::NoWarnings).await
-}
-
-async fn bench_quiet_changes(
-    State(state): State<AppState>,
-    peer: Option<Extension<Peer>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    review_request(state, peer, uri, headers, body, Way::QuietChanges).await
 }
 
 async fn review_request(
@@ -564,7 +555,7 @@ impl Bound {
             certificate: certificate.clone(),
         };
         let mut app = Router::new()
-            .route("/mutate", post(mutate))
+            .route("/mutate", post(mutate::<SHIPPED>))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz));
         if limits.bench_noop_route {
@@ -572,8 +563,8 @@ impl Bound {
                 .route("/noop", post(noop))
                 .route("/noop-patch", post(noop_patch))
                 .route("/noop-patch/{bytes}", post(noop_patch_sized))
-                .route("/bench/mutate-no-warnings", post(bench_no_warnings))
-                .route("/bench/mutate-quiet-changes", post(bench_quiet_changes));
+                .route("/bench/mutate-no-warnings", post(mutate::<NO_WARNINGS>))
+                .route("/bench/mutate-quiet-changes", post(mutate::<QUIET_CHANGES>));
         }
         let app = app
             .layer(axum::middleware::map_response_with_state(
